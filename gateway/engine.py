@@ -1,0 +1,446 @@
+"""The interview state machine: step(questionnaire, state, input) -> Step(state, reply, events).
+
+Pure: no I/O, no clock, no randomness (the caller passes `now` and a fresh interview
+id in the Input), so every path is testable as a table of inputs and expected screens.
+Imports nothing from flask, redis, sqlalchemy or rq (a test checks).
+
+Stages: LANGUAGE (choose language) -> QUESTION (consent first, then the form) -> DONE.
+RESUME is the "1 Continue 2 Start again" screen shown when a dropped session is dialled
+again. Nothing a respondent says is emitted as an event before consent.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from gateway import render
+from gateway.messages import message
+from gateway.questionnaire import CONSENT, Question, Questionnaire
+
+
+class Stage(StrEnum):
+    LANGUAGE = "L"
+    QUESTION = "Q"
+    RESUME = "R"
+    DONE = "D"
+
+
+class InputKind(StrEnum):
+    OPEN = "open"  # a new provider session: a dial, or a keyword
+    TEXT = "text"  # one answer typed by the respondent
+
+
+@dataclass(frozen=True)
+class Input:
+    kind: InputKind
+    now: float
+    text: str = ""
+    # Used only if this step starts a new interview; the engine has no randomness.
+    new_interview: str = ""
+
+    @classmethod
+    def open(cls, now: float, new_interview: str) -> Input:
+        return cls(InputKind.OPEN, now, "", new_interview)
+
+    @classmethod
+    def answer(cls, text: str, now: float, new_interview: str = "") -> Input:
+        return cls(InputKind.TEXT, now, text, new_interview)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Per-campaign, per-channel settings the engine obeys."""
+
+    screen_limit: int = 160  # characters, including the 4-char CON/END prefix
+    budget_seconds: int = 120
+    budget_screens: int = 15
+    resume_window: int = 24 * 3600
+    max_invalid: int = 3
+    dial: str = "*920*16#"
+    fold: bool = True  # fold to plain characters (USSD)
+
+    @property
+    def body_limit(self) -> int:
+        return self.screen_limit - 4
+
+
+@dataclass(frozen=True)
+class SessionState:
+    version: str
+    interview: str
+    stage: Stage
+    lang: str
+    pos: int = 0
+    page: int = 0
+    answers: tuple[tuple[str, str], ...] = ()
+    consented: bool = False
+    seq: int = 0
+    invalid: int = 0
+    part: int = 1
+    part_break: bool = False
+    session_started: float = 0.0
+    session_screens: int = 0
+    updated: float = 0.0
+
+    def answer_map(self) -> dict[str, str]:
+        return dict(self.answers)
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    end: bool
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    kind: str  # started | answer | completed | declined | withdrawn | abandoned
+    interview: str
+    at: float
+    question: str = ""
+    value: str | None = None
+    lang: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    state: SessionState | None  # None: forget the session (declined)
+    reply: Reply
+    events: tuple[Event, ...] = ()
+
+
+_INT = re.compile(r"^[+-]?\d+$")
+_DEC = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+class _Turn:
+    """Mutable scratch for one step; the result leaves as frozen values."""
+
+    def __init__(self, q: Questionnaire, state: SessionState, inp: Input, rules: Rules):
+        self.q, self.rules, self.inp = q, rules, inp
+        self.state = state
+        self.answers = state.answer_map()
+        self.events: list[Event] = []
+
+    # -- helpers -----------------------------------------------------------------
+    @property
+    def code(self) -> str:
+        return self.q.language(self.state.lang).code
+
+    def msg(self, key: str, **values: object) -> str:
+        return message(self.code, key, **values)
+
+    def emit(self, kind: str, question: str = "", value: str | None = None) -> None:
+        seq = self.state.seq + 1
+        self.state = replace(self.state, seq=seq)
+        self.events.append(Event(
+            id=f"{self.state.interview}-{seq}", kind=kind, interview=self.state.interview,
+            at=self.inp.now, question=question, value=value,
+            lang=self.state.lang if kind == "started" else "",
+            version=self.q.version if kind == "started" else "",
+        ))
+
+    def set_answer(self, question: Question, value: str | None) -> None:
+        if value is None:
+            if question.name not in self.answers:
+                return
+            self.answers.pop(question.name)
+        else:
+            if self.answers.get(question.name) == value:
+                return
+            self.answers[question.name] = value
+        if self.state.consented:
+            self.emit("answer", question.name, value)
+
+    def relevant(self, question: Question) -> bool:
+        return all(expr.truth(self.answers) for expr in question.relevant)
+
+    def finish(self, reply: Reply) -> Step:
+        state = replace(self.state, answers=tuple(self.answers.items()), updated=self.inp.now)
+        return Step(state, reply, tuple(self.events))
+
+    def _text(self, text: str) -> str:
+        body = render.fold(text) if self.rules.fold else text
+        return render.clip(body, self.rules.body_limit)
+
+    def screen(self, text: str) -> Step:
+        """Show a screen and wait for input."""
+        self.state = replace(self.state, session_screens=self.state.session_screens + 1)
+        return self.finish(Reply(self._text(text), end=False))
+
+    def end(self, text: str, forget: bool = False) -> Step:
+        """Show a last screen; with forget, drop the session state entirely."""
+        reply = Reply(self._text(text), end=True)
+        if forget:
+            return Step(None, reply, tuple(self.events))
+        return self.finish(reply)
+
+    # -- screens -------------------------------------------------------------------
+    def language_screen(self, error: str = "") -> Step:
+        names = tuple(lang.name for lang in self.q.languages)
+        text = render.select_screen(message("en", "language"), names, 0,
+                                    self.rules.body_limit, "More", "Back", error)
+        return self.screen(text)
+
+    def resume_screen(self, error: str = "") -> Step:
+        options = (self.msg("continue"), self.msg("start_again"))
+        text = render.select_screen(self.msg("resume"), options, 0, self.rules.body_limit,
+                                    self.msg("more"), self.msg("back"), error)
+        return self.screen(text)
+
+    def _texts(self, question: Question) -> tuple[str, tuple[str, ...]]:
+        """The question's label and option labels in the session language, as shown."""
+        lang = self.state.lang
+        shown = render.fold if self.rules.fold else str
+        options = tuple(shown(c.labels.get(lang) or next(iter(c.labels.values())))
+                        for c in question.choices)
+        return shown(question.label(lang)), options
+
+    def question_screen(self, error: str = "") -> Step:
+        question = self.q.questions[self.state.pos]
+        label, options = self._texts(question)
+        limit = self.rules.body_limit
+        if question.is_select:
+            text = render.select_screen(label, options, self.state.page, limit,
+                                        self.msg("more"), self.msg("back"), error)
+        elif question.type == "note":
+            text = render.compose(error, label, f"1 {self.msg('ok')}", limit)
+        else:
+            text = render.compose(error, label, "", limit)
+        return self.screen(text)
+
+    def pages(self, question: Question) -> int:
+        label, options = self._texts(question)
+        return len(render.paginate(label, options, self.rules.body_limit,
+                                   self.msg("more"), self.msg("back")))
+
+    # -- navigation ----------------------------------------------------------------
+    def next_position(self, start: int) -> int | None:
+        """First relevant question at or after `start`, computing calculations on the way
+        and clearing answers that a changed answer made irrelevant."""
+        for question in self.q.questions[start:]:
+            if not self.relevant(question):
+                self.set_answer(question, None)
+                continue
+            if question.type == "calculate":
+                assert question.calculation is not None
+                self.set_answer(question, question.calculation.text(self.answers))
+                continue
+            return question.index
+        return None
+
+    def previous_position(self, before: int) -> int | None:
+        for question in reversed(self.q.questions[:before]):
+            if question.type != "calculate" and self.relevant(question):
+                return question.index
+        return None
+
+    def remaining(self, start: int) -> int:
+        """Questions still to ask from `start`, counting ones whose relevance is not yet
+        known (it depends on unanswered questions) as to be asked."""
+        count = 0
+        for question in self.q.questions[start:]:
+            if question.type == "calculate":
+                continue
+            refs = set().union(*(e.refs for e in question.relevant)) if question.relevant \
+                else set()
+            if refs - self.answers.keys() or self.relevant(question):
+                count += 1
+        return count
+
+    def go_to(self, pos: int | None) -> Step:
+        if pos is None:
+            return self.complete()
+        self.state = replace(self.state, stage=Stage.QUESTION, pos=pos, page=0, invalid=0)
+        budget_spent = (
+            self.state.session_screens >= self.rules.budget_screens
+            or self.inp.now - self.state.session_started >= self.rules.budget_seconds
+        )
+        if budget_spent and self.state.consented:
+            part = self.state.part
+            parts = part + max(1, math.ceil(self.remaining(pos) / self.rules.budget_screens))
+            self.state = replace(self.state, part=part + 1, part_break=True)
+            return self.end(self.msg("part_done", part=part, parts=parts, dial=self.rules.dial))
+        return self.question_screen()
+
+    def complete(self) -> Step:
+        self.emit("completed")
+        # Forget the answers (they are in the events) but remember the interview is done.
+        self.answers = {}
+        self.state = replace(self.state, stage=Stage.DONE, pos=0, page=0, invalid=0,
+                             part_break=False)
+        return self.end(self.msg("completed"))
+
+    def invalid(self, reason: str) -> Step:
+        count = self.state.invalid + 1
+        if count >= self.rules.max_invalid:
+            self.state = replace(self.state, invalid=0, page=0)
+            return self.end(self.msg("too_many_invalid", dial=self.rules.dial))
+        self.state = replace(self.state, invalid=count)
+        if self.state.stage is Stage.LANGUAGE:
+            return self.language_screen(reason)
+        if self.state.stage is Stage.RESUME:
+            return self.resume_screen(reason)
+        return self.question_screen(reason)
+
+    def start_interview(self, reset_session: bool = True) -> Step:
+        stage = Stage.LANGUAGE if len(self.q.languages) > 1 else Stage.QUESTION
+        self.answers = {}
+        self.state = SessionState(
+            version=self.q.version, interview=self.inp.new_interview, stage=stage,
+            lang=self.q.default_language, session_started=self.inp.now, updated=self.inp.now,
+        )
+        if stage is Stage.LANGUAGE:
+            return self.language_screen()
+        return self.go_to(self.next_position(0))
+
+    # -- input handling ------------------------------------------------------------
+    def on_open(self) -> Step:
+        s = self.state
+        if s.stage is Stage.DONE:
+            return self.end(self.msg("already_done"))
+        if self.inp.now - s.updated > self.rules.resume_window:
+            if s.consented:
+                self.emit("abandoned")
+            return self.start_interview()
+        self.state = replace(s, session_started=self.inp.now, session_screens=0, invalid=0)
+        if not s.consented:
+            # Nothing was kept before consent: simply start again from the top.
+            return self.start_interview()
+        if s.part_break:
+            self.state = replace(self.state, part_break=False, stage=Stage.QUESTION)
+            return self.question_screen()
+        self.state = replace(self.state, stage=Stage.RESUME)
+        return self.resume_screen()
+
+    def on_text(self, raw: str) -> Step:
+        text = raw.strip()
+        s = self.state
+        if s.stage is Stage.DONE:
+            return self.end(self.msg("already_done"))
+        if s.stage is Stage.LANGUAGE:
+            n = _choice_number(text, len(self.q.languages))
+            if n is None:
+                return self.invalid(self.msg("invalid_choice"))
+            self.state = replace(s, lang=self.q.languages[n].key, invalid=0)
+            return self.go_to(self.next_position(0))
+        if s.stage is Stage.RESUME:
+            if text == "1":
+                self.state = replace(s, stage=Stage.QUESTION, invalid=0)
+                return self.question_screen()
+            if text == "2":
+                self.emit("abandoned")
+                return self.start_interview()
+            return self.invalid(self.msg("invalid_choice"))
+        return self.on_answer(text)
+
+    def on_answer(self, text: str) -> Step:
+        question = self.q.questions[self.state.pos]
+        numeric = question.type in ("integer", "decimal")
+        if question.is_select and text == render.MORE:
+            if self.state.page + 1 < self.pages(question):
+                self.state = replace(self.state, page=self.state.page + 1, invalid=0)
+                return self.question_screen()
+            return self.invalid(self.msg("invalid_choice"))
+        if text == render.BACK and not numeric:
+            return self.back(question)
+        if question.type == "note":
+            return self.go_to(self.next_position(question.index + 1))
+        if text == "":
+            if question.required:
+                reason = question.required_messages.get(self.state.lang) or self.msg("required")
+                return self.invalid(reason)
+            self.set_answer(question, None)
+            return self.go_to(self.next_position(question.index + 1))
+        value, error = self.parse(question, text)
+        if value is None:
+            return self.invalid(error)
+        if question.constraint is not None and not question.constraint.truth(self.answers,
+                                                                             value):
+            reason = (question.constraint_messages.get(self.state.lang)
+                      or self.msg("invalid_constraint"))
+            return self.invalid(reason)
+        if question.name == CONSENT:
+            return self.on_consent(question, value)
+        self.set_answer(question, value)
+        return self.go_to(self.next_position(question.index + 1))
+
+    def on_consent(self, question: Question, value: str) -> Step:
+        if value != "yes":
+            if self.state.consented:
+                self.emit("withdrawn")
+            else:
+                self.emit("declined")
+            return self.end(self.msg("declined"), forget=True)
+        if not self.state.consented:
+            self.state = replace(self.state, consented=True)
+            self.emit("started")
+        self.set_answer(question, value)
+        return self.go_to(self.next_position(question.index + 1))
+
+    def back(self, question: Question) -> Step:
+        if self.state.page > 0:
+            self.state = replace(self.state, page=self.state.page - 1, invalid=0)
+            return self.question_screen()
+        prev = self.previous_position(question.index)
+        if prev is None:
+            if len(self.q.languages) > 1:
+                self.state = replace(self.state, stage=Stage.LANGUAGE, invalid=0)
+                return self.language_screen()
+            return self.question_screen()
+        self.state = replace(self.state, pos=prev, page=0, invalid=0)
+        return self.question_screen()
+
+    def parse(self, question: Question, text: str) -> tuple[str | None, str]:
+        if question.type == "select_one":
+            n = _choice_number(text, len(question.choices))
+            if n is None:
+                return None, self.msg("invalid_choice")
+            return question.choices[n].name, ""
+        if question.type == "select_multiple":
+            tokens = re.split(r"[\s,*#]+", text.strip())
+            picked: list[str] = []
+            for token in tokens:
+                n = _choice_number(token, len(question.choices))
+                if n is None:
+                    return None, self.msg("invalid_multi")
+                name = question.choices[n].name
+                if name not in picked:
+                    picked.append(name)
+            return " ".join(picked), ""
+        if question.type == "integer":
+            return (str(int(text)), "") if _INT.match(text) else (None,
+                                                                  self.msg("invalid_integer"))
+        if question.type == "decimal":
+            return (text, "") if _DEC.match(text) else (None, self.msg("invalid_decimal"))
+        return text, ""
+
+
+def _choice_number(text: str, count: int) -> int | None:
+    """0-based index of a typed option number, or None."""
+    text = text.strip().rstrip(".")
+    if not text.isdigit():
+        return None
+    n = int(text)
+    return n - 1 if 1 <= n <= count else None
+
+
+def step(questionnaire: Questionnaire, state: SessionState | None, inp: Input,
+         rules: Rules = Rules()) -> Step:
+    """Advance one interview by one input; pure."""
+    if state is None:
+        blank = SessionState(version=questionnaire.version, interview=inp.new_interview,
+                             stage=Stage.LANGUAGE, lang=questionnaire.default_language)
+        return _Turn(questionnaire, blank, inp, rules).start_interview()
+    if state.version != questionnaire.version:
+        raise ValueError(f"state is on questionnaire {state.version}, "
+                         f"got {questionnaire.version}")
+    turn = _Turn(questionnaire, state, inp, rules)
+    if inp.kind is InputKind.OPEN:
+        return turn.on_open()
+    return turn.on_text(inp.text)

@@ -1,0 +1,57 @@
+"""What the gateway itself says, per language code; the questionnaire says the rest.
+
+Twi (tw) strings are a DRAFT to be reviewed by a native speaker before fielding.
+"""
+
+from __future__ import annotations
+
+MESSAGES: dict[str, dict[str, str]] = {
+    "en": {
+        "language": "Language / Kasa:",
+        "invalid_choice": "Invalid choice.",
+        "required": "An answer is needed.",
+        "invalid_integer": "Enter a whole number.",
+        "invalid_decimal": "Enter a number.",
+        "invalid_multi": "Enter option numbers separated by spaces.",
+        "invalid_constraint": "That answer is not allowed.",
+        "too_many_invalid": "Too many invalid entries. Dial {dial} again to continue.",
+        "declined": "Thank you. Nothing has been recorded. Goodbye.",
+        "completed": "Thank you! Your answers are recorded. Text RESULTS to see what people said.",
+        "already_done": "You have already completed this survey. Thank you!",
+        "part_done": "Part {part} of {parts} done. Dial {dial} to continue.",
+        "resume": "Welcome back.",
+        "continue": "Continue",
+        "start_again": "Start again",
+        "more": "More",
+        "back": "Back",
+        "ok": "OK",
+        "closed": "This survey is not open. Thank you.",
+    },
+    "tw": {
+        "language": "Language / Kasa:",
+        "invalid_choice": "Wo mmuae no nye.",
+        "required": "Yehia mmuae.",
+        "invalid_integer": "Kyerew nsenkyerene mu.",
+        "invalid_decimal": "Kyerew nsenkyerene.",
+        "invalid_multi": "Kyerew nsenkyerene a ntam kwan wom.",
+        "invalid_constraint": "Mmuae no ntumi nkɔ.",
+        "too_many_invalid": "Mfomso no adɔɔso. Frɛ {dial} bio na toa so.",
+        "declined": "Meda wo ase. Yɛnkyerɛw hwee. Nante yie.",
+        "completed": "Meda wo ase! Yɛakyerɛw wo mmuae. Kyerɛw RESULTS hwɛ nea nkurɔfo kae.",
+        "already_done": "Woawie nsɛmmisa yi dada. Meda wo ase!",
+        "part_done": "Ɔfa {part} wɔ {parts} mu awie. Frɛ {dial} toa so.",
+        "resume": "Akwaaba bio.",
+        "continue": "Toa so",
+        "start_again": "Fi ase bio",
+        "more": "Nea aka",
+        "back": "San w'akyi",
+        "ok": "Yoo",
+        "closed": "Nsɛmmisa yi nnim mu. Meda wo ase.",
+    },
+}
+
+
+def message(code: str, key: str, **values: object) -> str:
+    table = MESSAGES.get(code) or MESSAGES["en"]
+    text = table.get(key) or MESSAGES["en"][key]
+    return text.format(**values) if values else text

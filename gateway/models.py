@@ -1,0 +1,127 @@
+"""SQL models, shared by the web process and the workers. Schema changes go through Alembic
+(gateway/migrations); tests build the schema by running the migrations.
+
+Phone numbers never appear here: respondents are keyed HMAC pseudonyms.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class QuestionnaireVersion(Base):
+    __tablename__ = "questionnaire_versions"
+
+    version: Mapped[str] = mapped_column(String(32), primary_key=True)
+    form_id: Mapped[str] = mapped_column(String(200))
+    title: Mapped[str] = mapped_column(String(500))
+    form_version: Mapped[str] = mapped_column(String(100), default="")
+    filename: Mapped[str] = mapped_column(String(300))
+    languages: Mapped[str] = mapped_column(Text)  # comma-separated language keys
+    question_count: Mapped[int] = mapped_column(Integer)
+    source: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slug: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(300))
+    questionnaire_version: Mapped[str] = mapped_column(
+        ForeignKey("questionnaire_versions.version"))
+    state: Mapped[str] = mapped_column(String(20), default="open")
+    budget_seconds: Mapped[int] = mapped_column(Integer, default=120)
+    budget_screens: Mapped[int] = mapped_column(Integer, default=15)
+    resume_window: Mapped[int] = mapped_column(Integer, default=24 * 3600)
+    max_invalid: Mapped[int] = mapped_column(Integer, default=3)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Channel(Base):
+    __tablename__ = "channels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The secret in the webhook URL: providers do not sign USSD callbacks.
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    provider: Mapped[str] = mapped_column(String(40))  # africastalking
+    kind: Mapped[str] = mapped_column(String(20))  # ussd
+    address: Mapped[str] = mapped_column(String(100))  # service code, e.g. *920*16#
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
+    screen_limit: Mapped[int] = mapped_column(Integer, default=160)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Interview(Base):
+    __tablename__ = "interviews"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(Integer, index=True)
+    channel_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    respondent: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    questionnaire_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    lang: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # started | completed | abandoned | declined | withdrawn
+    status: Mapped[str] = mapped_column(String(20), default="started")
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                          nullable=True)
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Answer(Base):
+    __tablename__ = "answers"
+    __table_args__ = (UniqueConstraint("interview_id", "question", name="uq_answer"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    interview_id: Mapped[str] = mapped_column(String(64), index=True)
+    campaign_id: Mapped[int] = mapped_column(Integer, index=True)
+    respondent: Mapped[str] = mapped_column(String(64))
+    questionnaire_version: Mapped[str] = mapped_column(String(32))
+    question: Mapped[str] = mapped_column(String(200))
+    # NULL: the answer was withdrawn (the question became irrelevant after a change).
+    value: Mapped[str | None] = mapped_column(Text, nullable=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    event_id: Mapped[str] = mapped_column(String(100))
+    answered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class UssdSessionEnd(Base):
+    """Africa's Talking's end-of-session notification, as received."""
+
+    __tablename__ = "ussd_session_ends"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(200), unique=True)
+    channel_id: Mapped[int] = mapped_column(Integer)
+    session_id: Mapped[str] = mapped_column(String(200))
+    respondent: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status: Mapped[str] = mapped_column(String(40))
+    network_code: Mapped[str] = mapped_column(String(20), default="")
+    duration_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    hops: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cost: Mapped[str] = mapped_column(String(40), default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

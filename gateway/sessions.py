@@ -1,0 +1,152 @@
+"""Redis session store: the only storage on the webhook hot path.
+
+A hop costs two round trips: MGET (interview state + provider session record) and one
+Lua call that compare-and-sets the state, stores the provider session record (with the
+reply, for replays) and XADDs the events to the stream, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from gateway.engine import SessionState, Stage
+
+STREAM = "events"
+GROUP = "persist"
+
+# Compare-and-set: a concurrent hop for the same interview (a provider retry racing
+# the original) makes this return 0 and the caller reloads, so no event is doubled.
+_COMMIT = """
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+end
+for i = 6, #ARGV do
+  redis.call('XADD', KEYS[3], '*', 'e', ARGV[i])
+end
+return 1
+"""
+
+
+def pseudonym(key: bytes, phone: str) -> str:
+    """Keyed HMAC of a phone number: stable per installation, useless without the key."""
+    return hmac.new(key, phone.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def mask_phone(phone: str) -> str:
+    """+233241234567 -> +23324***4567, for logs."""
+    if len(phone) <= 8:
+        return "***"
+    return f"{phone[:6]}***{phone[-4:]}"
+
+
+def encode_state(state: SessionState) -> str:
+    return json.dumps(
+        [state.version, state.interview, state.stage.value, state.lang, state.pos, state.page,
+         dict(state.answers), int(state.consented), state.seq, state.invalid, state.part,
+         int(state.part_break), round(state.session_started, 3), state.session_screens,
+         round(state.updated, 3)],
+        separators=(",", ":"), ensure_ascii=False,
+    )
+
+
+def decode_state(raw: str) -> SessionState:
+    (version, interview, stage, lang, pos, page, answers, consented, seq, invalid, part,
+     part_break, started, screens, updated) = json.loads(raw)
+    return SessionState(
+        version=version, interview=interview, stage=Stage(stage), lang=lang, pos=pos,
+        page=page, answers=tuple(answers.items()), consented=bool(consented), seq=seq,
+        invalid=invalid, part=part, part_break=bool(part_break), session_started=started,
+        session_screens=screens, updated=updated,
+    )
+
+
+@dataclass(frozen=True)
+class ProviderSession:
+    """What we remember of one provider session (e.g. one USSD dial)."""
+
+    history: str  # the inputs consumed so far, as the provider sends them (AT: 1*2*3)
+    reply: str  # the last reply, returned as-is to a replayed request
+    campaign: int
+    respondent: str
+
+    def encode(self) -> str:
+        return json.dumps([self.history, self.reply, self.campaign, self.respondent],
+                          separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def decode(cls, raw: str) -> ProviderSession:
+        history, reply, campaign, respondent = json.loads(raw)
+        return cls(history, reply, campaign, respondent)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    state_raw: str  # '' when there is no state
+    provider: ProviderSession | None
+
+    @property
+    def state(self) -> SessionState | None:
+        return decode_state(self.state_raw) if self.state_raw else None
+
+
+class SessionStore:
+    def __init__(self, client: redis.Redis, prefix: str = "cd:") -> None:
+        self.r = client
+        self.prefix = prefix
+        self.stream = f"{prefix}{STREAM}"
+        self._commit = client.register_script(_COMMIT)
+
+    def state_key(self, campaign: int, respondent: str) -> str:
+        return f"{self.prefix}st:{campaign}:{respondent}"
+
+    def provider_key(self, channel: int, session_id: str) -> str:
+        return f"{self.prefix}ps:{channel}:{session_id}"
+
+    def load(self, campaign: int, respondent: str, channel: int, session_id: str) -> Loaded:
+        state_raw, provider_raw = self.r.mget(self.state_key(campaign, respondent),
+                                              self.provider_key(channel, session_id))
+        return Loaded(
+            state_raw=_text(state_raw),
+            provider=ProviderSession.decode(_text(provider_raw)) if provider_raw else None,
+        )
+
+    def commit(self, *, campaign: int, respondent: str, channel: int, session_id: str,
+               expected: str, state: str, state_ttl: int, provider: ProviderSession | None,
+               provider_ttl: int, events: list[dict[str, Any]]) -> bool:
+        """Atomically replace the state (if still `expected`) and append events."""
+        args: list[Any] = [expected, state, state_ttl,
+                           provider.encode() if provider else "", provider_ttl]
+        args.extend(json.dumps(e, separators=(",", ":"), ensure_ascii=False) for e in events)
+        keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
+                self.stream]
+        return bool(self._commit(keys=keys, args=args))
+
+    def append(self, events: list[dict[str, Any]]) -> None:
+        """Append events that belong to no interview state (e.g. provider notifications)."""
+        pipe = self.r.pipeline(transaction=True)
+        for e in events:
+            pipe.xadd(self.stream, {"e": json.dumps(e, separators=(",", ":"))})
+        pipe.execute()
+
+    def waiting(self) -> int:
+        """Events not yet in SQL: persisted entries are deleted from the stream."""
+        return int(self.r.xlen(self.stream))
+
+
+def _text(raw: bytes | str | None) -> str:
+    if raw is None:
+        return ""
+    return raw.decode() if isinstance(raw, bytes) else raw
