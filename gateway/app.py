@@ -1,0 +1,70 @@
+"""Flask app factory: the web process that answers provider webhooks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+from flask import Flask, Response, request
+from sqlalchemy import Engine
+from werkzeug.exceptions import HTTPException
+
+from gateway.channels import africastalking
+from gateway.channels.webhook import WebhookError
+from gateway.config import Settings, load_settings
+from gateway.db import make_engine
+from gateway.redis_conn import connect
+from gateway.registry import Registry
+from gateway.sessions import SessionStore
+
+log = logging.getLogger("civicdial.webhooks")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    redis: redis.Redis
+    store: SessionStore
+    registry: Registry
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load_settings()
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    engine = make_engine(settings)
+    client = connect(settings)
+    app.extensions["civicdial"] = Services(
+        settings=settings, engine=engine, redis=client,
+        store=SessionStore(client, settings.redis_prefix), registry=Registry(engine),
+    )
+    app.register_blueprint(africastalking.bp)
+
+    @app.errorhandler(WebhookError)
+    def _refused(exc: WebhookError) -> Response:
+        log.warning("%s %s -> %d %s", request.method, _safe_path(), exc.status, exc.reason)
+        return exc.response()
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        log.warning("%s %s -> %d %s", request.method, _safe_path(), exc.code, exc.name)
+        return Response(f"{exc.name}\n", status=exc.code or 400, mimetype="text/plain")
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        client.ping()
+        return Response("ok\n", mimetype="text/plain")
+
+    return app
+
+
+def _safe_path() -> str:
+    """The request path with channel keys (secrets) masked."""
+    parts = request.path.split("/")
+    if len(parts) > 3 and parts[1] == "webhooks":
+        parts[3] = parts[3][:4] + "***"
+    return "/".join(parts)

@@ -1,0 +1,158 @@
+"""Africa's Talking USSD: session callback and end-of-session notification.
+
+AT posts form fields sessionId, serviceCode, phoneNumber, networkCode and text, where
+text is every input of the session so far joined by '*' ('' on the first hop), and
+expects text/plain 'CON ...' (wait for input) or 'END ...' (close). AT does not sign
+callbacks: the channel key in the URL is the secret. AT retries a hop it got no answer
+for; a retried hop (same sessionId and text) gets the stored reply and changes nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+
+from gateway.channels.webhook import WebhookError, field, log, parse_form, phone_number
+from gateway.engine import Event, Input, Stage, step
+from gateway.messages import message
+from gateway.registry import ChannelInfo
+from gateway.sessions import ProviderSession, encode_state, mask_phone, pseudonym
+
+bp = Blueprint("africastalking", __name__, url_prefix="/webhooks/africastalking")
+
+COMMIT_ATTEMPTS = 5
+END_STATUSES = {"Success", "Incomplete", "Failed"}
+
+
+def _services() -> Any:
+    return current_app.extensions["civicdial"]
+
+
+def _channel(channel_key: str) -> ChannelInfo:
+    ch = _services().registry.channel(channel_key)
+    if ch is None or ch.provider != "africastalking" or ch.kind != "ussd":
+        raise WebhookError(404, "unknown channel")
+    return ch
+
+
+def _text(body: str) -> Response:
+    return Response(body, status=200, mimetype="text/plain")
+
+
+def _new_input(history: str, text: str) -> str | None:
+    """The part of `text` this session has not consumed yet, or None if `text` does not
+    extend what we have seen (a stale or forged request)."""
+    if history == "":
+        return text
+    if text.startswith(history + "*"):
+        return text[len(history) + 1:]
+    return None
+
+
+def _same_service(dialled: str, bound: str) -> bool:
+    # '*920*16*5#' is an extension of '*920*16#'; operators differ on the trailing '#'.
+    d, b = dialled.rstrip("#"), bound.rstrip("#")
+    return d == b or d.startswith(b + "*")
+
+
+def event_record(e: Event, ch: ChannelInfo, respondent: str, version: str) -> dict[str, Any]:
+    anonymous = e.kind in ("declined", "withdrawn")
+    record: dict[str, Any] = {"id": e.id, "k": e.kind, "c": ch.campaign_id, "ch": ch.id,
+                              "i": e.interview, "r": None if anonymous else respondent,
+                              "ver": version, "t": e.at}
+    if e.kind == "answer":
+        record["q"], record["v"] = e.question, e.value
+    if e.kind == "started":
+        record["l"] = e.lang
+    return record
+
+
+@bp.post("/<channel_key>/ussd")
+def ussd(channel_key: str) -> Response:
+    """A USSD hop: one input in, one screen out."""
+    ch = _channel(channel_key)
+    form = parse_form(request)
+    session_id = field(form, "sessionId", max_len=128)
+    phone = phone_number(form, "phoneNumber")
+    service_code = field(form, "serviceCode", max_len=40)
+    text = field(form, "text", max_len=1000, allow_empty=True)
+    field(form, "networkCode", max_len=10, required=False)
+    if not _same_service(service_code, ch.address):
+        raise WebhookError(400, f"serviceCode {service_code} is not this channel's "
+                                f"{ch.address}")
+    if not ch.campaign_open:
+        return _text("END " + message("en", "closed"))
+    services = _services()
+    settings = services.settings
+    respondent = pseudonym(settings.pseudonym_key, phone)
+    store = services.store
+    for _ in range(COMMIT_ATTEMPTS):
+        loaded = store.load(ch.campaign_id, respondent, ch.id, session_id)
+        record = loaded.provider
+        now = time.time()
+        if record is None:
+            inp = Input.open(now, secrets.token_hex(8))
+        else:
+            if record.respondent != respondent or record.campaign != ch.campaign_id:
+                raise WebhookError(409, "sessionId belongs to another phone number")
+            if text == record.history:
+                return _text(record.reply)
+            new = _new_input(record.history, text)
+            if new is None:
+                raise WebhookError(409, "text does not extend this session's inputs")
+            inp = Input.answer(new, now, secrets.token_hex(8))
+        state = loaded.state
+        form_version = state.version if state else ch.questionnaire_version
+        result = step(services.registry.questionnaire(form_version), state, inp, ch.rules)
+        reply = ("END " if result.reply.end else "CON ") + result.reply.text
+        if result.state is None:
+            new_state, ttl = "", 1
+        elif result.state.stage is Stage.DONE:
+            new_state, ttl = encode_state(result.state), settings.completed_ttl
+        else:
+            new_state, ttl = encode_state(result.state), ch.rules.resume_window + 60
+        committed = store.commit(
+            campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
+            session_id=session_id, expected=loaded.state_raw, state=new_state, state_ttl=ttl,
+            provider=ProviderSession(text, reply, ch.campaign_id, respondent),
+            provider_ttl=settings.ussd_session_ttl,
+            events=[event_record(e, ch, respondent, form_version) for e in result.events],
+        )
+        if committed:
+            return _text(reply)
+    log.warning("ussd %s %s: state kept changing under us", ch.id, mask_phone(phone))
+    raise WebhookError(409, "concurrent requests for this session; retry")
+
+
+@bp.post("/<channel_key>/ussd/events")
+def ussd_events(channel_key: str) -> Response:
+    """End-of-session notification: recorded for the coordinator's view."""
+    ch = _channel(channel_key)
+    form = parse_form(request)
+    session_id = field(form, "sessionId", max_len=128)
+    status = field(form, "status", max_len=40)
+    if status not in END_STATUSES:
+        raise WebhookError(400, f"status must be one of {', '.join(sorted(END_STATUSES))}")
+    phone = phone_number(form, "phoneNumber") if form.get("phoneNumber") else ""
+    settings = _services().settings
+    _services().store.append([{
+        "id": f"ussd_end:{ch.id}:{session_id}", "k": "ussd_end", "ch": ch.id, "s": session_id,
+        "r": pseudonym(settings.pseudonym_key, phone) if phone else None, "st": status,
+        "n": field(form, "networkCode", max_len=10, required=False),
+        "d": _int_or_none(form.get("durationInMillis")),
+        "h": _int_or_none(form.get("hopsCount")),
+        "cost": field(form, "cost", max_len=40, required=False),
+        "err": field(form, "errorMessage", max_len=2000, required=False),
+        "t": time.time(),
+    }])
+    return _text("OK")
+
+
+def _int_or_none(raw: str | None) -> int | None:
+    try:
+        return int(raw) if raw not in (None, "") else None
+    except ValueError:
+        return None

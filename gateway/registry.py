@@ -1,0 +1,89 @@
+"""In-process cache of channels, campaigns and questionnaire versions.
+
+SQL is the source of truth; the webhook hop reads this cache so that it makes no SQL
+query. The cache refreshes every few seconds, and at once (throttled) when a request
+names a channel key it does not know, so a new channel works without a restart.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from gateway.engine import Rules
+from gateway.models import Campaign, Channel, QuestionnaireVersion
+from gateway.questionnaire import Questionnaire, load_questionnaire
+
+
+@dataclass(frozen=True)
+class ChannelInfo:
+    id: int
+    key: str
+    provider: str
+    kind: str
+    address: str
+    campaign_id: int
+    campaign_slug: str
+    campaign_open: bool
+    questionnaire_version: str
+    rules: Rules
+
+
+class Registry:
+    def __init__(self, engine: Engine, refresh_seconds: float = 10.0,
+                 miss_throttle_seconds: float = 2.0) -> None:
+        self.engine = engine
+        self.refresh_seconds = refresh_seconds
+        self.miss_throttle_seconds = miss_throttle_seconds
+        self._channels: dict[str, ChannelInfo] = {}
+        self._forms: dict[str, Questionnaire] = {}
+        self._loaded_at = 0.0
+        self._lock = threading.Lock()
+
+    def channel(self, key: str) -> ChannelInfo | None:
+        now = time.monotonic()
+        age = now - self._loaded_at
+        if age > self.refresh_seconds or (
+                key not in self._channels and age > self.miss_throttle_seconds):
+            self.refresh()
+        return self._channels.get(key)
+
+    def channels(self) -> list[ChannelInfo]:
+        self.refresh()
+        return sorted(self._channels.values(), key=lambda c: c.id)
+
+    def refresh(self) -> None:
+        with self._lock, Session(self.engine) as db:
+            rows = db.execute(select(Channel, Campaign).join(
+                Campaign, Channel.campaign_id == Campaign.id)).all()
+            channels = {}
+            for ch, camp in rows:
+                channels[ch.key] = ChannelInfo(
+                    id=ch.id, key=ch.key, provider=ch.provider, kind=ch.kind,
+                    address=ch.address, campaign_id=camp.id, campaign_slug=camp.slug,
+                    campaign_open=camp.state == "open",
+                    questionnaire_version=camp.questionnaire_version,
+                    rules=Rules(
+                        screen_limit=ch.screen_limit, budget_seconds=camp.budget_seconds,
+                        budget_screens=camp.budget_screens, resume_window=camp.resume_window,
+                        max_invalid=camp.max_invalid, dial=ch.address,
+                        fold=ch.kind == "ussd",
+                    ),
+                )
+            self._channels = channels
+            self._loaded_at = time.monotonic()
+
+    def questionnaire(self, version: str) -> Questionnaire:
+        form = self._forms.get(version)
+        if form is None:
+            with Session(self.engine) as db:
+                row = db.get(QuestionnaireVersion, version)
+                if row is None:
+                    raise LookupError(f"questionnaire version {version} is not stored")
+                form = load_questionnaire(row.source, row.filename)
+            self._forms[version] = form
+        return form

@@ -1,0 +1,80 @@
+"""RQ jobs and the worker process (`civicdial worker`).
+
+Job functions live at module level so RQ can import them by dotted path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+from rq import Queue, Worker
+
+from gateway.config import Settings, load_settings
+from gateway.db import make_engine
+from gateway.redis_conn import connect
+from gateway.sessions import SessionStore
+from workers.persist import drain, ensure_group
+
+log = logging.getLogger(__name__)
+
+QUEUE = "civicdial"
+
+
+def _queued_flag(settings: Settings) -> str:
+    return f"{settings.redis_prefix}drain:queued"
+
+
+def drain_job() -> int:
+    """Persist everything waiting in the event stream (enqueued by the pump)."""
+    settings = load_settings()
+    client = connect(settings)
+    # Cleared first: events arriving while this job runs get a job of their own.
+    client.delete(_queued_flag(settings))
+    engine = make_engine(settings)
+    try:
+        return drain(client, engine, f"{settings.redis_prefix}events",
+                     batch=settings.stream_batch, reclaim_idle_ms=settings.reclaim_idle_ms)
+    finally:
+        engine.dispose()
+
+
+def pump_once(client: redis.Redis, settings: Settings, queue: Queue) -> bool:
+    """Enqueue a drain job if events are waiting and none is queued yet."""
+    store = SessionStore(client, settings.redis_prefix)
+    if store.waiting() == 0:
+        return False
+    # The flag expires so a job lost with a dead worker is replaced.
+    if not client.set(_queued_flag(settings), "1", nx=True, ex=30):
+        return False
+    queue.enqueue(drain_job, result_ttl=0, failure_ttl=7 * 86400, job_timeout=600)
+    return True
+
+
+def _pump(settings: Settings, stop: threading.Event) -> None:
+    client = connect(settings)
+    queue = Queue(QUEUE, connection=client)
+    while not stop.wait(settings.drain_interval_ms / 1000):
+        try:
+            pump_once(client, settings, queue)
+        except redis.RedisError as exc:
+            log.warning("drain pump: %s", exc)
+
+
+def run_worker(settings: Settings, burst: bool = False) -> None:
+    """An RQ worker on the civicdial queue, plus a pump that schedules stream drains."""
+    client = connect(settings)
+    ensure_group(client, f"{settings.redis_prefix}events")
+    stop = threading.Event()
+    pump = threading.Thread(target=_pump, args=(settings, stop), name="drain-pump",
+                            daemon=True)
+    if burst:
+        pump_once(client, settings, Queue(QUEUE, connection=client))
+    else:
+        pump.start()
+    try:
+        Worker([QUEUE], connection=client).work(burst=burst,
+                                                logging_level=settings.log_level)
+    finally:
+        stop.set()

@@ -1,0 +1,176 @@
+"""Drain the event stream into SQL, exactly once.
+
+Each batch is read with a consumer group, written in one SQL transaction with upserts
+that are harmless to repeat (answers keyed by interview+question and ordered by the
+event's sequence number, interviews by id, notifications by event id), then XACKed and
+deleted from the stream. A consumer killed between the read and the ack leaves its
+entries pending; the next drain reclaims them with XAUTOCLAIM once they have been idle
+for `reclaim_idle_ms`, and the upserts make the second write a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, case, delete, func, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from gateway.models import Answer, Interview, UssdSessionEnd
+from gateway.sessions import GROUP
+
+log = logging.getLogger(__name__)
+
+# Events that change an interview's status; answers do not.
+_STATUS = {"started": "started", "completed": "completed", "abandoned": "abandoned",
+           "declined": "declined", "withdrawn": "withdrawn"}
+
+
+def ensure_group(client: redis.Redis, stream: str) -> None:
+    try:
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _ts(value: Any) -> datetime:
+    return datetime.fromtimestamp(float(value), UTC)
+
+
+def _insert(engine: Engine, table: Any) -> Any:
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> int:
+    """Write a batch of events in one transaction; repeating a batch changes nothing."""
+    answers: dict[tuple[str, str], dict[str, Any]] = {}
+    interviews: dict[str, dict[str, Any]] = {}
+    ends: dict[str, dict[str, Any]] = {}
+    withdrawn: set[str] = set()
+    for e in events:
+        kind = e.get("k")
+        if kind == "ussd_end":
+            ends[e["id"]] = {
+                "event_id": e["id"], "channel_id": e["ch"], "session_id": e["s"],
+                "respondent": e.get("r"), "status": e.get("st", ""),
+                "network_code": e.get("n", ""), "duration_ms": e.get("d"),
+                "hops": e.get("h"), "cost": e.get("cost", ""), "error": e.get("err", ""),
+                "received_at": _ts(e["t"]),
+            }
+            continue
+        iid = e["i"]
+        row = interviews.setdefault(iid, {
+            "id": iid, "campaign_id": e["c"], "channel_id": e.get("ch"),
+            "respondent": e.get("r"), "questionnaire_version": e.get("ver"),
+            "lang": None, "status": "started", "started_at": None, "completed_at": None,
+            "last_seq": 0,
+        })
+        seq = int(e["id"].rsplit("-", 1)[1])
+        if kind == "answer":
+            key = (iid, e["q"])
+            if key not in answers or answers[key]["seq"] < seq:
+                answers[key] = {
+                    "interview_id": iid, "campaign_id": e["c"], "respondent": e["r"],
+                    "questionnaire_version": e["ver"], "question": e["q"], "value": e.get("v"),
+                    "seq": seq, "event_id": e["id"], "answered_at": _ts(e["t"]),
+                }
+        elif kind in _STATUS:
+            if kind == "started":
+                row["started_at"] = _ts(e["t"])
+                row["lang"] = e.get("l")
+            if kind == "completed":
+                row["completed_at"] = _ts(e["t"])
+            if kind == "withdrawn":
+                withdrawn.add(iid)
+            if seq > row["last_seq"]:
+                row["status"], row["last_seq"] = _STATUS[kind], seq
+    with engine.begin() as conn:
+        if interviews:
+            stmt = _insert(engine, Interview.__table__)
+            excluded = stmt.excluded
+            t = Interview.__table__.c
+            newer = excluded.last_seq > t.last_seq
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["id"],
+                set_={
+                    "started_at": func.coalesce(t.started_at, excluded.started_at),
+                    "lang": func.coalesce(t.lang, excluded.lang),
+                    "completed_at": func.coalesce(t.completed_at, excluded.completed_at),
+                    "respondent": func.coalesce(t.respondent, excluded.respondent),
+                    "status": case((newer, excluded.status), else_=t.status),
+                    "last_seq": case((newer, excluded.last_seq), else_=t.last_seq),
+                },
+            ), list(interviews.values()))
+        if answers:
+            stmt = _insert(engine, Answer.__table__)
+            excluded = stmt.excluded
+            t = Answer.__table__.c
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["interview_id", "question"],
+                set_={"value": excluded.value, "seq": excluded.seq,
+                      "event_id": excluded.event_id, "answered_at": excluded.answered_at},
+                where=t.seq < excluded.seq,
+            ), list(answers.values()))
+        if withdrawn:
+            # Withdrawing consent erases what was said.
+            conn.execute(delete(Answer).where(Answer.interview_id.in_(withdrawn)))
+            conn.execute(update(Interview).where(Interview.id.in_(withdrawn))
+                         .values(respondent=None))
+        if ends:
+            stmt = _insert(engine, UssdSessionEnd.__table__)
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=["event_id"]),
+                         list(ends.values()))
+    return len(answers)
+
+
+def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000,
+          reclaim_idle_ms: int = 60_000, consumer: str | None = None,
+          max_batches: int | None = None) -> int:
+    """Persist stream entries until none are waiting; returns how many were persisted."""
+    ensure_group(client, stream)
+    consumer = consumer or consumer_name()
+    total = 0
+    batches = 0
+    while max_batches is None or batches < max_batches:
+        entries = _reclaim(client, stream, consumer, reclaim_idle_ms, batch)
+        if not entries:
+            reply = client.xreadgroup(GROUP, consumer, {stream: ">"}, count=batch)
+            entries = reply[0][1] if reply else []
+        if not entries:
+            break
+        ids = [entry_id for entry_id, _ in entries]
+        events = [json.loads(fields[b"e"]) for _, fields in entries if fields]
+        write_events(engine, events)
+        pipe = client.pipeline(transaction=True)
+        pipe.xack(stream, GROUP, *ids)
+        pipe.xdel(stream, *ids)
+        pipe.execute()
+        total += len(ids)
+        batches += 1
+        log.info("persisted %d events (%d this drain)", len(ids), total)
+    return total
+
+
+def _reclaim(client: redis.Redis, stream: str, consumer: str, idle_ms: int,
+             batch: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Take over entries another consumer read but never acknowledged."""
+    reply = client.xautoclaim(stream, GROUP, consumer, min_idle_time=idle_ms,
+                              start_id="0-0", count=batch)
+    claimed = reply[1]
+    # An entry deleted after it was read comes back without fields: ack it away.
+    gone = [entry_id for entry_id, fields in claimed if not fields]
+    if gone:
+        client.xack(stream, GROUP, *gone)
+    return [(entry_id, fields) for entry_id, fields in claimed if fields]
