@@ -1,0 +1,245 @@
+"""The stream-to-SQL worker: exactly once through retries, replays and killed workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+
+from gateway.channels.africastalking import event_record
+from gateway.cli import shipped_questionnaire
+from gateway.config import Settings
+from gateway.engine import Input, step
+from gateway.models import Answer, Channel, Interview
+from gateway.registry import Registry
+from gateway.sessions import GROUP, SessionStore
+from workers.jobs import QUEUE, pump_once, run_worker
+from workers.persist import drain, write_events
+
+STREAM = "cd:events"
+
+
+def interview(engine: Engine, channel: Channel, respondent: str, inputs: list[str],
+              interview_id: str) -> list[dict[str, Any]]:
+    """The events a real interview produces, as the channel would put them on the stream."""
+    info = Registry(engine).channel(channel.key)
+    assert info is not None
+    form = shipped_questionnaire()
+    result = step(form, None, Input.open(1000.0, interview_id))
+    state, events = result.state, list(result.events)
+    for n, text_in in enumerate(inputs):
+        result = step(form, state, Input.answer(text_in, 1001.0 + n), info.rules)
+        state = result.state
+        events.extend(result.events)
+    return [event_record(e, info, respondent, form.version) for e in events]
+
+
+# language, consent, sex, age 25-34, region, urban, income, six WG-SS, health used + 6,
+# primary no, secondary no, govt no, improve
+FULL = ["1", "1", "1", "3", "2", "1", "2", "1", "1", "1", "1", "1", "1",
+        "1", "1", "2", "3", "4", "5", "1", "2", "2", "2", "Shorter queues"]
+
+
+def answers(engine: Engine) -> list[tuple[str, str, str | None]]:
+    with Session(engine) as db:
+        return sorted(db.execute(select(Answer.interview_id, Answer.question,
+                                        Answer.value)).all())
+
+
+def test_full_interview_is_written(engine: Engine, channel: Channel) -> None:
+    """A completed interview becomes one interview row and one row per answer."""
+    events = interview(engine, channel, "resp1", FULL, "iv1")
+    write_events(engine, events)
+    rows = answers(engine)
+    names = [q for _, q, _ in rows]
+    assert len(names) == len(set(names))
+    assert ("iv1", "h_sat", "vs") in rows
+    assert ("iv1", "improve", "Shorter queues") in rows
+    assert not any(q.startswith(("p_acc", "s_acc", "g_acc")) for q in names)
+    with Session(engine) as db:
+        iv = db.get(Interview, "iv1")
+        assert iv is not None
+        assert (iv.status, iv.respondent, iv.lang) == ("completed", "resp1", "English (en)")
+        assert iv.completed_at is not None
+
+
+def test_same_batch_twice_changes_nothing(engine: Engine, channel: Channel) -> None:
+    """Writing a batch again (a retry after a crash before XACK) is harmless."""
+    events = interview(engine, channel, "resp1", FULL, "iv1")
+    write_events(engine, events)
+    first = answers(engine)
+    write_events(engine, events)
+    write_events(engine, list(reversed(events)))
+    assert answers(engine) == first
+
+
+def test_newer_answer_wins_whatever_the_order(engine: Engine, channel: Channel) -> None:
+    """An answer changed by going back keeps its latest value even if batches cross."""
+    events = interview(engine, channel, "resp1", ["1", "1", "1", "0", "2"], "iv1")
+    sex = [e for e in events if e.get("q") == "sex"]
+    assert [e["v"] for e in sex] == ["female", "male"]
+    write_events(engine, [sex[1]])
+    write_events(engine, [sex[0]])
+    assert ("iv1", "sex", "male") in answers(engine)
+
+
+def test_withdrawal_erases_answers(engine: Engine, channel: Channel) -> None:
+    """Going back to consent and saying No deletes what was stored."""
+    events = interview(engine, channel, "resp1", ["1", "1", "1", "0", "0", "2"], "iv1")
+    assert events[-1]["k"] == "withdrawn"
+    write_events(engine, events[:-1])
+    assert answers(engine)
+    write_events(engine, events[-1:])
+    assert answers(engine) == []
+    with Session(engine) as db:
+        iv = db.get(Interview, "iv1")
+        assert iv is not None and iv.status == "withdrawn" and iv.respondent is None
+
+
+def push(client: redis.Redis, events: list[dict[str, Any]]) -> None:
+    SessionStore(client).append(events)
+
+
+def test_drain_acks_and_empties_the_stream(engine: Engine, channel: Channel,
+                                           redis_client: redis.Redis) -> None:
+    """After a drain, nothing waits in the stream and nothing is pending."""
+    pushed = 0
+    for n in range(5):
+        events = interview(engine, channel, f"r{n}", FULL, f"iv{n}")
+        push(redis_client, events)
+        pushed += len(events)
+    assert drain(redis_client, engine, STREAM, batch=7) == pushed
+    assert redis_client.xlen(STREAM) == 0
+    assert pending(redis_client) == 0
+    assert len(answers(engine)) == 5 * 23
+
+
+def pending(client: redis.Redis) -> int:
+    try:
+        return int(client.xpending(STREAM, GROUP)["pending"])
+    except redis.ResponseError:  # the doomed worker has not created the group yet
+        return 0
+
+
+@contextmanager
+def sql_write_lock(engine: Engine) -> Iterator[None]:
+    """Hold the database's write lock from another connection, like a slow transaction."""
+    conn = engine.connect()
+    if engine.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.begin()
+        conn.execute(text("LOCK TABLE answers IN ACCESS EXCLUSIVE MODE"))
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+DRAIN_SCRIPT = """
+import sys
+from gateway.config import load_settings
+from gateway.db import make_engine
+from gateway.redis_conn import connect
+from workers.persist import drain
+s = load_settings()
+drain(connect(s), make_engine(s), "cd:events", batch=1000, consumer="doomed")
+"""
+
+
+def test_worker_killed_mid_batch_loses_nothing(engine: Engine, channel: Channel,
+                                               redis_client: redis.Redis,
+                                               env: dict[str, str]) -> None:
+    """A worker SIGKILLed while writing a batch: a second worker reclaims and finishes it."""
+    events: list[dict[str, Any]] = []
+    for n in range(20):
+        events += interview(engine, channel, f"r{n}", FULL, f"iv{n}")
+    push(redis_client, events)
+    with sql_write_lock(engine):
+        proc = subprocess.Popen([sys.executable, "-c", DRAIN_SCRIPT],
+                                env={**os.environ, **env})
+        try:
+            # Bounded wait until the doomed worker has read a batch it cannot write.
+            for _ in range(200):
+                if pending(redis_client):
+                    break
+                time.sleep(0.05)
+            assert pending(redis_client) == len(events)
+            time.sleep(0.2)
+            assert proc.poll() is None, "the worker should be stuck on the SQL lock"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert answers(engine) == []
+    assert pending(redis_client) == len(events)
+    # Idle time 0 stands in for "the dead consumer's entries have been idle long enough".
+    drain(redis_client, engine, STREAM, batch=1000, reclaim_idle_ms=0, consumer="rescuer")
+    rows = answers(engine)
+    assert len(rows) == 20 * 23
+    assert len({(i, q) for i, q, _ in rows}) == len(rows)
+    assert pending(redis_client) == 0
+    assert redis_client.xlen(STREAM) == 0
+
+
+def test_reclaim_waits_for_idle_time(engine: Engine, channel: Channel,
+                                     redis_client: redis.Redis) -> None:
+    """Entries another live consumer is working on are not stolen before they go idle."""
+    push(redis_client, interview(engine, channel, "r1", FULL, "iv1"))
+    drain(redis_client, engine, STREAM, max_batches=0)  # creates the group only
+    redis_client.xreadgroup(GROUP, "busy", {STREAM: ">"}, count=1000)
+    assert drain(redis_client, engine, STREAM, reclaim_idle_ms=60_000) == 0
+    assert answers(engine) == []
+    assert drain(redis_client, engine, STREAM, reclaim_idle_ms=0) > 0
+    assert len(answers(engine)) == 23
+
+
+def test_rq_worker_drains_through_the_queue(engine: Engine, channel: Channel,
+                                            redis_client: redis.Redis, settings: Settings,
+                                            env: dict[str, str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pump enqueues one drain job; an RQ worker runs it and SQL gets the answers."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    push(redis_client, interview(engine, channel, "r1", FULL, "iv1"))
+    from rq import Queue
+
+    queue = Queue(QUEUE, connection=redis_client)
+    assert pump_once(redis_client, settings, queue) is True
+    assert pump_once(redis_client, settings, queue) is False  # one is already queued
+    run_worker(settings, burst=True)
+    assert len(answers(engine)) == 23
+    assert redis_client.xlen(STREAM) == 0
+    assert pump_once(redis_client, settings, queue) is False  # nothing waiting
+
+
+def test_ussd_end_notifications_are_recorded_once(engine: Engine, channel: Channel,
+                                                  redis_client: redis.Redis) -> None:
+    """The same end-of-session notification twice is one row."""
+    note = {"id": f"ussd_end:{channel.id}:S1", "k": "ussd_end", "ch": channel.id, "s": "S1",
+            "r": None, "st": "Incomplete", "n": "62001", "d": 40000, "h": 7,
+            "cost": "GHS 0.05", "err": "", "t": time.time()}
+    push(redis_client, [note, note])
+    drain(redis_client, engine, STREAM)
+    with Session(engine) as db:
+        assert db.scalar(text("SELECT count(*) FROM ussd_session_ends")) == 1
+        assert db.scalar(select(func.count()).select_from(Interview)) == 0
+
+
+def test_stream_entry_format_is_json(redis_client: redis.Redis, engine: Engine,
+                                     channel: Channel) -> None:
+    """Stream entries carry one JSON field 'e' (what `civicdial status` reads)."""
+    push(redis_client, interview(engine, channel, "r1", ["1", "1"], "iv1"))
+    (_, fields), *_ = redis_client.xrange(STREAM)
+    assert json.loads(fields[b"e"])["k"] == "started"
