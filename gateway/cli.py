@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -114,6 +115,13 @@ def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
     """Run everything: web app, one RQ worker, embedded Redis and SQLite."""
     settings = _settings(ctx)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Two `up`s on one data dir would share (and then stop) one embedded Redis.
+    lock = open(settings.data_dir / "up.lock", "w")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise click.ClickException(
+            f"another `civicdial up` is already running on {settings.data_dir}") from None
     env = dict(os.environ, CIVICDIAL_DATA_DIR=str(settings.data_dir))
     embedded = None
     if not settings.redis_url:

@@ -18,6 +18,10 @@ from gateway.engine import Rules
 from gateway.models import Campaign, Channel, QuestionnaireVersion
 from gateway.questionnaire import Questionnaire, load_questionnaire
 
+# GSM 03.90 caps a USSD screen at 182 characters; below ~64 no question fits.
+MAX_SCREEN = 182
+MIN_SCREEN = 64
+
 
 @dataclass(frozen=True)
 class ChannelInfo:
@@ -68,7 +72,8 @@ class Registry:
                     campaign_open=camp.state == "open",
                     questionnaire_version=camp.questionnaire_version,
                     rules=Rules(
-                        screen_limit=ch.screen_limit, budget_seconds=camp.budget_seconds,
+                        screen_limit=max(MIN_SCREEN, min(MAX_SCREEN, ch.screen_limit)),
+                        budget_seconds=camp.budget_seconds,
                         budget_screens=camp.budget_screens, resume_window=camp.resume_window,
                         max_invalid=camp.max_invalid, dial=ch.address,
                         fold=ch.kind == "ussd",
