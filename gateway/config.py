@@ -29,6 +29,10 @@ class Settings:
     redis_url: str | None
     redis_prefix: str
     pseudonym_key: bytes
+    # Encrypts phone numbers at rest where outbound SMS needs them (Fernet).
+    encryption_key: bytes
+    # Region for numbers written without a country code (phonenumbers).
+    default_region: str
     log_level: str
     # Webhook bodies larger than this are refused before parsing.
     max_body_bytes: int
@@ -75,12 +79,15 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
                         or "civicdial-data")).resolve()
     database_url = env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'civicdial.db'}"
     key = env.get("CIVICDIAL_PSEUDONYM_KEY")
+    enc = env.get("CIVICDIAL_ENCRYPTION_KEY")
     settings = Settings(
         data_dir=data_dir,
         database_url=database_url,
         redis_url=env.get("REDIS_URL") or None,
         redis_prefix=env.get("CIVICDIAL_REDIS_PREFIX", "cd:"),
         pseudonym_key=key.encode() if key else _secret(data_dir, "pseudonym.key"),
+        encryption_key=enc.encode() if enc else _secret(data_dir, "encryption.key"),
+        default_region=env.get("CIVICDIAL_DEFAULT_REGION", "GH"),
         log_level=env.get("CIVICDIAL_LOG_LEVEL", "INFO"),
         max_body_bytes=_int(env, "CIVICDIAL_MAX_BODY_BYTES", 16 * 1024),
         stream_batch=_int(env, "CIVICDIAL_STREAM_BATCH", 2000),

@@ -31,6 +31,7 @@ class Stage(StrEnum):
 class InputKind(StrEnum):
     OPEN = "open"  # a new provider session: a dial, or a keyword
     TEXT = "text"  # one answer typed by the respondent
+    LANG = "lang"  # the respondent asked to switch language (SMS keyword)
 
 
 @dataclass(frozen=True)
@@ -49,22 +50,37 @@ class Input:
     def answer(cls, text: str, now: float, new_interview: str = "") -> Input:
         return cls(InputKind.TEXT, now, text, new_interview)
 
+    @classmethod
+    def switch_language(cls, now: float, new_interview: str = "") -> Input:
+        return cls(InputKind.LANG, now, "", new_interview)
+
 
 @dataclass(frozen=True)
 class Rules:
     """Per-campaign, per-channel settings the engine obeys."""
 
+    # ussd: one short screen at a time, paged; sms: a whole question per message.
+    kind: str = "ussd"
     screen_limit: int = 160  # characters, including the 4-char CON/END prefix
     budget_seconds: int = 120
     budget_screens: int = 15
     resume_window: int = 24 * 3600
     max_invalid: int = 3
-    dial: str = "*920*16#"
+    dial: str = "*920*16#"  # USSD: the code to dial again; SMS: the keyword to text
     fold: bool = True  # fold to plain characters (USSD)
 
     @property
     def body_limit(self) -> int:
-        return self.screen_limit - 4
+        return self.screen_limit - 4 if self.kind == "ussd" else self.screen_limit
+
+    @classmethod
+    def sms(cls, keyword: str = "SURVEY", max_invalid: int = 3,
+            resume_window: int = 24 * 3600) -> Rules:
+        """SMS: no screen budget (no operator cuts the conversation), no paging, no folding
+        (Twi letters are kept; they cost UCS-2 segments, counted by gateway.segments)."""
+        return cls(kind="sms", screen_limit=1600, budget_seconds=10**9, budget_screens=10**9,
+                   resume_window=resume_window, max_invalid=max_invalid, dial=keyword,
+                   fold=False)
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,10 @@ class _Turn:
 
     def msg(self, key: str, **values: object) -> str:
         return message(self.code, key, **values)
+
+    def again(self) -> str:
+        """How to come back: 'Dial *920*16#' or 'Text SURVEY'."""
+        return self.msg(f"again_{self.rules.kind}", target=self.rules.dial)
 
     def emit(self, kind: str, question: str = "", value: str | None = None) -> None:
         seq = self.state.seq + 1
@@ -205,7 +225,10 @@ class _Turn:
         question = self.q.questions[self.state.pos]
         label, options = self._texts(question)
         limit = self.rules.body_limit
-        if question.is_select:
+        if question.is_select and self.rules.kind == "sms":
+            lines = "\n".join(f"{i + 1} {option}" for i, option in enumerate(options))
+            text = render.compose(error, label, lines, limit)
+        elif question.is_select:
             text = render.select_screen(label, options, self.state.page, limit,
                                         self.msg("more"), self.msg("back"), error)
         elif question.type == "note":
@@ -215,6 +238,8 @@ class _Turn:
         return self.screen(text)
 
     def pages(self, question: Question) -> int:
+        if self.rules.kind == "sms":
+            return 1
         label, options = self._texts(question)
         return len(render.paginate(label, options, self.rules.body_limit,
                                    self.msg("more"), self.msg("back")))
@@ -265,7 +290,7 @@ class _Turn:
             part = self.state.part
             parts = part + max(1, math.ceil(self.remaining(pos) / self.rules.budget_screens))
             self.state = replace(self.state, part=part + 1, part_break=True)
-            return self.end(self.msg("part_done", part=part, parts=parts, dial=self.rules.dial))
+            return self.end(self.msg("part_done", part=part, parts=parts, again=self.again()))
         return self.question_screen()
 
     def complete(self) -> Step:
@@ -280,7 +305,7 @@ class _Turn:
         count = self.state.invalid + 1
         if count >= self.rules.max_invalid:
             self.state = replace(self.state, invalid=0, page=0)
-            return self.end(self.msg("too_many_invalid", dial=self.rules.dial))
+            return self.end(self.msg("too_many_invalid", again=self.again()))
         self.state = replace(self.state, invalid=count)
         if self.state.stage is Stage.LANGUAGE:
             return self.language_screen(reason)
@@ -318,6 +343,15 @@ class _Turn:
         self.state = replace(self.state, stage=Stage.RESUME)
         return self.resume_screen()
 
+    def on_switch_language(self) -> Step:
+        if self.state.stage is Stage.DONE:
+            return self.end(self.msg("already_done"))
+        if len(self.q.languages) < 2:
+            return self.question_screen() if self.state.stage is Stage.QUESTION \
+                else self.on_open()
+        self.state = replace(self.state, stage=Stage.LANGUAGE, invalid=0)
+        return self.language_screen()
+
     def on_text(self, raw: str) -> Step:
         text = raw.strip()
         s = self.state
@@ -328,6 +362,9 @@ class _Turn:
             if n is None:
                 return self.invalid(self.msg("invalid_choice"))
             self.state = replace(s, lang=self.q.languages[n].key, invalid=0)
+            if s.consented:  # a switch mid-interview: repeat the current question
+                self.state = replace(self.state, stage=Stage.QUESTION, page=0)
+                return self.question_screen()
             return self.go_to(self.next_position(0))
         if s.stage is Stage.RESUME:
             if text == "1":
@@ -352,7 +389,8 @@ class _Turn:
         if question.type == "note":
             return self.go_to(self.next_position(question.index + 1))
         if text == "":
-            if question.required:
+            # Consent is always required: skipping it must not lead into the questionnaire.
+            if question.required or question.name == CONSENT:
                 reason = question.required_messages.get(self.state.lang) or self.msg("required")
                 return self.invalid(reason)
             self.set_answer(question, None)
@@ -380,6 +418,9 @@ class _Turn:
         if not self.state.consented:
             self.state = replace(self.state, consented=True)
             self.emit("started")
+            # Calculations before consent were kept but, like everything then, not emitted.
+            for name, kept in self.answers.items():
+                self.emit("answer", name, kept)
         self.set_answer(question, value)
         return self.go_to(self.next_position(question.index + 1))
 
@@ -396,10 +437,27 @@ class _Turn:
         self.state = replace(self.state, pos=prev, page=0, invalid=0)
         return self.question_screen()
 
+    def choice_by_label(self, question: Question, text: str) -> int | None:
+        """An option typed out ('Agree', 'agree.', 'Yɛ'), in the session's language or the
+        form's default, ignoring case, accents and surrounding punctuation."""
+        typed = _normal(text)
+        if not typed:
+            return None
+        for lang in (self.state.lang, self.q.default_language):
+            for i, choice in enumerate(question.choices):
+                label = choice.labels.get(lang)
+                if label and _normal(label) == typed:
+                    return i
+        return None
+
     def parse(self, question: Question, text: str) -> tuple[str | None, str]:
         if question.type == "select_one":
             n = _choice_number(text, len(question.choices))
             if n is None:
+                n = self.choice_by_label(question, text)
+            if n is None:
+                if self.rules.kind == "sms":  # room for a hint; a USSD screen has none
+                    return None, self.msg("invalid_choice_range", n=len(question.choices))
                 return None, self.msg("invalid_choice")
             return question.choices[n].name, ""
         if question.type == "select_multiple":
@@ -421,10 +479,16 @@ class _Turn:
         return text, ""
 
 
+def _normal(text: str) -> str:
+    text = render.fold(text).casefold()
+    return " ".join(re.sub(r"[^\w\s/+-]", " ", text).split())
+
+
 def _choice_number(text: str, count: int) -> int | None:
-    """0-based index of a typed option number, or None."""
-    text = text.strip().rstrip(".")
-    if not text.isdigit():
+    """0-based index of a typed option number ('2', ' 2 ', '2.', '2)'), or None."""
+    text = text.strip().rstrip(".)").strip()
+    # isdecimal, not isdigit: "²" is a digit that int() refuses.
+    if not text.isdecimal():
         return None
     n = int(text)
     return n - 1 if 1 <= n <= count else None
@@ -443,4 +507,6 @@ def step(questionnaire: Questionnaire, state: SessionState | None, inp: Input,
     turn = _Turn(questionnaire, state, inp, rules)
     if inp.kind is InputKind.OPEN:
         return turn.on_open()
+    if inp.kind is InputKind.LANG:
+        return turn.on_switch_language()
     return turn.on_text(inp.text)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -56,6 +57,11 @@ class Campaign(Base):
     budget_screens: Mapped[int] = mapped_column(Integer, default=15)
     resume_window: Mapped[int] = mapped_column(Integer, default=24 * 3600)
     max_invalid: Mapped[int] = mapped_column(Integer, default=3)
+    sms_keyword: Mapped[str] = mapped_column(String(40), default="SURVEY")
+    # After a dropped USSD session, offer to finish by SMS (needs an SMS channel).
+    sms_handover: Mapped[bool] = mapped_column(Boolean, default=False)
+    # SMS interviews idle this long get one reminder, then expire.
+    sms_idle_seconds: Mapped[int] = mapped_column(Integer, default=24 * 3600)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -70,6 +76,8 @@ class Channel(Base):
     address: Mapped[str] = mapped_column(String(100))  # service code, e.g. *920*16#
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
     screen_limit: Mapped[int] = mapped_column(Integer, default=160)
+    # Provider settings as JSON: credentials, sender id, API base URL, rate limit.
+    config: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -125,3 +133,37 @@ class UssdSessionEnd(Base):
     cost: Mapped[str] = mapped_column(String(40), default="")
     error: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class OutboundMessage(Base):
+    """One SMS we send: persisted before any attempt, updated by delivery reports."""
+
+    __tablename__ = "outbound_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Idempotency key: the same logical message is queued once whatever retries happen.
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    channel_id: Mapped[int] = mapped_column(Integer, index=True)
+    respondent: Mapped[str] = mapped_column(String(64), index=True)
+    recipient: Mapped[str] = mapped_column(Text)  # Fernet-encrypted E.164 number
+    body: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(20), default="reply")  # reply|handover|reminder
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # 0 interactive, 1 bulk
+    segments: Mapped[int] = mapped_column(Integer, default=1)
+    # queued | sending | sent | delivered | failed | rejected | undelivered | unknown | stopped
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    provider_id: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class OptOut(Base):
+    """A respondent who texted STOP: never messaged again, in any campaign."""
+
+    __tablename__ = "opt_outs"
+
+    respondent: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -390,3 +390,7 @@ def _check_consent(questions: list[Question]) -> None:
             "the first question must be the consent screen: a select_one named 'consent' "
             "with a choice named 'yes' (no answer is stored before consent)",
             "survey", first.row, "name")
+    if first.relevant:
+        # A consent screen that can be skipped would let the interview run without consent.
+        raise FormError("the consent question must always be asked: remove its 'relevant' "
+                        "(or its group's)", "survey", first.row, "relevant")

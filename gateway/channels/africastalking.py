@@ -9,12 +9,17 @@ for; a retried hop (same sessionId and text) gets the stored reply and changes n
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any
 
+import requests
+from africastalking.Service import AfricasTalkingException
+from africastalking.SMS import SMSService
 from flask import Blueprint, Response, current_app, request
 
+from gateway.channels.sending import Failure, SendError, Sent, classify_http
 from gateway.channels.webhook import WebhookError, field, log, parse_form, phone_number
 from gateway.engine import Event, Input, Stage, step
 from gateway.messages import message
@@ -156,3 +161,68 @@ def _int_or_none(raw: str | None) -> int | None:
         return int(raw) if raw not in (None, "") else None
     except ValueError:
         return None
+
+
+# -- outbound SMS ---------------------------------------------------------------------
+
+# Delivery report status -> our message status.
+DELIVERY_STATUS = {
+    "Sent": "sent", "Submitted": "sent", "Buffered": "sent",
+    "Success": "delivered", "Failed": "failed", "Rejected": "rejected",
+}
+# Per-recipient statusCode in the send response.
+ACCEPTED_CODES = {100, 101, 102}
+RETRY_CODES = {500, 501, 502}
+
+
+class _SMSService(SMSService):
+    """The SDK's SMS service, pointed at a configurable base URL, remembering the HTTP
+    status of its last request (the SDK's exception carries only the body)."""
+
+    def __init__(self, username: str, api_key: str, base_url: str | None) -> None:
+        super().__init__(username, api_key)
+        if base_url:
+            self._baseUrl = base_url.rstrip("/") + "/version1"
+        self.last_status = 0
+
+        def post(url, headers, data, params, callback=None, timeout=(3.05, 9.05)):  # type: ignore[no-untyped-def]
+            res = requests.post(url=url, headers=headers, params=params, data=data,
+                                timeout=timeout)
+            self.last_status = res.status_code
+            return res
+
+        # The SDK calls this name-mangled static method through self.
+        self._Service__make_post_request = post
+
+
+def send_sms(config: dict[str, Any], to: str, body: str) -> Sent:
+    """Send one SMS through Africa's Talking (SDK `SMS.send`)."""
+    username, api_key = config.get("username"), config.get("api_key")
+    if not isinstance(username, str) or not isinstance(api_key, str):
+        raise SendError(Failure.CONFIG, "channel config needs username and api_key")
+    service = _SMSService(username, api_key, config.get("base_url"))
+    try:
+        resp = service.send(body, [to], sender_id=config.get("sender_id") or None,
+                            timeout=(3.05, float(config.get("timeout", 10))))
+    except ValueError as exc:  # the SDK's own number check
+        raise SendError(Failure.REJECTED, str(exc)) from None
+    except AfricasTalkingException as exc:
+        raise classify_http(service.last_status, str(exc)[:300]) from None
+    except requests.RequestException as exc:
+        raise SendError(Failure.TEMPORARY, f"{type(exc).__name__}: {exc}"[:300]) from None
+    if isinstance(resp, str):  # the SDK returns text unless content-type is exactly JSON
+        try:
+            resp = json.loads(resp)
+        except ValueError:
+            raise SendError(Failure.BAD_RESPONSE, resp[:300]) from None
+    try:
+        recipient = resp["SMSMessageData"]["Recipients"][0]
+        code = int(recipient["statusCode"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise SendError(Failure.BAD_RESPONSE, json.dumps(resp)[:300]) from None
+    if code in ACCEPTED_CODES:
+        return Sent(provider_id=str(recipient.get("messageId", "")))
+    detail = f"{code} {recipient.get('status', '')}"
+    if code in RETRY_CODES:
+        raise SendError(Failure.TEMPORARY, detail)
+    raise SendError(Failure.REJECTED, detail)

@@ -26,7 +26,16 @@ class WebhookError(Exception):
 
 
 def parse_form(request: Request) -> dict[str, str]:
-    """Decode an application/x-www-form-urlencoded body strictly (UTF-8, no guessing)."""
+    """Decode an application/x-www-form-urlencoded body strictly (UTF-8, no guessing);
+    a repeated field keeps its first value."""
+    form: dict[str, str] = {}
+    for name, value in parse_pairs(request):
+        form.setdefault(name, value)
+    return form
+
+
+def parse_pairs(request: Request) -> list[tuple[str, str]]:
+    """Every (name, value) of a form-encoded body, strictly UTF-8."""
     mimetype = request.mimetype or "application/x-www-form-urlencoded"
     if mimetype != "application/x-www-form-urlencoded":
         raise WebhookError(415, f"expected application/x-www-form-urlencoded, got {mimetype}")
@@ -36,10 +45,7 @@ def parse_form(request: Request) -> dict[str, str]:
         pairs = parse_qsl(body, keep_blank_values=True, encoding="utf-8", errors="strict")
     except UnicodeDecodeError:
         raise WebhookError(400, "body is not valid UTF-8") from None
-    form: dict[str, str] = {}
-    for name, value in pairs:
-        form.setdefault(name, value)
-    return form
+    return pairs
 
 
 def field(form: dict[str, str], name: str, *, max_len: int = 200, required: bool = True,
