@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 from gateway.channels import africastalking
 from gateway.channels.webhook import WebhookError
 from gateway.config import Settings, load_settings
+from gateway.crypto import NumberBox
 from gateway.db import make_engine
 from gateway.redis_conn import connect
 from gateway.registry import Registry
@@ -28,6 +29,7 @@ class Services:
     redis: redis.Redis
     store: SessionStore
     registry: Registry
+    box: NumberBox
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -41,6 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["civicdial"] = Services(
         settings=settings, engine=engine, redis=client,
         store=SessionStore(client, settings.redis_prefix), registry=Registry(engine),
+        box=NumberBox(settings.encryption_key),
     )
     app.register_blueprint(africastalking.bp)
 

@@ -29,6 +29,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "back": "Back",
         "ok": "OK",
         "closed": "This survey is not open. Thank you.",
+        "stopped": "You will get no more messages from this survey service. "
+                   "Text START to take part again.",
+        "help": "Ghana Statistical Service survey on public services (SDG 16.6.2). Free, "
+                "voluntary, no names. Text {keyword} to answer, LANG to change language, "
+                "STOP to opt out.",
+        "intro": "Hello! Ghana Statistical Service asks about your experience of public "
+                 "services. Text {keyword} to take part (free). HELP for info, STOP to opt out.",
     },
     "tw": {
         "language": "Language / Kasa:",
@@ -53,7 +60,21 @@ MESSAGES: dict[str, dict[str, str]] = {
         "back": "San w'akyi",
         "ok": "Yoo",
         "closed": "Nsɛmmisa yi nnim mu. Meda wo ase.",
+        "stopped": "Wonnya nkrasɛm biara bio. Kyerɛw START na fa wo ho hyɛ mu bio.",
+        "help": "Ghana Statistical Service nsɛmmisa fa aban nnwuma ho (SDG 16.6.2). Ɛyɛ kwa. "
+                "Kyerɛw {keyword} bua, KASA sesa kasa, GYAE gyae.",
+        "intro": "Akwaaba! Ghana Statistical Service pɛ sɛ wote wo nsusuwii. Kyerɛw {keyword} "
+                 "fi ase. MMOA ma nkyerɛkyerɛmu, GYAE gyae.",
     },
+}
+
+
+# SMS keywords, valid at any point, in every shipped language (Twi words are a draft).
+KEYWORDS: dict[str, frozenset[str]] = {
+    "stop": frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "QUIT", "GYAE"}),
+    "help": frozenset({"HELP", "INFO", "MMOA", "BOA"}),
+    "lang": frozenset({"LANG", "LANGUAGE", "KASA"}),
+    "start": frozenset({"START", "SURVEY", "FI ASE", "HYE ASE"}),
 }
 
 

@@ -7,9 +7,11 @@ names a channel key it does not know, so a new channel works without a restart.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -35,6 +37,10 @@ class ChannelInfo:
     campaign_open: bool
     questionnaire_version: str
     rules: Rules
+    config: dict[str, Any] = field(default_factory=dict)
+    keyword: str = "SURVEY"
+    sms_handover: bool = False
+    sms_idle_seconds: int = 24 * 3600
 
 
 class Registry:
@@ -66,18 +72,24 @@ class Registry:
                 Campaign, Channel.campaign_id == Campaign.id)).all()
             channels = {}
             for ch, camp in rows:
+                if ch.kind == "sms":
+                    rules = Rules.sms(keyword=camp.sms_keyword, max_invalid=camp.max_invalid,
+                                      resume_window=camp.resume_window)
+                else:
+                    rules = Rules(
+                        screen_limit=max(MIN_SCREEN, min(MAX_SCREEN, ch.screen_limit)),
+                        budget_seconds=camp.budget_seconds,
+                        budget_screens=camp.budget_screens, resume_window=camp.resume_window,
+                        max_invalid=camp.max_invalid, dial=ch.address,
+                    )
                 channels[ch.key] = ChannelInfo(
                     id=ch.id, key=ch.key, provider=ch.provider, kind=ch.kind,
                     address=ch.address, campaign_id=camp.id, campaign_slug=camp.slug,
                     campaign_open=camp.state == "open",
                     questionnaire_version=camp.questionnaire_version,
-                    rules=Rules(
-                        screen_limit=max(MIN_SCREEN, min(MAX_SCREEN, ch.screen_limit)),
-                        budget_seconds=camp.budget_seconds,
-                        budget_screens=camp.budget_screens, resume_window=camp.resume_window,
-                        max_invalid=camp.max_invalid, dial=ch.address,
-                        fold=ch.kind == "ussd",
-                    ),
+                    rules=rules, config=json.loads(ch.config or "{}"),
+                    keyword=camp.sms_keyword, sms_handover=camp.sms_handover,
+                    sms_idle_seconds=camp.sms_idle_seconds,
                 )
             self._channels = channels
             self._loaded_at = time.monotonic()

@@ -10,6 +10,8 @@ import unicodedata
 from functools import lru_cache
 
 MORE = "98"
+MIN_LABEL = 12  # characters of the question kept beside an error line
+SHORT_ERROR = 17  # "Invalid choice.\n" and its translations
 BACK = "0"
 ELLIPSIS = "..."
 
@@ -52,8 +54,9 @@ def paginate(label: str, options: tuple[str, ...], limit: int, more: str,
     if whole <= limit:
         return (tuple(range(len(lines))),)
     more_line, back_line = f"{MORE} {more}", f"{BACK} {back}"
-    # Leave room for at least a short label on every page.
-    label_room = min(len(label), max(20, limit // 3))
+    # Leave room on every page for the label, or for a short error line ("Invalid
+    # choice.") above the start of the label when a wrong entry is re-asked.
+    label_room = max(min(len(label), max(20, limit // 3)), MIN_LABEL + SHORT_ERROR)
     pages: list[tuple[int, ...]] = []
     i = 0
     while i < len(lines):
@@ -88,12 +91,15 @@ def select_screen(label: str, options: tuple[str, ...], page: int, limit: int, m
 
 
 def compose(error: str, label: str, tail: str, limit: int) -> str:
-    """error line + label + tail, clipping the label (then the error) to fit."""
+    """error line + label + tail, within `limit`.
+
+    The options (tail) are never cut. The error line is kept whole when it fits: the
+    respondent has just read the question, so its label is what gets clipped first.
+    """
+    tail_part = f"\n{tail}" if tail else ""
     head = f"{error}\n" if error else ""
-    fixed = len(head) + (1 + len(tail) if tail else 0)
-    room = limit - fixed
-    if room < min(len(label), 20) and head:
-        head = clip(error, max(0, limit - (1 + len(tail) if tail else 0) - 21)) + "\n"
-        room = limit - len(head) - (1 + len(tail) if tail else 0)
-    text = head + clip(label, max(0, room)) + (f"\n{tail}" if tail else "")
-    return clip(text, limit)
+    room = limit - len(head) - len(tail_part)
+    if head and room < MIN_LABEL:
+        head = clip(error, max(0, limit - len(tail_part) - MIN_LABEL - 1)) + "\n"
+        room = limit - len(head) - len(tail_part)
+    return clip(head + clip(label, max(0, room)) + tail_part, limit)

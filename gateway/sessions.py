@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from gateway.engine import SessionState, Stage
+from gateway.engine import Event, SessionState, Stage
 
 STREAM = "events"
 GROUP = "persist"
@@ -33,7 +33,12 @@ end
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
 end
-for i = 6, #ARGV do
+if ARGV[6] == 'set' then
+  redis.call('SET', KEYS[4], '1')
+elseif ARGV[6] == 'del' then
+  redis.call('DEL', KEYS[4])
+end
+for i = 7, #ARGV do
   redis.call('XADD', KEYS[3], '*', 'e', ARGV[i])
 end
 return 1
@@ -50,6 +55,20 @@ def mask_phone(phone: str) -> str:
     if len(phone) <= 8:
         return "***"
     return f"{phone[:6]}***{phone[-4:]}"
+
+
+def stream_event(e: Event, campaign: int, channel: int, respondent: str,
+                 version: str) -> dict[str, Any]:
+    """An engine event as a stream entry. Declining and withdrawing carry no pseudonym."""
+    anonymous = e.kind in ("declined", "withdrawn")
+    record: dict[str, Any] = {"id": e.id, "k": e.kind, "c": campaign, "ch": channel,
+                              "i": e.interview, "r": None if anonymous else respondent,
+                              "ver": version, "t": e.at}
+    if e.kind == "answer":
+        record["q"], record["v"] = e.question, e.value
+    if e.kind == "started":
+        record["l"] = e.lang
+    return record
 
 
 def encode_state(state: SessionState) -> str:
@@ -96,6 +115,7 @@ class ProviderSession:
 class Loaded:
     state_raw: str  # '' when there is no state
     provider: ProviderSession | None
+    opted_out: bool = False
 
     @property
     def state(self) -> SessionState | None:
@@ -115,24 +135,35 @@ class SessionStore:
     def provider_key(self, channel: int, session_id: str) -> str:
         return f"{self.prefix}ps:{channel}:{session_id}"
 
+    def optout_key(self, respondent: str) -> str:
+        return f"{self.prefix}optout:{respondent}"
+
     def load(self, campaign: int, respondent: str, channel: int, session_id: str) -> Loaded:
-        state_raw, provider_raw = self.r.mget(self.state_key(campaign, respondent),
-                                              self.provider_key(channel, session_id))
+        """State, provider session (or message) record and opt-out flag: one round trip."""
+        state_raw, provider_raw, optout = self.r.mget(
+            self.state_key(campaign, respondent), self.provider_key(channel, session_id),
+            self.optout_key(respondent))
         return Loaded(
             state_raw=_text(state_raw),
             provider=ProviderSession.decode(_text(provider_raw)) if provider_raw else None,
+            opted_out=optout is not None,
         )
 
     def commit(self, *, campaign: int, respondent: str, channel: int, session_id: str,
                expected: str, state: str, state_ttl: int, provider: ProviderSession | None,
-               provider_ttl: int, events: list[dict[str, Any]]) -> bool:
-        """Atomically replace the state (if still `expected`) and append events."""
-        args: list[Any] = [expected, state, state_ttl,
-                           provider.encode() if provider else "", provider_ttl]
+               provider_ttl: int, events: list[dict[str, Any]], optout: str = "") -> bool:
+        """Atomically replace the state (if still `expected`), remember the provider
+        session/message and its reply, set or clear the opt-out flag ('set'/'del'), and
+        append events."""
+        args: list[Any] = [expected, state, max(1, state_ttl),
+                           provider.encode() if provider else "", max(1, provider_ttl), optout]
         args.extend(json.dumps(e, separators=(",", ":"), ensure_ascii=False) for e in events)
         keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
-                self.stream]
+                self.stream, self.optout_key(respondent)]
         return bool(self._commit(keys=keys, args=args))
+
+    def opted_out(self, respondent: str) -> bool:
+        return bool(self.r.exists(self.optout_key(respondent)))
 
     def append(self, events: list[dict[str, Any]]) -> None:
         """Append events that belong to no interview state (e.g. provider notifications)."""

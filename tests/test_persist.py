@@ -17,13 +17,12 @@ import redis
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from gateway.channels.africastalking import event_record
 from gateway.cli import shipped_questionnaire
 from gateway.config import Settings
 from gateway.engine import Input, step
 from gateway.models import Answer, Channel, Interview
 from gateway.registry import Registry
-from gateway.sessions import GROUP, SessionStore
+from gateway.sessions import GROUP, SessionStore, stream_event
 from workers.jobs import QUEUE, pump_once, run_worker
 from workers.persist import drain, write_events
 
@@ -42,7 +41,8 @@ def interview(engine: Engine, channel: Channel, respondent: str, inputs: list[st
         result = step(form, state, Input.answer(text_in, 1001.0 + n), info.rules)
         state = result.state
         events.extend(result.events)
-    return [event_record(e, info, respondent, form.version) for e in events]
+    return [stream_event(e, info.campaign_id, info.id, respondent, form.version)
+            for e in events]
 
 
 # language, consent, sex, age 25-34, region, urban, income, six WG-SS, health used + 6,

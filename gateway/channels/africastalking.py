@@ -21,10 +21,16 @@ from flask import Blueprint, Response, current_app, request
 
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
 from gateway.channels.webhook import WebhookError, field, log, parse_form, phone_number
-from gateway.engine import Event, Input, Stage, step
+from gateway.engine import Input, Stage, step
 from gateway.messages import message
 from gateway.registry import ChannelInfo
-from gateway.sessions import ProviderSession, encode_state, mask_phone, pseudonym
+from gateway.sessions import (
+    ProviderSession,
+    encode_state,
+    mask_phone,
+    pseudonym,
+    stream_event,
+)
 
 bp = Blueprint("africastalking", __name__, url_prefix="/webhooks/africastalking")
 
@@ -61,18 +67,6 @@ def _same_service(dialled: str, bound: str) -> bool:
     # '*920*16*5#' is an extension of '*920*16#'; operators differ on the trailing '#'.
     d, b = dialled.rstrip("#"), bound.rstrip("#")
     return d == b or d.startswith(b + "*")
-
-
-def event_record(e: Event, ch: ChannelInfo, respondent: str, version: str) -> dict[str, Any]:
-    anonymous = e.kind in ("declined", "withdrawn")
-    record: dict[str, Any] = {"id": e.id, "k": e.kind, "c": ch.campaign_id, "ch": ch.id,
-                              "i": e.interview, "r": None if anonymous else respondent,
-                              "ver": version, "t": e.at}
-    if e.kind == "answer":
-        record["q"], record["v"] = e.question, e.value
-    if e.kind == "started":
-        record["l"] = e.lang
-    return record
 
 
 @bp.post("/<channel_key>/ussd")
@@ -124,7 +118,8 @@ def ussd(channel_key: str) -> Response:
             session_id=session_id, expected=loaded.state_raw, state=new_state, state_ttl=ttl,
             provider=ProviderSession(text, reply, ch.campaign_id, respondent),
             provider_ttl=settings.ussd_session_ttl,
-            events=[event_record(e, ch, respondent, form_version) for e in result.events],
+            events=[stream_event(e, ch.campaign_id, ch.id, respondent, form_version)
+                    for e in result.events],
         )
         if committed:
             return _text(reply)

@@ -1,0 +1,138 @@
+"""The SMS conversation, whatever the provider: keywords, the engine, the reply.
+
+Each inbound message is one input. The provider's message id plays the part a USSD
+sessionId plays: the first delivery is processed, a redelivery (provider retry, same id)
+gets the stored reply and changes nothing. State is keyed by (campaign, respondent), the
+same key as USSD, so an interview started on USSD continues by SMS from the same question.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.channels.webhook import WebhookError, log
+from gateway.crypto import NumberBox
+from gateway.engine import Input, Stage, step
+from gateway.messages import KEYWORDS, message
+from gateway.registry import ChannelInfo
+from gateway.segments import count_segments
+from gateway.sessions import (
+    ProviderSession,
+    decode_state,
+    encode_state,
+    mask_phone,
+    pseudonym,
+    stream_event,
+)
+
+MAX_BODY = 1600  # Twilio's limit, and more than any answer needs
+COMMIT_ATTEMPTS = 5
+MESSAGE_TTL = 3 * 86400  # providers retry for up to ~2 days (SMS Gateway for Android)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    phone: str  # E.164
+    text: str
+    message_id: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    reply: str | None  # None: say nothing (opted out, or the provider handles it)
+    duplicate: bool = False
+
+
+def keyword(text: str, campaign_keyword: str) -> str | None:
+    """'stop' | 'help' | 'lang' | 'start' for a keyword in any shipped language."""
+    word = unicodedata.normalize("NFKC", text).strip().strip(".!").upper()
+    if word == campaign_keyword.upper():
+        return "start"
+    for name, words in KEYWORDS.items():
+        if word in words:
+            return name
+    return None
+
+
+def send_event(ch: ChannelInfo, respondent: str, phone: str, body: str, key: str,
+               box: NumberBox, kind: str = "reply", priority: int = 0) -> dict[str, Any]:
+    """An outbound SMS, queued through the event stream (the worker persists and sends)."""
+    return {"id": key, "k": "send", "ch": ch.id, "r": respondent, "to": box.seal(phone),
+            "body": body, "kind": kind, "prio": priority,
+            "seg": count_segments(body).segments, "t": time.time()}
+
+
+def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
+             reply_by_queue: bool, provider_stop: bool = False) -> Outcome:
+    """Run one inbound SMS through keywords and the engine, commit, return the reply.
+
+    With reply_by_queue, the reply is also queued for sending (providers that cannot
+    answer inline); otherwise the caller puts it in its HTTP response.
+    provider_stop: the provider already handled a STOP (Twilio Advanced Opt-Out).
+    """
+    settings = services.settings
+    store = services.store
+    respondent = pseudonym(settings.pseudonym_key, msg.phone)
+    if len(msg.text) > MAX_BODY:
+        raise WebhookError(400, f"message body is longer than {MAX_BODY} characters")
+    word = "stop" if provider_stop else keyword(msg.text, ch.keyword)
+
+    for _ in range(COMMIT_ATTEMPTS):
+        loaded = store.load(ch.campaign_id, respondent, ch.id, f"m:{msg.message_id}")
+        if loaded.provider is not None:
+            return Outcome(loaded.provider.reply or None, duplicate=True)
+        state = loaded.state
+        now = time.time()
+        lang_code = "en"
+        if state is not None:
+            lang_code = services.registry.questionnaire(state.version).language(state.lang).code
+        events: list[dict[str, Any]] = []
+        optout = ""
+        new_state_raw = loaded.state_raw  # unchanged unless the engine runs
+        ttl = ch.rules.resume_window + 60
+        reply: str | None
+        if word == "stop":
+            optout = "set"
+            reply = None if (loaded.opted_out or provider_stop) else message(lang_code, "stopped")
+            events.append({"id": f"optout:{respondent}:{msg.message_id}", "k": "optout",
+                           "ch": ch.id, "r": respondent, "t": now})
+        elif loaded.opted_out and word != "start":
+            reply = None  # no further messages after STOP, until they text START
+        elif word == "help":
+            reply = message(lang_code, "help", keyword=ch.keyword)
+        elif not ch.campaign_open:
+            reply = message(lang_code, "closed")
+        elif state is None and word not in ("start", "lang"):
+            reply = message("en", "intro", keyword=ch.keyword)
+        else:
+            if word == "start":
+                optout = "del" if loaded.opted_out else ""
+                inp = Input.open(now, secrets.token_hex(8))
+            elif word == "lang":
+                inp = Input.switch_language(now, secrets.token_hex(8))
+            else:
+                inp = Input.answer(msg.text, now, secrets.token_hex(8))
+            version = state.version if state else ch.questionnaire_version
+            result = step(services.registry.questionnaire(version), state, inp, ch.rules)
+            reply = result.reply.text
+            events.extend(stream_event(e, ch.campaign_id, ch.id, respondent, version)
+                          for e in result.events)
+            new_state_raw = encode_state(result.state) if result.state else ""
+        if new_state_raw and decode_state(new_state_raw).stage is Stage.DONE:
+            ttl = settings.completed_ttl
+        if reply and reply_by_queue:
+            events.append(send_event(ch, respondent, msg.phone, reply,
+                                     f"reply:{ch.id}:{msg.message_id}", services.box))
+        committed = store.commit(
+            campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
+            session_id=f"m:{msg.message_id}", expected=loaded.state_raw, state=new_state_raw,
+            state_ttl=ttl, provider=ProviderSession("", reply or "", ch.campaign_id, respondent),
+            provider_ttl=MESSAGE_TTL, events=events, optout=optout)
+        if committed:
+            return Outcome(reply)
+    log.warning("sms %s %s: state kept changing under us", ch.id, mask_phone(msg.phone))
+    raise WebhookError(409, "concurrent messages for this conversation; retry")
