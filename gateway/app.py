@@ -9,8 +9,9 @@ import redis
 from flask import Flask, Response, request
 from sqlalchemy import Engine
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from gateway.channels import africastalking
+from gateway.channels import africastalking, twilio
 from gateway.channels.webhook import WebhookError
 from gateway.config import Settings, load_settings
 from gateway.crypto import NumberBox
@@ -46,6 +47,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         box=NumberBox(settings.encryption_key),
     )
     app.register_blueprint(africastalking.bp)
+    app.register_blueprint(twilio.bp)
+    if settings.trust_proxy:
+        # Behind a reverse proxy: request.url must be the public URL a provider signed.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
 
     @app.errorhandler(WebhookError)
     def _refused(exc: WebhookError) -> Response:

@@ -47,6 +47,11 @@ class Settings:
     # Completed interviews are remembered this long (one interview per person per campaign).
     completed_ttl: int
     public_base_url: str | None
+    # Trust X-Forwarded-* from one reverse proxy (for Twilio signature URLs).
+    trust_proxy: bool
+    # Outbound SMS: retries on timeouts/5xx/429, with exponential backoff from this base.
+    send_retries: int
+    send_backoff_seconds: float
 
     @property
     def redis_db_file(self) -> Path:
@@ -96,5 +101,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         ussd_session_ttl=_int(env, "CIVICDIAL_USSD_SESSION_TTL", 3600),
         completed_ttl=_int(env, "CIVICDIAL_COMPLETED_TTL", 180 * 86400),
         public_base_url=env.get("CIVICDIAL_PUBLIC_BASE_URL") or None,
+        trust_proxy=env.get("CIVICDIAL_TRUST_PROXY", "") in ("1", "true", "yes"),
+        send_retries=_int(env, "CIVICDIAL_SEND_RETRIES", 5),
+        send_backoff_seconds=float(env.get("CIVICDIAL_SEND_BACKOFF_SECONDS") or 2.0),
     )
     return settings.with_(**overrides) if overrides else settings

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 from rq import Queue, Worker
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings, load_settings
 from gateway.db import make_engine
 from gateway.redis_conn import connect
 from gateway.sessions import SessionStore
+from workers.outbound import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
 from workers.persist import drain, ensure_group
 
 log = logging.getLogger(__name__)
 
 QUEUE = "civicdial"
+SWEEP_SECONDS = 60
 
 
 def _queued_flag(settings: Settings) -> str:
@@ -55,15 +59,21 @@ def pump_once(client: redis.Redis, settings: Settings, queue: Queue) -> bool:
 def _pump(settings: Settings, stop: threading.Event) -> None:
     client = connect(settings)
     queue = Queue(QUEUE, connection=client)
+    engine = make_engine(settings)
+    last_sweep = 0.0
     while not stop.wait(settings.drain_interval_ms / 1000):
         try:
             pump_once(client, settings, queue)
-        except redis.RedisError as exc:
-            log.warning("drain pump: %s", exc)
+            if time.monotonic() - last_sweep > SWEEP_SECONDS:
+                last_sweep = time.monotonic()
+                sweep(settings, engine, client)
+        except (redis.RedisError, SQLAlchemyError) as exc:
+            log.warning("pump: %s", exc)
 
 
 def run_worker(settings: Settings, burst: bool = False) -> None:
-    """An RQ worker on the civicdial queue, plus a pump that schedules stream drains."""
+    """An RQ worker on the civicdial queues, plus a pump that schedules stream drains and
+    re-enqueues outbound messages whose job was lost."""
     client = connect(settings)
     ensure_group(client, f"{settings.redis_prefix}events")
     stop = threading.Event()
@@ -74,7 +84,8 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
     else:
         pump.start()
     try:
-        Worker([QUEUE], connection=client).work(burst=burst,
-                                                logging_level=settings.log_level)
+        # Replies to people waiting first, then persistence, then bulk sends.
+        Worker([INTERACTIVE_QUEUE, QUEUE, BULK_QUEUE], connection=client).work(
+            burst=burst, logging_level=settings.log_level, with_scheduler=not burst)
     finally:
         stop.set()

@@ -22,8 +22,9 @@ import redis
 from sqlalchemy import Engine, case, delete, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from gateway.models import Answer, Interview, UssdSessionEnd
+from gateway.models import Answer, Interview, OptOut, OutboundMessage, UssdSessionEnd
 from gateway.sessions import GROUP
+from workers.outbound import enqueue_send
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,42 @@ def _insert(engine: Engine, table: Any) -> Any:
     return dialect.insert(table)
 
 
-def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> int:
-    """Write a batch of events in one transaction; repeating a batch changes nothing."""
+# How far along a message is; a delivery report never moves a message backwards
+# (callbacks arrive out of order).
+_PROGRESS = {"queued": 0, "sending": 1, "unknown": 1, "sent": 2, "delivered": 3,
+             "failed": 3, "rejected": 3, "undelivered": 3, "stopped": 3}
+
+
+def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Write a batch of events in one transaction; repeating a batch changes nothing.
+
+    Returns (id, priority) of outbound messages this batch created, to be enqueued.
+    """
     answers: dict[tuple[str, str], dict[str, Any]] = {}
+    sends: dict[str, dict[str, Any]] = {}
+    reports: list[dict[str, Any]] = []
+    optouts: dict[str, dict[str, Any]] = {}
     interviews: dict[str, dict[str, Any]] = {}
     ends: dict[str, dict[str, Any]] = {}
     withdrawn: set[str] = set()
     for e in events:
         kind = e.get("k")
+        if kind == "send":
+            sends[e["id"]] = {
+                "key": e["id"], "channel_id": e["ch"], "respondent": e["r"],
+                "recipient": e["to"], "body": e["body"], "kind": e.get("kind", "reply"),
+                "priority": e.get("prio", 0), "segments": e.get("seg", 1),
+                "status": "queued", "attempts": 0, "error": "",
+                "created_at": _ts(e["t"]), "updated_at": _ts(e["t"]),
+            }
+            continue
+        if kind == "dlr":
+            reports.append(e)
+            continue
+        if kind == "optout":
+            optouts[e["r"]] = {"respondent": e["r"], "channel_id": e.get("ch"),
+                               "at": _ts(e["t"])}
+            continue
         if kind == "ussd_end":
             ends[e["id"]] = {
                 "event_id": e["id"], "channel_id": e["ch"], "session_id": e["s"],
@@ -132,7 +161,26 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> int:
             stmt = _insert(engine, UssdSessionEnd.__table__)
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["event_id"]),
                          list(ends.values()))
-    return len(answers)
+        if optouts:
+            stmt = _insert(engine, OptOut.__table__)
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=["respondent"]),
+                         list(optouts.values()))
+        created: list[tuple[int, int]] = []
+        if sends:
+            stmt = _insert(engine, OutboundMessage.__table__).on_conflict_do_nothing(
+                index_elements=["key"]).returning(OutboundMessage.id,
+                                                  OutboundMessage.priority)
+            for row in conn.execute(stmt, list(sends.values())):
+                created.append((row[0], row[1]))
+        for report in reports:
+            behind = [s for s, rank in _PROGRESS.items() if rank < _PROGRESS[report["st"]]]
+            conn.execute(update(OutboundMessage).where(
+                OutboundMessage.channel_id == report["ch"],
+                OutboundMessage.provider_id == report["pid"],
+                OutboundMessage.status.in_(behind),
+            ).values(status=report["st"], error=report.get("err") or "",
+                     updated_at=datetime.now(UTC)))
+    return created
 
 
 def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000,
@@ -152,7 +200,11 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
             break
         ids = [entry_id for entry_id, _ in entries]
         events = [json.loads(fields[b"e"]) for _, fields in entries if fields]
-        write_events(engine, events)
+        created = write_events(engine, events)
+        # Enqueued before the ack: if we die in between, the batch is rewritten (no new
+        # rows, so nothing enqueued twice) and the sweeper finds any row left unqueued.
+        for message_id, priority in created:
+            enqueue_send(client, message_id, priority)
         pipe = client.pipeline(transaction=True)
         pipe.xack(stream, GROUP, *ids)
         pipe.xdel(stream, *ids)

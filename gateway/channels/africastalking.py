@@ -20,9 +20,11 @@ from africastalking.SMS import SMSService
 from flask import Blueprint, Response, current_app, request
 
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
+from gateway.channels.sms import Inbound, converse
 from gateway.channels.webhook import WebhookError, field, log, parse_form, phone_number
 from gateway.engine import Input, Stage, step
 from gateway.messages import message
+from gateway.phones import BadPhoneNumber, to_e164
 from gateway.registry import ChannelInfo
 from gateway.sessions import (
     ProviderSession,
@@ -42,9 +44,9 @@ def _services() -> Any:
     return current_app.extensions["civicdial"]
 
 
-def _channel(channel_key: str) -> ChannelInfo:
+def _channel(channel_key: str, kind: str = "ussd") -> ChannelInfo:
     ch = _services().registry.channel(channel_key)
-    if ch is None or ch.provider != "africastalking" or ch.kind != "ussd":
+    if ch is None or ch.provider != "africastalking" or ch.kind != kind:
         raise WebhookError(404, "unknown channel")
     return ch
 
@@ -147,6 +149,40 @@ def ussd_events(channel_key: str) -> Response:
         "cost": field(form, "cost", max_len=40, required=False),
         "err": field(form, "errorMessage", max_len=2000, required=False),
         "t": time.time(),
+    }])
+    return _text("OK")
+
+
+@bp.post("/<channel_key>/sms")
+def sms(channel_key: str) -> Response:
+    """An inbound SMS: one input to the interview; the reply goes out through the queue."""
+    ch = _channel(channel_key, "sms")
+    form = parse_form(request)
+    message_id = field(form, "id", max_len=100)
+    try:
+        phone = to_e164(field(form, "from", max_len=32), _services().settings.default_region)
+    except BadPhoneNumber as exc:
+        raise WebhookError(400, f"from: {exc}") from None
+    for optional in ("to", "date", "linkId", "networkCode"):
+        field(form, optional, max_len=100, required=False)
+    converse(_services(), ch, Inbound(phone, form.get("text", ""), message_id),
+             reply_by_queue=True)
+    return _text("OK")
+
+
+@bp.post("/<channel_key>/sms/delivery")
+def sms_delivery(channel_key: str) -> Response:
+    """Delivery report for a message we sent."""
+    ch = _channel(channel_key, "sms")
+    form = parse_form(request)
+    message_id = field(form, "id", max_len=100)
+    status = field(form, "status", max_len=30)
+    if status not in DELIVERY_STATUS:
+        raise WebhookError(400, f"unknown status {status}")
+    _services().store.append([{
+        "id": f"dlr:{ch.id}:{message_id}:{status}", "k": "dlr", "ch": ch.id,
+        "pid": message_id, "st": DELIVERY_STATUS[status],
+        "err": field(form, "failureReason", max_len=100, required=False),
     }])
     return _text("OK")
 

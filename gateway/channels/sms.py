@@ -79,6 +79,9 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
     respondent = pseudonym(settings.pseudonym_key, msg.phone)
     if len(msg.text) > MAX_BODY:
         raise WebhookError(400, f"message body is longer than {MAX_BODY} characters")
+    # Binary junk from a handset becomes an invalid answer, not a refused request.
+    msg = Inbound(msg.phone, "".join(c for c in msg.text if c >= " " or c in "\n\t"),
+                  msg.message_id)
     word = "stop" if provider_stop else keyword(msg.text, ch.keyword)
 
     for _ in range(COMMIT_ATTEMPTS):
@@ -125,8 +128,9 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
         if new_state_raw and decode_state(new_state_raw).stage is Stage.DONE:
             ttl = settings.completed_ttl
         if reply and reply_by_queue:
-            events.append(send_event(ch, respondent, msg.phone, reply,
-                                     f"reply:{ch.id}:{msg.message_id}", services.box))
+            events.append(send_event(
+                ch, respondent, msg.phone, reply, f"reply:{ch.id}:{msg.message_id}",
+                services.box, kind="optout_confirm" if word == "stop" else "reply"))
         committed = store.commit(
             campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
             session_id=f"m:{msg.message_id}", expected=loaded.state_raw, state=new_state_raw,

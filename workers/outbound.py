@@ -1,0 +1,182 @@
+"""Outbound SMS: one persisted row and one RQ job per message.
+
+A message row is written (idempotently, by key) before any attempt. A send job claims the
+row by moving it from 'queued' to 'sending' in one UPDATE, so two jobs for one message
+cannot both send. Timeouts, 5xx and 429 are retried with exponential backoff; 4xx are
+final. A worker killed during the provider call leaves the row in 'sending': it is marked
+'unknown' rather than sent again, because neither Africa's Talking nor Twilio can tell us
+whether it went out and a duplicate survey question is worse than a visible gap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from rq import Queue
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from gateway.channels import africastalking, twilio
+from gateway.channels.sending import Failure, SendError, Sent
+from gateway.config import Settings, load_settings
+from gateway.crypto import NumberBox
+from gateway.db import make_engine
+from gateway.models import Channel, OutboundMessage
+from gateway.redis_conn import connect
+from gateway.sessions import SessionStore
+
+log = logging.getLogger(__name__)
+
+INTERACTIVE_QUEUE = "civicdial-sms"  # replies: a person is waiting
+BULK_QUEUE = "civicdial-sms-bulk"  # invitations, reminders, hand-overs
+SENDERS: dict[str, Callable[[dict[str, Any], str, str], Sent]] = {
+    "africastalking": africastalking.send_sms,
+    "twilio": twilio.send_sms,
+}
+# Messages that must go out even to someone who has opted out.
+EXEMPT_FROM_OPTOUT = {"optout_confirm"}
+STALE_SENDING = timedelta(minutes=10)
+
+# Token bucket per channel, on the Redis server's clock so every worker shares it.
+_TAKE_TOKEN = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = math.ceil((1 - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], 60000)
+return wait
+"""
+
+
+def queue_for(client: redis.Redis, priority: int) -> Queue:
+    return Queue(INTERACTIVE_QUEUE if priority == 0 else BULK_QUEUE, connection=client)
+
+
+def enqueue_send(client: redis.Redis, message_id: int, priority: int,
+                 delay: float = 0.0) -> None:
+    queue = queue_for(client, priority)
+    if delay > 0:
+        queue.enqueue_in(timedelta(seconds=delay), send_message, message_id, result_ttl=0)
+    else:
+        queue.enqueue(send_message, message_id, result_ttl=0,
+                      job_id=f"send-{message_id}-{time.monotonic_ns()}")
+
+
+def wait_for_token(client: redis.Redis, prefix: str, channel_id: int, rate: float,
+                   max_wait: float = 60.0) -> None:
+    """Block until the channel's rate limit lets one more message out."""
+    if rate <= 0:
+        return
+    script = client.register_script(_TAKE_TOKEN)
+    deadline = time.monotonic() + max_wait
+    while True:
+        wait_ms = int(script(keys=[f"{prefix}rate:{channel_id}"], args=[rate, max(1.0, rate)]))
+        if wait_ms <= 0 or time.monotonic() > deadline:
+            return
+        time.sleep(wait_ms / 1000)
+
+
+def _set(engine: Engine, message_id: int, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(OutboundMessage).where(OutboundMessage.id == message_id)
+                     .values(updated_at=datetime.now(UTC), **values))
+
+
+def send_message(message_id: int) -> str:
+    """RQ job: send one queued message; returns the status it leaves the row in."""
+    settings = load_settings()
+    engine = make_engine(settings)
+    client = connect(settings)
+    try:
+        return _send(settings, engine, client, message_id)
+    finally:
+        engine.dispose()
+
+
+def _send(settings: Settings, engine: Engine, client: redis.Redis, message_id: int) -> str:
+    with Session(engine) as db:
+        row = db.get(OutboundMessage, message_id)
+        if row is None:
+            return "missing"
+        channel = db.get(Channel, row.channel_id)
+        status, attempts, priority = row.status, row.attempts, row.priority
+        db.expunge_all()
+    if status == "sending":
+        _set(engine, message_id, status="unknown",
+             error="a worker died during the provider call; not resent to avoid a duplicate")
+        return "unknown"
+    if status != "queued":
+        return status
+    if row.kind not in EXEMPT_FROM_OPTOUT and SessionStore(
+            client, settings.redis_prefix).opted_out(row.respondent):
+        _set(engine, message_id, status="stopped", error="recipient opted out (STOP)")
+        return "stopped"
+    if channel is None or channel.provider not in SENDERS:
+        _set(engine, message_id, status="failed", error="channel missing or cannot send")
+        return "failed"
+    config = json.loads(channel.config or "{}")
+    wait_for_token(client, settings.redis_prefix, channel.id,
+                   float(config.get("rate_per_second", 10)))
+    with engine.begin() as conn:
+        claimed = conn.execute(
+            update(OutboundMessage)
+            .where(OutboundMessage.id == message_id, OutboundMessage.status == "queued")
+            .values(status="sending", attempts=OutboundMessage.attempts + 1,
+                    updated_at=datetime.now(UTC))).rowcount
+    if not claimed:
+        return "taken"
+    attempts += 1
+    to = NumberBox(settings.encryption_key).open(row.recipient)
+    try:
+        sent = SENDERS[channel.provider](config, to, row.body)
+    except SendError as exc:
+        if exc.retry and attempts <= settings.send_retries:
+            _set(engine, message_id, status="queued", error=str(exc))
+            delay = settings.send_backoff_seconds * 2 ** (attempts - 1)
+            enqueue_send(client, message_id, priority, delay)
+            log.info("message %d: %s; retry %d in %.1fs", message_id, exc, attempts, delay)
+            return "queued"
+        final = "unknown" if exc.failure is Failure.BAD_RESPONSE else "failed"
+        _set(engine, message_id, status=final, error=str(exc))
+        log.warning("message %d: %s (final: %s)", message_id, exc, final)
+        return final
+    _set(engine, message_id, status=sent.status, provider_id=sent.provider_id, error="")
+    return sent.status
+
+
+def sweep(settings: Settings, engine: Engine, client: redis.Redis,
+          older_than: timedelta = timedelta(minutes=5)) -> int:
+    """Re-enqueue queued messages whose job was lost (a worker died between writing the
+    row and enqueueing), and give up on rows stuck in 'sending'."""
+    now = datetime.now(UTC)
+    with Session(engine) as db:
+        stale = db.execute(select(OutboundMessage.id, OutboundMessage.priority).where(
+            OutboundMessage.status == "queued",
+            OutboundMessage.updated_at < now - older_than)).all()
+        stuck = db.scalars(select(OutboundMessage.id).where(
+            OutboundMessage.status == "sending",
+            OutboundMessage.updated_at < now - STALE_SENDING)).all()
+    for message_id, priority in stale:
+        _set(engine, message_id, status="queued")  # touch: not swept again at once
+        enqueue_send(client, message_id, priority)
+    for message_id in stuck:
+        _set(engine, message_id, status="unknown",
+             error="stuck in sending (worker died?); not resent to avoid a duplicate")
+    return len(stale)
