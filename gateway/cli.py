@@ -79,8 +79,12 @@ def bootstrap(engine: Engine) -> Channel:
 
 
 def channel_urls(channel: Channel, base_url: str) -> dict[str, str]:
-    root = f"{base_url.rstrip('/')}/webhooks/{channel.provider}/{channel.key}/{channel.kind}"
-    return {"ussd": root, "events": f"{root}/events"}
+    root = f"{base_url.rstrip('/')}/webhooks/{channel.provider}/{channel.key}"
+    if channel.kind == "ussd":
+        return {"ussd": f"{root}/ussd", "events": f"{root}/ussd/events"}
+    if channel.provider == "twilio":
+        return {"sms": f"{root}/sms", "status": f"{root}/status"}
+    return {"sms": f"{root}/sms", "delivery": f"{root}/sms/delivery"}
 
 
 def demo_curl(url: str, address: str, text: str = "") -> str:
@@ -101,6 +105,7 @@ def main(ctx: click.Context, data_dir: str | None) -> None:
 
 
 def _settings(ctx: click.Context) -> Settings:
+    ctx = ctx.find_root()
     data_dir = ctx.obj.get("data_dir") if ctx.obj else None
     return load_settings(data_dir=data_dir) if data_dir else load_settings()
 
@@ -283,14 +288,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"events waiting in the stream (all campaigns): {report['events_waiting']}")
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--base-url", default=None,
               help="Public base URL [env CIVICDIAL_PUBLIC_BASE_URL; default "
                    "http://127.0.0.1:8000].")
 @click.pass_context
 def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
-    """List channels with the webhook URLs to give each provider."""
+    """List channels with the webhook URLs to give each provider (or: channels add)."""
+    if ctx.invoked_subcommand is not None:
+        return
     settings = _settings(ctx)
     engine = make_engine(settings)
     migrate(engine)
@@ -312,7 +319,92 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
         click.echo(f"#{item['id']} {item['provider']} {item['kind']} {item['address']} "
                    f"(campaign {item['campaign']})")
         for name, url in item["urls"].items():
-            click.echo(f"    {name:<7} {url}")
+            click.echo(f"    {name:<9} {url}")
+
+
+PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twilio", "sms")}
+
+
+@channels.command("add")
+@click.option("--provider", type=click.Choice(["africastalking", "twilio"]), required=True)
+@click.option("--kind", type=click.Choice(["ussd", "sms"]), required=True)
+@click.option("--address", required=True,
+              help="USSD service code, or the SMS short code / number people text.")
+@click.option("--campaign", "slug", default=DEFAULT_CAMPAIGN, show_default=True)
+@click.option("--config", "config_json", default="{}",
+              help='Provider settings as JSON, e.g. {"username": "...", "api_key": "...", '
+                   '"sender_id": "..."} (Africa\'s Talking) or {"account_sid": "...", '
+                   '"auth_token": "...", "from": "+1..."} (Twilio). Optional: base_url, '
+                   'rate_per_second, reply ("inline"/"queue", Twilio).')
+@click.option("--screen-limit", default=160, show_default=True, type=click.IntRange(64, 182))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slug: str,
+                 config_json: str, screen_limit: int, as_json: bool) -> None:
+    """Bind a provider channel to a campaign; prints its secret webhook URLs."""
+    if (provider, kind) not in PROVIDER_KINDS:
+        raise click.BadParameter(f"{provider} has no {kind} channel", param_hint="--kind")
+    try:
+        config = json.loads(config_json)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise click.BadParameter(f"must be a JSON object ({exc})",
+                                 param_hint="--config") from None
+    settings = _settings(ctx)
+    engine = make_engine(settings)
+    bootstrap(engine)
+    with Session(engine) as db, db.begin():
+        campaign = db.scalar(select(Campaign).where(Campaign.slug == slug))
+        if campaign is None:
+            raise click.ClickException(f"no campaign {slug!r}")
+        channel = Channel(key=secrets.token_urlsafe(18), provider=provider, kind=kind,
+                          address=address, campaign_id=campaign.id, screen_limit=screen_limit,
+                          config=json.dumps(config))
+        db.add(channel)
+        db.flush()
+        db.expunge(channel)
+    urls = channel_urls(channel, settings.public_base_url or "http://127.0.0.1:8000")
+    if as_json:
+        click.echo(json.dumps({"id": channel.id, "urls": urls}))
+        return
+    click.echo(f"channel #{channel.id}: {provider} {kind} {address} -> campaign {slug}")
+    for name, url in urls.items():
+        click.echo(f"    {name:<9} {url}")
+
+
+@main.group()
+def campaign() -> None:
+    """Campaign settings."""
+
+
+@campaign.command("set")
+@click.argument("slug")
+@click.option("--sms-keyword", default=None, help="Keyword that starts the survey by SMS.")
+@click.option("--sms-handover/--no-sms-handover", default=None,
+              help="After a dropped USSD session, offer to finish by SMS.")
+@click.option("--state", type=click.Choice(["open", "paused", "closed"]), default=None)
+@click.pass_context
+def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
+                 sms_handover: bool | None, state: str | None) -> None:
+    """Change a campaign's SMS keyword, hand-over or state."""
+    settings = _settings(ctx)
+    engine = make_engine(settings)
+    migrate(engine)
+    with Session(engine) as db, db.begin():
+        row = db.scalar(select(Campaign).where(Campaign.slug == slug))
+        if row is None:
+            raise click.ClickException(f"no campaign {slug!r}")
+        if sms_keyword is not None:
+            if not sms_keyword.strip() or " " in sms_keyword.strip():
+                raise click.BadParameter("one word", param_hint="--sms-keyword")
+            row.sms_keyword = sms_keyword.strip().upper()
+        if sms_handover is not None:
+            row.sms_handover = sms_handover
+        if state is not None:
+            row.state = state
+        click.echo(f"{row.slug}: state {row.state}, SMS keyword {row.sms_keyword}, "
+                   f"SMS hand-over {'on' if row.sms_handover else 'off'}")
 
 
 @main.group()

@@ -494,6 +494,15 @@ def _choice_number(text: str, count: int) -> int | None:
     return n - 1 if 1 <= n <= count else None
 
 
+def hand_over(questionnaire: Questionnaire, state: SessionState,
+              rules: Rules) -> tuple[SessionState, str]:
+    """Move an interview to another channel: the state it continues from there, and its
+    current question as that channel shows it (e.g. a dropped USSD session, by SMS)."""
+    moved = replace(state, stage=Stage.QUESTION, page=0, invalid=0, part_break=False)
+    screen = _Turn(questionnaire, moved, Input.answer("", state.updated), rules)
+    return moved, screen.question_screen().reply.text
+
+
 def step(questionnaire: Questionnaire, state: SessionState | None, inp: Input,
          rules: Rules = Rules()) -> Step:
     """Advance one interview by one input; pure."""

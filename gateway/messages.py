@@ -34,6 +34,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "help": "Ghana Statistical Service survey on public services (SDG 16.6.2). Free, "
                 "voluntary, no names. Text {keyword} to answer, LANG to change language, "
                 "STOP to opt out.",
+        "handover": "Your survey call was cut. You can finish here by SMS (free): reply to "
+                    "this message.",
         "intro": "Hello! Ghana Statistical Service asks about your experience of public "
                  "services. Text {keyword} to take part (free). HELP for info, STOP to opt out.",
     },
@@ -63,6 +65,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "stopped": "Wonnya nkrasɛm biara bio. Kyerɛw START na fa wo ho hyɛ mu bio.",
         "help": "Ghana Statistical Service nsɛmmisa fa aban nnwuma ho (SDG 16.6.2). Ɛyɛ kwa. "
                 "Kyerɛw {keyword} bua, KASA sesa kasa, GYAE gyae.",
+        "handover": "Wo frɛ no twae. Wobɛtumi awie ha wɔ SMS so (kwa): bua nkrasɛm yi.",
         "intro": "Akwaaba! Ghana Statistical Service pɛ sɛ wote wo nsusuwii. Kyerɛw {keyword} "
                  "fi ase. MMOA ma nkyerɛkyerɛmu, GYAE gyae.",
     },

@@ -66,6 +66,12 @@ class Registry:
         self.refresh()
         return sorted(self._channels.values(), key=lambda c: c.id)
 
+    def sms_channel(self, campaign_id: int) -> ChannelInfo | None:
+        """The campaign's first SMS channel (for hand-overs from USSD)."""
+        sms = [c for c in self._channels.values()
+               if c.campaign_id == campaign_id and c.kind == "sms"]
+        return min(sms, key=lambda c: c.id) if sms else None
+
     def refresh(self) -> None:
         with self._lock, Session(self.engine) as db:
             rows = db.execute(select(Channel, Campaign).join(

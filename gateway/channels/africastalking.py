@@ -20,9 +20,9 @@ from africastalking.SMS import SMSService
 from flask import Blueprint, Response, current_app, request
 
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
-from gateway.channels.sms import Inbound, converse
+from gateway.channels.sms import Inbound, converse, send_event
 from gateway.channels.webhook import WebhookError, field, log, parse_form, phone_number
-from gateway.engine import Input, Stage, step
+from gateway.engine import Input, Stage, hand_over, step
 from gateway.messages import message
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.registry import ChannelInfo
@@ -140,9 +140,10 @@ def ussd_events(channel_key: str) -> Response:
         raise WebhookError(400, f"status must be one of {', '.join(sorted(END_STATUSES))}")
     phone = phone_number(form, "phoneNumber") if form.get("phoneNumber") else ""
     settings = _services().settings
+    respondent = pseudonym(settings.pseudonym_key, phone) if phone else None
     _services().store.append([{
         "id": f"ussd_end:{ch.id}:{session_id}", "k": "ussd_end", "ch": ch.id, "s": session_id,
-        "r": pseudonym(settings.pseudonym_key, phone) if phone else None, "st": status,
+        "r": respondent, "st": status,
         "n": field(form, "networkCode", max_len=10, required=False),
         "d": _int_or_none(form.get("durationInMillis")),
         "h": _int_or_none(form.get("hopsCount")),
@@ -150,7 +151,38 @@ def ussd_events(channel_key: str) -> Response:
         "err": field(form, "errorMessage", max_len=2000, required=False),
         "t": time.time(),
     }])
+    if status != "Success" and respondent and ch.sms_handover:
+        _hand_over_to_sms(ch, phone, respondent, session_id)
     return _text("OK")
+
+
+def _hand_over_to_sms(ch: ChannelInfo, phone: str, respondent: str, session_id: str) -> None:
+    """The network dropped an unfinished interview: offer to finish it by SMS, once."""
+    services = _services()
+    sms = services.registry.sms_channel(ch.campaign_id)
+    if sms is None:
+        log.warning("campaign %s: sms_handover is on but it has no SMS channel",
+                    ch.campaign_slug)
+        return
+    key = f"handover:{ch.id}:{session_id}"
+    for _ in range(COMMIT_ATTEMPTS):
+        loaded = services.store.load(ch.campaign_id, respondent, sms.id, key)
+        state = loaded.state
+        if (loaded.provider is not None or loaded.opted_out or state is None
+                or not state.consented or state.stage not in (Stage.QUESTION, Stage.RESUME)):
+            return
+        form = services.registry.questionnaire(state.version)
+        moved, question = hand_over(form, state, sms.rules)
+        text = message(form.language(state.lang).code, "handover") + "\n" + question
+        if services.store.commit(
+                campaign=ch.campaign_id, respondent=respondent, channel=sms.id,
+                session_id=key, expected=loaded.state_raw, state=encode_state(moved),
+                state_ttl=sms.rules.resume_window + 60,
+                provider=ProviderSession("", text, ch.campaign_id, respondent),
+                provider_ttl=services.settings.ussd_session_ttl,
+                events=[send_event(sms, respondent, phone, text, key, services.box,
+                                   kind="handover", priority=1)]):
+            return
 
 
 @bp.post("/<channel_key>/sms")
@@ -239,7 +271,11 @@ def send_sms(config: dict[str, Any], to: str, body: str) -> Sent:
         raise SendError(Failure.REJECTED, str(exc)) from None
     except AfricasTalkingException as exc:
         raise classify_http(service.last_status, str(exc)[:300]) from None
-    except requests.RequestException as exc:
+    except requests.ReadTimeout:
+        # The request reached AT; it may have sent the SMS. Retrying could duplicate it.
+        raise SendError(Failure.BAD_RESPONSE, "timed out waiting for Africa's Talking's "
+                                              "answer; the message may have been sent") from None
+    except requests.RequestException as exc:  # never reached AT: safe to retry
         raise SendError(Failure.TEMPORARY, f"{type(exc).__name__}: {exc}"[:300]) from None
     if isinstance(resp, str):  # the SDK returns text unless content-type is exactly JSON
         try:

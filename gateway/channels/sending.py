@@ -11,7 +11,9 @@ class Failure(StrEnum):
     REJECTED = "rejected"  # the provider refused this message (4xx, bad number): no retry
     THROTTLED = "throttled"  # slow down and retry
     TEMPORARY = "temporary"  # timeout, connection error, 5xx: retry with backoff
-    BAD_RESPONSE = "bad_response"  # 2xx we cannot read: the message may be out; no retry
+    # An answer we cannot read, or none after the request reached the provider: the
+    # message may be out, so it is not retried (no duplicates); marked 'unknown'.
+    BAD_RESPONSE = "bad_response"
 
 
 RETRYABLE = {Failure.THROTTLED, Failure.TEMPORARY}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import requests
 from flask import Blueprint, Response, current_app, request
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.request_validator import RequestValidator, get_signature_algorithm
@@ -142,9 +143,11 @@ def send_sms(config: dict[str, Any], to: str, body: str) -> Sent:
         message = client.messages.create(**kwargs)
     except TwilioRestException as exc:
         raise classify_http(exc.status, f"{exc.code} {exc.msg}"[:300]) from None
-    except TwilioException as exc:  # connection errors and timeouts
-        raise SendError(Failure.TEMPORARY, str(exc)[:300]) from None
-    except OSError as exc:
+    except requests.ReadTimeout:
+        # The request reached Twilio; it may have queued the SMS. Retrying could duplicate.
+        raise SendError(Failure.BAD_RESPONSE, "timed out waiting for Twilio's answer; the "
+                                              "message may have been sent") from None
+    except (TwilioException, requests.RequestException) as exc:  # never reached Twilio
         raise SendError(Failure.TEMPORARY, f"{type(exc).__name__}: {exc}"[:300]) from None
     if not message.sid:
         raise SendError(Failure.BAD_RESPONSE, "no sid in Twilio's answer")
