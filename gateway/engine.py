@@ -131,6 +131,7 @@ class Step:
 
 
 _INT = re.compile(r"^[+-]?\d+$")
+_ASIDE = re.compile(r"\([^)]*\)")
 _DEC = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 
@@ -438,16 +439,20 @@ class _Turn:
         return self.question_screen()
 
     def choice_by_label(self, question: Question, text: str) -> int | None:
-        """An option typed out ('Agree', 'agree.', 'Yɛ'), in the session's language or the
-        form's default, ignoring case, accents and surrounding punctuation."""
+        """An option typed out ('Agree', 'agree.', 'Urban' for 'Urban (town/city)'), in the
+        session's language or the form's default, ignoring case, accents, punctuation
+        and a parenthesised aside; or the choice's own name."""
         typed = _normal(text)
         if not typed:
             return None
         for lang in (self.state.lang, self.q.default_language):
             for i, choice in enumerate(question.choices):
                 label = choice.labels.get(lang)
-                if label and _normal(label) == typed:
+                if label and typed in (_normal(label), _normal(_ASIDE.sub("", label))):
                     return i
+        for i, choice in enumerate(question.choices):
+            if _normal(choice.name) == typed:
+                return i
         return None
 
     def parse(self, question: Question, text: str) -> tuple[str | None, str]:

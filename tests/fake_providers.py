@@ -1,0 +1,132 @@
+"""A local HTTP server standing in for Africa's Talking's and Twilio's send APIs.
+
+It speaks their wire formats (AT: form POST /version1/messaging -> SMSMessageData JSON;
+Twilio: form POST /2010-04-01/Accounts/<sid>/Messages.json -> message JSON), records
+what it accepted, and can be told to fail some requests the way real providers do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+
+@dataclass
+class FakeProvider:
+    base_url: str = ""
+    accepted: list[dict[str, str]] = field(default_factory=list)
+    requests: int = 0
+    # Share of requests answered 503 before anything is recorded (a transient outage).
+    fail_rate: float = 0.0
+    # Numbers the provider rejects with a 4xx.
+    reject: set[str] = field(default_factory=set)
+    seed: int = 1662
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._ids = itertools.count(1)
+
+    def bodies_to(self, number: str) -> list[str]:
+        with self.lock:
+            return [m["body"] for m in self.accepted if m["to"] == number]
+
+    def decide(self, to: str) -> str:
+        with self.lock:
+            self.requests += 1
+            if to in self.reject:
+                return "reject"
+            if self._rng.random() < self.fail_rate:
+                return "fail"
+            return "ok"
+
+    def record(self, to: str, body: str, sender: str) -> str:
+        with self.lock:
+            message_id = f"{next(self._ids):06d}"
+            self.accepted.append({"to": to, "body": body, "from": sender, "id": message_id})
+            return message_id
+
+
+def _handler(fake: FakeProvider) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep test output quiet
+            pass
+
+        def _reply(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            length = int(self.headers.get("Content-Length") or 0)
+            form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+            if self.path == "/version1/messaging":
+                self._africastalking(form)
+            elif self.path.startswith("/2010-04-01/Accounts/") and self.path.endswith(
+                    "/Messages.json"):
+                self._twilio(form)
+            else:
+                self._reply(404, {"error": "no such endpoint"})
+
+        def _africastalking(self, form: dict[str, str]) -> None:
+            if self.headers.get("apiKey") != "at-key" or form.get("username") != "sandbox":
+                self._reply(401, {"error": "The supplied authentication is invalid"})
+                return
+            to = form.get("to", "")
+            verdict = fake.decide(to)
+            if verdict == "fail":
+                self._reply(503, {"error": "Service Unavailable"})
+                return
+            if verdict == "reject":
+                self._reply(201, {"SMSMessageData": {"Message": "Sent to 0/1", "Recipients": [
+                    {"statusCode": 403, "number": to, "status": "InvalidPhoneNumber",
+                     "cost": "0", "messageId": "None"}]}})
+                return
+            message_id = fake.record(to, form.get("message", ""), form.get("from", ""))
+            self._reply(201, {"SMSMessageData": {"Message": "Sent to 1/1 Total Cost: GHS 0.03",
+                                                 "Recipients": [{
+                                                     "statusCode": 101, "number": to,
+                                                     "status": "Success", "cost": "GHS 0.03",
+                                                     "messageId": f"ATXid_{message_id}"}]}})
+
+        def _twilio(self, form: dict[str, str]) -> None:
+            to = form.get("To", "")
+            verdict = fake.decide(to)
+            if verdict == "fail":
+                self._reply(503, {"code": 20500, "message": "Service unavailable",
+                                  "status": 503})
+                return
+            if verdict == "reject":
+                self._reply(400, {"code": 21211, "message": f"Invalid 'To' Phone Number: {to}",
+                                  "status": 400})
+                return
+            message_id = fake.record(to, form.get("Body", ""), form.get("From", ""))
+            self._reply(201, {"sid": f"SM{message_id:0>32}", "status": "queued", "to": to,
+                              "from": form.get("From"), "body": form.get("Body"),
+                              "num_segments": "1", "direction": "outbound-api"})
+
+    return Handler
+
+
+@contextmanager
+def fake_provider(**options: object) -> Iterator[FakeProvider]:
+    fake = FakeProvider(**options)  # type: ignore[arg-type]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    fake.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()

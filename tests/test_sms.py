@@ -1,0 +1,473 @@
+"""SMS surveys over Africa's Talking and Twilio: real payloads, signatures, the outbound
+queue against a local fake provider, keywords, hand-over from USSD."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import urlencode
+
+import pytest
+import redis
+from fake_providers import FakeProvider, fake_provider
+from flask import Flask
+from flask.testing import FlaskClient
+from rq import SimpleWorker
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session
+from twilio.request_validator import RequestValidator
+
+from gateway.crypto import NumberBox
+from gateway.models import Answer, Campaign, Channel, Interview, OptOut, OutboundMessage
+from gateway.segments import count_segments
+from gateway.sessions import SessionStore, pseudonym
+from workers.jobs import QUEUE
+from workers.outbound import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
+from workers.persist import drain
+
+FORM = "application/x-www-form-urlencoded"
+PHONE = "+233241234567"
+TWILIO_TOKEN = "tw-auth-token"
+TWILIO_SID = "AC" + "a" * 32
+
+
+@dataclass(frozen=True)
+class SmsChannels:
+    at: Channel
+    tw: Channel
+    fake: FakeProvider
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProvider]:
+    with fake_provider() as provider:
+        yield provider
+
+
+def add_channel(engine: Engine, provider: str, address: str, config: dict) -> Channel:
+    with Session(engine) as db, db.begin():
+        campaign = db.scalar(select(Campaign))
+        assert campaign is not None
+        ch = Channel(key=f"{provider}-key-{address.strip('+')}", provider=provider, kind="sms",
+                     address=address, campaign_id=campaign.id, config=json.dumps(config))
+        db.add(ch)
+        db.flush()
+        db.expunge(ch)
+    return ch
+
+
+@pytest.fixture
+def sms(engine: Engine, channel: Channel, fake: FakeProvider, app: Flask,
+        env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> SmsChannels:
+    at = add_channel(engine, "africastalking", "1662", {
+        "username": "sandbox", "api_key": "at-key", "sender_id": "GSS",
+        "base_url": fake.base_url, "rate_per_second": 0})
+    tw = add_channel(engine, "twilio", "+15005550006", {
+        "account_sid": TWILIO_SID, "auth_token": TWILIO_TOKEN, "from": "+15005550006",
+        "base_url": fake.base_url, "rate_per_second": 0})
+    app.extensions["civicdial"].registry.refresh()
+    # Send jobs read their settings from the environment, as in a worker process.
+    for name, value in {**env, "CIVICDIAL_SEND_BACKOFF_SECONDS": "0"}.items():
+        monkeypatch.setenv(name, value)
+    return SmsChannels(at, tw, fake)
+
+
+def work(engine: Engine, client: redis.Redis) -> None:
+    """What `civicdial worker` does, in-process: persist events, then send."""
+    for _ in range(20):  # bounded: retries re-enqueue, drains may create sends
+        drain(client, engine, "cd:events")
+        SimpleWorker([INTERACTIVE_QUEUE, QUEUE, BULK_QUEUE], connection=client).work(
+            burst=True, logging_level="WARNING")
+        if client.xlen("cd:events") == 0 and all(
+                client.llen(f"rq:queue:{q}") == 0 for q in (INTERACTIVE_QUEUE, BULK_QUEUE)):
+            return
+
+
+def at_sms(client: FlaskClient, ch: Channel, text: str, msg_id: str,
+           phone: str = PHONE) -> tuple[int, str]:
+    resp = client.post(f"/webhooks/africastalking/{ch.key}/sms", content_type=FORM,
+                       data=urlencode({"from": phone, "to": "1662", "text": text,
+                                       "date": "2026-11-25 12:00:00", "id": msg_id,
+                                       "linkId": "", "networkCode": "62001"}))
+    return resp.status_code, resp.get_data(as_text=True)
+
+
+def twilio_form(body: str, sid: str, phone: str = PHONE, **extra: str) -> dict[str, str]:
+    return {"ToCountry": "US", "SmsMessageSid": sid, "NumMedia": "0", "SmsSid": sid,
+            "SmsStatus": "received", "Body": body, "To": "+15005550006", "NumSegments": "1",
+            "MessageSid": sid, "AccountSid": TWILIO_SID, "From": phone, "ApiVersion":
+            "2010-04-01", "FromCountry": "GH", **extra}
+
+
+def signed_post(client: FlaskClient, path: str, form: dict[str, str],
+                signature: str | None = "valid", base: str = "http://localhost") -> tuple[int, str]:
+    headers = {}
+    if signature == "valid":
+        headers["X-Twilio-Signature"] = RequestValidator(TWILIO_TOKEN).compute_signature(
+            base + path, form)
+    elif signature is not None:
+        headers["X-Twilio-Signature"] = signature
+    resp = client.post(path, data=urlencode(form), content_type=FORM, headers=headers)
+    return resp.status_code, resp.get_data(as_text=True)
+
+
+def tw_sms(client: FlaskClient, ch: Channel, body: str, sid: str,
+           phone: str = PHONE) -> tuple[int, str]:
+    return signed_post(client, f"/webhooks/twilio/{ch.key}/sms", twilio_form(body, sid, phone))
+
+
+def twiml_text(body: str) -> str:
+    import xml.etree.ElementTree as ET
+
+    node = ET.fromstring(body).find("Message")
+    return "" if node is None else (node.text or "")
+
+
+# -- Africa's Talking inbound: the provider's exact payloads -----------------------------
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    body: str | bytes
+    status: int
+    contains: str = ""
+    path: str = "sms"
+
+
+AT_CASES = [
+    Case("keyword starts the survey", urlencode({"from": PHONE, "to": "1662", "text": "SURVEY",
+                                                 "date": "2026-11-25 12:00:00", "id": "m1",
+                                                 "linkId": "", "networkCode": "62001"}),
+         200, "OK"),
+    Case("lower-case keyword, no linkId", urlencode({"from": PHONE, "to": "1662",
+                                                     "text": " survey ", "id": "m2"}), 200, "OK"),
+    Case("local number format", urlencode({"from": "0241234567", "text": "HELP", "id": "m3"}),
+         200, "OK"),
+    Case("missing id", urlencode({"from": PHONE, "text": "SURVEY"}), 400, "missing field id"),
+    Case("missing from", urlencode({"id": "m4", "text": "SURVEY"}), 400, "missing field from"),
+    Case("sender not a number", urlencode({"from": "MTN-PROMO", "text": "x", "id": "m5"}), 400,
+         "from:"),
+    Case("body over 1600 characters", urlencode({"from": PHONE, "text": "x" * 1601, "id": "m6"}),
+         400, "longer than 1600"),
+    Case("non-UTF-8 body", b"from=%2B233241234567&id=m7&text=%FF", 400, "UTF-8"),
+    Case("delivery report", urlencode({"id": "ATXid_1", "status": "Success",
+                                       "phoneNumber": PHONE, "networkCode": "62001",
+                                       "retryCount": "0"}), 200, "OK", "sms/delivery"),
+    Case("failed delivery report", urlencode({"id": "ATXid_2", "status": "Failed",
+                                              "phoneNumber": PHONE, "failureReason":
+                                              "UserInBlackList", "retryCount": "1"}),
+         200, "OK", "sms/delivery"),
+    Case("delivery report, unknown status", urlencode({"id": "ATXid_3", "status": "Lost"}), 400,
+         "unknown status", "sms/delivery"),
+]
+
+
+@pytest.mark.parametrize("case", AT_CASES, ids=lambda c: c.label)
+def test_africastalking_incoming(client: FlaskClient, sms: SmsChannels, case: Case) -> None:
+    """Each AT SMS payload gets the status the provider expects, never a 500."""
+    resp = client.post(f"/webhooks/africastalking/{sms.at.key}/{case.path}", data=case.body,
+                       content_type=FORM)
+    assert resp.status_code == case.status
+    assert case.contains in resp.get_data(as_text=True)
+
+
+def test_sms_to_a_ussd_channel_key_is_404(client: FlaskClient, sms: SmsChannels,
+                                          channel: Channel) -> None:
+    """A channel key only works on its own kind of endpoint."""
+    resp = client.post(f"/webhooks/africastalking/{channel.key}/sms", content_type=FORM,
+                       data=urlencode({"from": PHONE, "text": "SURVEY", "id": "m1"}))
+    assert resp.status_code == 404
+
+
+# -- Twilio inbound: signatures ---------------------------------------------------------
+
+TWILIO_CASES = [
+    ("valid signature", "valid", 200),
+    ("missing signature", None, 403),
+    ("wrong signature", "AAAAAAAAAAAAAAAAAAAAAAAAAAA=", 403),
+    ("signature of another token", RequestValidator("other").compute_signature(
+        "http://localhost/x", {}), 403),
+]
+
+
+@pytest.mark.parametrize("label,signature,status", TWILIO_CASES, ids=[c[0] for c in TWILIO_CASES])
+def test_twilio_signature(client: FlaskClient, sms: SmsChannels, redis_client: redis.Redis,
+                          label: str, signature: str | None, status: int) -> None:
+    """Only correctly signed requests change anything."""
+    code, body = signed_post(client, f"/webhooks/twilio/{sms.tw.key}/sms",
+                             twilio_form("SURVEY", "SM1"), signature)
+    assert code == status
+    if status == 403:
+        assert redis_client.keys("cd:st:*") == []
+        assert redis_client.xlen("cd:events") == 0
+    else:
+        assert twiml_text(body).startswith("Language / Kasa:")
+
+
+def test_twilio_signature_uses_public_url_behind_proxy(
+        client: FlaskClient, sms: SmsChannels, app: Flask) -> None:
+    """Behind a proxy, the URL Twilio signed is the configured public one."""
+    services = app.extensions["civicdial"]
+    services.settings = services.settings.with_(public_base_url="https://gw.example.org")
+    path = f"/webhooks/twilio/{sms.tw.key}/sms"
+    assert signed_post(client, path, twilio_form("SURVEY", "SM1"))[0] == 403
+    assert signed_post(client, path, twilio_form("SURVEY", "SM2"),
+                       base="https://gw.example.org")[0] == 200
+
+
+def test_twilio_tampered_body_is_refused(client: FlaskClient, sms: SmsChannels) -> None:
+    """A signature over one body does not cover another."""
+    path = f"/webhooks/twilio/{sms.tw.key}/sms"
+    form = twilio_form("SURVEY", "SM1")
+    signature = RequestValidator(TWILIO_TOKEN).compute_signature("http://localhost" + path, form)
+    form["Body"] = "STOP"
+    resp = client.post(path, data=urlencode(form), content_type=FORM,
+                       headers={"X-Twilio-Signature": signature})
+    assert resp.status_code == 403
+
+
+# -- conversations ----------------------------------------------------------------------
+
+# language, consent, sex, age, region (by number), urban, income, WG-SS x6, health yes,
+# 5 attributes + overall, primary no, secondary no, government no, improve
+ANSWERS = ["1", "1", "Female", "3", "2", "urban", "2", "1", "No difficulty", "1", "1", "1",
+           "1", "yes", "agree", "1", "2", "3", "Strongly Agree.", "2", "2", "2", "2",
+           "Clean water at the clinic"]
+
+
+def test_full_interview_by_sms_on_twilio(client: FlaskClient, sms: SmsChannels,
+                                         engine: Engine, redis_client: redis.Redis) -> None:
+    """A citizen completes the questionnaire by Twilio SMS, answering by number or label."""
+    code, body = tw_sms(client, sms.tw, "SURVEY", "SM0")
+    for n, answer in enumerate(ANSWERS, start=1):
+        code, body = tw_sms(client, sms.tw, answer, f"SM{n}")
+        assert code == 200
+        text = twiml_text(body)
+        assert "Invalid" not in text and "reply with a number" not in text, (answer, text)
+    assert text.startswith("Thank you! Your answers are recorded")
+    work(engine, redis_client)
+    with Session(engine) as db:
+        interview = db.scalar(select(Interview))
+        assert interview is not None and interview.status == "completed"
+        got = dict(db.execute(select(Answer.question, Answer.value)).all())
+    assert got["sex"] == "female" and got["urban"] == "urban" and got["h_acc"] == "a"
+    assert got["wg_hear"] == "none" and got["h_used"] == "yes" and got["h_court"] == "sa"
+    assert got["improve"] == "Clean water at the clinic"
+    assert len(got) == 23
+
+
+def test_full_interview_by_sms_on_africastalking(client: FlaskClient, sms: SmsChannels,
+                                                 engine: Engine,
+                                                 redis_client: redis.Redis) -> None:
+    """Over AT every reply goes through the outbound queue to the provider's API."""
+    at_sms(client, sms.at, "SURVEY", "m0")
+    work(engine, redis_client)
+    assert sms.fake.bodies_to(PHONE)[-1].startswith("Language / Kasa:")
+    for n, answer in enumerate(ANSWERS, start=1):
+        assert at_sms(client, sms.at, answer, f"m{n}") == (200, "OK")
+        work(engine, redis_client)
+        assert len(sms.fake.bodies_to(PHONE)) == n + 1, answer
+    assert sms.fake.bodies_to(PHONE)[-1].startswith("Thank you! Your answers are recorded")
+    assert {m["from"] for m in sms.fake.accepted} == {"GSS"}
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(Answer)) == 23
+        statuses = db.scalars(select(OutboundMessage.status)).all()
+        assert set(statuses) == {"sent"} and len(statuses) == len(ANSWERS) + 1
+        # The number is stored encrypted, and only where sending needs it.
+        row = db.scalars(select(OutboundMessage)).first()
+        assert row is not None and PHONE not in row.recipient
+
+
+def test_provider_redelivery_is_processed_once(client: FlaskClient, sms: SmsChannels,
+                                               engine: Engine,
+                                               redis_client: redis.Redis) -> None:
+    """The same message id twice: one state change, one reply sent."""
+    at_sms(client, sms.at, "SURVEY", "m0")
+    at_sms(client, sms.at, "1", "m1")
+    state = redis_client.get(next(iter(redis_client.scan_iter("cd:st:*"))))
+    assert at_sms(client, sms.at, "1", "m1") == (200, "OK")
+    assert redis_client.get(next(iter(redis_client.scan_iter("cd:st:*")))) == state
+    work(engine, redis_client)
+    assert len(sms.fake.bodies_to(PHONE)) == 2
+    first = tw_sms(client, sms.tw, "SURVEY", "SMdup", phone="+233201111111")
+    assert tw_sms(client, sms.tw, "SURVEY", "SMdup", phone="+233201111111") == first
+
+
+def test_keywords_help_lang_and_invalid_hint(client: FlaskClient, sms: SmsChannels) -> None:
+    """HELP says who and how to stop; LANG switches language mid-question; a wrong answer
+    gets a hint with the valid range."""
+    assert "Text SURVEY to take part" in twiml_text(tw_sms(client, sms.tw, "hello", "S1")[1])
+    assert "STOP" in twiml_text(tw_sms(client, sms.tw, "HELP", "S2")[1])
+    tw_sms(client, sms.tw, "SURVEY", "S3")
+    tw_sms(client, sms.tw, "1", "S4")
+    consent = twiml_text(tw_sms(client, sms.tw, "maybe", "S5")[1])
+    assert consent.startswith("Please reply with a number from 1 to 2.")
+    assert twiml_text(tw_sms(client, sms.tw, "LANG", "S6")[1]).startswith("Language / Kasa")
+    twi = twiml_text(tw_sms(client, sms.tw, "2", "S7")[1])
+    assert twi.startswith("Ghana Statistical Service bisa")
+    assert "ɛ" in twi  # SMS keeps Twi letters (USSD folds them)
+    assert twiml_text(tw_sms(client, sms.tw, "aane, mepene so", "S8")[1]).startswith("Woyɛ ɔbaa")
+
+
+def test_stop_is_respected_by_later_messages(client: FlaskClient, sms: SmsChannels,
+                                             engine: Engine, redis_client: redis.Redis,
+                                             settings) -> None:  # type: ignore[no-untyped-def]
+    """After STOP (confirmed once), an invitation to that number is never sent; START
+    opts back in."""
+    at_sms(client, sms.at, "SURVEY", "m0")
+    work(engine, redis_client)
+    at_sms(client, sms.at, "STOP", "m1")
+    at_sms(client, sms.at, "STOP", "m2")  # confirmed once only
+    at_sms(client, sms.at, "1", "m3")  # ignored while opted out
+    work(engine, redis_client)
+    bodies = sms.fake.bodies_to(PHONE)
+    assert len(bodies) == 2 and bodies[1].startswith("You will get no more messages")
+    respondent = pseudonym(settings.pseudonym_key, PHONE)
+    with Session(engine) as db, db.begin():
+        assert db.get(OptOut, respondent) is not None
+        db.add(OutboundMessage(key="invite:1", channel_id=sms.at.id, respondent=respondent,
+                               recipient=NumberBox(settings.encryption_key).seal(PHONE),
+                               body="Please take our survey", kind="invitation", priority=1))
+    sweep(settings, engine, redis_client, older_than=timedelta(0))
+    work(engine, redis_client)
+    with Session(engine) as db:
+        assert db.scalar(select(OutboundMessage.status).where(
+            OutboundMessage.key == "invite:1")) == "stopped"
+    assert len(sms.fake.bodies_to(PHONE)) == 2
+    at_sms(client, sms.at, "START", "m4")
+    work(engine, redis_client)
+    assert sms.fake.bodies_to(PHONE)[-1].startswith("Language / Kasa")
+
+
+def test_twilio_advanced_opt_out_is_recorded_without_reply(
+        client: FlaskClient, sms: SmsChannels, redis_client: redis.Redis) -> None:
+    """Twilio answers STOP itself: we record the opt-out and reply nothing."""
+    code, body = signed_post(client, f"/webhooks/twilio/{sms.tw.key}/sms",
+                             twilio_form("STOP", "SM9", OptOutType="STOP"))
+    assert code == 200 and twiml_text(body) == ""
+    assert SessionStore(redis_client).opted_out(
+        next(k.decode().split(":")[-1] for k in redis_client.scan_iter("cd:optout:*")))
+
+
+def test_ussd_session_dropped_continues_by_sms(client: FlaskClient, sms: SmsChannels,
+                                               channel: Channel, engine: Engine,
+                                               redis_client: redis.Redis) -> None:
+    """With hand-over on, an Incomplete USSD session gets an SMS with the current question;
+    the answers by SMS complete the same interview."""
+    with engine.begin() as conn:
+        conn.execute(update(Campaign).values(sms_handover=True))
+    client.application.extensions["civicdial"].registry.refresh()
+    ussd = f"/webhooks/africastalking/{channel.key}/ussd"
+    for text in ("", "1", "1*1", "1*1*2"):  # English, consent, sex: now at age
+        client.post(ussd, content_type=FORM, data={
+            "sessionId": "U1", "serviceCode": "*920*16#", "phoneNumber": PHONE,
+            "networkCode": "62001", "text": text})
+    events = {"sessionId": "U1", "serviceCode": "*920*16#", "phoneNumber": PHONE,
+              "networkCode": "62001", "status": "Incomplete", "durationInMillis": "30000",
+              "hopsCount": "4", "input": "1*1*2", "lastAppResponse": "CON How old are you?",
+              "date": "2026-11-25 12:00:00", "cost": "GHS 0.05"}
+    client.post(f"{ussd}/events", data=events, content_type=FORM)
+    client.post(f"{ussd}/events", data=events, content_type=FORM)  # AT retries: one SMS
+    work(engine, redis_client)
+    (handover,) = sms.fake.bodies_to(PHONE)
+    assert handover.startswith("Your survey call was cut.")
+    assert "How old are you?\n1 Under 18\n2 18-24" in handover
+    for n, answer in enumerate(ANSWERS[3:], start=1):
+        at_sms(client, sms.at, answer, f"h{n}")
+    work(engine, redis_client)
+    assert sms.fake.bodies_to(PHONE)[-1].startswith("Thank you! Your answers are recorded")
+    with Session(engine) as db:
+        interviews = db.scalars(select(Interview)).all()
+        assert [(i.status, i.channel_id) for i in interviews] == [("completed", channel.id)]
+        assert db.scalar(select(func.count()).select_from(Answer)) == 23
+
+
+# -- outbound queue ---------------------------------------------------------------------
+
+def queue_messages(engine: Engine, settings, channel: Channel, n: int,  # type: ignore[no-untyped-def]
+                   prefix: str = "+23320") -> list[str]:
+    box = NumberBox(settings.encryption_key)
+    numbers = [f"{prefix}{i:07d}" for i in range(n)]
+    with Session(engine) as db, db.begin():
+        for i, number in enumerate(numbers):
+            db.add(OutboundMessage(key=f"bulk:{i}", channel_id=channel.id,
+                                   respondent=f"r{i}", recipient=box.seal(number),
+                                   body=f"Message {i}", kind="invitation", priority=1))
+    return numbers
+
+
+@pytest.mark.parametrize("provider", ["africastalking", "twilio"])
+def test_outbound_survives_a_flaky_provider(sms: SmsChannels, engine: Engine,
+                                            redis_client: redis.Redis, settings,  # type: ignore[no-untyped-def]
+                                            provider: str) -> None:
+    """30% of requests fail with 503: every message still arrives exactly once; a number
+    the provider rejects (4xx) fails without retries."""
+    sms.fake.fail_rate = 0.3
+    ch = sms.at if provider == "africastalking" else sms.tw
+    numbers = queue_messages(engine, settings, ch, 40)
+    sms.fake.reject.add(numbers[7])
+    sweep(settings, engine, redis_client, older_than=timedelta(0))
+    work(engine, redis_client)
+    received = [m["to"] for m in sms.fake.accepted]
+    assert sorted(received) == sorted(n for n in numbers if n != numbers[7])
+    assert sms.fake.requests > len(received)  # failures happened and were retried
+    with Session(engine) as db:
+        rows = {r.key: r for r in db.scalars(select(OutboundMessage))}
+    assert rows["bulk:7"].status == "failed" and rows["bulk:7"].attempts == 1
+    assert {r.status for k, r in rows.items() if k != "bulk:7"} == {"sent"}
+    assert all(r.provider_id for k, r in rows.items() if k != "bulk:7")
+
+
+def test_delivery_reports_update_messages_in_order(client: FlaskClient, sms: SmsChannels,
+                                                   engine: Engine, redis_client: redis.Redis,
+                                                   settings) -> None:  # type: ignore[no-untyped-def]
+    """Reports arriving out of order never move a message backwards."""
+    queue_messages(engine, settings, sms.tw, 1)
+    sweep(settings, engine, redis_client, older_than=timedelta(0))
+    work(engine, redis_client)
+    with Session(engine) as db:
+        sid = db.scalar(select(OutboundMessage.provider_id))
+    path = f"/webhooks/twilio/{sms.tw.key}/status"
+    base = {"MessageSid": sid, "AccountSid": TWILIO_SID, "From": "+15005550006",
+            "To": "+233200000000", "ApiVersion": "2010-04-01"}
+    assert signed_post(client, path, {**base, "MessageStatus": "delivered",
+                                      "RawDlrDoneDate": "2611251200"})[0] == 204
+    assert signed_post(client, path, {**base, "MessageStatus": "sent"})[0] == 204
+    assert signed_post(client, path, {**base, "MessageStatus": "sent"}, signature="bad")[0] == 403
+    work(engine, redis_client)
+    with Session(engine) as db:
+        assert db.scalar(select(OutboundMessage.status)) == "delivered"
+
+
+SEGMENTS = [
+    ("plain English", "Overall, how satisfied were you?", "GSM-7", 1),
+    ("160 GSM characters", "x" * 160, "GSM-7", 1),
+    ("161 GSM characters", "x" * 161, "GSM-7", 2),
+    ("extension characters count double", "{" * 81, "GSM-7", 2),
+    ("Twi letter forces UCS-2", "Wo ho tɛn?", "UCS-2", 1),
+    ("71 UCS-2 characters", "ɛ" * 71, "UCS-2", 2),
+    ("emoji", "👍" * 35, "UCS-2", 1),
+]
+
+
+@pytest.mark.parametrize("text,encoding,segments", [c[1:] for c in SEGMENTS],
+                         ids=[c[0] for c in SEGMENTS])
+def test_segments(text: str, encoding: str, segments: int) -> None:
+    """Segment counts follow GSM 03.38 (160/153) and UCS-2 (70/67)."""
+    count = count_segments(text)
+    assert (count.encoding, count.segments) == (encoding, segments)
+
+
+def test_opt_out_check_happens_at_send_time(sms: SmsChannels, engine: Engine,
+                                            redis_client: redis.Redis, settings) -> None:  # type: ignore[no-untyped-def]
+    """A message queued before STOP is not sent after it."""
+    numbers = queue_messages(engine, settings, sms.at, 1)
+    redis_client.set(f"cd:optout:{pseudonym(settings.pseudonym_key, numbers[0])}", "1")
+    with Session(engine) as db, db.begin():
+        db.execute(update(OutboundMessage).values(
+            respondent=pseudonym(settings.pseudonym_key, numbers[0])))
+    sweep(settings, engine, redis_client, older_than=timedelta(0))
+    work(engine, redis_client)
+    assert sms.fake.accepted == []
