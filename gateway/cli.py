@@ -22,9 +22,12 @@ from sqlalchemy.orm import Session
 
 from gateway.config import Settings, load_settings
 from gateway.db import make_engine, migrate
+from gateway.engine import Rules, longest_path_screens
 from gateway.models import Answer, Campaign, Channel, Interview, QuestionnaireVersion
 from gateway.questionnaire import FormError, Questionnaire, load_questionnaire
 from gateway.redis_conn import connect, stop_embedded
+from gateway.registry import Registry
+from gateway.segments import interview_cost
 from gateway.sessions import SessionStore
 
 DEFAULT_CAMPAIGN = "sdg1662"
@@ -237,6 +240,8 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
             select(Answer.campaign_id, func.count()).where(Answer.value.is_not(None))
             .group_by(Answer.campaign_id)).all())
     waiting = _waiting_by_campaign(store)
+    costs = {c.questionnaire_version: _sms_cost(engine, c.questionnaire_version)
+             for c in campaigns}
     return {
         "campaigns": [{
             "id": c.id, "slug": c.slug, "name": c.name, "state": c.state,
@@ -246,9 +251,20 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
             "declined": counts.get((c.id, "declined"), 0),
             "answers_stored": answers.get(c.id, 0),
             "events_waiting": waiting.get(c.id, 0),
+            "sms_segments_per_interview": costs[c.questionnaire_version],
         } for c in campaigns],
         "events_waiting": store.waiting(),
     }
+
+
+def _sms_cost(engine: Engine, version: str) -> dict[str, dict[str, int]]:
+    """Segments we send in an SMS interview that is asked everything, per language: as
+    written, and with Twi letters folded to GSM-7 (channel config "fold": true)."""
+    form = Registry(engine).questionnaire(version)
+    return {lang.key: {
+        "as_written": interview_cost(longest_path_screens(form, lang.key, Rules.sms())),
+        "folded": interview_cost(longest_path_screens(form, lang.key, Rules.sms(fold=True))),
+    } for lang in form.languages}
 
 
 def _waiting_by_campaign(store: SessionStore) -> Counter[int]:

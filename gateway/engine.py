@@ -75,12 +75,13 @@ class Rules:
 
     @classmethod
     def sms(cls, keyword: str = "SURVEY", max_invalid: int = 3,
-            resume_window: int = 24 * 3600) -> Rules:
-        """SMS: no screen budget (no operator cuts the conversation), no paging, no folding
-        (Twi letters are kept; they cost UCS-2 segments, counted by gateway.segments)."""
+            resume_window: int = 24 * 3600, fold: bool = False) -> Rules:
+        """SMS: no screen budget (no operator cuts the conversation), no paging. Twi letters
+        are kept unless `fold`: they make a message UCS-2 (70 characters a segment instead
+        of 160), which roughly doubles the cost of a Twi interview."""
         return cls(kind="sms", screen_limit=1600, budget_seconds=10**9, budget_screens=10**9,
                    resume_window=resume_window, max_invalid=max_invalid, dial=keyword,
-                   fold=False)
+                   fold=fold)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,11 @@ class _Turn:
 
     def msg(self, key: str, **values: object) -> str:
         return message(self.code, key, **values)
+
+    def bad_choice(self, options: int) -> str:
+        if self.rules.kind == "sms":  # room for a hint; a USSD screen has none
+            return self.msg("invalid_choice_range", n=options)
+        return self.msg("invalid_choice")
 
     def again(self) -> str:
         """How to come back: 'Dial *920*16#' or 'Text SURVEY'."""
@@ -361,7 +367,7 @@ class _Turn:
         if s.stage is Stage.LANGUAGE:
             n = _choice_number(text, len(self.q.languages))
             if n is None:
-                return self.invalid(self.msg("invalid_choice"))
+                return self.invalid(self.bad_choice(len(self.q.languages)))
             self.state = replace(s, lang=self.q.languages[n].key, invalid=0)
             if s.consented:  # a switch mid-interview: repeat the current question
                 self.state = replace(self.state, stage=Stage.QUESTION, page=0)
@@ -374,7 +380,7 @@ class _Turn:
             if text == "2":
                 self.emit("abandoned")
                 return self.start_interview()
-            return self.invalid(self.msg("invalid_choice"))
+            return self.invalid(self.bad_choice(2))
         return self.on_answer(text)
 
     def on_answer(self, text: str) -> Step:
@@ -461,9 +467,7 @@ class _Turn:
             if n is None:
                 n = self.choice_by_label(question, text)
             if n is None:
-                if self.rules.kind == "sms":  # room for a hint; a USSD screen has none
-                    return None, self.msg("invalid_choice_range", n=len(question.choices))
-                return None, self.msg("invalid_choice")
+                return None, self.bad_choice(len(question.choices))
             return question.choices[n].name, ""
         if question.type == "select_multiple":
             tokens = re.split(r"[\s,*#]+", text.strip())
@@ -506,6 +510,24 @@ def hand_over(questionnaire: Questionnaire, state: SessionState,
     moved = replace(state, stage=Stage.QUESTION, page=0, invalid=0, part_break=False)
     screen = _Turn(questionnaire, moved, Input.answer("", state.updated), rules)
     return moved, screen.question_screen().reply.text
+
+
+def longest_path_screens(questionnaire: Questionnaire, lang: str,
+                         rules: Rules) -> list[str]:
+    """Every screen of an interview that is asked every question (all services used),
+    as `rules` render them: what an SMS interview costs at most."""
+    state = SessionState(version=questionnaire.version, interview="", stage=Stage.QUESTION,
+                         lang=lang, consented=True)
+    screens = []
+    for question in questionnaire.questions:
+        if question.type == "calculate":
+            continue
+        turn = _Turn(questionnaire, replace(state, pos=question.index), Input.answer("", 0),
+                     rules)
+        screens.append(turn.question_screen().reply.text)
+    turn = _Turn(questionnaire, state, Input.answer("", 0), rules)
+    screens.append(turn.msg("completed"))
+    return screens
 
 
 def step(questionnaire: Questionnaire, state: SessionState | None, inp: Input,

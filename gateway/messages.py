@@ -36,6 +36,8 @@ MESSAGES: dict[str, dict[str, str]] = {
                 "STOP to opt out.",
         "handover": "Your survey call was cut. You can finish here by SMS (free): reply to "
                     "this message.",
+        "reminder": "You have an unfinished survey on public services. Reply to continue "
+                    "(free), or STOP to opt out.",
         "intro": "Hello! Ghana Statistical Service asks about your experience of public "
                  "services. Text {keyword} to take part (free). HELP for info, STOP to opt out.",
     },
@@ -66,6 +68,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "help": "Ghana Statistical Service nsɛmmisa fa aban nnwuma ho (SDG 16.6.2). Ɛyɛ kwa. "
                 "Kyerɛw {keyword} bua, KASA sesa kasa, GYAE gyae.",
         "handover": "Wo frɛ no twae. Wobɛtumi awie ha wɔ SMS so (kwa): bua nkrasɛm yi.",
+        "reminder": "Wonnwiee nsɛmmisa no. Bua na toa so (kwa), anaa GYAE.",
         "intro": "Akwaaba! Ghana Statistical Service pɛ sɛ wote wo nsusuwii. Kyerɛw {keyword} "
                  "fi ase. MMOA ma nkyerɛkyerɛmu, GYAE gyae.",
     },

@@ -66,6 +66,11 @@ class Registry:
         self.refresh()
         return sorted(self._channels.values(), key=lambda c: c.id)
 
+    def channel_by_id(self, channel_id: int) -> ChannelInfo | None:
+        if time.monotonic() - self._loaded_at > self.refresh_seconds:
+            self.refresh()
+        return next((c for c in self._channels.values() if c.id == channel_id), None)
+
     def sms_channel(self, campaign_id: int) -> ChannelInfo | None:
         """The campaign's first SMS channel (for hand-overs from USSD)."""
         sms = [c for c in self._channels.values()
@@ -78,9 +83,11 @@ class Registry:
                 Campaign, Channel.campaign_id == Campaign.id)).all()
             channels = {}
             for ch, camp in rows:
+                config = json.loads(ch.config or "{}")
                 if ch.kind == "sms":
                     rules = Rules.sms(keyword=camp.sms_keyword, max_invalid=camp.max_invalid,
-                                      resume_window=camp.resume_window)
+                                      resume_window=camp.sms_idle_seconds,
+                                      fold=bool(config.get("fold", False)))
                 else:
                     rules = Rules(
                         screen_limit=max(MIN_SCREEN, min(MAX_SCREEN, ch.screen_limit)),
@@ -93,7 +100,7 @@ class Registry:
                     address=ch.address, campaign_id=camp.id, campaign_slug=camp.slug,
                     campaign_open=camp.state == "open",
                     questionnaire_version=camp.questionnaire_version,
-                    rules=rules, config=json.loads(ch.config or "{}"),
+                    rules=rules, config=config,
                     keyword=camp.sms_keyword, sms_handover=camp.sms_handover,
                     sms_idle_seconds=camp.sms_idle_seconds,
                 )

@@ -34,3 +34,8 @@ def count_segments(text: str) -> SegmentCount:
         single, multi, encoding = 70, 67, "UCS-2"
     segments = 1 if units <= single else math.ceil(units / multi)
     return SegmentCount(encoding, units, segments)
+
+
+def interview_cost(screens: list[str]) -> int:
+    """Segments billed for sending these messages."""
+    return sum(count_segments(text).segments for text in screens)

@@ -4,6 +4,7 @@ queue against a local fake provider, keywords, hand-over from USSD."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -471,3 +472,40 @@ def test_opt_out_check_happens_at_send_time(sms: SmsChannels, engine: Engine,
     sweep(settings, engine, redis_client, older_than=timedelta(0))
     work(engine, redis_client)
     assert sms.fake.accepted == []
+
+
+def test_idle_sms_interview_gets_one_reminder_then_expires(
+        client: FlaskClient, sms: SmsChannels, engine: Engine, redis_client: redis.Redis,
+        settings, app: Flask) -> None:  # type: ignore[no-untyped-def]
+    """Halfway through the idle window: one reminder with the current question; at the
+    end of it the interview is abandoned and forgotten."""
+    from workers.reminders import remind_idle
+
+    for n, answer in enumerate(["SURVEY", "1", "1", "2"]):  # ... now at age
+        tw_sms(client, sms.tw, answer, f"SM{n}")
+    registry = app.extensions["civicdial"].registry
+    now = time.time()
+    assert remind_idle(settings, redis_client, registry, now=now + 3600)["reminded"] == 0
+    assert remind_idle(settings, redis_client, registry, now=now + 13 * 3600)["reminded"] == 1
+    assert remind_idle(settings, redis_client, registry, now=now + 14 * 3600)["reminded"] == 0
+    work(engine, redis_client)
+    (reminder,) = sms.fake.bodies_to(PHONE)
+    assert reminder.startswith("You have an unfinished survey")
+    assert "How old are you?" in reminder
+    assert remind_idle(settings, redis_client, registry, now=now + 25 * 3600)["expired"] == 1
+    work(engine, redis_client)
+    with Session(engine) as db:
+        assert db.scalar(select(Interview.status)) == "abandoned"
+    assert redis_client.keys("cd:st:*") == []
+    assert "Text SURVEY to take part" in twiml_text(tw_sms(client, sms.tw, "3", "SM9")[1])
+
+
+def test_emoji_and_empty_bodies_are_answers_not_errors(client: FlaskClient,
+                                                       sms: SmsChannels) -> None:
+    """Emoji, empty and binary-looking bodies get a re-ask, never a 4xx/5xx."""
+    tw_sms(client, sms.tw, "SURVEY", "S1")
+    for n, body in enumerate(["👍", "", "\x00\x01", "  "]):
+        code, reply = tw_sms(client, sms.tw, body, f"S{n + 2}")
+        assert code == 200
+        if n < 2:
+            assert twiml_text(reply).startswith(("Please reply with a number", "Language"))

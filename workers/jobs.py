@@ -16,9 +16,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.config import Settings, load_settings
 from gateway.db import make_engine
 from gateway.redis_conn import connect
+from gateway.registry import Registry
 from gateway.sessions import SessionStore
 from workers.outbound import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
 from workers.persist import drain, ensure_group
+from workers.reminders import remind_idle
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
     client = connect(settings)
     queue = Queue(QUEUE, connection=client)
     engine = make_engine(settings)
+    registry = Registry(engine)
     last_sweep = 0.0
     while not stop.wait(settings.drain_interval_ms / 1000):
         try:
@@ -67,6 +70,7 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
             if time.monotonic() - last_sweep > SWEEP_SECONDS:
                 last_sweep = time.monotonic()
                 sweep(settings, engine, client)
+                remind_idle(settings, client, registry)
         except (redis.RedisError, SQLAlchemyError) as exc:
             log.warning("pump: %s", exc)
 

@@ -14,6 +14,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from gateway.channels.webhook import WebhookError, log
 from gateway.crypto import NumberBox
 from gateway.engine import Input, Stage, step
@@ -64,6 +66,33 @@ def send_event(ch: ChannelInfo, respondent: str, phone: str, body: str, key: str
     return {"id": key, "k": "send", "ch": ch.id, "r": respondent, "to": box.seal(phone),
             "body": body, "kind": kind, "prio": priority,
             "seg": count_segments(body).segments, "t": time.time()}
+
+
+def idle_key(prefix: str) -> str:
+    return f"{prefix}sms:idle"
+
+
+def number_key(prefix: str) -> str:
+    return f"{prefix}sms:to"
+
+
+def member(campaign: int, respondent: str, channel: int) -> str:
+    return f"{campaign}|{respondent}|{channel}"
+
+
+def track(client: redis.Redis, prefix: str, campaign: int, respondent: str, channel: int,
+          sealed_number: str, waiting: bool) -> None:
+    """After an SMS hop: remember (or forget) that this interview waits for an answer."""
+    key = member(campaign, respondent, channel)
+    pipe = client.pipeline(transaction=False)
+    if waiting:
+        pipe.zadd(idle_key(prefix), {key: time.time()})
+        pipe.hset(number_key(prefix), key, sealed_number)
+    else:
+        pipe.zrem(idle_key(prefix), key)
+        pipe.hdel(number_key(prefix), key)
+    pipe.execute()
+
 
 
 def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
@@ -137,6 +166,10 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
             state_ttl=ttl, provider=ProviderSession("", reply or "", ch.campaign_id, respondent),
             provider_ttl=MESSAGE_TTL, events=events, optout=optout)
         if committed:
+            waiting = bool(new_state_raw) and decode_state(new_state_raw).stage in (
+                Stage.QUESTION, Stage.RESUME, Stage.LANGUAGE) and word != "stop"
+            track(store.r, settings.redis_prefix, ch.campaign_id, respondent, ch.id,
+                  services.box.seal(msg.phone) if waiting else "", waiting)
             return Outcome(reply)
     log.warning("sms %s %s: state kept changing under us", ch.id, mask_phone(msg.phone))
     raise WebhookError(409, "concurrent messages for this conversation; retry")
