@@ -390,7 +390,7 @@ class _Turn:
             if self.state.page + 1 < self.pages(question):
                 self.state = replace(self.state, page=self.state.page + 1, invalid=0)
                 return self.question_screen()
-            return self.invalid(self.msg("invalid_choice"))
+            return self.invalid(self.bad_choice(len(question.choices)))
         if text == render.BACK and not numeric:
             return self.back(question)
         if question.type == "note":
