@@ -11,6 +11,7 @@ import itertools
 import json
 import random
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ class FakeProvider:
     # Numbers the provider rejects with a 4xx.
     reject: set[str] = field(default_factory=set)
     seed: int = 1662
+    # Seconds each request takes before the provider answers.
+    delay: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -68,6 +71,8 @@ def _handler(fake: FakeProvider) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            if fake.delay:
+                time.sleep(fake.delay)
             length = int(self.headers.get("Content-Length") or 0)
             form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
             if self.path == "/version1/messaging":

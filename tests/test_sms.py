@@ -509,3 +509,62 @@ def test_emoji_and_empty_bodies_are_answers_not_errors(client: FlaskClient,
         assert code == 200
         if n < 2:
             assert twiml_text(reply).startswith(("Please reply with a number", "Language"))
+
+
+def test_worker_killed_mid_send_neither_loses_nor_doubles(
+        sms: SmsChannels, engine: Engine, redis_client: redis.Redis, settings,  # type: ignore[no-untyped-def]
+        env: dict[str, str]) -> None:
+    """SIGKILL a real `civicdial worker` while it sends; a second one finishes. Every
+    message reaches the provider at most once; each is 'sent' or, if the kill hit it
+    in flight, 'unknown' (never silently dropped, never resent)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    sms.fake.delay = 0.02
+    numbers = queue_messages(engine, settings, sms.at, 60)
+    sweep(settings, engine, redis_client, older_than=timedelta(0))
+    worker_env = {**os.environ, **env, "CIVICDIAL_SEND_BACKOFF_SECONDS": "0"}
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"],
+                                env=worker_env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    first = start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(sms.fake.accepted) < 15 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    killed_at = len(sms.fake.accepted)
+    assert 15 <= killed_at < 60, "the kill should land mid-run"
+    second = start()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            sweep(settings, engine, redis_client, older_than=timedelta(seconds=2),
+                  stuck_after=timedelta(seconds=5))
+            with Session(engine) as db:
+                open_rows = db.scalar(select(func.count()).select_from(OutboundMessage).where(
+                    OutboundMessage.status.in_(["queued", "sending"])))
+            if open_rows == 0:
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        second.wait(timeout=30)
+    received = [m["to"] for m in sms.fake.accepted]
+    assert len(received) == len(set(received)), "a message was sent twice"
+    with Session(engine) as db:
+        rows = db.scalars(select(OutboundMessage)).all()
+    box = NumberBox(settings.encryption_key)
+    status = {box.open(r.recipient): r.status for r in rows}
+    assert set(status.values()) <= {"sent", "unknown"}
+    assert sum(s == "unknown" for s in status.values()) <= 2
+    for number in numbers:
+        if status[number] == "sent":
+            assert number in received

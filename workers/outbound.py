@@ -162,7 +162,8 @@ def _send(settings: Settings, engine: Engine, client: redis.Redis, message_id: i
 
 
 def sweep(settings: Settings, engine: Engine, client: redis.Redis,
-          older_than: timedelta = timedelta(minutes=5)) -> int:
+          older_than: timedelta = timedelta(minutes=5),
+          stuck_after: timedelta = STALE_SENDING) -> int:
     """Re-enqueue queued messages whose job was lost (a worker died between writing the
     row and enqueueing), and give up on rows stuck in 'sending'."""
     now = datetime.now(UTC)
@@ -172,7 +173,7 @@ def sweep(settings: Settings, engine: Engine, client: redis.Redis,
             OutboundMessage.updated_at < now - older_than)).all()
         stuck = db.scalars(select(OutboundMessage.id).where(
             OutboundMessage.status == "sending",
-            OutboundMessage.updated_at < now - STALE_SENDING)).all()
+            OutboundMessage.updated_at < now - stuck_after)).all()
     for message_id, priority in stale:
         _set(engine, message_id, status="queued")  # touch: not swept again at once
         enqueue_send(client, message_id, priority)
