@@ -32,6 +32,18 @@ def make_engine(settings: Settings) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+_ENGINES: dict[str, Engine] = {}
+
+
+def shared_engine(settings: Settings) -> Engine:
+    """One engine (and connection pool) per database per process, for jobs that run
+    many times in one worker."""
+    engine = _ENGINES.get(settings.database_url)
+    if engine is None:
+        engine = _ENGINES.setdefault(settings.database_url, make_engine(settings))
+    return engine
+
+
 def alembic_config(engine: Engine) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))

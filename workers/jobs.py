@@ -10,11 +10,11 @@ import threading
 import time
 
 import redis
-from rq import Queue, Worker
+from rq import Queue, SimpleWorker
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings, load_settings
-from gateway.db import make_engine
+from gateway.db import make_engine, shared_engine
 from gateway.redis_conn import connect
 from gateway.registry import Registry
 from gateway.sessions import SessionStore
@@ -38,12 +38,8 @@ def drain_job() -> int:
     client = connect(settings)
     # Cleared first: events arriving while this job runs get a job of their own.
     client.delete(_queued_flag(settings))
-    engine = make_engine(settings)
-    try:
-        return drain(client, engine, f"{settings.redis_prefix}events",
-                     batch=settings.stream_batch, reclaim_idle_ms=settings.reclaim_idle_ms)
-    finally:
-        engine.dispose()
+    return drain(client, shared_engine(settings), f"{settings.redis_prefix}events",
+                 batch=settings.stream_batch, reclaim_idle_ms=settings.reclaim_idle_ms)
 
 
 def pump_once(client: redis.Redis, settings: Settings, queue: Queue) -> bool:
@@ -88,8 +84,10 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
     else:
         pump.start()
     try:
-        # Replies to people waiting first, then persistence, then bulk sends.
-        Worker([INTERACTIVE_QUEUE, QUEUE, BULK_QUEUE], connection=client).work(
+        # Replies to people waiting first, then persistence, then bulk sends. Jobs run in
+        # this process: forking a work horse while the pump thread holds a lock (an
+        # import, a connection pool) can deadlock the child, and forks cost per job.
+        SimpleWorker([INTERACTIVE_QUEUE, QUEUE, BULK_QUEUE], connection=client).work(
             burst=burst, logging_level=settings.log_level, with_scheduler=not burst)
     finally:
         stop.set()

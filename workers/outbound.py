@@ -26,7 +26,7 @@ from gateway.channels import africastalking, twilio
 from gateway.channels.sending import Failure, SendError, Sent
 from gateway.config import Settings, load_settings
 from gateway.crypto import NumberBox
-from gateway.db import make_engine
+from gateway.db import shared_engine
 from gateway.models import Channel, OutboundMessage
 from gateway.redis_conn import connect
 from gateway.sessions import SessionStore
@@ -102,12 +102,7 @@ def _set(engine: Engine, message_id: int, **values: Any) -> None:
 def send_message(message_id: int) -> str:
     """RQ job: send one queued message; returns the status it leaves the row in."""
     settings = load_settings()
-    engine = make_engine(settings)
-    client = connect(settings)
-    try:
-        return _send(settings, engine, client, message_id)
-    finally:
-        engine.dispose()
+    return _send(settings, shared_engine(settings), connect(settings), message_id)
 
 
 def _send(settings: Settings, engine: Engine, client: redis.Redis, message_id: int) -> str:
