@@ -104,7 +104,8 @@ class Answer(Base):
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
                                     primary_key=True, autoincrement=True)
-    interview_id: Mapped[str] = mapped_column(String(64), index=True)
+    # Indexed by uq_answer (interview_id, question), whose first column it is.
+    interview_id: Mapped[str] = mapped_column(String(64))
     campaign_id: Mapped[int] = mapped_column(Integer, index=True)
     respondent: Mapped[str] = mapped_column(String(64))
     questionnaire_version: Mapped[str] = mapped_column(String(32))

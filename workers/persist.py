@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, case, delete, func, update
+from sqlalchemy import Engine, case, delete, func, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.models import Answer, Interview, OptOut, OutboundMessage, UssdSessionEnd
@@ -58,6 +58,22 @@ def _insert(engine: Engine, table: Any) -> Any:
 # (callbacks arrive out of order).
 _PROGRESS = {"queued": 0, "sending": 1, "unknown": 1, "sent": 2, "delivered": 3,
              "failed": 3, "rejected": 3, "undelivered": 3, "stopped": 3}
+
+
+_ANSWER_COLUMNS = ("interview_id", "campaign_id", "respondent", "questionnaire_version",
+                   "question", "value", "seq", "event_id", "answered_at")
+# One statement per batch, whatever its size: the rows travel as nine arrays. Same upsert
+# as the portable path below (newest sequence number wins), several times faster.
+_PG_ANSWERS = text(
+    "INSERT INTO answers (" + ", ".join(_ANSWER_COLUMNS) + ") "
+    "SELECT * FROM unnest(CAST(:interview_id AS varchar[]), CAST(:campaign_id AS int[]), "
+    "CAST(:respondent AS varchar[]), CAST(:questionnaire_version AS varchar[]), "
+    "CAST(:question AS varchar[]), CAST(:value AS text[]), CAST(:seq AS int[]), "
+    "CAST(:event_id AS varchar[]), CAST(:answered_at AS timestamptz[])) "
+    "ON CONFLICT (interview_id, question) DO UPDATE SET value = EXCLUDED.value, "
+    "seq = EXCLUDED.seq, event_id = EXCLUDED.event_id, answered_at = EXCLUDED.answered_at "
+    "WHERE answers.seq < EXCLUDED.seq"
+)
 
 
 def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
@@ -142,7 +158,11 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
                     "last_seq": case((newer, excluded.last_seq), else_=t.last_seq),
                 },
             ), list(interviews.values()))
-        if answers:
+        if answers and engine.dialect.name == "postgresql":
+            conn.execute(_PG_ANSWERS, {
+                column: [row[column] for row in answers.values()] for column in _ANSWER_COLUMNS
+            })
+        elif answers:
             stmt = _insert(engine, Answer.__table__)
             excluded = stmt.excluded
             t = Answer.__table__.c

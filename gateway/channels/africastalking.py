@@ -37,6 +37,7 @@ from gateway.sessions import (
 bp = Blueprint("africastalking", __name__, url_prefix="/webhooks/africastalking")
 
 COMMIT_ATTEMPTS = 5
+ENDED_SESSION_TTL = 300
 END_STATUSES = {"Success", "Incomplete", "Failed"}
 
 
@@ -119,7 +120,8 @@ def ussd(channel_key: str) -> Response:
             campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
             session_id=session_id, expected=loaded.state_raw, state=new_state, state_ttl=ttl,
             provider=ProviderSession(text, reply, ch.campaign_id, respondent),
-            provider_ttl=settings.ussd_session_ttl,
+            # After END the operator closes the session: only quick retries can follow.
+            provider_ttl=ENDED_SESSION_TTL if result.reply.end else settings.ussd_session_ttl,
             events=[stream_event(e, ch.campaign_id, ch.id, respondent, form_version)
                     for e in result.events],
         )
