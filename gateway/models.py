@@ -168,3 +168,16 @@ class OptOut(Base):
     respondent: Mapped[str] = mapped_column(String(64), primary_key=True)
     channel_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class FeedbackSubscriber(Base):
+    """A respondent who asked, at the end of the interview, to get the results by SMS."""
+
+    __tablename__ = "feedback_subscribers"
+
+    campaign_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    respondent: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The campaign's SMS channel at the time (None if it had none: nothing can be sent).
+    channel_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    recipient: Mapped[str] = mapped_column(Text)  # Fernet-encrypted E.164 number
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
