@@ -131,6 +131,7 @@ class Step:
     events: tuple[Event, ...] = ()
 
 
+KEEP_AFTER_COMPLETION = ("region",)
 _INT = re.compile(r"^[+-]?\d+$")
 _ASIDE = re.compile(r"\([^)]*\)")
 _DEC = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
@@ -302,8 +303,9 @@ class _Turn:
 
     def complete(self) -> Step:
         self.emit("completed")
-        # Forget the answers (they are in the events) but remember the interview is done.
-        self.answers = {}
+        # Forget the answers (they are in the events) but remember the interview is done,
+        # and where the respondent lives, to answer RESULTS with their region's figures.
+        self.answers = {k: v for k, v in self.answers.items() if k in KEEP_AFTER_COMPLETION}
         self.state = replace(self.state, stage=Stage.DONE, pos=0, page=0, invalid=0,
                              part_break=False)
         return self.end(self.msg("completed"))

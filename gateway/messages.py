@@ -36,6 +36,7 @@ MESSAGES: dict[str, dict[str, str]] = {
                 "STOP to opt out.",
         "handover": "Your survey call was cut. You can finish here by SMS (free): reply to "
                     "this message.",
+        "results_none": "The results are not published yet. Thank you for waiting.",
         "reminder": "You have an unfinished survey on public services. Reply to continue "
                     "(free), or STOP to opt out.",
         "intro": "Hello! Ghana Statistical Service asks about your experience of public "
@@ -68,6 +69,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "help": "Ghana Statistical Service nsɛmmisa fa aban nnwuma ho (SDG 16.6.2). Ɛyɛ kwa. "
                 "Kyerɛw {keyword} bua, KASA sesa kasa, GYAE gyae.",
         "handover": "Wo frɛ no twae. Wobɛtumi awie ha wɔ SMS so (kwa): bua nkrasɛm yi.",
+        "results_none": "Yɛntintimii nea yɛahunu no ɛ. Meda wo ase sɛ wotwɛn.",
         "reminder": "Wonnwiee nsɛmmisa no. Bua na toa so (kwa), anaa GYAE.",
         "intro": "Akwaaba! Ghana Statistical Service pɛ sɛ wote wo nsusuwii. Kyerɛw {keyword} "
                  "fi ase. MMOA ma nkyerɛkyerɛmu, GYAE gyae.",
@@ -81,6 +83,7 @@ KEYWORDS: dict[str, frozenset[str]] = {
     "help": frozenset({"HELP", "INFO", "MMOA", "BOA"}),
     "lang": frozenset({"LANG", "LANGUAGE", "KASA"}),
     "start": frozenset({"START", "SURVEY", "FI ASE", "HYE ASE"}),
+    "results": frozenset({"RESULTS", "RESULT", "NEA ABA"}),
 }
 
 

@@ -162,6 +162,16 @@ class SessionStore:
                 self.stream, self.optout_key(respondent)]
         return bool(self._commit(keys=keys, args=args))
 
+    def results(self, campaign: int, lang_code: str, region: str | None) -> str | None:
+        """The published summary for a region (else the nation), in the language asked
+        (else English); written by `civicdial publish`."""
+        fields = [f"{code}:{place}" for code in dict.fromkeys((lang_code, "en"))
+                  for place in ((region,) if region else ()) + ("_national",)]
+        for value in self.r.hmget(f"{self.prefix}results:{campaign}", fields):
+            if value:
+                return _text(value)
+        return None
+
     def opted_out(self, respondent: str) -> bool:
         return bool(self.r.exists(self.optout_key(respondent)))
 

@@ -46,9 +46,9 @@ def interview(engine: Engine, channel: Channel, respondent: str, inputs: list[st
 
 
 # language, consent, sex, age 25-34, region, urban, income, six WG-SS, health used + 6,
-# primary no, secondary no, govt no, improve
+# primary no, secondary no, govt no, improve, results by SMS: no
 FULL = ["1", "1", "1", "3", "2", "1", "2", "1", "1", "1", "1", "1", "1",
-        "1", "1", "2", "3", "4", "5", "1", "2", "2", "2", "Shorter queues"]
+        "1", "1", "2", "3", "4", "5", "1", "2", "2", "2", "Shorter queues", "2"]
 
 
 def answers(engine: Engine) -> list[tuple[str, str, str | None]]:
@@ -122,7 +122,7 @@ def test_drain_acks_and_empties_the_stream(engine: Engine, channel: Channel,
     assert drain(redis_client, engine, STREAM, batch=7) == pushed
     assert redis_client.xlen(STREAM) == 0
     assert pending(redis_client) == 0
-    assert len(answers(engine)) == 5 * 23
+    assert len(answers(engine)) == 5 * 24
 
 
 def pending(client: redis.Redis) -> int:
@@ -187,7 +187,7 @@ def test_worker_killed_mid_batch_loses_nothing(engine: Engine, channel: Channel,
     # Idle time 0 stands in for "the dead consumer's entries have been idle long enough".
     drain(redis_client, engine, STREAM, batch=1000, reclaim_idle_ms=0, consumer="rescuer")
     rows = answers(engine)
-    assert len(rows) == 20 * 23
+    assert len(rows) == 20 * 24
     assert len({(i, q) for i, q, _ in rows}) == len(rows)
     assert pending(redis_client) == 0
     assert redis_client.xlen(STREAM) == 0
@@ -202,7 +202,7 @@ def test_reclaim_waits_for_idle_time(engine: Engine, channel: Channel,
     assert drain(redis_client, engine, STREAM, reclaim_idle_ms=60_000) == 0
     assert answers(engine) == []
     assert drain(redis_client, engine, STREAM, reclaim_idle_ms=0) > 0
-    assert len(answers(engine)) == 23
+    assert len(answers(engine)) == 24
 
 
 def test_rq_worker_drains_through_the_queue(engine: Engine, channel: Channel,
@@ -219,7 +219,7 @@ def test_rq_worker_drains_through_the_queue(engine: Engine, channel: Channel,
     assert pump_once(redis_client, settings, queue) is True
     assert pump_once(redis_client, settings, queue) is False  # one is already queued
     run_worker(settings, burst=True)
-    assert len(answers(engine)) == 23
+    assert len(answers(engine)) == 24
     assert redis_client.xlen(STREAM) == 0
     assert pump_once(redis_client, settings, queue) is False  # nothing waiting
 

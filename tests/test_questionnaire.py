@@ -72,7 +72,8 @@ def test_consent_is_first(form: Questionnaire) -> None:
 
 
 def test_every_spec_question_is_present_in_order(form: Questionnaire) -> None:
-    """Disaggregation, then each service (screening, 5 attributes, overall), then improve."""
+    """Disaggregation, then each service (screening, 5 attributes, overall), then improve,
+    then the opt-in to receive the results."""
     names = [q.name for q in form.questions]
     expected = ["consent", *DISAGGREGATION, "improve"]
     for area, questions in AREAS.items():
@@ -83,9 +84,11 @@ def test_every_spec_question_is_present_in_order(form: Questionnaire) -> None:
     for area, questions in AREAS.items():
         indexes = [position[f"{area}_used"], *(position[n] for n in questions)]
         assert indexes == sorted(indexes), area
-    assert names[-1] == "improve"
+    assert names[-2:] == ["improve", "feedback"]
     improve = by_name(form)["improve"]
     assert (improve.type, improve.required) == ("text", False)
+    feedback = by_name(form)["feedback"]
+    assert [c.name for c in feedback.choices] == ["yes", "no"] and feedback.required
 
 
 @pytest.mark.parametrize("area", AREAS)

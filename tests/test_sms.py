@@ -232,10 +232,10 @@ def test_twilio_tampered_body_is_refused(client: FlaskClient, sms: SmsChannels) 
 # -- conversations ----------------------------------------------------------------------
 
 # language, consent, sex, age, region (by number), urban, income, WG-SS x6, health yes,
-# 5 attributes + overall, primary no, secondary no, government no, improve
+# 5 attributes + overall, primary no, secondary no, government no, improve, results: no
 ANSWERS = ["1", "1", "Female", "3", "2", "urban", "2", "1", "No difficulty", "1", "1", "1",
            "1", "yes", "agree", "1", "2", "3", "Strongly Agree.", "2", "2", "2", "2",
-           "Clean water at the clinic"]
+           "Clean water at the clinic", "no"]
 
 
 def test_full_interview_by_sms_on_twilio(client: FlaskClient, sms: SmsChannels,
@@ -256,7 +256,7 @@ def test_full_interview_by_sms_on_twilio(client: FlaskClient, sms: SmsChannels,
     assert got["sex"] == "female" and got["urban"] == "urban" and got["h_acc"] == "a"
     assert got["wg_hear"] == "none" and got["h_used"] == "yes" and got["h_court"] == "sa"
     assert got["improve"] == "Clean water at the clinic"
-    assert len(got) == 23
+    assert len(got) == 24
 
 
 def test_full_interview_by_sms_on_africastalking(client: FlaskClient, sms: SmsChannels,
@@ -273,7 +273,7 @@ def test_full_interview_by_sms_on_africastalking(client: FlaskClient, sms: SmsCh
     assert sms.fake.bodies_to(PHONE)[-1].startswith("Thank you! Your answers are recorded")
     assert {m["from"] for m in sms.fake.accepted} == {"GSS"}
     with Session(engine) as db:
-        assert db.scalar(select(func.count()).select_from(Answer)) == 23
+        assert db.scalar(select(func.count()).select_from(Answer)) == 24
         statuses = db.scalars(select(OutboundMessage.status)).all()
         assert set(statuses) == {"sent"} and len(statuses) == len(ANSWERS) + 1
         # The number is stored encrypted, and only where sending needs it.
@@ -382,7 +382,7 @@ def test_ussd_session_dropped_continues_by_sms(client: FlaskClient, sms: SmsChan
     with Session(engine) as db:
         interviews = db.scalars(select(Interview)).all()
         assert [(i.status, i.channel_id) for i in interviews] == [("completed", channel.id)]
-        assert db.scalar(select(func.count()).select_from(Answer)) == 23
+        assert db.scalar(select(func.count()).select_from(Answer)) == 24
 
 
 # -- outbound queue ---------------------------------------------------------------------
@@ -568,3 +568,36 @@ def test_worker_killed_mid_send_neither_loses_nor_doubles(
     for number in numbers:
         if status[number] == "sent":
             assert number in received
+
+
+def test_results_opt_in_and_results_keyword(client: FlaskClient, sms: SmsChannels,
+                                            channel: Channel, engine: Engine,
+                                            redis_client: redis.Redis, settings) -> None:  # type: ignore[no-untyped-def]
+    """'Yes' to the results opt-in keeps the number encrypted for that purpose only;
+    RESULTS answers with the region's published summary, by SMS and on a new USSD dial."""
+    from gateway.models import FeedbackSubscriber
+
+    assert "not published yet" in twiml_text(tw_sms(client, sms.tw, "RESULTS", "R0")[1])
+    tw_sms(client, sms.tw, "SURVEY", "R1")
+    for n, answer in enumerate([*ANSWERS[:-1], "yes"], start=2):
+        text = twiml_text(tw_sms(client, sms.tw, answer, f"R{n}")[1])
+    assert text.startswith("Thank you! Your answers are recorded")
+    work(engine, redis_client)
+    with Session(engine) as db:
+        (sub,) = db.scalars(select(FeedbackSubscriber)).all()
+    assert sub.channel_id == sms.tw.id and PHONE not in sub.recipient
+    assert NumberBox(settings.encryption_key).open(sub.recipient) == PHONE
+    campaign_id = sub.campaign_id
+    redis_client.hset(f"cd:results:{campaign_id}", mapping={
+        "en:ashanti": "Health care, Ashanti: 62% satisfied (n=412). Ghana: 58%.",
+        "en:_national": "Health care, Ghana: 58% satisfied (n=4012).",
+    })
+    reply = twiml_text(tw_sms(client, sms.tw, "results", "R99")[1])
+    assert reply == "Health care, Ashanti: 62% satisfied (n=412). Ghana: 58%."
+    other = twiml_text(tw_sms(client, sms.tw, "RESULTS", "R100", phone="+233209999999")[1])
+    assert other == "Health care, Ghana: 58% satisfied (n=4012)."
+    ussd = client.post(f"/webhooks/africastalking/{channel.key}/ussd", content_type=FORM,
+                       data={"sessionId": "U9", "serviceCode": "*920*16#", "phoneNumber": PHONE,
+                             "networkCode": "62001", "text": ""}).get_data(as_text=True)
+    assert ussd.startswith("END You have already completed this survey")
+    assert "Ashanti: 62% satisfied" in ussd and len(ussd) <= 160

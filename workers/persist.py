@@ -19,10 +19,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, case, delete, func, text, update
+from sqlalchemy import Engine, case, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from gateway.models import Answer, Interview, OptOut, OutboundMessage, UssdSessionEnd
+from gateway.channels.sms import FEEDBACK_QUESTION
+from gateway.models import (
+    Answer,
+    FeedbackSubscriber,
+    Interview,
+    OptOut,
+    OutboundMessage,
+    UssdSessionEnd,
+)
 from gateway.sessions import GROUP
 from workers.outbound import enqueue_send
 
@@ -85,6 +93,8 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
     sends: dict[str, dict[str, Any]] = {}
     reports: list[dict[str, Any]] = []
     optouts: dict[str, dict[str, Any]] = {}
+    # (campaign, respondent) -> the opt-in event, or None for "no" (unsubscribe).
+    subscriptions: dict[tuple[int, str], dict[str, Any] | None] = {}
     interviews: dict[str, dict[str, Any]] = {}
     ends: dict[str, dict[str, Any]] = {}
     withdrawn: set[str] = set()
@@ -123,6 +133,8 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
             "last_seq": 0,
         })
         seq = int(e["id"].rsplit("-", 1)[1])
+        if kind == "answer" and e["q"] == FEEDBACK_QUESTION:
+            subscriptions[(e["c"], e["r"])] = e if e.get("v") == "yes" and "to" in e else None
         if kind == "answer":
             key = (iid, e["q"])
             if key not in answers or answers[key]["seq"] < seq:
@@ -172,8 +184,19 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
                       "event_id": excluded.event_id, "answered_at": excluded.answered_at},
                 where=t.seq < excluded.seq,
             ), list(answers.values()))
+        for (campaign, respondent), opt_in in subscriptions.items():
+            conn.execute(delete(FeedbackSubscriber).where(
+                FeedbackSubscriber.campaign_id == campaign,
+                FeedbackSubscriber.respondent == respondent))
+            if opt_in is not None:
+                conn.execute(insert(FeedbackSubscriber).values(
+                    campaign_id=campaign, respondent=respondent, channel_id=opt_in.get("sch"),
+                    recipient=opt_in["to"], created_at=_ts(opt_in["t"])))
         if withdrawn:
-            # Withdrawing consent erases what was said.
+            # Withdrawing consent erases what was said, and any request for results.
+            conn.execute(delete(FeedbackSubscriber).where(
+                FeedbackSubscriber.respondent.in_(
+                    select(Interview.respondent).where(Interview.id.in_(withdrawn)))))
             conn.execute(delete(Answer).where(Answer.interview_id.in_(withdrawn)))
             conn.execute(update(Interview).where(Interview.id.in_(withdrawn))
                          .values(respondent=None))

@@ -19,10 +19,17 @@ from africastalking.Service import AfricasTalkingException
 from africastalking.SMS import SMSService
 from flask import Blueprint, Response, current_app, request
 
+from gateway import render
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
-from gateway.channels.sms import Inbound, converse, send_event
+from gateway.channels.sms import (
+    FEEDBACK_QUESTION,
+    Inbound,
+    attach_subscription,
+    converse,
+    send_event,
+)
 from gateway.channels.webhook import WebhookError, field, log, parse_form, phone_number
-from gateway.engine import Input, Stage, hand_over, step
+from gateway.engine import Input, SessionState, Stage, hand_over, step
 from gateway.messages import message
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.registry import ChannelInfo
@@ -107,6 +114,17 @@ def ussd(channel_key: str) -> Response:
                 raise WebhookError(409, "text does not extend this session's inputs")
             inp = Input.answer(new, now, secrets.token_hex(8))
         state = loaded.state
+        if state is not None and state.stage is Stage.DONE and record is None:
+            # A new dial after completing: the published results, if any.
+            done_reply = _results_screen(services, ch, state)
+            if store.commit(campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
+                            session_id=session_id, expected=loaded.state_raw,
+                            state=loaded.state_raw, state_ttl=settings.completed_ttl,
+                            provider=ProviderSession(text, done_reply, ch.campaign_id,
+                                                     respondent),
+                            provider_ttl=ENDED_SESSION_TTL, events=[]):
+                return _text(done_reply)
+            continue
         form_version = state.version if state else ch.questionnaire_version
         result = step(services.registry.questionnaire(form_version), state, inp, ch.rules)
         reply = ("END " if result.reply.end else "CON ") + result.reply.text
@@ -116,19 +134,30 @@ def ussd(channel_key: str) -> Response:
             new_state, ttl = encode_state(result.state), settings.completed_ttl
         else:
             new_state, ttl = encode_state(result.state), ch.rules.resume_window + 60
+        events = [stream_event(e, ch.campaign_id, ch.id, respondent, form_version)
+                  for e in result.events]
+        if any(e.get("q") == FEEDBACK_QUESTION for e in events):
+            sms = services.registry.sms_channel(ch.campaign_id)
+            attach_subscription(events, phone, services.box, sms.id if sms else None)
         committed = store.commit(
             campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
             session_id=session_id, expected=loaded.state_raw, state=new_state, state_ttl=ttl,
             provider=ProviderSession(text, reply, ch.campaign_id, respondent),
             # After END the operator closes the session: only quick retries can follow.
             provider_ttl=ENDED_SESSION_TTL if result.reply.end else settings.ussd_session_ttl,
-            events=[stream_event(e, ch.campaign_id, ch.id, respondent, form_version)
-                    for e in result.events],
+            events=events,
         )
         if committed:
             return _text(reply)
     log.warning("ussd %s %s: state kept changing under us", ch.id, mask_phone(phone))
     raise WebhookError(409, "concurrent requests for this session; retry")
+
+
+def _results_screen(services: Any, ch: ChannelInfo, state: SessionState) -> str:
+    code = services.registry.questionnaire(state.version).language(state.lang).code
+    summary = services.store.results(ch.campaign_id, code, state.answer_map().get("region"))
+    body = message(code, "already_done") + "\n" + (summary or message(code, "results_none"))
+    return "END " + render.clip(render.fold(body), ch.rules.body_limit)
 
 
 @bp.post("/<channel_key>/ussd/events")

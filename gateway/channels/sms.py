@@ -95,6 +95,18 @@ def track(client: redis.Redis, prefix: str, campaign: int, respondent: str, chan
 
 
 
+FEEDBACK_QUESTION = "feedback"  # "send me the results by SMS", last in the shipped form
+
+
+def attach_subscription(events: list[dict[str, Any]], phone: str, box: NumberBox,
+                        sms_channel: int | None) -> None:
+    """A 'yes' to the results opt-in carries the (encrypted) number it will be sent to:
+    the only place a number is kept beyond the outbound queue."""
+    for e in events:
+        if e["k"] == "answer" and e.get("q") == FEEDBACK_QUESTION and e.get("v") == "yes":
+            e["to"], e["sch"] = box.seal(phone), sms_channel
+
+
 def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
              reply_by_queue: bool, provider_stop: bool = False) -> Outcome:
     """Run one inbound SMS through keywords and the engine, commit, return the reply.
@@ -136,6 +148,10 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
             reply = None  # no further messages after STOP, until they text START
         elif word == "help":
             reply = message(lang_code, "help", keyword=ch.keyword)
+        elif word == "results":
+            region = state.answer_map().get("region") if state else None
+            reply = (store.results(ch.campaign_id, lang_code, region)
+                     or message(lang_code, "results_none"))
         elif not ch.campaign_open:
             reply = message(lang_code, "closed")
         elif state is None and word not in ("start", "lang"):
@@ -153,6 +169,7 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
             reply = result.reply.text
             events.extend(stream_event(e, ch.campaign_id, ch.id, respondent, version)
                           for e in result.events)
+            attach_subscription(events, msg.phone, services.box, ch.id)
             new_state_raw = encode_state(result.state) if result.state else ""
         if new_state_raw and decode_state(new_state_raw).stage is Stage.DONE:
             ttl = settings.completed_ttl
