@@ -26,6 +26,7 @@ from gateway.channels.sms import (
     Inbound,
     attach_subscription,
     converse,
+    delivery_event,
     send_event,
 )
 from gateway.channels.webhook import WebhookError, field, log, parse_form, phone_number
@@ -242,11 +243,9 @@ def sms_delivery(channel_key: str) -> Response:
     status = field(form, "status", max_len=30)
     if status not in DELIVERY_STATUS:
         raise WebhookError(400, f"unknown status {status}")
-    _services().store.append([{
-        "id": f"dlr:{ch.id}:{message_id}:{status}", "k": "dlr", "ch": ch.id,
-        "pid": message_id, "st": DELIVERY_STATUS[status],
-        "err": field(form, "failureReason", max_len=100, required=False),
-    }])
+    _services().store.append([delivery_event(
+        ch.id, message_id, DELIVERY_STATUS[status],
+        field(form, "failureReason", max_len=100, required=False))])
     return _text("OK")
 
 

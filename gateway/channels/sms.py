@@ -95,6 +95,12 @@ def track(client: redis.Redis, prefix: str, campaign: int, respondent: str, chan
 
 
 
+def delivery_event(channel: int, provider_id: str, status: str, error: str) -> dict[str, Any]:
+    """A delivery report or status callback, for the worker to apply to the message."""
+    return {"id": f"dlr:{channel}:{provider_id}:{status}", "k": "dlr", "ch": channel,
+            "pid": provider_id, "st": status, "err": error}
+
+
 FEEDBACK_QUESTION = "feedback"  # "send me the results by SMS", last in the shipped form
 
 

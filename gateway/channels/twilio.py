@@ -24,7 +24,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from werkzeug.datastructures import MultiDict
 
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
-from gateway.channels.sms import Inbound, converse
+from gateway.channels.sms import Inbound, converse, delivery_event
 from gateway.channels.webhook import WebhookError, field, parse_pairs
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.registry import ChannelInfo
@@ -114,11 +114,8 @@ def status(channel_key: str) -> Response:
     state = field(form, "MessageStatus", max_len=30)
     if state not in DELIVERY_STATUS:
         raise WebhookError(400, f"unknown MessageStatus {state}")
-    _services().store.append([{
-        "id": f"dlr:{ch.id}:{sid}:{state}", "k": "dlr", "ch": ch.id, "pid": sid,
-        "st": DELIVERY_STATUS[state], "err": field(form, "ErrorCode", max_len=20,
-                                                    required=False),
-    }])
+    _services().store.append([delivery_event(
+        ch.id, sid, DELIVERY_STATUS[state], field(form, "ErrorCode", max_len=20, required=False))])
     return Response("", status=204)
 
 

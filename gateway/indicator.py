@@ -1,0 +1,686 @@
+"""SDG 16.6.2 statistics: shares, attribute index, raking, confidence intervals, disclosure
+control. Pure numpy, no I/O: gateway/tally.py feeds it cell counts from SQL.
+
+Method: /work/shared/spec/sdg1662.md; choices the spec leaves open are written down in
+gateway/data/METHODOLOGY.md.
+
+Raking is written here rather than taken from a library: samplics pulls pandas, statsmodels
+and matplotlib into a gateway that otherwise needs none of them, and ipfn rakes a dense
+table but has neither trimming nor a convergence report. What we need is small (IPF on a
+few hundred weighting cells, trimming, re-raking) and it has to run once per bootstrap
+replicate, so a cell-level IPF of ~40 lines is both faster and easier to check.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+Z95 = 1.959963984540054
+
+# -- the indicator's definitions -------------------------------------------------------
+# service area -> (label, the five attribute questions, the overall question)
+AREAS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "health": ("Health care", ("h_acc", "h_aff", "h_fac", "h_eq", "h_court"), "h_sat"),
+    "primary": ("Primary school", ("p_acc", "p_aff", "p_fac", "p_eq", "p_teach"), "p_sat"),
+    "secondary": ("Secondary school", ("s_acc", "s_aff", "s_fac", "s_eq", "s_teach"), "s_sat"),
+    "govt": ("ID and civil registration", ("g_acc", "g_aff", "g_eq", "g_eff", "g_time"),
+             "g_sat"),
+}
+# Agreement scale (attributes) and satisfaction scale (overall). Anything else that was
+# answered (dk = don't know/skip) is excluded from the denominator and counted.
+AGREE_POSITIVE, AGREE_NEGATIVE = frozenset({"sa", "a"}), frozenset({"d", "sd"})
+SAT_POSITIVE, SAT_NEGATIVE = frozenset({"vs", "s"}), frozenset({"d", "vd"})
+
+# Disaggregation variables (one at a time, plus region x sex).
+BREAKDOWNS = ("sex", "age", "region", "urban", "income", "disability")
+UNKNOWN = "unknown"  # refused / don't know / not answered: a group of its own, never dropped
+WG_QUESTIONS = ("wg_see", "wg_hear", "wg_walk", "wg_mem", "wg_care", "wg_comm")
+# Raking variables: margins file variable -> questionnaire question.
+RAKING = {"region": "region", "sex": "sex", "residence": "urban", "age": "age"}
+# Regions created in 2018 fold back into the region they were split from when too few
+# respondents answer from them: a merge that keeps neighbours together.
+REGION_PARENT = {"Western North": "Western", "Oti": "Volta", "Savannah": "Northern",
+                 "North East": "Northern", "Bono East": "Bono", "Ahafo": "Bono"}
+
+
+def choice_name(category: str) -> str:
+    """Margins category -> questionnaire choice name ("Greater Accra" -> greater_accra,
+    "18-24" -> 18_24, "65+" -> 65p)."""
+    return re.sub(r"[^a-z0-9]+", "_", category.lower().replace("+", "p")).strip("_")
+
+
+def disability_status(wg_values: Sequence[str | None]) -> str:
+    """Washington Group Short Set: 'a lot of difficulty' or 'cannot do at all' in any of
+    the six domains = disability; all six answered otherwise = none; else unknown."""
+    if any(v in ("alot", "cannot") for v in wg_values):
+        return "yes"
+    if len(wg_values) == 6 and all(v in ("none", "some") for v in wg_values):
+        return "no"
+    return UNKNOWN
+
+
+# -- formulas ------------------------------------------------------------------------
+def share(positive: float, valid: float) -> float | None:
+    """(strongly agree + agree) / valid answers, weighted or not."""
+    return positive / valid if valid > 0 else None
+
+
+def attribute_index(shares: Sequence[float | None]) -> float | None:
+    """Simple unweighted mean of the five attribute shares (None if one is missing)."""
+    if len(shares) == 0 or any(s is None for s in shares):
+        return None
+    return float(sum(s for s in shares if s is not None) / len(shares))
+
+
+def kish(sum_w: float, sum_w2: float, n: float) -> tuple[float, float]:
+    """Effective n = (sum w)^2 / sum w^2 and design effect deff = n sum w^2 / (sum w)^2."""
+    if sum_w <= 0 or sum_w2 <= 0:
+        return 0.0, float("nan")
+    n_eff = sum_w * sum_w / sum_w2
+    return n_eff, n / n_eff
+
+
+def wilson(p: float, n_eff: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval with the Kish effective sample size in place of n."""
+    if n_eff <= 0:
+        return 0.0, 1.0
+    z2 = z * z
+    denom = 1 + z2 / n_eff
+    centre = (p + z2 / (2 * n_eff)) / denom
+    half = z / denom * math.sqrt(max(p * (1 - p), 0.0) / n_eff + z2 / (4 * n_eff * n_eff))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# -- margins ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MarginRow:
+    variable: str
+    category: str
+    population: float
+    status: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Margins:
+    rows: tuple[MarginRow, ...]
+    sha256: str
+    text: str
+
+    def variables(self) -> list[str]:
+        return list(dict.fromkeys(r.variable for r in self.rows))
+
+    def categories(self, variable: str) -> list[MarginRow]:
+        return [r for r in self.rows if r.variable == variable]
+
+    def adult_total(self) -> float:
+        """The population the weights add up to: the age margins (adults 18+) where
+        present; the other variables' shares are applied to it."""
+        var = "age" if "age" in self.variables() else self.variables()[0]
+        return float(sum(r.population for r in self.categories(var)))
+
+    def notes(self) -> list[str]:
+        out = []
+        for var in self.variables():
+            rows = self.categories(var)
+            odd = sorted({r.status for r in rows} - {"final"})
+            if odd:
+                out.append(f"{var} margins are {'/'.join(odd)}: {rows[0].source}")
+            total = sum(r.population for r in rows)
+            if abs(total - self.adult_total()) > 1e-9 * total:
+                out.append(f"{var} margins sum to {total:,.0f} (not the adult total "
+                           f"{self.adult_total():,.0f}): their shares are applied to adults")
+        return out
+
+
+def read_margins(text: str) -> Margins:
+    """Parse a margins CSV (variable,category,population,status,source)."""
+    reader = csv.DictReader(io.StringIO(text))
+    need = {"variable", "category", "population"}
+    if reader.fieldnames is None or not need <= set(reader.fieldnames):
+        raise ValueError(f"margins file needs the columns {sorted(need)}")
+    rows = tuple(MarginRow(r["variable"].strip(), r["category"].strip(),
+                           float(r["population"]), (r.get("status") or "final").strip(),
+                           (r.get("source") or "").strip()) for r in reader)
+    for row in rows:
+        if row.population <= 0:
+            raise ValueError(f"margin {row.variable}={row.category} must be positive")
+    return Margins(rows, hashlib.sha256(text.encode()).hexdigest(), text)
+
+
+# -- collapsing ------------------------------------------------------------------------
+def collapse(variable: str, categories: Sequence[str], counts: Sequence[int],
+             min_n: int) -> tuple[dict[str, str], list[str]]:
+    """Merge raking categories with fewer than min_n respondents, never dropping one.
+
+    Rule, repeated until every group has min_n (or one group is left): the smallest group
+    is merged into, for regions split off in 2018, the region it was split from; for age
+    bands, the smaller adjacent band; otherwise the smallest other group. Returns
+    category -> group label ("Bono+Ahafo") and a note per merge.
+    """
+    groups: list[list[str]] = [[c] for c in categories]
+    n = {c: int(k) for c, k in zip(categories, counts, strict=True)}
+    notes: list[str] = []
+
+    def size(g: list[str]) -> int:
+        return sum(n[c] for c in g)
+
+    while len(groups) > 1:
+        small = min((g for g in groups if size(g) < min_n), key=size, default=None)
+        if small is None:
+            break
+        i = groups.index(small)
+        target: list[str] | None = None
+        if variable == "region":
+            parent = next((REGION_PARENT[c] for c in small if c in REGION_PARENT), None)
+            target = next((g for g in groups if parent in g and g is not small), None)
+        if target is None and variable == "age":
+            near = [groups[j] for j in (i - 1, i + 1) if 0 <= j < len(groups)]
+            target = min(near, key=size)
+        if target is None:
+            target = min((g for g in groups if g is not small), key=size)
+        notes.append(f"{variable}: {'+'.join(small)} (n={size(small)}) merged with "
+                     f"{'+'.join(target)} (n={size(target)}) for raking")
+        target.extend(small)
+        groups.remove(small)
+    mapping = {c: "+".join(g) for g in groups for c in g}
+    return mapping, notes
+
+
+# -- raking ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RakeResult:
+    weights: NDArray[np.float64]  # per unit in each cell
+    converged: bool
+    iterations: int
+    rounds: int
+    max_margin_error: float  # relative, worst category
+    cap: float
+    trimmed_cells: int
+    max_weight_ratio: float  # largest weight / mean weight
+
+    def report(self) -> dict[str, Any]:
+        return {"converged": self.converged, "iterations": self.iterations,
+                "trim_rounds": self.rounds, "max_margin_rel_error": self.max_margin_error,
+                "cap": self.cap, "trimmed_cells": self.trimmed_cells,
+                "max_weight_ratio": self.max_weight_ratio}
+
+
+def _ipf(counts: NDArray[np.float64], codes: Sequence[NDArray[np.int64]],
+         targets: Sequence[NDArray[np.float64]], w: NDArray[np.float64], tol: float,
+         max_iter: int) -> tuple[NDArray[np.float64], int, float]:
+    total = float(targets[0].sum()) if targets else 0.0
+    err = float("inf")
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007 - reported
+        for code, target in zip(codes, targets, strict=True):
+            known = code >= 0
+            have = np.bincount(code[known], weights=(counts * w)[known],
+                               minlength=len(target))
+            # Units with this variable unknown keep their weight; the known ones share
+            # what is left of the population in the margin's proportions.
+            missing = float((counts * w)[~known].sum())
+            want = target / target.sum() * max(total - missing, 0.0)
+            factor = np.divide(want, have, out=np.ones_like(want), where=have > 0)
+            w = w * np.where(known, factor[np.maximum(code, 0)], 1.0)
+        err = 0.0
+        for code, target in zip(codes, targets, strict=True):
+            known = code >= 0
+            have = np.bincount(code[known], weights=(counts * w)[known],
+                               minlength=len(target))
+            missing = float((counts * w)[~known].sum())
+            want = target / target.sum() * max(total - missing, 0.0)
+            ok = have > 0
+            if ok.any():
+                err = max(err, float(np.max(np.abs(have[ok] - want[ok]) / want[ok])))
+        if err < tol:
+            break
+    return w, it, err
+
+
+def rake(counts: Sequence[float] | NDArray[np.float64],
+         codes: Sequence[NDArray[np.int64]], targets: Sequence[NDArray[np.float64]], *,
+         cap_ratio: float = 5.0, tol: float = 1e-10, max_iter: int = 500,
+         max_rounds: int = 50) -> RakeResult:
+    """Raking (IPF) of cell counts to margins, then trimming at cap_ratio x the mean weight
+    and re-raking, until both hold or max_rounds.
+
+    counts[c] units share cell c; codes[v][c] is the cell's category index in variable v
+    (-1 = unknown); targets[v] are population totals per category, scaled to one total.
+    The returned weights are per unit. Cells with no units get weights too (the same
+    category factors), so units outside the raking base can be weighted alike.
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    targets = [np.asarray(t, dtype=np.float64) for t in targets]
+    if targets:
+        total = float(targets[0].sum())
+        targets = [t / t.sum() * total for t in targets]
+    else:
+        total = float(n.sum())
+    units = float(n.sum())
+    if units == 0:
+        return RakeResult(np.ones_like(n), False, 0, 0, float("inf"), float("nan"), 0,
+                          float("nan"))
+    w = np.full_like(n, total / units)
+    w, iters, err = _ipf(n, codes, targets, w, tol, max_iter)
+    cap = float("nan")
+    trimmed = 0
+    rounds = 0
+    ratio = float(w[n > 0].max() / ((n * w).sum() / units))
+    if cap_ratio and cap_ratio > 0:
+        for rounds in range(1, max_rounds + 1):  # noqa: B007 - reported
+            mean = (n * w).sum() / units
+            cap = float(cap_ratio * mean)
+            over = (w > cap * (1 + 1e-9)) & (n > 0)
+            if not over.any():
+                rounds -= 1
+                break
+            trimmed = max(trimmed, int(over.sum()))
+            w = np.minimum(w, cap)
+            w, more, err = _ipf(n, codes, targets, w, tol, max_iter)
+            iters += more
+        mean = (n * w).sum() / units
+        ratio = float(w[n > 0].max() / mean)
+    converged = err < max(tol * 10, 1e-8) and (not cap_ratio or ratio <= cap_ratio * 1.001)
+    return RakeResult(w, bool(converged), iters, rounds, float(err), cap, trimmed, ratio)
+
+
+# -- the tally -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Patterns:
+    """Distinct respondent patterns with how many interviews share each (from SQL).
+
+    profile: sex, age, region, urban, income, disability -> category per pattern (None =
+    not answered); answers: question -> value per pattern (None = not answered/not asked).
+    """
+    count: NDArray[np.int64]
+    completed: NDArray[np.bool_]
+    profile: Mapping[str, Sequence[str | None]]
+    answers: Mapping[str, Sequence[str | None]]
+
+    @property
+    def size(self) -> int:
+        return int(self.count.shape[0])
+
+
+@dataclass(frozen=True)
+class Params:
+    min_n: int = 10  # unweighted n below this: suppressed
+    min_neff: float = 30.0  # effective n below this: suppressed
+    flag_neff: float = 50.0  # effective n below this: published with a flag
+    cap_ratio: float = 5.0  # weights trimmed at this multiple of the mean
+    collapse_min: int = 20  # raking categories with fewer completed respondents are merged
+    replicates: int = 200  # bootstrap replicates for the attribute index
+    seed: int = 16062  # bootstrap seed: the same data gives the same intervals
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Cell:
+    area: str
+    measure: str  # an attribute question, "index" or "satisfied"
+    breakdown: str  # total | sex | age | region | urban | income | disability | region_sex
+    group: str  # "_T", a choice name, "unknown", or "region|sex"
+    n: int = 0
+    n_dk: int = 0
+    estimate: float | None = None
+    unweighted: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n_eff: float | None = None
+    deff: float | None = None
+    status: str = "published"  # published | flagged | suppressed | suppressed_secondary
+    ci_method: str = "wilson-kish"
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.area, self.measure, self.breakdown, self.group)
+
+    @property
+    def hidden(self) -> bool:
+        return self.status.startswith("suppressed")
+
+
+@dataclass
+class Tally:
+    cells: list[Cell]
+    weighting: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    n_interviews: int = 0
+    n_completed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cells": [c.__dict__ for c in self.cells], "weighting": self.weighting,
+                "notes": self.notes, "n_interviews": self.n_interviews,
+                "n_completed": self.n_completed}
+
+    def cell(self, area: str, measure: str, breakdown: str = "total",
+             group: str = "_T") -> Cell:
+        for c in self.cells:
+            if c.key == (area, measure, breakdown, group):
+                return c
+        raise KeyError((area, measure, breakdown, group))
+
+
+def _codes(values: Sequence[str | None]) -> tuple[NDArray[np.int64], list[str]]:
+    """Category codes (levels sorted); None -> UNKNOWN."""
+    labels = [UNKNOWN if v is None else v for v in values]
+    levels = sorted(set(labels))
+    index = {lv: i for i, lv in enumerate(levels)}
+    return np.array([index[lv] for lv in labels], dtype=np.int64), levels
+
+
+@dataclass
+class _Weighting:
+    pattern_weights: NDArray[np.float64]
+    cell_of: NDArray[np.int64]  # pattern -> weighting cell
+    cell_codes: list[NDArray[np.int64]]
+    targets: list[NDArray[np.float64]]
+    report: dict[str, Any]
+
+
+def _weighting(p: Patterns, margins: Margins, params: Params,
+               notes: list[str]) -> _Weighting:
+    """Raking of completed interviews to the margins (collapsed where thin)."""
+    per_var_codes: list[NDArray[np.int64]] = []
+    targets: list[NDArray[np.float64]] = []
+    done = p.completed.astype(np.float64) * p.count
+    for var in margins.variables():
+        question = RAKING.get(var, var)
+        if question not in p.profile:
+            notes.append(f"margins variable {var!r} is not asked: not used for raking")
+            continue
+        rows = margins.categories(var)
+        by_choice = {choice_name(r.category): r.category for r in rows}
+        values = [by_choice.get(v) if v is not None else None for v in p.profile[question]]
+        cats = [r.category for r in rows]
+        ci = {c: i for i, c in enumerate(cats)}
+        raw = np.array([ci.get(v, -1) if v is not None else -1 for v in values],
+                       dtype=np.int64)
+        counts = np.bincount(raw[raw >= 0], weights=done[raw >= 0], minlength=len(cats))
+        mapping, merged = collapse(var, cats, counts, params.collapse_min)
+        notes.extend(merged)
+        groups = list(dict.fromkeys(mapping[c] for c in cats))
+        if len(groups) < 2:
+            notes.append(f"{var}: too few respondents to rake on it")
+            continue
+        gi = {g: i for i, g in enumerate(groups)}
+        code = np.array([gi[mapping[v]] if v is not None else -1 for v in values],
+                        dtype=np.int64)
+        target = np.zeros(len(groups))
+        for r in rows:
+            target[gi[mapping[r.category]]] += r.population
+        per_var_codes.append(code)
+        targets.append(target / target.sum() * margins.adult_total())
+    if per_var_codes:
+        stacked = np.stack(per_var_codes, axis=1)
+        cells, cell_of = np.unique(stacked, axis=0, return_inverse=True)
+        cell_of = cell_of.reshape(-1)
+    else:
+        cells = np.zeros((1, 0), dtype=np.int64)
+        cell_of = np.zeros(p.size, dtype=np.int64)
+    cell_codes = [cells[:, j] for j in range(cells.shape[1])]
+    base = np.bincount(cell_of, weights=done, minlength=cells.shape[0])
+    if base.sum() == 0:
+        notes.append("no completed interviews: estimates are unweighted")
+        return _Weighting(np.ones(p.size), cell_of, cell_codes, targets,
+                          {"converged": False, "method": "none"})
+    result = rake(base, cell_codes, targets, cap_ratio=params.cap_ratio)
+    report = {"method": "raking (IPF), trimmed and re-raked", "cells": int(len(base)),
+              "variables": [v for v in margins.variables()
+                            if RAKING.get(v, v) in p.profile], **result.report()}
+    if not result.converged:
+        notes.append("raking did not fully converge: see the weighting report")
+    return _Weighting(result.weights[cell_of], cell_of, cell_codes, targets, report)
+
+
+def _domains(p: Patterns) -> list[tuple[str, NDArray[np.int64], list[str]]]:
+    out: list[tuple[str, NDArray[np.int64], list[str]]] = [
+        ("total", np.zeros(p.size, dtype=np.int64), ["_T"])]
+    for var in BREAKDOWNS:
+        if var in p.profile:
+            code, levels = _codes(p.profile[var])
+            out.append((var, code, levels))
+    if "region" in p.profile and "sex" in p.profile:
+        both = [f"{UNKNOWN if r is None else r}|{UNKNOWN if s is None else s}"
+                for r, s in zip(p.profile["region"], p.profile["sex"], strict=True)]
+        code, levels = _codes(both)
+        out.append(("region_sex", code, levels))
+    return out
+
+
+def _scale(question: str, attrs: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
+    if question in attrs:
+        return AGREE_POSITIVE, AGREE_NEGATIVE
+    return SAT_POSITIVE, SAT_NEGATIVE
+
+
+def estimate(p: Patterns, margins: Margins, params: Params = Params()) -> Tally:
+    """Every cell of the indicator table, weighted, with CIs and disclosure control."""
+    notes = ["experimental citizen data: an opt-in phone survey raked to census margins, "
+             "not a probability sample", *margins.notes()]
+    wt = _weighting(p, margins, params, notes)
+    w = wt.pattern_weights
+    f = p.count.astype(np.float64)
+    domains = _domains(p)
+    cells: list[Cell] = []
+    for area, (_label, attrs, overall) in AREAS.items():
+        for question in (*attrs, overall):
+            values = p.answers.get(question)
+            if values is None:
+                continue
+            pos_set, neg_set = _scale(question, attrs)
+            pos = np.array([v in pos_set for v in values])
+            valid = pos | np.array([v in neg_set for v in values])
+            dk = np.array([v is not None for v in values]) & ~valid
+            measure = question if question in attrs else "satisfied"
+            for name, code, levels in domains:
+                g = len(levels)
+                n = np.bincount(code, f * valid, g)
+                ndk = np.bincount(code, f * dk, g)
+                sw = np.bincount(code, f * w * valid, g)
+                sw2 = np.bincount(code, f * w * w * valid, g)
+                swy = np.bincount(code, f * w * pos, g)
+                uy = np.bincount(code, f * pos, g)
+                for j, level in enumerate(levels):
+                    if n[j] == 0 and ndk[j] == 0:
+                        continue
+                    cell = Cell(area, measure, name, level, int(n[j]), int(ndk[j]))
+                    if n[j] > 0:
+                        est = float(swy[j] / sw[j])
+                        n_eff, deff = kish(float(sw[j]), float(sw2[j]), float(n[j]))
+                        lo, hi = wilson(est, n_eff)
+                        cell.estimate, cell.unweighted = est, float(uy[j] / n[j])
+                        cell.n_eff, cell.deff, cell.ci_low, cell.ci_high = n_eff, deff, lo, hi
+                    cells.append(cell)
+        _index_cells(p, area, attrs, domains, w, cells)
+    boot = bootstrap_index(p, wt, domains, params)
+    for cell in cells:
+        if cell.measure == "index" and cell.key in boot:
+            cell.ci_low, cell.ci_high = boot[cell.key]
+            cell.ci_method = f"bootstrap-reraked-{params.replicates}"
+    suppress(cells, params)
+    n_int = int(p.count.sum())
+    return Tally(cells, wt.report, notes, n_int, int(p.count[p.completed].sum()))
+
+
+def _index_cells(p: Patterns, area: str, attrs: Sequence[str],
+                 domains: list[tuple[str, NDArray[np.int64], list[str]]],
+                 w: NDArray[np.float64], cells: list[Cell]) -> None:
+    """Attribute index per domain: the mean of the five weighted shares; n, n_eff and deff
+    are over respondents with at least one valid attribute answer."""
+    by_key = {c.key: c for c in cells if c.area == area}
+    f = p.count.astype(np.float64)
+    any_valid = np.zeros(p.size, dtype=bool)
+    for q in attrs:
+        values = p.answers.get(q, [None] * p.size)
+        any_valid |= np.array([v in AGREE_POSITIVE or v in AGREE_NEGATIVE for v in values])
+    for name, code, levels in domains:
+        g = len(levels)
+        n = np.bincount(code, f * any_valid, g)
+        sw = np.bincount(code, f * w * any_valid, g)
+        sw2 = np.bincount(code, f * w * w * any_valid, g)
+        for j, level in enumerate(levels):
+            parts = [by_key.get((area, q, name, level)) for q in attrs]
+            if n[j] == 0 or any(c is None for c in parts):
+                continue
+            est = attribute_index([c.estimate for c in parts if c is not None])
+            unw = attribute_index([c.unweighted for c in parts if c is not None])
+            n_eff, deff = kish(float(sw[j]), float(sw2[j]), float(n[j]))
+            cells.append(Cell(area, "index", name, level, int(n[j]), 0, est, unw,
+                              None, None, n_eff, deff))
+
+
+def bootstrap_index(p: Patterns, wt: _Weighting,
+                    domains: list[tuple[str, NDArray[np.int64], list[str]]],
+                    params: Params) -> dict[tuple[str, str, str, str], tuple[float, float]]:
+    """Percentile 95% CI of the attribute index per domain: resample interviews with
+    replacement, re-rake each replicate to the same (collapsed) margins, recompute."""
+    if params.replicates <= 0 or p.size == 0:
+        return {}
+    rng = np.random.default_rng(params.seed)
+    areas = list(AREAS)
+    cols: list[NDArray[np.float64]] = []
+    for area in areas:
+        for q in AREAS[area][1]:
+            values = p.answers.get(q, [None] * p.size)
+            cols.append(np.array([v in AGREE_POSITIVE for v in values], dtype=np.float64))
+            cols.append(np.array([v in AGREE_POSITIVE or v in AGREE_NEGATIVE
+                                  for v in values], dtype=np.float64))
+    y = np.stack(cols, axis=1)  # patterns x (area, attribute, pos|valid)
+    # Patterns with the same domains and weighting cell share a weight: aggregate them
+    # per replicate before the (small) matrix product with the domain indicators.
+    key_cols = np.stack([code for _, code, _ in domains] + [wt.cell_of], axis=1)
+    keys, key_of = np.unique(key_cols, axis=0, return_inverse=True)
+    key_of = key_of.reshape(-1)
+    order = np.argsort(key_of, kind="stable")
+    starts = np.searchsorted(key_of[order], np.arange(len(keys)))
+    y_sorted = y[order]
+    key_cell = keys[:, -1]
+    offsets = np.cumsum([0] + [len(levels) for _, _, levels in domains])
+    onehot = np.zeros((offsets[-1], len(keys)))
+    for d, (_name, _code, _levels) in enumerate(domains):
+        onehot[offsets[d] + keys[:, d], np.arange(len(keys))] = 1.0
+    n_total = int(p.count.sum())
+    probs = p.count / n_total
+    done = p.completed.astype(np.float64)
+    n_cells = len(wt.cell_codes[0]) if wt.cell_codes else 1
+    reps = np.full((params.replicates, offsets[-1], len(areas)), np.nan)
+    for r in range(params.replicates):
+        m = rng.multinomial(n_total, probs).astype(np.float64)
+        base = np.bincount(wt.cell_of, weights=m * done, minlength=n_cells)
+        if wt.targets:
+            cell_w = rake(base, wt.cell_codes, wt.targets, cap_ratio=params.cap_ratio,
+                          tol=1e-8, max_iter=200, max_rounds=10).weights
+        else:
+            cell_w = np.ones(n_cells)
+        s = np.add.reduceat(y_sorted * m[order, None], starts, axis=0)
+        sums = onehot @ (s * cell_w[key_cell][:, None])
+        pos, val = sums[:, 0::2], sums[:, 1::2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shares = pos / val
+        reps[r] = shares.reshape(offsets[-1], len(areas), 5).mean(axis=2)
+    lo = np.nanpercentile(reps, 2.5, axis=0)
+    hi = np.nanpercentile(reps, 97.5, axis=0)
+    out: dict[tuple[str, str, str, str], tuple[float, float]] = {}
+    for d, (name, _code, levels) in enumerate(domains):
+        for j, level in enumerate(levels):
+            for a, area in enumerate(areas):
+                row = offsets[d] + j
+                if np.isfinite(lo[row, a]) and np.isfinite(hi[row, a]):
+                    out[(area, "index", name, level)] = (float(lo[row, a]), float(hi[row, a]))
+    return out
+
+
+# -- disclosure control ----------------------------------------------------------------
+def suppress(cells: list[Cell], params: Params) -> None:
+    """Primary suppression (n < min_n or n_eff < min_neff), a flag for min_neff <= n_eff <
+    flag_neff, then secondary suppression until no hidden cell can be derived.
+
+    A hidden cell is derivable when it is the only hidden one in a linear relation whose
+    other members are published: a total and the cells that partition it (each breakdown
+    of an area's measure; each region's and each sex's row of region x sex), and an index
+    and its five attribute shares. Each such relation gets a second hidden cell: the
+    published member with the smallest n.
+    """
+    for c in cells:
+        n_eff = c.n_eff or 0.0
+        if c.n < params.min_n or n_eff < params.min_neff or c.estimate is None:
+            c.status = "suppressed"
+        elif n_eff < params.flag_neff:
+            c.status = "flagged"
+    by_key = {c.key: c for c in cells}
+    # An index is only as publishable as its five shares.
+    for c in cells:
+        if c.measure == "index" and not c.hidden:
+            attrs = AREAS[c.area][1]
+            if any(by_key.get((c.area, q, c.breakdown, c.group)) is None
+                   or by_key[(c.area, q, c.breakdown, c.group)].hidden for q in attrs):
+                c.status = "suppressed"
+    rels = relations(cells)
+    changed = True
+    while changed:
+        changed = False
+        for rel in rels:
+            members = [by_key[k] for k in rel if k in by_key]
+            hidden = [c for c in members if c.hidden]
+            if len(hidden) == 1:
+                shown = [c for c in members if not c.hidden]
+                if shown:
+                    # In an index relation, hide the index rather than another share.
+                    index = [c for c in shown if c.measure == "index"]
+                    mixed = any(c.measure != "index" for c in members)
+                    pick = index[0] if index and mixed else min(
+                        shown, key=lambda c: (c.n, c.group, c.measure))
+                    pick.status = "suppressed_secondary"
+                    changed = True
+    for c in cells:
+        if c.hidden:
+            c.estimate = c.unweighted = c.ci_low = c.ci_high = None
+
+
+def relations(cells: Sequence[Cell]) -> list[list[tuple[str, str, str, str]]]:
+    """Sets of cells any one of which follows from the others (see suppress)."""
+    keys = {c.key for c in cells}
+    rels: list[list[tuple[str, str, str, str]]] = []
+    by_measure: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {}
+    for k in keys:
+        by_measure.setdefault((k[0], k[1]), []).append(k)
+    for (area, measure), ks in by_measure.items():
+        total = (area, measure, "total", "_T")
+        groups: dict[str, list[tuple[str, str, str, str]]] = {}
+        for k in ks:
+            groups.setdefault(k[2], []).append(k)
+        for name, members in groups.items():
+            if name == "total":
+                continue
+            if name != "region_sex":
+                rels.append([total, *sorted(members)])
+                continue
+            rows: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {}
+            for k in members:
+                region, sex = k[3].split("|", 1)
+                rows.setdefault(("region", region), []).append(k)
+                rows.setdefault(("sex", sex), []).append(k)
+            for (var, level), part in rows.items():
+                parent = (area, measure, var, level)
+                if parent in keys:
+                    rels.append([parent, *sorted(part)])
+    for area, (_label, attrs, _overall) in AREAS.items():
+        for k in keys:
+            if k[0] == area and k[1] == "index":
+                rels.append([k, *[(area, q, k[2], k[3]) for q in attrs
+                                  if (area, q, k[2], k[3]) in keys]])
+    return rels
