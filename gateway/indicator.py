@@ -18,6 +18,7 @@ import hashlib
 import io
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -592,8 +593,11 @@ def bootstrap_index(p: Patterns, wt: _Weighting,
         with np.errstate(invalid="ignore", divide="ignore"):
             shares = pos / val
         reps[r] = shares.reshape(offsets[-1], len(areas), 5).mean(axis=2)
-    lo = np.nanpercentile(reps, 2.5, axis=0)
-    hi = np.nanpercentile(reps, 97.5, axis=0)
+    with warnings.catch_warnings():
+        # Domains without a valid answer in any replicate stay NaN (no interval).
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo = np.nanpercentile(reps, 2.5, axis=0)
+        hi = np.nanpercentile(reps, 97.5, axis=0)
     out: dict[tuple[str, str, str, str], tuple[float, float]] = {}
     for d, (name, _code, levels) in enumerate(domains):
         for j, level in enumerate(levels):
