@@ -601,3 +601,16 @@ def test_results_opt_in_and_results_keyword(client: FlaskClient, sms: SmsChannel
                              "networkCode": "62001", "text": ""}).get_data(as_text=True)
     assert ussd.startswith("END You have already completed this survey")
     assert "Ashanti: 62% satisfied" in ussd and len(ussd) <= 160
+
+
+def test_rate_limit_token_bucket(redis_client: redis.Redis) -> None:
+    """A channel at 1 message/s lets the first message out at once and makes the next
+    wait; another channel has its own bucket; 0 means unthrottled."""
+    from workers.outbound import _TAKE_TOKEN, wait_for_token
+
+    take = redis_client.register_script(_TAKE_TOKEN)
+    assert int(take(keys=["cd:rate:1"], args=[1, 1])) == 0
+    assert 0 < int(take(keys=["cd:rate:1"], args=[1, 1])) <= 1000
+    assert int(take(keys=["cd:rate:2"], args=[1, 1])) == 0
+    wait_for_token(redis_client, "cd:", 3, 0)  # unthrottled: returns without touching Redis
+    assert not redis_client.exists("cd:rate:3")
