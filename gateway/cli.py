@@ -153,7 +153,9 @@ def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
     try:
         procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"], env=env))
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--workers", str(web_workers), "--bind",
+            # Threads keep a worker answering while another request waits on Redis.
+            [sys.executable, "-m", "gunicorn", "--workers", str(web_workers),
+             "--worker-class", "gthread", "--threads", "4", "--bind",
              f"{host}:{port}", "--access-logfile", "-", "--log-level", "warning",
              "gateway.app:create_app()"], env=env))
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
