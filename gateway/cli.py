@@ -454,5 +454,8 @@ def questionnaire_check(path: Path, as_json: bool) -> None:
                    f"languages {', '.join(info['languages'])}")
 
 
+__import__("gateway.cli_stats").cli_stats.register(main)  # tally, export, publish
+
+
 if __name__ == "__main__":
     main()

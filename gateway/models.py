@@ -181,3 +181,26 @@ class FeedbackSubscriber(Base):
     channel_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     recipient: Mapped[str] = mapped_column(Text)  # Fernet-encrypted E.164 number
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TallySnapshot(Base):
+    """One run of the 16.6.2 tally, kept whole so a published figure can be reproduced:
+    the margins and parameters it used travel with its result."""
+
+    __tablename__ = "tally_snapshots"
+    __table_args__ = (UniqueConstraint("campaign_id", "version", name="uq_tally_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(Integer, index=True)
+    version: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per campaign
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    questionnaire_versions: Mapped[str] = mapped_column(Text)  # comma-separated
+    margins_sha256: Mapped[str] = mapped_column(String(64))
+    margins: Mapped[str] = mapped_column(Text)  # the margins CSV as used
+    params: Mapped[str] = mapped_column(Text)  # JSON: thresholds, trimming, bootstrap
+    n_interviews: Mapped[int] = mapped_column(Integer)
+    n_completed: Mapped[int] = mapped_column(Integer)
+    result: Mapped[str] = mapped_column(Text)  # JSON: cells, weighting report, notes
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                          nullable=True)
+

@@ -1,0 +1,161 @@
+"""`civicdial tally | export | publish`: the 16.6.2 indicator from the command line.
+
+Registered on the `civicdial` group by one line at the end of gateway/cli.py. This module
+does not import gateway.cli (which imports it), so either can be imported first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from gateway.config import Settings, load_settings
+from gateway.db import make_engine, migrate
+from gateway.exports import (
+    DEFAULT_DATAFLOW,
+    DEFAULT_SERIES_PREFIX,
+    write_csv,
+    write_microdata,
+    write_sdmx,
+    write_xlsx,
+)
+from gateway.indicator import Params, read_margins
+from gateway.models import Campaign
+from gateway.redis_conn import connect
+from gateway.tally import campaign_by_slug, default_margins, latest_snapshot, publish, run_tally
+
+
+def _settings(ctx: click.Context) -> Settings:
+    root = ctx.find_root()
+    data_dir = root.obj.get("data_dir") if root.obj else None
+    return load_settings(data_dir=data_dir) if data_dir else load_settings()
+
+
+def _campaign(settings: Settings, slug: str):  # type: ignore[no-untyped-def]
+    engine = make_engine(settings)
+    migrate(engine)
+    campaign: Campaign | None = campaign_by_slug(engine, slug)
+    if campaign is None:
+        raise click.ClickException(f"no campaign {slug!r}")
+    return engine, campaign
+
+
+@click.command("tally")
+@click.argument("campaign")
+@click.option("--margins", "margins_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Census margins CSV for this campaign "
+                                 "[default: the shipped Ghana 2021 PHC margins].")
+@click.option("--min-n", default=Params.min_n, show_default=True,
+              help="Suppress cells with fewer valid answers.")
+@click.option("--min-neff", default=Params.min_neff, show_default=True,
+              help="Suppress cells with a smaller effective n.")
+@click.option("--flag-neff", default=Params.flag_neff, show_default=True,
+              help="Flag cells with a smaller effective n.")
+@click.option("--trim", "cap_ratio", default=Params.cap_ratio, show_default=True,
+              help="Trim weights at this multiple of the mean (0: no trimming).")
+@click.option("--replicates", default=Params.replicates, show_default=True,
+              help="Bootstrap replicates for the attribute index CI.")
+@click.option("--seed", default=Params.seed, show_default=True, help="Bootstrap seed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def tally_cmd(ctx: click.Context, campaign: str, margins_file: str | None, min_n: int,
+              min_neff: float, flag_neff: float, cap_ratio: float, replicates: int,
+              seed: int, as_json: bool) -> None:
+    """Tally SDG 16.6.2 for a campaign into a new snapshot."""
+    settings = _settings(ctx)
+    engine, camp = _campaign(settings, campaign)
+    margins = (read_margins(Path(margins_file).read_text(encoding="utf-8"))
+               if margins_file else default_margins())
+    params = Params(min_n=min_n, min_neff=min_neff, flag_neff=flag_neff, cap_ratio=cap_ratio,
+                    replicates=replicates, seed=seed)
+    snap = run_tally(engine, camp.id, margins, params)
+    result = json.loads(snap.result)
+    if as_json:
+        click.echo(json.dumps({"campaign": camp.slug, "snapshot_id": snap.id,
+                               "version": snap.version, "n_interviews": snap.n_interviews,
+                               "n_completed": snap.n_completed,
+                               "questionnaire_versions": snap.questionnaire_versions,
+                               "margins_sha256": snap.margins_sha256, **result}, indent=2))
+        return
+    click.echo(f"{camp.slug}: snapshot v{snap.version}, {snap.n_interviews} interviews "
+               f"({snap.n_completed} completed). Experimental citizen data.")
+    w = result["weighting"]
+    click.echo(f"weighting: {w.get('method')}, converged={w.get('converged')}, "
+               f"max weight/mean={w.get('max_weight_ratio')}")
+    click.echo(f"{'area':<10} {'measure':<10} {'%':>6} {'95% CI':>13} {'n':>6} "
+               f"{'n_eff':>7} {'deff':>5} status")
+    for c in result["cells"]:
+        if c["breakdown"] != "total":
+            continue
+        est = "" if c["estimate"] is None else f"{c['estimate'] * 100:.1f}"
+        ci = ("" if c["ci_low"] is None
+              else f"{c['ci_low'] * 100:.1f}-{c['ci_high'] * 100:.1f}")
+        neff = "" if c["n_eff"] is None else f"{c['n_eff']:.1f}"
+        deff = "" if c["deff"] is None else f"{c['deff']:.2f}"
+        click.echo(f"{c['area']:<10} {c['measure']:<10} {est:>6} {ci:>13} {c['n']:>6} "
+                   f"{neff:>7} {deff:>5} {c['status']}")
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
+
+
+@click.command("export")
+@click.argument("campaign")
+@click.option("--format", "fmt", type=click.Choice(["csv", "xlsx", "sdmx", "microdata"]),
+              required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
+@click.option("--snapshot", "version", type=int, default=None,
+              help="Snapshot version [default: the latest].")
+@click.option("--series-prefix", default=DEFAULT_SERIES_PREFIX, show_default=True,
+              help="National SDMX series id prefix (no SDG global code exists).")
+@click.option("--dataflow", default=DEFAULT_DATAFLOW, show_default=True,
+              help="SDMX DATAFLOW (AGENCY:ID(VERSION)).")
+@click.pass_context
+def export_cmd(ctx: click.Context, campaign: str, fmt: str, output: str, version: int | None,
+               series_prefix: str, dataflow: str) -> None:
+    """Export a tally snapshot (csv, xlsx, sdmx) or the pseudonymous answers (microdata)."""
+    settings = _settings(ctx)
+    engine, camp = _campaign(settings, campaign)
+    path = Path(output)
+    if fmt == "microdata":
+        n = write_microdata(engine, camp.id, path)
+        click.echo(f"{path}: {n} answers (pseudonymous ids, no phone numbers, no open text)")
+        return
+    snap = latest_snapshot(engine, camp.id, version)
+    if snap is None:
+        raise click.ClickException(f"no tally snapshot for {camp.slug}: run "
+                                   f"`civicdial tally {camp.slug}` first")
+    if fmt == "csv":
+        n = write_csv(snap, path)
+    elif fmt == "xlsx":
+        n = write_xlsx(snap, camp, path)
+    else:
+        n = write_sdmx(snap, camp, path, series_prefix=series_prefix, dataflow=dataflow)
+    click.echo(f"{path}: {n} rows from snapshot v{snap.version}")
+
+
+@click.command("publish")
+@click.argument("campaign")
+@click.option("--snapshot", "version", type=int, default=None,
+              help="Snapshot version [default: the latest].")
+@click.pass_context
+def publish_cmd(ctx: click.Context, campaign: str, version: int | None) -> None:
+    """Publish a snapshot: RESULTS answers from it, subscribers get the summary by SMS."""
+    settings = _settings(ctx)
+    engine, camp = _campaign(settings, campaign)
+    try:
+        done = publish(settings, engine, connect(settings), camp.id, version)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{camp.slug}: snapshot v{done.version} published; {done.fields} summaries "
+               f"for RESULTS; {done.queued} result SMS queued")
+
+
+COMMANDS = (tally_cmd, export_cmd, publish_cmd)
+
+
+def register(group: click.Group) -> click.Group:
+    for command in COMMANDS:
+        group.add_command(command)
+    return group

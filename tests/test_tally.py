@@ -1,0 +1,277 @@
+"""The tally over the real database (SQLite or PostgreSQL, as the env selects): SQL
+aggregation against a Python reference, snapshots, the CLI, publishing and the RQ job."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner
+from rq import Queue
+from sqlalchemy import Engine, insert, select
+from sqlalchemy.orm import Session
+
+from gateway.cli import main, shipped_questionnaire
+from gateway.config import Settings
+from gateway.crypto import NumberBox
+from gateway.indicator import AREAS, Params, disability_status
+from gateway.models import Channel, FeedbackSubscriber, OutboundMessage, TallySnapshot
+from gateway.segments import count_segments
+from gateway.tally import (
+    NOT_STATED,
+    OUTCOMES,
+    PROFILE,
+    fetch_patterns,
+    publish,
+    reproduce,
+    run_tally,
+    summary_texts,
+)
+from workers.outbound import BULK_QUEUE
+from workers.persist import write_events
+
+REGIONS = ["greater_accra", "ashanti", "eastern", "central", "northern", "western", "volta",
+           "upper_east", "bono", "bono_east", "upper_west", "western_north", "oti",
+           "north_east", "savannah", "ahafo"]
+AGES = ["18_24", "25_34", "35_44", "45_54", "55_64", "65p"]
+WG = ["wg_see", "wg_hear", "wg_walk", "wg_mem", "wg_care", "wg_comm"]
+
+
+def synth_interview(rng: random.Random) -> dict[str, Any]:
+    """One respondent's answers in questionnaire order, and how the interview ended."""
+    answers: list[tuple[str, str]] = [
+        ("sex", rng.choice(["female", "male", "male", "refuse"])),
+        ("age", rng.choice(AGES + ["u18"] if rng.random() < 0.05 else AGES)),
+    ]
+    if answers[1][1] != "u18":
+        answers += [("region", rng.choice(REGIONS[:3] + ["refuse"])),
+                    ("urban", rng.choice(["urban", "rural", "dk"])),
+                    ("income", rng.choice(["comfortable", "coping", "difficult", "refuse"]))]
+        answers += [(q, rng.choice(["none", "none", "some", "alot", "cannot", "refuse"]))
+                    for q in WG]
+        for area, (_label, attrs, overall) in AREAS.items():
+            used = rng.random() < 0.6
+            answers.append((f"{area[0]}_used", "yes" if used else "no"))
+            if used:
+                answers += [(q, rng.choice(["sa", "a", "a", "d", "sd", "dk"])) for q in attrs]
+                answers.append((overall, rng.choice(["vs", "s", "s", "d", "vd", "dk"])))
+        answers.append(("improve", "Shorter queues"))
+    status = rng.choices(["completed", "started", "abandoned", "withdrawn", "declined"],
+                         [70, 10, 10, 5, 5])[0]
+    if status in ("started", "abandoned"):
+        answers = answers[:rng.randrange(0, len(answers))]
+    if status == "declined":
+        answers = []
+    return {"status": status, "answers": answers}
+
+
+def events_for(iid: str, respondent: str, campaign: int, channel: int, version: str,
+               spec: dict[str, Any]) -> list[dict[str, Any]]:
+    base = {"c": campaign, "ch": channel, "i": iid, "ver": version}
+    if spec["status"] == "declined":
+        return [{**base, "id": f"{iid}-1", "k": "declined", "r": None, "t": 1000.0}]
+    out = [{**base, "id": f"{iid}-1", "k": "started", "r": respondent, "t": 1000.0,
+            "l": "English (en)"}]
+    for n, (q, v) in enumerate(spec["answers"], start=2):
+        out.append({**base, "id": f"{iid}-{n}", "k": "answer", "r": respondent,
+                    "t": 1000.0 + n, "q": q, "v": v})
+    end = len(spec["answers"]) + 2
+    if spec["status"] != "started":
+        out.append({**base, "id": f"{iid}-{end}", "k": spec["status"],
+                    "r": None if spec["status"] == "withdrawn" else respondent,
+                    "t": 2000.0})
+    return out
+
+
+def load(engine: Engine, channel: Channel, n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    version = shipped_questionnaire().version
+    specs, events = [], []
+    for k in range(n):
+        spec = synth_interview(rng)
+        spec["id"], spec["respondent"] = f"iv{seed}-{k}", f"resp{seed}-{k}"
+        specs.append(spec)
+        events += events_for(spec["id"], spec["respondent"], channel.campaign_id, channel.id,
+                             version, spec)
+    write_events(engine, events)
+    return specs
+
+
+def reference(specs: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
+    """The pattern counts computed in Python from what was sent, for comparison."""
+    counts: Counter[tuple[Any, ...]] = Counter()
+    for spec in specs:
+        if spec["status"] in ("declined", "withdrawn") or not spec["answers"]:
+            continue
+        a = dict(spec["answers"])
+        if a.get("age") == "u18":
+            continue
+        prof = tuple(None if a.get(v) in NOT_STATED else a.get(v) for v in PROFILE)
+        dis = disability_status([a.get(q) for q in WG if q in a])
+        counts[(*prof, None if dis == "unknown" else dis,
+                spec["status"] == "completed", *[a.get(q) for q in OUTCOMES])] += 1
+    return counts
+
+
+def from_patterns(engine: Engine, campaign: int) -> Counter[tuple[Any, ...]]:
+    p = fetch_patterns(engine, campaign)
+    counts: Counter[tuple[Any, ...]] = Counter()
+    for k in range(p.size):
+        key = (*[p.profile[v][k] for v in (*PROFILE, "disability")], bool(p.completed[k]),
+               *[p.answers[q][k] for q in OUTCOMES])
+        counts[key] += int(p.count[k])
+    return counts
+
+
+def test_sql_aggregation_matches_a_python_reference(engine: Engine, channel: Channel) -> None:
+    """GROUP BY in SQL gives exactly the counts computed from the interviews in Python
+    (partial interviews in, declined/withdrawn/under-18 out) — on either back-end."""
+    specs = load(engine, channel, 400, seed=1)
+    got = from_patterns(engine, channel.campaign_id)
+    assert got == reference(specs)
+    assert sum(got.values()) > 300
+    assert any(not key[6] for key in got)  # partial interviews are there
+
+
+def test_denominators_are_per_question(engine: Engine, channel: Channel) -> None:
+    """n for health satisfaction counts every valid h_sat answer, partial interviews too,
+    and n_dk its don't-knows."""
+    specs = load(engine, channel, 300, seed=2)
+    snap = run_tally(engine, channel.campaign_id, params=Params(replicates=20))
+    cells = {(c["area"], c["measure"], c["breakdown"], c["group"]): c
+             for c in json.loads(snap.result)["cells"]}
+    kept = [dict(s["answers"]) for s in specs if s["status"] not in ("declined", "withdrawn")
+            and dict(s["answers"]).get("age") != "u18"]
+    valid = [a["h_sat"] for a in kept if a.get("h_sat") in ("vs", "s", "d", "vd")]
+    dk = [a for a in kept if a.get("h_sat") == "dk"]
+    total = cells[("health", "satisfied", "total", "_T")]
+    assert (total["n"], total["n_dk"]) == (len(valid), len(dk))
+    assert total["unweighted"] == pytest.approx(
+        sum(v in ("vs", "s") for v in valid) / len(valid))
+    assert snap.n_interviews == sum(1 for s in specs if s["status"] not in (
+        "declined", "withdrawn") and s["answers"] and dict(s["answers"]).get("age") != "u18")
+    assert snap.n_completed < snap.n_interviews
+
+
+def test_snapshots_are_versioned_and_reproducible(engine: Engine, channel: Channel) -> None:
+    """Two tallies of the same data: versions 1 and 2, identical results; a later answer
+    makes the old snapshot no longer reproducible."""
+    load(engine, channel, 250, seed=3)
+    first = run_tally(engine, channel.campaign_id, params=Params(replicates=30))
+    second = run_tally(engine, channel.campaign_id, params=Params(replicates=30))
+    assert (first.version, second.version) == (1, 2)
+    assert first.result == second.result
+    assert first.margins_sha256 == second.margins_sha256
+    assert first.questionnaire_versions == shipped_questionnaire().version
+    assert reproduce(engine, first)
+    load(engine, channel, 20, seed=4)
+    assert not reproduce(engine, first)
+
+
+def run(env: dict[str, str], *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_cli_tally_json_and_custom_margins(env: dict[str, str], engine: Engine,
+                                          channel: Channel, tmp_path: Any) -> None:
+    """`civicdial tally sdg1662 --json` stores a snapshot and prints its cells; --margins
+    takes the coordinator's file."""
+    load(engine, channel, 200, seed=5)
+    code, out = run(env, "tally", "sdg1662", "--json", "--replicates", "20")
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["version"] == 1 and report["weighting"]["converged"] is True
+    assert any("experimental citizen data" in note for note in report["notes"])
+    assert any("age margins are approximate" in note for note in report["notes"])
+    margins = tmp_path / "m.csv"
+    margins.write_text("variable,category,population,status,source\n"
+                       "sex,male,500,final,x\nsex,female,500,final,x\n")
+    code, out = run(env, "tally", "sdg1662", "--json", "--replicates", "0",
+                    "--margins", str(margins))
+    assert code == 0, out
+    second = json.loads(out)
+    assert second["version"] == 2 and second["weighting"]["variables"] == ["sex"]
+    code, out = run(env, "tally", "nope")
+    assert code != 0 and "no campaign" in out
+
+
+def test_publish_writes_results_and_queues_subscribers(
+        settings: Settings, engine: Engine, redis_client: redis.Redis,
+        channel: Channel) -> None:
+    """publish: snapshot marked, per-region and national texts in Redis (one GSM-7 SMS,
+    published cells only), one queued results SMS per subscriber, not twice."""
+    specs = load(engine, channel, 600, seed=6)
+    snap = run_tally(engine, channel.campaign_id, params=Params(replicates=0))
+    box = NumberBox(settings.encryption_key)
+    subscribers = [s for s in specs if s["status"] == "completed"][:3]
+    with Session(engine) as db, db.begin():
+        sms = Channel(key="k-sms", provider="africastalking", kind="sms", address="1662",
+                      campaign_id=channel.campaign_id, config="{}")
+        db.add(sms)
+        db.flush()
+        for s in subscribers:
+            db.execute(insert(FeedbackSubscriber).values(
+                campaign_id=channel.campaign_id, respondent=s["respondent"],
+                channel_id=sms.id, recipient=box.seal("+233241234567"),
+                created_at=snap.created_at))
+    done = publish(settings, engine, redis_client, channel.campaign_id)
+    assert done.queued == 3
+    with Session(engine) as db:
+        assert db.get(TallySnapshot, snap.id).published_at is not None  # type: ignore[union-attr]
+        rows = db.scalars(select(OutboundMessage)).all()
+    assert {r.kind for r in rows} == {"results"} and len(rows) == 3
+    assert {r.key for r in rows} == {f"results:{snap.id}:{s['respondent']}"
+                                     for s in subscribers}
+    assert all(box.open(r.recipient) == "+233241234567" for r in rows)
+    assert Queue(BULK_QUEUE, connection=redis_client).count == 3
+    stored = {k.decode(): v.decode() for k, v in redis_client.hgetall(
+        f"{settings.redis_prefix}results:{channel.campaign_id}").items()}
+    assert "en:_national" in stored and "tw:_national" in stored
+    assert stored["en:ashanti"].startswith("Health care, Ashanti: ")
+    for text in stored.values():
+        seg = count_segments(text)
+        assert seg.encoding == "GSM-7" and seg.units <= 160, text
+    cells = json.loads(snap.result)["cells"]
+    national = next(c for c in cells if (c["area"], c["measure"], c["breakdown"]) ==
+                    ("health", "satisfied", "total"))
+    assert f"Ghana: {round(national['estimate'] * 100)}%" in stored["en:ashanti"]
+    # Publishing again sends nothing new.
+    again = publish(settings, engine, redis_client, channel.campaign_id)
+    assert again.queued == 3
+    with Session(engine) as db:
+        assert len(db.scalars(select(OutboundMessage)).all()) == 3
+
+
+def test_summary_uses_published_cells_only() -> None:
+    """A suppressed region gets no text of its own (RESULTS falls back to the nation)."""
+    def cell(area: str, breakdown: str, group: str, est: float | None, status: str,
+             n: int) -> dict[str, Any]:
+        return {"area": area, "measure": "satisfied", "breakdown": breakdown, "group": group,
+                "estimate": est, "status": status, "n": n}
+
+    cells = [cell("health", "total", "_T", 0.58, "published", 900),
+             cell("health", "region", "ashanti", 0.62, "published", 412),
+             cell("health", "region", "oti", None, "suppressed", 6),
+             cell("govt", "total", "_T", None, "suppressed", 8)]
+    texts = summary_texts(cells, {"ashanti": "Ashanti", "oti": "Oti"})
+    assert texts["en:ashanti"] == "Health care, Ashanti: 62% satisfied (n=412). Ghana: 58%."
+    assert "en:oti" not in texts
+    assert texts["en:_national"] == "Ghana, % satisfied: Health care 58%."
+    assert "ID" not in texts["en:_national"]
+
+
+def test_tally_job(env: dict[str, str], engine: Engine, channel: Channel,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RQ job function tallies into a new snapshot (run in-process, as SimpleWorker does)."""
+    from workers.tally_job import tally_job
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    load(engine, channel, 120, seed=7)
+    out = tally_job(channel.campaign_id, None, {"replicates": 10})
+    assert out["version"] == 1 and out["n_interviews"] > 0
