@@ -1,0 +1,176 @@
+"""Exports: the indicator table (CSV, XLSX), SDMX-CSV structure and codes, microdata privacy."""
+
+from __future__ import annotations
+
+import csv
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from openpyxl import load_workbook
+from sqlalchemy import Engine, insert
+from sqlalchemy.orm import Session
+from test_tally import load  # the synthetic interviews of the tally tests
+
+from gateway.cli import main
+from gateway.config import Settings
+from gateway.crypto import NumberBox
+from gateway.exports import (
+    AGE_CODES,
+    DISABILITY_CODES,
+    SDMX_COLUMNS,
+    SEX_CODES,
+    TABLE_COLUMNS,
+    URBAN_CODES,
+)
+from gateway.indicator import Params
+from gateway.models import Channel, FeedbackSubscriber
+from gateway.tally import run_tally
+
+PHONE = "+233241234567"
+DIMENSIONS = ["DATAFLOW", "FREQ", "REPORTING_TYPE", "SERIES", "REF_AREA", "SEX", "AGE",
+              "URBANISATION", "INCOME_WEALTH_QUANTILE", "EDUCATION_LEV", "OCCUPATION",
+              "CUST_BREAKDOWN", "COMPOSITE_BREAKDOWN", "DISABILITY_STATUS", "ACTIVITY",
+              "PRODUCT", "TIME_PERIOD"]
+
+
+@pytest.fixture
+def tallied(env: dict[str, str], engine: Engine, channel: Channel,
+            settings: Settings) -> dict[str, str]:
+    """A campaign with answers, one subscriber (an encrypted number) and a snapshot."""
+    specs = load(engine, channel, 500, seed=11)
+    with Session(engine) as db, db.begin():
+        db.execute(insert(FeedbackSubscriber).values(
+            campaign_id=channel.campaign_id, respondent=specs[0]["respondent"],
+            channel_id=channel.id, recipient=NumberBox(settings.encryption_key).seal(PHONE),
+            created_at=datetime.now(UTC)))
+    run_tally(engine, channel.campaign_id, params=Params(replicates=30))
+    return env
+
+
+def export(env: dict[str, str], fmt: str, path: Path, *extra: str) -> str:
+    result = CliRunner().invoke(main, ["export", "sdg1662", "--format", fmt, "-o", str(path),
+                                       *extra], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_csv_table(tallied: dict[str, str], tmp_path: Path) -> None:
+    """The table has the documented columns; suppressed cells are empty, never 0."""
+    export(tallied, "csv", tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == TABLE_COLUMNS
+        rows = list(reader)
+    statuses = {r["status"] for r in rows}
+    assert {"published", "suppressed"} <= statuses
+    for r in rows:
+        if r["status"].startswith("suppressed"):
+            assert r["estimate_pct"] == r["ci_low_pct"] == r["ci_high_pct"] == ""
+            assert r["n_eff"] == r["deff"] == ""
+        else:
+            assert float(r["ci_low_pct"]) <= float(r["estimate_pct"]) <= float(r["ci_high_pct"])
+    keys = [(r["area"], r["measure"], r["breakdown"], r["group"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    index = [r for r in rows if r["measure"] == "index" and r["breakdown"] == "total"]
+    assert index and all(r["ci_method"].startswith("bootstrap") for r in index
+                         if r["status"] != "suppressed")
+
+
+def test_xlsx_has_methodology_and_snapshot(tallied: dict[str, str], tmp_path: Path) -> None:
+    """XLSX: the table with numbers as numbers, the snapshot facts, methodology, margins."""
+    export(tallied, "xlsx", tmp_path / "t.xlsx")
+    book = load_workbook(tmp_path / "t.xlsx")
+    assert book.sheetnames == ["indicator", "snapshot", "methodology", "margins"]
+    table = list(book["indicator"].iter_rows(values_only=True))
+    assert list(table[0]) == TABLE_COLUMNS
+    est = TABLE_COLUMNS.index("estimate_pct")
+    status = TABLE_COLUMNS.index("status")
+    for row in table[1:]:
+        if str(row[status]).startswith("suppressed"):
+            assert row[est] is None
+        else:
+            assert isinstance(row[est], int | float) and 0 <= row[est] <= 100
+    facts = dict(list(book["snapshot"].iter_rows(values_only=True))[1:3])
+    assert "Experimental citizen data" in str(facts["label"])
+    text = "\n".join(str(r[0]) for r in book["methodology"].iter_rows(values_only=True))
+    assert "Partial interviews count for the questions they answered" in text
+    assert list(book["margins"].iter_rows(values_only=True))[0][0] == "variable"
+
+
+def test_sdmx_structure_and_codes(tallied: dict[str, str], tmp_path: Path) -> None:
+    """SDMX-CSV: the spec's columns in order, one observation per row, SDG codes, 288,
+    _T totals, the configured national series, suppressed = empty value + status."""
+    export(tallied, "sdmx", tmp_path / "s.csv", "--series-prefix", "NAT_TEST")
+    with open(tmp_path / "s.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == SDMX_COLUMNS
+        rows = list(reader)
+    assert rows
+    keys = [tuple(r[d] for d in DIMENSIONS) for r in rows]
+    assert len(keys) == len(set(keys)), "one observation per row"
+    allowed = {
+        "SEX": {"_T", *SEX_CODES.values()}, "AGE": {"_T", *AGE_CODES.values()},
+        "URBANISATION": {"_T", *URBAN_CODES.values()},
+        "DISABILITY_STATUS": {"_T", *DISABILITY_CODES.values()},
+        "INCOME_WEALTH_QUANTILE": {"_T"}, "REF_AREA": {"288"}, "FREQ": {"A"},
+        "UNIT_MEASURE": {"PT"}, "OBS_STATUS": {"A", "U", "M"}, "REPORTING_TYPE": {"N"},
+    }
+    for r in rows:
+        for column, codes in allowed.items():
+            assert r[column] in codes, (column, r[column])
+        assert r["SERIES"].startswith("NAT_TEST_")
+        assert "national series id" in r["COMMENT_TS"].lower()
+        assert "Experimental citizen data" in r["COMMENT_TS"]
+        assert re.fullmatch(r"\d{4}", r["TIME_PERIOD"])
+        if r["OBS_STATUS"] == "M":
+            assert r["OBS_VALUE"] == r["LOWER_BOUND"] == r["UPPER_BOUND"] == ""
+            assert "suppressed" in r["COMMENT_OBS"]
+        else:
+            value = float(r["OBS_VALUE"])
+            assert float(r["LOWER_BOUND"]) <= value <= float(r["UPPER_BOUND"])
+            assert "n_eff=" in r["COMMENT_OBS"] and "deff=" in r["COMMENT_OBS"]
+    totals = [r for r in rows if r["SERIES"] == "NAT_TEST_HEALTH_SAT"
+              and all(r[d] == "_T" for d in ("SEX", "AGE", "URBANISATION", "CUST_BREAKDOWN",
+                                              "DISABILITY_STATUS"))]
+    assert len(totals) == 1
+    regions = {r["CUST_BREAKDOWN"]: r["CUST_BREAKDOWN_LB"] for r in rows
+               if r["CUST_BREAKDOWN"].startswith("GH_")}
+    assert regions.get("GH_ASHANTI") == "Ashanti"
+    assert {"M"} <= {r["OBS_STATUS"] for r in rows} and "A" in {r["OBS_STATUS"] for r in rows}
+
+
+def test_microdata_has_pseudonyms_and_no_numbers(tallied: dict[str, str], tmp_path: Path,
+                                                 settings: Settings) -> None:
+    """Microdata: answers with pseudonyms; no phone number, no encrypted number, no free text."""
+    out = export(tallied, "microdata", tmp_path / "m.csv")
+    assert "no phone numbers" in out
+    raw = (tmp_path / "m.csv").read_text()
+    rows = list(csv.DictReader(raw.splitlines()))
+    assert rows and rows[0]["respondent_pseudonym"].startswith("resp")
+    assert "improve" not in {r["question"] for r in rows}
+    assert PHONE not in raw and PHONE[1:] not in raw and "241234567" not in raw
+    assert not re.search(r"\+?\d{9,}", raw.replace("-", " "))
+    assert "gAAAA" not in raw  # Fernet tokens start so
+    assert {"sex", "h_sat", "region"} <= {r["question"] for r in rows}
+
+
+def test_export_without_snapshot_says_what_to_do(env: dict[str, str], channel: Channel,
+                                                 tmp_path: Path) -> None:
+    """No tally yet: a clear error instead of an empty file."""
+    result = CliRunner().invoke(main, ["export", "sdg1662", "--format", "csv", "-o",
+                                       str(tmp_path / "x.csv")], env=env)
+    assert result.exit_code != 0
+    assert "civicdial tally sdg1662" in result.output
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_publish_cli(tallied: dict[str, str]) -> None:
+    """`civicdial publish` reports what it did."""
+    result = CliRunner().invoke(main, ["publish", "sdg1662"], env=tallied,
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "v1 published" in result.output
+    assert "1 result SMS queued" in result.output
