@@ -38,7 +38,10 @@ if ARGV[6] == 'set' then
 elseif ARGV[6] == 'del' then
   redis.call('DEL', KEYS[4])
 end
-for i = 7, #ARGV do
+if ARGV[7] ~= '' then
+  redis.call('DEL', ARGV[7])
+end
+for i = 8, #ARGV do
   redis.call('XADD', KEYS[3], '*', 'e', ARGV[i])
 end
 return 1
@@ -71,19 +74,27 @@ def stream_event(e: Event, campaign: int, channel: int, respondent: str,
     return record
 
 
-def encode_state(state: SessionState) -> str:
-    return json.dumps(
-        [state.version, state.interview, state.stage.value, state.lang, state.pos, state.page,
-         dict(state.answers), int(state.consented), state.seq, state.invalid, state.part,
-         int(state.part_break), round(state.session_started, 3), state.session_screens,
-         round(state.updated, 3)],
-        separators=(",", ":"), ensure_ascii=False,
-    )
+def encode_state(state: SessionState, provider_session: str = "") -> str:
+    """The state as stored, with the provider session it is being conducted in (so the
+    next session can drop the last one's replay record instead of keeping it an hour)."""
+    fields = [state.version, state.interview, state.stage.value, state.lang, state.pos,
+              state.page, dict(state.answers), int(state.consented), state.seq, state.invalid,
+              state.part, int(state.part_break), round(state.session_started, 3),
+              state.session_screens, round(state.updated, 3)]
+    if provider_session:
+        fields.append(provider_session)
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+
+
+def state_provider_session(raw: str) -> str:
+    """The provider session recorded by encode_state, or ''."""
+    fields = json.loads(raw) if raw else []
+    return fields[15] if len(fields) > 15 else ""
 
 
 def decode_state(raw: str) -> SessionState:
     (version, interview, stage, lang, pos, page, answers, consented, seq, invalid, part,
-     part_break, started, screens, updated) = json.loads(raw)
+     part_break, started, screens, updated) = json.loads(raw)[:15]
     return SessionState(
         version=version, interview=interview, stage=Stage(stage), lang=lang, pos=pos,
         page=page, answers=tuple(answers.items()), consented=bool(consented), seq=seq,
@@ -151,12 +162,16 @@ class SessionStore:
 
     def commit(self, *, campaign: int, respondent: str, channel: int, session_id: str,
                expected: str, state: str, state_ttl: int, provider: ProviderSession | None,
-               provider_ttl: int, events: list[dict[str, Any]], optout: str = "") -> bool:
+               provider_ttl: int, events: list[dict[str, Any]], optout: str = "",
+               forget_session: str = "") -> bool:
         """Atomically replace the state (if still `expected`), remember the provider
-        session/message and its reply, set or clear the opt-out flag ('set'/'del'), and
-        append events."""
+        session/message and its reply, set or clear the opt-out flag ('set'/'del'), drop
+        an earlier provider session's record (`forget_session`), and append events."""
+        forget = (self.provider_key(channel, forget_session)
+                  if forget_session and forget_session != session_id else "")
         args: list[Any] = [expected, state, max(1, state_ttl),
-                           provider.encode() if provider else "", max(1, provider_ttl), optout]
+                           provider.encode() if provider else "", max(1, provider_ttl), optout,
+                           forget]
         args.extend(json.dumps(e, separators=(",", ":"), ensure_ascii=False) for e in events)
         keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
                 self.stream, self.optout_key(respondent)]

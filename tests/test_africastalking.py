@@ -193,11 +193,15 @@ def test_declined_consent_stores_nothing(client: FlaskClient, ussd_url: str,
     assert events[0]["r"] is None
 
 
-def test_dropped_session_offers_continue(client: FlaskClient, ussd_url: str) -> None:
-    """Dialling again after a drop offers 1 Continue 2 Start again, and 1 resumes."""
+def test_dropped_session_offers_continue(client: FlaskClient, ussd_url: str,
+                                         redis_client: redis.Redis) -> None:
+    """Dialling again after a drop offers 1 Continue 2 Start again, and 1 resumes; the
+    dropped session's replay record is dropped with it (memory per session)."""
     post(client, ussd_url, "", session="A")
     post(client, ussd_url, "1", session="A")
     post(client, ussd_url, "1*1", session="A")  # consented; now at sex
+    assert [k.decode().rsplit(":", 1)[1] for k in redis_client.keys("cd:ps:*")] == ["A"]
     status, body = post(client, ussd_url, "", session="B")
     assert body.startswith("CON Welcome back.\n1 Continue\n2 Start again")
+    assert [k.decode().rsplit(":", 1)[1] for k in redis_client.keys("cd:ps:*")] == ["B"]
     assert post(client, ussd_url, "1", session="B")[1].startswith("CON What is your sex?")

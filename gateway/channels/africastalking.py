@@ -39,6 +39,7 @@ from gateway.sessions import (
     encode_state,
     mask_phone,
     pseudonym,
+    state_provider_session,
     stream_event,
 )
 
@@ -134,7 +135,8 @@ def ussd(channel_key: str) -> Response:
         elif result.state.stage is Stage.DONE:
             new_state, ttl = encode_state(result.state), settings.completed_ttl
         else:
-            new_state, ttl = encode_state(result.state), ch.rules.resume_window + 60
+            new_state = encode_state(result.state, session_id)
+            ttl = ch.rules.resume_window + 60
         events = [stream_event(e, ch.campaign_id, ch.id, respondent, form_version)
                   for e in result.events]
         if any(e.get("q") == FEEDBACK_QUESTION for e in events):
@@ -147,6 +149,8 @@ def ussd(channel_key: str) -> Response:
             # After END the operator closes the session: only quick retries can follow.
             provider_ttl=ENDED_SESSION_TTL if result.reply.end else settings.ussd_session_ttl,
             events=events,
+            # A new dial supersedes the last one: its replay record is no longer needed.
+            forget_session=state_provider_session(loaded.state_raw) if record is None else "",
         )
         if committed:
             return _text(reply)
