@@ -455,6 +455,7 @@ def questionnaire_check(path: Path, as_json: bool) -> None:
 
 
 __import__("gateway.cli_stats").cli_stats.register(main)  # tally, export, publish
+__import__("gateway.cli_contacts").cli_contacts.register(main)  # contacts import, invite
 
 
 if __name__ == "__main__":

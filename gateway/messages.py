@@ -36,6 +36,9 @@ MESSAGES: dict[str, dict[str, str]] = {
                 "STOP to opt out.",
         "handover": "Your survey call was cut. You can finish here by SMS (free): reply to "
                     "this message.",
+        "invitation": "Ghana Statistical Service asks about your experience of public services "
+                      "(SDG 16.6.2). Free, no names. Reply {keyword} to take part, STOP to opt "
+                      "out.",
         "results_none": "The results are not published yet. Thank you for waiting.",
         "reminder": "You have an unfinished survey on public services. Reply to continue "
                     "(free), or STOP to opt out.",
@@ -69,6 +72,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "help": "Ghana Statistical Service nsɛmmisa fa aban nnwuma ho (SDG 16.6.2). Ɛyɛ kwa. "
                 "Kyerɛw {keyword} bua, KASA sesa kasa, GYAE gyae.",
         "handover": "Wo frɛ no twae. Wobɛtumi awie ha wɔ SMS so (kwa): bua nkrasɛm yi.",
+        "invitation": "Ghana Statistical Service pɛ sɛ wote wo nsusuwii fa aban nnwuma ho. "
+                      "Ɛyɛ kwa. Kyerɛw {keyword} fa wo ho hyɛ mu, GYAE gyae.",
         "results_none": "Yɛntintimii nea yɛahunu no ɛ. Meda wo ase sɛ wotwɛn.",
         "reminder": "Wonnwiee nsɛmmisa no. Bua na toa so (kwa), anaa GYAE.",
         "intro": "Akwaaba! Ghana Statistical Service pɛ sɛ wote wo nsusuwii. Kyerɛw {keyword} "

@@ -204,3 +204,24 @@ class TallySnapshot(Base):
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
                                                           nullable=True)
 
+
+class Contact(Base):
+    """Someone a coordinator may invite: pseudonym, encrypted number, a few attributes."""
+
+    __tablename__ = "contacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    respondent: Mapped[str] = mapped_column(String(64), unique=True)  # HMAC pseudonym
+    recipient: Mapped[str] = mapped_column(Text)  # Fernet-encrypted E.164 number
+    language: Mapped[str] = mapped_column(String(40), default="")
+    region: Mapped[str] = mapped_column(String(100), default="")
+    attributes: Mapped[str] = mapped_column(Text, default="{}")  # JSON
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CampaignContact(Base):
+    __tablename__ = "campaign_contacts"
+
+    campaign_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,96 @@
+"""`civicdial contacts import` and `civicdial invite`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from gateway.contacts import ContactFileError, import_contacts, read_file
+from gateway.crypto import NumberBox
+from gateway.db import make_engine
+from gateway.invitations import InvitationError, invite
+from gateway.models import Campaign
+from gateway.redis_conn import connect
+
+
+@click.group()
+def contacts() -> None:
+    """Contact lists."""
+
+
+@contacts.command("import")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--campaign", "slug", required=True, help="Campaign to enrol the contacts in.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def contacts_import(ctx: click.Context, path: Path, slug: str, as_json: bool) -> None:
+    """Import a CSV (a phone/number/msisdn column; optional language, region, any other
+    columns kept as attributes). Bad rows are reported; re-importing changes nothing."""
+    from gateway.cli import _settings, bootstrap  # the main CLI module imports this one
+
+    settings = _settings(ctx)
+    engine = make_engine(settings)
+    bootstrap(engine)
+    with Session(engine) as db:
+        campaign_id = db.scalar(select(Campaign.id).where(Campaign.slug == slug))
+    if campaign_id is None:
+        raise click.ClickException(f"no campaign {slug!r}")
+    try:
+        data = read_file(path)
+        with click.progressbar(length=max(1, data.count(b"\n")), label="importing",
+                               file=sys.stderr) as bar:
+            result = import_contacts(engine, campaign_id, data,
+                                     pseudonym_key=settings.pseudonym_key,
+                                     box=NumberBox(settings.encryption_key),
+                                     default_region=settings.default_region,
+                                     progress=bar.update)
+    except ContactFileError as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+        return
+    click.echo(f"{result.rows} rows: {result.imported} imported, {result.already} already "
+               f"in the campaign, {len(result.rejected)} rejected")
+    for r in result.rejected[:50]:
+        click.echo(f"  line {r.line}: {r.reason}")
+    if len(result.rejected) > 50:
+        click.echo(f"  ... and {len(result.rejected) - 50} more (use --json for all)")
+
+
+@click.command("invite")
+@click.argument("slug")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def invite_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
+    """Invite the campaign's contacts by SMS (opted-out contacts are skipped; inviting
+    again queues nothing twice)."""
+    from gateway.cli import _settings, bootstrap  # the main CLI module imports this one
+    from gateway.models import CampaignContact
+
+    settings = _settings(ctx)
+    engine = make_engine(settings)
+    bootstrap(engine)
+    with Session(engine) as db:
+        total = db.scalar(select(func.count()).select_from(CampaignContact).join(
+            Campaign, Campaign.id == CampaignContact.campaign_id).where(Campaign.slug == slug))
+    try:
+        with click.progressbar(length=max(1, total or 0), label="queueing invitations",
+                               file=sys.stderr) as bar:
+            result = invite(engine, connect(settings), slug, progress=bar.update)
+    except InvitationError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+    else:
+        click.echo(f"{result.queued} invitations queued, {result.already_invited} already "
+                   f"invited, {result.skipped_opted_out} skipped (opted out)")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(contacts)
+    main.add_command(invite_cmd)

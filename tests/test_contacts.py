@@ -1,0 +1,132 @@
+"""Contact import and invitations, as a coordinator runs them from the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from gateway.cli import main
+from gateway.crypto import NumberBox
+from gateway.models import Campaign, Channel, Contact, OptOut, OutboundMessage
+from gateway.sessions import pseudonym
+
+
+def run(env: dict[str, str], *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout
+
+
+@pytest.fixture
+def sms_channel(engine: Engine, channel: Channel) -> int:
+    with Session(engine) as db, db.begin():
+        campaign = db.scalar(select(Campaign))
+        assert campaign is not None
+        ch = Channel(key="at-sms", provider="africastalking", kind="sms", address="1662",
+                     campaign_id=campaign.id, config=json.dumps({"rate_per_second": 0}))
+        db.add(ch)
+        db.flush()
+        return ch.id
+
+
+CSV = (
+    "\ufeffPhone Number;Language;Region;District\r\n"   # Excel: BOM, semicolons, CRLF
+    "024 123 4567;Twi;Ashanti;Kumasi\r\n"
+    "+233 20 111 2222;English;Greater Accra;\"Accra; Metro\"\r\n"
+    "not a number;;;\r\n"
+    "\r\n"
+    "0241234567;;;\r\n"                                  # the first number again
+    "12;;;\r\n"
+    "233501112222;tw;;;extra\r\n"
+)
+
+
+def test_import_reports_bad_rows_and_is_idempotent(env: dict[str, str], engine: Engine,
+                                                   tmp_path: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    """Good rows in (numbers normalised, stored encrypted), bad rows named by line;
+    importing the same file again adds nothing."""
+    path = tmp_path / "contacts.csv"
+    path.write_bytes(CSV.encode("utf-8"))
+    code, out = run(env, "contacts", "import", str(path), "--campaign", "sdg1662", "--json")
+    assert code == 0, out
+    result = json.loads(out)
+    assert (result["imported"], result["already_present"]) == (2, 1)
+    assert [r["line"] for r in result["rejected"]] == [4, 7, 8]
+    assert "not a phone number" in result["rejected"][0]["reason"]
+    assert "fields" in result["rejected"][2]["reason"]
+    with Session(engine) as db:
+        contacts = {c.respondent: c for c in db.scalars(select(Contact))}
+    box = NumberBox(settings.encryption_key)
+    numbers = sorted(box.open(c.recipient) for c in contacts.values())
+    assert numbers == ["+233201112222", "+233241234567"]
+    kumasi = contacts[pseudonym(settings.pseudonym_key, "+233241234567")]
+    assert (kumasi.language, kumasi.region) == ("Twi", "Ashanti")
+    assert json.loads(kumasi.attributes) == {"district": "Kumasi"}
+    assert all("233" not in c.recipient for c in contacts.values())
+    code, out = run(env, "contacts", "import", str(path), "--campaign", "sdg1662", "--json")
+    again = json.loads(out)
+    assert (again["imported"], again["already_present"]) == (0, 3)
+
+
+@pytest.mark.parametrize("content,error", [
+    (b"", "empty"),
+    (b"name,district\nKofi,Kumasi\n", "no phone number column"),
+], ids=["empty file", "no phone column"])
+def test_import_refuses_unusable_files(env: dict[str, str], engine: Engine, tmp_path: Path,
+                                       content: bytes, error: str) -> None:
+    """A file that cannot be used at all says why and imports nothing."""
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    result = CliRunner().invoke(main, ["contacts", "import", str(path), "--campaign",
+                                       "sdg1662"], env=env)
+    assert result.exit_code == 1 and error in result.output
+
+
+def test_windows_1252_file(env: dict[str, str], engine: Engine, tmp_path: Path) -> None:
+    """Excel's Windows-1252 export (é in an attribute) is read, not refused."""
+    path = tmp_path / "cp1252.csv"
+    path.write_bytes("msisdn,community\n0241234567,Ahafo Ano Séfwi\n".encode("cp1252"))
+    code, out = run(env, "contacts", "import", str(path), "--campaign", "sdg1662", "--json")
+    assert json.loads(out)["imported"] == 1
+    with Session(engine) as db:
+        assert json.loads(db.scalar(select(Contact.attributes))) == {
+            "community": "Ahafo Ano Séfwi"}
+
+
+def test_invite_skips_opted_out_and_never_doubles(env: dict[str, str], engine: Engine,
+                                                  redis_client: redis.Redis, tmp_path: Path,
+                                                  sms_channel: int, settings) -> None:  # type: ignore[no-untyped-def]
+    """Invitations go to enrolled contacts in their language, never to one who texted
+    STOP, and inviting again queues nothing new."""
+    path = tmp_path / "c.csv"
+    path.write_text("phone,language\n0241234567,twi\n0201112222,\n0501112222,\n")
+    run(env, "contacts", "import", str(path), "--campaign", "sdg1662")
+    from datetime import UTC, datetime
+
+    with Session(engine) as db, db.begin():
+        db.add(OptOut(respondent=pseudonym(settings.pseudonym_key, "+233501112222"),
+                      at=datetime.now(UTC)))
+    code, out = run(env, "invite", "sdg1662", "--json")
+    assert code == 0, out
+    assert json.loads(out) == {"queued": 2, "skipped_opted_out": 1, "already_invited": 0}
+    assert redis_client.llen("rq:queue:civicdial-sms-bulk") == 2
+    with Session(engine) as db:
+        bodies = db.scalars(select(OutboundMessage.body).order_by(OutboundMessage.id)).all()
+    assert bodies[0].startswith("Ghana Statistical Service pɛ") and "SURVEY" in bodies[0]
+    assert bodies[1].startswith("Ghana Statistical Service asks")
+    assert json.loads(run(env, "invite", "sdg1662", "--json")[1]) == {
+        "queued": 0, "skipped_opted_out": 1, "already_invited": 2}
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(OutboundMessage)) == 2
+
+
+def test_invite_needs_an_sms_channel(env: dict[str, str], engine: Engine,
+                                     channel: Channel) -> None:
+    """Without an SMS channel, invite says what to do."""
+    result = CliRunner().invoke(main, ["invite", "sdg1662"], env=env)
+    assert result.exit_code == 1 and "no SMS channel" in result.output
