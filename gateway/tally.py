@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import redis
-from sqlalchemy import Engine, and_, case, func, or_, select
+from sqlalchemy import Engine, and_, case, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -101,7 +101,12 @@ def pattern_query(campaign_id: int) -> Any:
 
 
 def fetch_patterns(engine: Engine, campaign_id: int) -> Patterns:
-    with engine.connect() as conn:
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # One pass over the answers: JIT compilation costs more than it saves here,
+            # and the per-interview sort should stay in memory rather than spill.
+            conn.execute(text("SET LOCAL jit = off"))
+            conn.execute(text("SET LOCAL work_mem = '64MB'"))
         rows = conn.execute(pattern_query(campaign_id)).all()
     # A stable order: the same data gives the same arrays (and bootstrap) on any back-end.
     rows.sort(key=lambda r: tuple("" if v is None else str(v) for v in r))
@@ -119,8 +124,10 @@ def fetch_patterns(engine: Engine, campaign_id: int) -> Patterns:
 
 def questionnaire_versions(engine: Engine, campaign_id: int) -> list[str]:
     with Session(engine) as db:
-        return sorted(db.scalars(select(Answer.questionnaire_version).where(
-            Answer.campaign_id == campaign_id).distinct()).all())
+        # From the interviews (one row each) rather than a scan of every answer.
+        return sorted(v for v in db.scalars(select(Interview.questionnaire_version).where(
+            Interview.campaign_id == campaign_id,
+            Interview.status.not_in(("declined", "withdrawn"))).distinct()).all() if v)
 
 
 # -- snapshots -------------------------------------------------------------------------
