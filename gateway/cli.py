@@ -175,6 +175,10 @@ def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
     except KeyboardInterrupt:
         click.echo("\nstopping...")
     finally:
+        # A second Ctrl-C (or a signal forwarded twice) must not cut the clean-up short
+        # and leave the embedded Redis running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _stop(procs)
         if embedded is not None:
             stop_embedded(embedded)
@@ -186,10 +190,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    # SIGINT is gunicorn's quick shutdown (SIGTERM would wait for keep-alive clients) and
+    # an RQ worker's warm one (it finishes the job in hand; drains are short).
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 10
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))

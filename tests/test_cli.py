@@ -146,6 +146,8 @@ def test_up_runs_everything_embedded_and_stops_on_ctrl_c(tmp_path: Path) -> None
         redis_pid = int(Path(registry["pidfile"]).read_text())
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)  # and an impatient second Ctrl-C
         rest, _ = proc.communicate(timeout=30)
         output.append(rest)
     assert proc.returncode == 0, "".join(output)
