@@ -74,7 +74,9 @@ def pattern_query(campaign_id: int) -> Any:
     i = Interview.__table__.c
 
     def pick(question: str) -> Any:
-        return func.max(case((a.question == question, a.value))).label(question)
+        # MAX(...) FILTER (WHERE ...): PostgreSQL and SQLite >= 3.30; a little faster
+        # than MAX(CASE ...) on PostgreSQL.
+        return func.max(a.value).filter(a.question == question).label(question)
 
     wg_yes = func.max(case((and_(a.question.in_(WG_QUESTIONS),
                                  a.value.in_(("alot", "cannot"))), 1), else_=0))
@@ -86,7 +88,9 @@ def pattern_query(campaign_id: int) -> Any:
                func.max(case((i.status == "completed", 1), else_=0)).label("completed"))
         .select_from(Answer.__table__.join(Interview.__table__, i.id == a.interview_id))
         .where(a.campaign_id == campaign_id, a.value.is_not(None),
-               i.status.not_in(("declined", "withdrawn")))
+               i.status.not_in(("declined", "withdrawn")),
+               # Screening, open text and opt-in answers play no part: skip their rows.
+               a.question.in_((*PROFILE, *WG_QUESTIONS, *OUTCOMES)))
         .group_by(a.interview_id)
     ).subquery("per_interview")
     p = per_interview.c
