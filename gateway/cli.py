@@ -151,13 +151,16 @@ def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
     # A service manager stops us with SIGTERM: clean up exactly as for Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"], env=env))
+        # Each child leads its own process group, so stopping it stops what it forked
+        # (gunicorn's workers, RQ's scheduler) and nothing outlives `up`.
+        procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"], env=env,
+                                      start_new_session=True))
         procs.append(subprocess.Popen(
             # Threads keep a worker answering while another request waits on Redis.
             [sys.executable, "-m", "gunicorn", "--workers", str(web_workers),
              "--worker-class", "gthread", "--threads", "4", "--bind",
              f"{host}:{port}", "--access-logfile", "-", "--log-level", "warning",
-             "gateway.app:create_app()"], env=env))
+             "gateway.app:create_app()"], env=env, start_new_session=True))
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         urls = channel_urls(channel, settings.public_base_url or f"http://{shown}:{port}")
         click.echo("")
@@ -193,15 +196,22 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     # SIGINT is gunicorn's quick shutdown (SIGTERM would wait for keep-alive clients) and
     # an RQ worker's warm one (it finishes the job in hand; drains are short).
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
+        _signal_group(p, signal.SIGINT)
     deadline = time.monotonic() + 10
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            pass
+        _signal_group(p, signal.SIGKILL)  # whatever is left of its group
+        p.wait()
+
+
+def _signal_group(p: subprocess.Popen[bytes], signum: int) -> None:
+    try:
+        os.killpg(p.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 @main.command()
