@@ -15,9 +15,10 @@ from rq import Queue
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
-from gateway.cli import main, shipped_questionnaire
-from gateway.config import Settings
+from gateway.cli import bootstrap, main, shipped_questionnaire
+from gateway.config import Settings, load_settings
 from gateway.crypto import NumberBox
+from gateway.db import make_engine
 from gateway.indicator import AREAS, Params, disability_status
 from gateway.models import Channel, FeedbackSubscriber, OutboundMessage, TallySnapshot
 from gateway.segments import count_segments
@@ -275,3 +276,19 @@ def test_tally_job(env: dict[str, str], engine: Engine, channel: Channel,
     load(engine, channel, 120, seed=7)
     out = tally_job(channel.campaign_id, None, {"replicates": 10})
     assert out["version"] == 1 and out["n_interviews"] > 0
+
+
+def test_same_numbers_as_sqlite(engine: Engine, channel: Channel, tmp_path: Any) -> None:
+    """The fixture's back-end (PostgreSQL when DATABASE_URL says so) and a fresh SQLite file
+    given the same interviews produce byte-identical tally results."""
+    load(engine, channel, 300, seed=12)
+    other = make_engine(load_settings({"CIVICDIAL_DATA_DIR": str(tmp_path / "lite"),
+                                       "CIVICDIAL_PSEUDONYM_KEY": "k"}))
+    lite_channel = bootstrap(other)
+    load(other, lite_channel, 300, seed=12)
+    params = Params(replicates=50)
+    here = run_tally(engine, channel.campaign_id, params=params)
+    there = run_tally(other, lite_channel.campaign_id, params=params)
+    other.dispose()
+    assert here.n_interviews == there.n_interviews
+    assert here.result == there.result
