@@ -557,6 +557,8 @@ def report(run: Run, backends: Backends, results: dict[str, Any]) -> str:
           f"{args.duration:g} s measured per target",
         f"redis     {backends.redis_label}",
         f"sql       {backends.database_label}",
+        f"before    other processes used {results.get('idle_cores', 0.0):.2f} cores in the "
+        "2 s before the first run (0 on a quiet machine)",
         "",
     ]
     ratios: dict[str, float | None] = {}
@@ -627,6 +629,12 @@ def report(run: Run, backends: Backends, results: dict[str, Any]) -> str:
                   "accepted per message, from any client)"]
         for o in outs:
             statuses = ", ".join(f"{k} {v:,}" for k, v in sorted(o["statuses"].items()))
+            if o["rate"] > 0:
+                lines.append(
+                    f"{o['name']}: achieved {fmt(o['rate_overall'], '.1f')}/s first to last, "
+                    f"{fmt(o['rate_steady'], '.1f')}/s steady, against the configured "
+                    f"rate_per_second {o['rate']:g}: "
+                    f"{fmt((o['rate_steady'] or 0) / o['rate'], '.2f')}x steady")
             lines.append(
                 f"{o['name']}: rows inserted in {o['insert_s']:.2f} s; sweep enqueued "
                 f"{o['enqueued']:,} in {o['sweep_s']:.2f} s "
@@ -715,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # noqa: BLE001 - report, go on with the next
                     results["notes"].append(f"{name} failed: {type(exc).__name__}: {exc}")
 
+            before = CpuMark.take({})
+            time.sleep(2.0)
+            results["idle_cores"] = cores_used(before, CpuMark.take({})).get("other", 0.0)
             if not args.skip_inbound:
                 inbound(run, results, attempt)
             if not args.skip_outbound:
