@@ -59,10 +59,12 @@ def _campaign(settings: Settings, slug: str):  # type: ignore[no-untyped-def]
               help="Bootstrap replicates for the attribute index CI.")
 @click.option("--seed", default=Params.seed, show_default=True, help="Bootstrap seed.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--background", is_flag=True,
+              help="Enqueue the tally for `civicdial worker` instead of running it here.")
 @click.pass_context
 def tally_cmd(ctx: click.Context, campaign: str, margins_file: str | None, min_n: int,
               min_neff: float, flag_neff: float, cap_ratio: float, replicates: int,
-              seed: int, as_json: bool) -> None:
+              seed: int, as_json: bool, background: bool) -> None:
     """Tally SDG 16.6.2 for a campaign into a new snapshot."""
     settings = _settings(ctx)
     engine, camp = _campaign(settings, campaign)
@@ -70,6 +72,16 @@ def tally_cmd(ctx: click.Context, campaign: str, margins_file: str | None, min_n
                if margins_file else default_margins())
     params = Params(min_n=min_n, min_neff=min_neff, flag_neff=flag_neff, cap_ratio=cap_ratio,
                     replicates=replicates, seed=seed)
+    if background:
+        from rq import Queue
+
+        from workers.jobs import QUEUE
+        from workers.tally_job import enqueue_tally
+
+        job_id = enqueue_tally(Queue(QUEUE, connection=connect(settings)), camp.id,
+                               margins.text, params.as_dict())
+        click.echo(json.dumps({"job_id": job_id}) if as_json else f"queued tally job {job_id}")
+        return
     snap = run_tally(engine, camp.id, margins, params)
     result = json.loads(snap.result)
     if as_json:

@@ -292,3 +292,25 @@ def test_same_numbers_as_sqlite(engine: Engine, channel: Channel, tmp_path: Any)
     other.dispose()
     assert here.n_interviews == there.n_interviews
     assert here.result == there.result
+
+
+def test_cli_tally_in_the_background(env: dict[str, str], engine: Engine, channel: Channel,
+                                     redis_client: redis.Redis,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tally --background` enqueues the RQ job; a worker running it stores the snapshot."""
+    from workers.jobs import QUEUE
+
+    load(engine, channel, 150, seed=13)
+    code, out = run(env, "tally", "sdg1662", "--background", "--json", "--replicates", "10")
+    assert code == 0, out
+    queue = Queue(QUEUE, connection=redis_client)
+    (job,) = queue.jobs
+    assert job.id == json.loads(out)["job_id"]
+    assert job.func_name == "workers.tally_job.tally_job"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = job.perform()
+    assert result["version"] == 1
+    with Session(engine) as db:
+        snap = db.scalars(select(TallySnapshot)).one()
+    assert json.loads(snap.params)["replicates"] == 10

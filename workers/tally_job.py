@@ -14,7 +14,6 @@ from rq import Queue
 from gateway.config import load_settings
 from gateway.db import shared_engine
 from gateway.indicator import Params, read_margins
-from gateway.redis_conn import connect
 from gateway.tally import run_tally
 
 
@@ -35,9 +34,3 @@ def enqueue_tally(queue: Queue, campaign_id: int, margins_csv: str | None = None
     job = queue.enqueue(tally_job, campaign_id, margins_csv, params, job_timeout=1800,
                         result_ttl=86400)
     return str(job.id)
-
-
-def default_queue() -> Queue:
-    from workers.jobs import QUEUE
-
-    return Queue(QUEUE, connection=connect(load_settings()))
