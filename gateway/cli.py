@@ -20,6 +20,7 @@ import click
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from gateway.campaigns import audit, campaign_view, cli_actor
 from gateway.config import Settings, load_settings
 from gateway.db import make_engine, migrate
 from gateway.engine import Rules, longest_path_screens
@@ -397,6 +398,9 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
                           config=json.dumps(config))
         db.add(channel)
         db.flush()
+        # The config holds provider secrets: the audit names its keys, not their values.
+        audit(db, cli_actor(), "channel.add", f"{provider}/{kind}/{address}",
+              after={"campaign": slug, "config_keys": sorted(config)})
         db.expunge(channel)
     urls = channel_urls(channel, settings.public_base_url or "http://127.0.0.1:8000")
     if as_json:
@@ -429,6 +433,7 @@ def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
         row = db.scalar(select(Campaign).where(Campaign.slug == slug))
         if row is None:
             raise click.ClickException(f"no campaign {slug!r}")
+        before = campaign_view(row)
         if sms_keyword is not None:
             if not sms_keyword.strip() or " " in sms_keyword.strip():
                 raise click.BadParameter("one word", param_hint="--sms-keyword")
@@ -437,6 +442,7 @@ def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
             row.sms_handover = sms_handover
         if state is not None:
             row.state = state
+        audit(db, cli_actor(), "campaign.set", slug, before=before, after=campaign_view(row))
         click.echo(f"{row.slug}: state {row.state}, SMS keyword {row.sms_keyword}, "
                    f"SMS hand-over {'on' if row.sms_handover else 'off'}")
 
@@ -472,6 +478,7 @@ def questionnaire_check(path: Path, as_json: bool) -> None:
 
 __import__("gateway.cli_stats").cli_stats.register(main)  # tally, export, publish
 __import__("gateway.cli_contacts").cli_contacts.register(main)  # contacts import, invite
+__import__("gateway.cli_campaigns").cli_campaigns.register(main)  # lifecycle, tokens, audit
 
 
 if __name__ == "__main__":

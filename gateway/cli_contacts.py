@@ -10,6 +10,7 @@ import click
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from gateway.campaigns import audit, cli_actor
 from gateway.contacts import ContactFileError, import_contacts, read_file
 from gateway.crypto import NumberBox
 from gateway.db import make_engine
@@ -51,6 +52,10 @@ def contacts_import(ctx: click.Context, path: Path, slug: str, as_json: bool) ->
                                      progress=bar.update)
     except ContactFileError as exc:
         raise click.ClickException(f"{path}: {exc}") from None
+    with Session(engine) as db, db.begin():
+        audit(db, cli_actor(), "contacts.import", slug,
+              after={"file": path.name, "rows": result.rows, "imported": result.imported,
+                     "rejected": len(result.rejected)})
     if as_json:
         click.echo(json.dumps(result.as_dict()))
         return
@@ -84,6 +89,8 @@ def invite_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
             result = invite(engine, connect(settings), slug, progress=bar.update)
     except InvitationError as exc:
         raise click.ClickException(str(exc)) from None
+    with Session(engine) as db, db.begin():
+        audit(db, cli_actor(), "campaign.invite", slug, after=result.as_dict())
     if as_json:
         click.echo(json.dumps(result.as_dict()))
     else:

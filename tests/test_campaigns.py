@@ -1,0 +1,100 @@
+"""Campaign lifecycle, questionnaire versions, tokens and the audit log, from the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from gateway.campaigns import hash_token
+from gateway.models import ApiToken, Channel
+
+SHIPPED = Path(__file__).parents[1] / "questionnaires" / "sdg1662.md"
+
+
+def run(env: dict[str, str], *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main_group(), list(args), env=env)
+    return result.exit_code, result.output
+
+
+def main_group():  # type: ignore[no-untyped-def]
+    from gateway.cli import main
+
+    return main
+
+
+def test_questionnaire_versions_are_immutable_and_listed(env: dict[str, str], engine: Engine,
+                                                         tmp_path: Path) -> None:
+    """Loading stores a version by content hash; loading it again is a no-op; a changed
+    form is a new version; a bad form is refused with sheet, row and column."""
+    code, out = run(env, "questionnaire", "load", str(SHIPPED), "--json")
+    first = json.loads(out)
+    assert code == 0 and first["new"] is True and first["questions"] == 43
+    assert json.loads(run(env, "questionnaire", "load", str(SHIPPED), "--json")[1])["new"] is False
+    changed = tmp_path / "v2.md"
+    changed.write_text(SHIPPED.read_text().replace("How old are you?", "Your age?"))
+    second = json.loads(run(env, "questionnaire", "load", str(changed), "--json")[1])
+    assert second["version"] != first["version"]
+    listed = json.loads(run(env, "questionnaire", "list", "--json")[1])
+    assert [q["version"] for q in listed] == [first["version"], second["version"]]
+    assert listed[0]["languages"] == ["English (en)", "Twi (tw)"]
+    bad = tmp_path / "bad.md"
+    bad.write_text("| survey |\n|  | type | name | label |\n|  | geopoint | where | Where? |\n")
+    code, out = run(env, "questionnaire", "load", str(bad))
+    assert code == 1 and "sheet 'survey', row 2, column 'type'" in out
+
+
+def test_campaign_lifecycle_and_audit(env: dict[str, str], engine: Engine,
+                                      channel: Channel) -> None:
+    """draft -> open -> paused -> open -> closed; impossible moves say what is allowed;
+    a code bound to another open campaign blocks opening; everything is audited."""
+    version = json.loads(run(env, "questionnaire", "load", str(SHIPPED), "--json")[1])["version"]
+    code, out = run(env, "campaign", "create", "volta-2027", "--name", "Volta 2027",
+                    "--questionnaire", version, "--target-size", "800", "--json")
+    assert code == 0 and json.loads(out)["state"] == "draft"
+    assert "already exists" in run(env, "campaign", "create", "volta-2027", "--name", "x",
+                                   "--questionnaire", version)[1]
+    assert "no questionnaire version" in run(env, "campaign", "create", "x2", "--name", "x",
+                                             "--questionnaire", "nope")[1]
+    code, out = run(env, "channels", "add", "--provider", "africastalking", "--kind", "ussd",
+                    "--address", "*920*16#", "--campaign", "volta-2027")
+    assert code == 0
+    code, out = run(env, "campaign", "open", "volta-2027")
+    assert code == 1 and "bound to open campaign sdg1662" in out
+    assert run(env, "campaign", "close", "sdg1662")[0] == 0
+    for verb, state in [("open", "open"), ("pause", "paused"), ("open", "open"),
+                        ("close", "closed")]:
+        code, out = run(env, "campaign", verb, "volta-2027", "--json")
+        assert code == 0 and json.loads(out)["state"] == state, out
+    code, out = run(env, "campaign", "open", "volta-2027")
+    assert code == 1 and "closed: it can go to nothing" in out
+    listed = {c["slug"]: c["state"] for c in json.loads(run(env, "campaign", "list",
+                                                            "--json")[1])}
+    assert listed == {"sdg1662": "closed", "volta-2027": "closed"}
+    status = json.loads(run(env, "campaign", "status", "volta-2027", "--json")[1])
+    assert status["interviews_started"] == 0
+    log = json.loads(run(env, "audit", "--json", "--limit", "100")[1])
+    actions = [(e["action"], e["target"]) for e in reversed(log)]
+    assert ("campaign.create", "volta-2027") in actions
+    assert actions.count(("campaign.open", "volta-2027")) == 2
+    assert ("channel.add", "africastalking/ussd/*920*16#") in actions
+    pause = next(e for e in log if e["action"] == "campaign.pause")
+    assert (pause["before"]["state"], pause["after"]["state"]) == ("open", "paused")
+    assert all(e["actor"].startswith("cli") for e in log)
+
+
+@pytest.mark.parametrize("role", ["admin", "coordinator", "viewer"])
+def test_tokens_are_stored_hashed(env: dict[str, str], engine: Engine, role: str) -> None:
+    """A token is shown once and only its hash is stored."""
+    code, out = run(env, "token", "create", "--role", role, "--name", "district office")
+    token = out.strip()
+    assert code == 0 and token.startswith("cd_") and len(token) > 40
+    with Session(engine) as db:
+        row = db.scalar(select(ApiToken))
+    assert row is not None and row.role == role and row.token_hash == hash_token(token)
+    assert token not in json.dumps(json.loads(run(env, "token", "list", "--json")[1]))
+    assert run(env, "token", "create", "--role", "root", "--name", "x")[0] == 2
