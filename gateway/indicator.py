@@ -572,30 +572,34 @@ def rake_many(base: NDArray[np.float64], codes: Sequence[NDArray[np.int64]],
     total = float(targets[0].sum()) if targets else 1.0
     units = base.sum(axis=1)
     w = np.repeat(np.where(units > 0, total / np.maximum(units, 1e-300), 1.0)[:, None],
-                  n_cells, axis=1)
-    onehots = []
+                  n_cells, axis=1).astype(np.float64)
+    plan = []
     for code, target in zip(codes, targets, strict=True):
         onehot = np.zeros((n_cells, len(target)))
         known = code >= 0
         onehot[np.nonzero(known)[0], code[known]] = 1.0
-        onehots.append((onehot, known, target / target.sum()))
+        plan.append((onehot, np.maximum(code, 0), np.nonzero(~known)[0], target / target.sum()))
     for _sweep in range(max_iter):
         moved = 0.0
-        for onehot, known, share_k in onehots:
+        for onehot, idx, unknown, share_k in plan:
             nw = base * w
             have = nw @ onehot
-            want = share_k[None, :] * np.maximum(total - nw[:, ~known].sum(axis=1), 0)[:, None]
+            rest = total - nw[:, unknown].sum(axis=1)
+            want = share_k[None, :] * np.maximum(rest, 0)[:, None]
             factor = np.divide(want, have, out=np.ones_like(want), where=have > 0)
             if (have > 0).any():
                 moved = max(moved, float(np.abs(factor - 1)[have > 0].max()))
-            w = w * np.where(known[None, :], factor @ onehot.T, 1.0)
+            per_cell = factor[:, idx]
+            if len(unknown):
+                per_cell[:, unknown] = 1.0  # unknown on this variable: weight kept
+            w *= per_cell
         over_cap = False
         if cap_ratio and cap_ratio > 0:
             cap = cap_ratio * (base * w).sum(axis=1) / np.maximum(units, 1e-300)
             over = (w > cap[:, None] * (1 + tol)) & (base > 0)
             if over.any():
                 over_cap = True
-                w = np.minimum(w, cap[:, None])
+                np.minimum(w, cap[:, None], out=w)
         if moved < tol and not over_cap:
             break
     return w

@@ -113,9 +113,10 @@ def fetch_patterns(engine: Engine, campaign_id: int) -> Patterns:
             conn.execute(text("SET LOCAL work_mem = '64MB'"))
         rows = conn.execute(pattern_query(campaign_id)).all()
     # A stable order: the same data gives the same arrays (and bootstrap) on any back-end.
-    rows.sort(key=lambda r: tuple("" if v is None else str(v) for v in r))
+    rows.sort(key=lambda r: "\x1f".join(["" if v is None else str(v) for v in r]))
     names = (*PROFILE, *OUTCOMES, "disability", "completed", "n")
-    cols = {name: [r[k] for r in rows] for k, name in enumerate(names)}
+    cols = dict(zip(names, (list(c) for c in zip(*rows, strict=True)), strict=True)) if rows \
+        else {name: [] for name in names}
     profile = {v: [None if x in NOT_STATED else x for x in cols[v]]
                for v in (*PROFILE, "disability")}
     return Patterns(

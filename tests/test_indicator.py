@@ -21,6 +21,7 @@ from gateway.indicator import (
     estimate,
     kish,
     rake,
+    rake_many,
     read_margins,
     share,
     suppress,
@@ -152,6 +153,19 @@ def test_trimming_caps_extreme_weights() -> None:
     assert capped.converged
     assert capped.max_weight_ratio <= 3.0 * 1.001
     assert capped.max_margin_error < 1e-6
+
+
+def test_batched_raking_equals_one_at_a_time() -> None:
+    """rake_many (all bootstrap replicates at once) gives each replicate rake's weights."""
+    counts, codes, targets = _raking_problem(3, missing=True)
+    rng = np.random.default_rng(5)
+    base = np.stack([rng.poisson(counts).astype(float) for _ in range(4)])
+    many = rake_many(base, codes, targets, cap_ratio=4.0, tol=1e-10)
+    for r in range(4):
+        one = rake(base[r], codes, targets, cap_ratio=4.0)
+        assert one.converged and one.trimmed_cells > 0
+        seen = base[r] > 0
+        assert np.allclose(many[r][seen], one.weights[seen], rtol=1e-6)
 
 
 def test_raking_with_unknown_sex_keeps_the_share_among_the_known() -> None:
