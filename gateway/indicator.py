@@ -738,7 +738,8 @@ def suppress(cells: list[Cell], params: Params) -> None:
     while changed:
         changed = False
         for rel in rels:
-            members = [by_key[k] for k in rel if k in by_key]
+            # A cell without a valid answer has no value that could be derived.
+            members = [by_key[k] for k in rel if k in by_key and by_key[k].n > 0]
             hidden = [c for c in members if c.hidden]
             if len(hidden) == 1:
                 shown = [c for c in members if not c.hidden]

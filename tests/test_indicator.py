@@ -328,3 +328,16 @@ def test_simulation_raking_reduces_bias_and_ci_covers() -> None:
     assert abs(np.mean(err_raked)) < abs(np.mean(err_unw)) / 5
     assert math.sqrt(np.mean(np.square(err_raked))) < math.sqrt(np.mean(np.square(err_unw)))
     assert covered / reps >= 0.93
+
+
+def test_a_cell_with_only_dont_knows_does_not_force_secondary_suppression() -> None:
+    """A group that answered only "don't know" has no share to protect: nothing else hides."""
+    def c(group: str, n: int, n_dk: int = 0, breakdown: str = "sex") -> Cell:
+        est = 0.5 if n else None
+        return Cell("health", "satisfied", breakdown, group, n, n_dk, est, est, est, est,
+                    float(n), 1.0)
+
+    cells = [c("_T", 400, 3, "total"), c("female", 200), c("male", 200), c("unknown", 0, 3)]
+    suppress(cells, Params())
+    assert {x.group: x.status for x in cells} == {
+        "_T": "published", "female": "published", "male": "published", "unknown": "suppressed"}
