@@ -5,11 +5,17 @@ a PostgreSQL database of its own, `civicdial_tallybench` (dropped and created), 
 in the same run: a bare `SELECT count(*) FROM answers`, the SQL aggregation alone, the
 statistics alone, and the full tally (aggregation, raking, CIs, bootstrap, suppression,
 snapshot). Nothing is asserted; the goal (full tally <= 3 s) is printed with PASS/MISS.
+
+`--coverage N` instead runs the heavy version of the simulation test: N biased samples
+(over-urban, over-male) from a synthetic population whose satisfaction differs by region and
+sex, with attribute answers correlated within a person; it reports how often the bootstrap
+CI of the attribute index and the Wilson CI of 'satisfied' cover the truth.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -17,6 +23,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import psycopg
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -24,7 +31,7 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gateway.cli import bootstrap, shipped_questionnaire  # noqa: E402
-from gateway.indicator import AREAS, Params, estimate  # noqa: E402
+from gateway.indicator import AREAS, Params, Patterns, choice_name, estimate  # noqa: E402
 from gateway.tally import default_margins, fetch_patterns, run_tally  # noqa: E402
 
 SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -127,6 +134,63 @@ def timed(fn, repeat: int) -> tuple[float, float]:  # type: ignore[no-untyped-de
     return min(times), statistics.median(times)
 
 
+def coverage(reps: int, n: int, replicates: int, seed: int) -> None:
+    """Coverage of the index bootstrap CI and the satisfied Wilson CI over biased samples."""
+    margins = default_margins()
+    variables = ["region", "sex", "residence", "age"]
+    cats = [[r.category for r in margins.categories(v)] for v in variables]
+    shares = [np.array([r.population for r in margins.categories(v)]) for v in variables]
+    shares = [s / s.sum() for s in shares]
+    grid = np.array(np.meshgrid(*[np.arange(len(c)) for c in cats],
+                                indexing="ij")).reshape(4, -1)
+    pop = np.prod([shares[i][grid[i]] for i in range(4)], axis=0)
+    male, urban = grid[1] == 0, grid[2] == 0
+    logit = (np.linspace(-1, 1, len(cats[0]))[grid[0]] + np.where(male, -0.5, 0.3)
+             + np.where(urban, -0.3, 0))
+    offsets = np.array([-0.4, 0.0, 0.3, -0.2, 0.5])
+    p_attr = 1 / (1 + np.exp(-(logit[:, None] + offsets[None, :])))
+    p_sat = 1 / (1 + np.exp(-logit))
+    truth_index = float((pop[:, None] * p_attr).sum(axis=0).mean())
+    truth_sat = float((pop * p_sat).sum())
+    select = pop * np.where(urban, 2.5, 1) * np.where(male, 2, 1)
+    select /= select.sum()
+    rng = np.random.default_rng(seed)
+    attrs = AREAS["health"][1]
+    normal_cdf = np.vectorize(lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2))))
+    covered_index = covered_sat = 0
+    errors, widths = [], []
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        cell = rng.choice(len(pop), size=n, p=select)
+        person = rng.normal(size=n)  # answers of one person go together
+        profile = {"region": [choice_name(cats[0][grid[0][c]]) for c in cell],
+                   "sex": ["male" if male[c] else "female" for c in cell],
+                   "urban": ["urban" if urban[c] else "rural" for c in cell],
+                   "age": [choice_name(cats[3][grid[3][c]]) for c in cell],
+                   "income": ["coping"] * n, "disability": ["no"] * n}
+        answers: dict[str, list[str | None]] = {}
+        for j, q in enumerate(attrs):
+            u = normal_cdf(0.7 * person + math.sqrt(1 - 0.49) * rng.normal(size=n))
+            answers[q] = ["a" if u[k] < p_attr[cell[k], j] else "d" for k in range(n)]
+        answers["h_sat"] = ["s" if rng.random() < p_sat[c] else "d" for c in cell]
+        sample = Patterns(np.ones(n, dtype=np.int64), np.ones(n, dtype=bool), profile, answers)
+        tally = estimate(sample, margins, Params(replicates=replicates,
+                                                 seed=int(rng.integers(1 << 30))))
+        index, sat = tally.cell("health", "index"), tally.cell("health", "satisfied")
+        assert index.ci_low is not None and index.ci_high is not None and index.estimate
+        assert sat.ci_low is not None and sat.ci_high is not None
+        covered_index += index.ci_low <= truth_index <= index.ci_high
+        covered_sat += sat.ci_low <= truth_sat <= sat.ci_high
+        errors.append(index.estimate - truth_index)
+        widths.append(index.ci_high - index.ci_low)
+    print(f"samples {reps} of n={n}, {replicates} bootstrap replicates, "
+          f"{time.perf_counter() - t0:.1f} s")
+    print(f"attribute index: coverage {covered_index / reps:.3f}, bias {np.mean(errors):+.4f}, "
+          f"rmse {math.sqrt(np.mean(np.square(errors))):.4f}, mean CI width "
+          f"{np.mean(widths):.4f}")
+    print(f"satisfied (Wilson, Kish n_eff): coverage {covered_sat / reps:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--server", default=SERVER, help="PostgreSQL server URL (any database)")
@@ -135,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicates", type=int, default=Params.replicates,
                     help="bootstrap replicates for the attribute index")
     ap.add_argument("--seed", type=int, default=1662)
+    ap.add_argument("--coverage", type=int, default=0, metavar="N",
+                    help="run the CI coverage simulation with N samples instead")
+    ap.add_argument("--sample-size", type=int, default=1500, help="for --coverage")
     args = ap.parse_args(argv)
+    if args.coverage:
+        coverage(args.coverage, args.sample_size, args.replicates, args.seed)
+        return 0
 
     url = fresh_database(args.server)
     engine = create_engine(url)
