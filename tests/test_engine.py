@@ -198,11 +198,15 @@ SCRIPTS = [
         Turn("2", "Mpen ahe na wokoo dokota?", events=("answer color=blue",)),
         Turn("51", "Kyerew 0 kosi 50.\nMpen ahe na wokoo dokota?"),
     )),
+    Script("language by name or code", (
+        OPEN,
+        Turn("twi", "Wobeka ho?", question="consent"),
+    )),
     Script("language: invalid choices re-ask, third ends", (
         OPEN,
         Turn("3", f"{BAD_CHOICE}\nLanguage / Kasa:\n1 English\n2 Twi", stage=Stage.LANGUAGE),
         Turn("0", f"{BAD_CHOICE}\nLanguage / Kasa:", stage=Stage.LANGUAGE),
-        Turn("English", TOO_MANY, end=True),
+        Turn("Ewe", TOO_MANY, end=True),
         # Nothing was kept before consent: a new dial simply starts again.
         Turn(None, "Language / Kasa:", stage=Stage.LANGUAGE, new_interview="B", interview="B"),
         Turn("1", "Join the survey?", question="consent", interview="B"),

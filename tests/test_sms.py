@@ -614,3 +614,14 @@ def test_rate_limit_token_bucket(redis_client: redis.Redis) -> None:
     assert int(take(keys=["cd:rate:2"], args=[1, 1])) == 0
     wait_for_token(redis_client, "cd:", 3, 0)  # unthrottled: returns without touching Redis
     assert not redis_client.exists("cd:rate:3")
+
+
+def test_sweep_leaves_waiting_jobs_alone(sms: SmsChannels, engine: Engine,
+                                        redis_client: redis.Redis, settings) -> None:  # type: ignore[no-untyped-def]
+    """A throttled backlog is not enqueued again by every sweep; a lost job is."""
+    queue_messages(engine, settings, sms.at, 5)
+    assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 5
+    assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 0
+    assert redis_client.llen("rq:queue:civicdial-sms-bulk") == 5
+    redis_client.delete("rq:queue:civicdial-sms-bulk", "cd:sendq:1")  # a job lost with a worker
+    assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 1

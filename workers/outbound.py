@@ -28,7 +28,7 @@ from gateway.config import Settings, load_settings
 from gateway.crypto import NumberBox
 from gateway.db import shared_engine
 from gateway.models import Channel, OutboundMessage
-from gateway.redis_conn import connect
+from gateway.redis_conn import shared_redis
 from gateway.sessions import SessionStore
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,15 @@ def queue_for(client: redis.Redis, priority: int) -> Queue:
     return Queue(INTERACTIVE_QUEUE if priority == 0 else BULK_QUEUE, connection=client)
 
 
+def pending_key(prefix: str, message_id: int) -> str:
+    """Set while a send job for the message waits in a queue (cleared when it starts), so
+    the sweeper does not enqueue a throttled backlog again."""
+    return f"{prefix}sendq:{message_id}"
+
+
 def enqueue_send(client: redis.Redis, message_id: int, priority: int,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, prefix: str = "cd:") -> None:
+    client.set(pending_key(prefix, message_id), "1", ex=7 * 86400)
     queue = queue_for(client, priority)
     if delay > 0:
         queue.enqueue_in(timedelta(seconds=delay), send_message, message_id, result_ttl=0)
@@ -102,7 +109,9 @@ def _set(engine: Engine, message_id: int, **values: Any) -> None:
 def send_message(message_id: int) -> str:
     """RQ job: send one queued message; returns the status it leaves the row in."""
     settings = load_settings()
-    return _send(settings, shared_engine(settings), connect(settings), message_id)
+    client = shared_redis(settings)
+    client.delete(pending_key(settings.redis_prefix, message_id))
+    return _send(settings, shared_engine(settings), client, message_id)
 
 
 def _send(settings: Settings, engine: Engine, client: redis.Redis, message_id: int) -> str:
@@ -145,7 +154,7 @@ def _send(settings: Settings, engine: Engine, client: redis.Redis, message_id: i
         if exc.retry and attempts <= settings.send_retries:
             _set(engine, message_id, status="queued", error=str(exc))
             delay = settings.send_backoff_seconds * 2 ** (attempts - 1)
-            enqueue_send(client, message_id, priority, delay)
+            enqueue_send(client, message_id, priority, delay, settings.redis_prefix)
             log.info("message %d: %s; retry %d in %.1fs", message_id, exc, attempts, delay)
             return "queued"
         final = "unknown" if exc.failure is Failure.BAD_RESPONSE else "failed"
@@ -169,10 +178,16 @@ def sweep(settings: Settings, engine: Engine, client: redis.Redis,
         stuck = db.scalars(select(OutboundMessage.id).where(
             OutboundMessage.status == "sending",
             OutboundMessage.updated_at < now - stuck_after)).all()
-    for message_id, priority in stale:
+    waiting = client.mget([pending_key(settings.redis_prefix, m) for m, _ in stale]) \
+        if stale else []
+    requeued = 0
+    for (message_id, priority), in_queue in zip(stale, waiting, strict=True):
+        if in_queue:  # its job is still waiting its turn (a throttled backlog)
+            continue
         _set(engine, message_id, status="queued")  # touch: not swept again at once
-        enqueue_send(client, message_id, priority)
+        enqueue_send(client, message_id, priority, prefix=settings.redis_prefix)
+        requeued += 1
     for message_id in stuck:
         _set(engine, message_id, status="unknown",
              error="stuck in sending (worker died?); not resent to avoid a duplicate")
-    return len(stale)
+    return requeued

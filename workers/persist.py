@@ -31,7 +31,7 @@ from gateway.models import (
     OutboundMessage,
     UssdSessionEnd,
 )
-from gateway.sessions import GROUP
+from gateway.sessions import GROUP, STREAM
 from workers.outbound import enqueue_send
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,8 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
         # Enqueued before the ack: if we die in between, the batch is rewritten (no new
         # rows, so nothing enqueued twice) and the sweeper finds any row left unqueued.
         for message_id, priority in created:
-            enqueue_send(client, message_id, priority)
+            # The stream is "<prefix>events": its keys and the queue markers share a prefix.
+            enqueue_send(client, message_id, priority, prefix=stream.removesuffix(STREAM))
         pipe = client.pipeline(transaction=True)
         pipe.xack(stream, GROUP, *ids)
         pipe.xdel(stream, *ids)

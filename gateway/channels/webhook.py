@@ -6,7 +6,7 @@ import logging
 import re
 from urllib.parse import parse_qsl
 
-from flask import Request, Response
+from flask import Request, Response, current_app
 
 log = logging.getLogger("civicdial.webhooks")
 
@@ -39,7 +39,9 @@ def parse_pairs(request: Request) -> list[tuple[str, str]]:
     mimetype = request.mimetype or "application/x-www-form-urlencoded"
     if mimetype != "application/x-www-form-urlencoded":
         raise WebhookError(415, f"expected application/x-www-form-urlencoded, got {mimetype}")
-    raw = request.get_data(cache=False)  # 413 past MAX_CONTENT_LENGTH
+    # Webhook bodies are small; refuse big ones before reading them (413).
+    request.max_content_length = current_app.extensions["civicdial"].settings.max_body_bytes
+    raw = request.get_data(cache=False)
     try:
         body = raw.decode("utf-8")
         pairs = parse_qsl(body, keep_blank_values=True, encoding="utf-8", errors="strict")

@@ -1,0 +1,339 @@
+"""Coordinator JSON API under /api/v1 (bearer tokens, roles), described at
+/api/v1/openapi.json. It mirrors the CLI and shares its code (gateway.campaigns,
+gateway.contacts, gateway.invitations); each change is one transaction with its audit entry.
+
+Roles: admin (everything, tokens, audit) > coordinator (campaigns, contacts, invitations) >
+viewer (read-only; never a phone number).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, request
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from werkzeug.exceptions import HTTPException
+
+from gateway.admin.openapi import OPENAPI
+from gateway.campaigns import (
+    CampaignError,
+    audit,
+    campaign_view,
+    create_campaign,
+    create_token,
+    get_campaign,
+    hash_token,
+    load_version,
+    transition,
+)
+from gateway.contacts import ContactFileError, import_contacts
+from gateway.invitations import InvitationError, invite
+from gateway.models import (
+    ApiToken,
+    AuditEntry,
+    CampaignContact,
+    Contact,
+    OptOut,
+    QuestionnaireVersion,
+)
+from gateway.questionnaire import FormError, load_questionnaire
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+RANK = {"viewer": 0, "coordinator": 1, "admin": 2}
+MAX_UPLOAD = 50 * 1024 * 1024  # a 100k-row contact CSV is ~5 MB
+MAX_INT = 2**31 - 1  # SQL INTEGER
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data, default=str), status=status, mimetype="application/json")
+
+
+@bp.errorhandler(ApiError)
+def _api_error(exc: ApiError) -> Response:
+    return _json({"error": exc.message}, exc.status)
+
+
+@bp.errorhandler(CampaignError)
+def _campaign_error(exc: CampaignError) -> Response:
+    status = 404 if str(exc).startswith("no campaign") else 409
+    return _json({"error": str(exc)}, status)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    return _json({"error": exc.description or exc.name}, exc.code or 400)
+
+
+def _engine() -> Any:
+    return current_app.extensions["civicdial"].engine
+
+
+def requires(role: str) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
+    """Bearer token with at least `role`: 401 without a valid token, 403 below the role."""
+    def decorate(view: Callable[..., Response]) -> Callable[..., Response]:
+        @wraps(view)
+        def wrapped(*args: Any, **kwargs: Any) -> Response:
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise ApiError(401, "send Authorization: Bearer <token>")
+            with Session(_engine()) as db:
+                row = db.scalar(select(ApiToken).where(
+                    ApiToken.token_hash == hash_token(token.strip()),
+                    ApiToken.revoked_at.is_(None)))
+            if row is None:
+                raise ApiError(401, "unknown or revoked token")
+            if RANK[row.role] < RANK[role]:
+                raise ApiError(403, f"this needs the {role} role; the token is {row.role}")
+            g.role, g.actor = row.role, f"token:{row.name}"
+            return view(*args, **kwargs)
+        return wrapped
+    return decorate
+
+
+def _body(fields: dict[str, type | tuple[type, ...]], required: set[str]) -> dict[str, Any]:
+    """A JSON object with only these fields, of these types."""
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise ApiError(400, "send a JSON object with Content-Type: application/json")
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ApiError(422, f"unknown field(s): {', '.join(sorted(unknown))}")
+    missing = required - set(data)
+    if missing:
+        raise ApiError(422, f"missing field(s): {', '.join(sorted(missing))}")
+    for name, value in data.items():
+        expected = fields[name]
+        if isinstance(value, bool) and bool not in (
+                expected if isinstance(expected, tuple) else (expected,)):
+            raise ApiError(422, f"{name} has the wrong type")
+        if not isinstance(value, expected):
+            raise ApiError(422, f"{name} has the wrong type")
+        if isinstance(value, str) and (len(value) > 300 or any(ord(c) < 32 for c in value)):
+            raise ApiError(422, f"{name}: at most 300 characters, no control characters")
+        if isinstance(value, int) and not 0 <= value <= MAX_INT:
+            raise ApiError(422, f"{name} must be between 0 and {MAX_INT}")
+    return data
+
+
+def _upload() -> tuple[bytes, str]:
+    """A file from multipart field 'file'."""
+    if request.content_length and request.content_length > MAX_UPLOAD:
+        raise ApiError(413, "file too large")
+    file = request.files.get("file")
+    if file is None:
+        raise ApiError(400, "send the file as multipart/form-data field 'file'")
+    return file.read(), file.filename or "upload"
+
+
+def _page() -> tuple[int, int]:
+    try:
+        page = int(request.args.get("page", "1"))
+        per_page = int(request.args.get("per_page", "50"))
+    except ValueError:
+        raise ApiError(422, "page and per_page must be whole numbers") from None
+    if not 1 <= page <= 1_000_000 or not 1 <= per_page <= 500:
+        raise ApiError(422, "1 <= page <= 1000000 and 1 <= per_page <= 500")
+    return page, per_page
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """The API description (no token needed)."""
+    return _json(OPENAPI)
+
+
+@bp.get("/questionnaires")
+@requires("viewer")
+def list_questionnaires() -> Response:
+    with Session(_engine()) as db:
+        rows = db.scalars(select(QuestionnaireVersion).order_by(
+            QuestionnaireVersion.created_at)).all()
+        return _json([{"version": q.version, "title": q.title, "form_id": q.form_id,
+                       "languages": q.languages.split(","), "questions": q.question_count}
+                      for q in rows])
+
+
+@bp.post("/questionnaires")
+@requires("coordinator")
+def upload_questionnaire() -> Response:
+    data, filename = _upload()
+    try:
+        form = load_questionnaire(data, filename)
+    except FormError as exc:
+        return _json({"error": exc.message, "sheet": exc.sheet, "row": exc.row,
+                      "column": exc.column}, 422)
+    with Session(_engine()) as db, db.begin():
+        _, new = load_version(db, form, g.actor)
+    return _json({"version": form.version, "new": new, "title": form.title,
+                  "languages": [lang.key for lang in form.languages],
+                  "questions": form.asked}, 201 if new else 200)
+
+
+@bp.get("/campaigns")
+@requires("viewer")
+def list_campaigns() -> Response:
+    from gateway.models import Campaign
+
+    with Session(_engine()) as db:
+        return _json([campaign_view(c) for c in db.scalars(
+            select(Campaign).order_by(Campaign.id))])
+
+
+@bp.post("/campaigns")
+@requires("coordinator")
+def new_campaign() -> Response:
+    body = _body({"slug": str, "name": str, "questionnaire_version": str,
+                  "target_size": int}, {"slug", "name", "questionnaire_version"})
+    with Session(_engine(), expire_on_commit=False) as db, db.begin():
+        try:
+            campaign = create_campaign(db, g.actor, body["slug"], body["name"],
+                                       body["questionnaire_version"], body.get("target_size"))
+        except CampaignError as exc:
+            raise ApiError(409 if "exists" in str(exc) else 422, str(exc)) from None
+        return _json(campaign_view(campaign), 201)
+
+
+@bp.get("/campaigns/<slug>")
+@requires("viewer")
+def show_campaign(slug: str) -> Response:
+    with Session(_engine()) as db:
+        return _json(campaign_view(get_campaign(db, slug)))
+
+
+@bp.post("/campaigns/<slug>/<any(open, pause, close):verb>")
+@requires("coordinator")
+def move_campaign(slug: str, verb: str) -> Response:
+    to = {"open": "open", "pause": "paused", "close": "closed"}[verb]
+    with Session(_engine(), expire_on_commit=False) as db, db.begin():
+        return _json(campaign_view(transition(db, g.actor, slug, to)))
+
+
+@bp.get("/campaigns/<slug>/stats")
+@requires("viewer")
+def campaign_stats(slug: str) -> Response:
+    from gateway.cli import campaign_status
+
+    services = current_app.extensions["civicdial"]
+    report = campaign_status(services.engine, services.store)
+    match = [c for c in report["campaigns"] if c["slug"] == slug]
+    if not match:
+        raise ApiError(404, f"no campaign {slug!r}")
+    return _json(match[0])
+
+
+@bp.post("/campaigns/<slug>/contacts")
+@requires("coordinator")
+def upload_contacts(slug: str) -> Response:
+    services = current_app.extensions["civicdial"]
+    with Session(services.engine) as db:
+        campaign_id = get_campaign(db, slug).id
+    data, _ = _upload()
+    try:
+        result = import_contacts(services.engine, campaign_id, data,
+                                 pseudonym_key=services.settings.pseudonym_key, box=services.box,
+                                 default_region=services.settings.default_region)
+    except ContactFileError as exc:
+        raise ApiError(422, str(exc)) from None
+    with Session(services.engine) as db, db.begin():
+        audit(db, g.actor, "contacts.import", slug,
+              after={"rows": result.rows, "imported": result.imported,
+                     "rejected": len(result.rejected)})
+    return _json(result.as_dict())
+
+
+@bp.post("/campaigns/<slug>/invitations")
+@requires("coordinator")
+def send_invitations(slug: str) -> Response:
+    services = current_app.extensions["civicdial"]
+    with Session(services.engine) as db:
+        get_campaign(db, slug)
+    try:
+        result = invite(services.engine, services.redis, slug,
+                        prefix=services.settings.redis_prefix)
+    except InvitationError as exc:
+        raise ApiError(409, str(exc)) from None
+    with Session(services.engine) as db, db.begin():
+        audit(db, g.actor, "campaign.invite", slug, after=result.as_dict())
+    return _json(result.as_dict(), 202)
+
+
+@bp.get("/contacts")
+@requires("viewer")
+def list_contacts() -> Response:
+    page, per_page = _page()
+    services = current_app.extensions["civicdial"]
+    with Session(services.engine) as db:
+        total = db.scalar(select(func.count()).select_from(Contact)) or 0
+        rows = db.execute(
+            select(Contact, OptOut.respondent.label("stopped"))
+            .outerjoin(OptOut, OptOut.respondent == Contact.respondent)
+            .order_by(Contact.id).offset((page - 1) * per_page).limit(per_page)).all()
+        campaigns: dict[int, list[int]] = {}
+        for cc in db.scalars(select(CampaignContact).where(
+                CampaignContact.contact_id.in_([c.id for c, _ in rows]))):
+            campaigns.setdefault(cc.contact_id, []).append(cc.campaign_id)
+    items = []
+    for contact, stopped in rows:
+        item = {"id": contact.id, "pseudonym": contact.respondent,
+                "language": contact.language, "region": contact.region,
+                "attributes": json.loads(contact.attributes or "{}"),
+                "opted_out": stopped is not None,
+                "campaigns": sorted(campaigns.get(contact.id, []))}
+        if g.role != "viewer":  # viewers never see a number
+            item["phone"] = services.box.open(contact.recipient)
+        items.append(item)
+    return _json({"page": page, "per_page": per_page, "total": total, "items": items})
+
+
+@bp.post("/contacts/<int:contact_id>/opt-out")
+@requires("coordinator")
+def opt_out(contact_id: int) -> Response:
+    from datetime import UTC, datetime
+
+    services = current_app.extensions["civicdial"]
+    with Session(services.engine) as db, db.begin():
+        contact = db.get(Contact, contact_id) if contact_id <= MAX_INT else None
+        if contact is None:
+            raise ApiError(404, f"no contact {contact_id}")
+        respondent = contact.respondent
+        if db.get(OptOut, respondent) is None:
+            db.add(OptOut(respondent=respondent, at=datetime.now(UTC)))
+            audit(db, g.actor, "contact.opt_out", str(contact_id))
+    # The hop and the send jobs read opt-outs from Redis.
+    services.store.r.set(services.store.optout_key(respondent), "1")
+    return _json({"id": contact_id, "opted_out": True})
+
+
+@bp.get("/audit")
+@requires("admin")
+def audit_log() -> Response:
+    page, per_page = _page()
+    with Session(_engine()) as db:
+        rows = db.scalars(select(AuditEntry).order_by(AuditEntry.id.desc())
+                          .offset((page - 1) * per_page).limit(per_page)).all()
+        return _json([{"at": a.at, "actor": a.actor, "action": a.action, "target": a.target,
+                       "before": json.loads(a.before) if a.before else None,
+                       "after": json.loads(a.after) if a.after else None} for a in rows])
+
+
+@bp.post("/tokens")
+@requires("admin")
+def new_token() -> Response:
+    body = _body({"name": str, "role": str}, {"name", "role"})
+    with Session(_engine()) as db, db.begin():
+        try:
+            token = create_token(db, g.actor, body["name"], body["role"])
+        except CampaignError as exc:
+            raise ApiError(422, str(exc)) from None
+    return _json({"token": token, "name": body["name"], "role": body["role"]}, 201)
