@@ -94,8 +94,9 @@ def tally_cmd(ctx: click.Context, campaign: str, margins_file: str | None, min_n
     click.echo(f"{camp.slug}: snapshot v{snap.version}, {snap.n_interviews} interviews "
                f"({snap.n_completed} completed). Experimental citizen data.")
     w = result["weighting"]
+    ratio = w.get("max_weight_ratio")
     click.echo(f"weighting: {w.get('method')}, converged={w.get('converged')}, "
-               f"max weight/mean={w.get('max_weight_ratio')}")
+               f"max weight/mean={'-' if ratio is None else f'{ratio:.2f}'}")
     click.echo(f"{'area':<10} {'measure':<10} {'%':>6} {'95% CI':>13} {'n':>6} "
                f"{'n_eff':>7} {'deff':>5} status")
     for c in result["cells"]:

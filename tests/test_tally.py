@@ -314,3 +314,16 @@ def test_cli_tally_in_the_background(env: dict[str, str], engine: Engine, channe
     with Session(engine) as db:
         snap = db.scalars(select(TallySnapshot)).one()
     assert json.loads(snap.params)["replicates"] == 10
+
+
+def test_cli_tally_table(env: dict[str, str], engine: Engine, channel: Channel) -> None:
+    """The plain `tally` output: the label, the weighting line and one row per total cell."""
+    load(engine, channel, 200, seed=14)
+    code, out = run(env, "tally", "sdg1662", "--replicates", "10")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert "Experimental citizen data" in lines[0]
+    assert "converged=True" in lines[1] and "max weight/mean=" in lines[1]
+    rows = [line for line in lines if line.startswith(("health ", "govt "))]
+    assert len(rows) == 14  # 5 attributes + satisfied + index, two areas
+    assert any(line.startswith("note: age margins are approximate") for line in lines)
