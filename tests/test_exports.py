@@ -142,6 +142,31 @@ def test_sdmx_structure_and_codes(tallied: dict[str, str], tmp_path: Path) -> No
     assert {"M"} <= {r["OBS_STATUS"] for r in rows} and "A" in {r["OBS_STATUS"] for r in rows}
 
 
+def test_sdmx_reads_back_with_pysdmx(tallied: dict[str, str], tmp_path: Path) -> None:
+    """A maintained SDMX library (pysdmx) reads our SDMX-CSV 1.0 back: one dataset of the
+    configured dataflow, every observation, the same values."""
+    from pysdmx.io.csv.sdmx10.reader import read
+
+    export(tallied, "sdmx", tmp_path / "s.csv", "--dataflow", "GH_GSS:DF_TEST(1.0)")
+    text = (tmp_path / "s.csv").read_text()
+    mine = list(csv.DictReader(text.splitlines()))
+    (dataset,) = read(text)
+    assert dataset.short_urn == "Dataflow=GH_GSS:DF_TEST(1.0)"
+    frame = dataset.data
+    assert len(frame) == len(mine)
+    key = DIMENSIONS[1:]  # DATAFLOW becomes the dataset's URN
+    assert set(key) <= set(frame.columns)
+    back = {tuple(str(row[d]) for d in key): str(row["OBS_VALUE"])
+            for row in frame.to_dict("records")}
+    assert len(back) == len(mine)
+    for row in mine:
+        value = back[tuple(row[d] for d in key)]
+        if row["OBS_VALUE"]:
+            assert float(value) == float(row["OBS_VALUE"])
+        else:
+            assert value in ("", "nan")
+
+
 def test_microdata_has_pseudonyms_and_no_numbers(tallied: dict[str, str], tmp_path: Path,
                                                  settings: Settings) -> None:
     """Microdata: answers with pseudonyms; no phone number, no encrypted number, no free text."""
