@@ -184,14 +184,19 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
                       "event_id": excluded.event_id, "answered_at": excluded.answered_at},
                 where=t.seq < excluded.seq,
             ), list(answers.values()))
-        for (campaign, respondent), opt_in in subscriptions.items():
-            conn.execute(delete(FeedbackSubscriber).where(
-                FeedbackSubscriber.campaign_id == campaign,
-                FeedbackSubscriber.respondent == respondent))
-            if opt_in is not None:
-                conn.execute(insert(FeedbackSubscriber).values(
-                    campaign_id=campaign, respondent=respondent, channel_id=opt_in.get("sch"),
-                    recipient=opt_in["to"], created_at=_ts(opt_in["t"])))
+        if subscriptions:
+            by_campaign: dict[int, list[str]] = {}
+            for campaign, respondent in subscriptions:
+                by_campaign.setdefault(campaign, []).append(respondent)
+            for campaign, respondents in by_campaign.items():
+                conn.execute(delete(FeedbackSubscriber).where(
+                    FeedbackSubscriber.campaign_id == campaign,
+                    FeedbackSubscriber.respondent.in_(respondents)))
+            opted_in = [{"campaign_id": c, "respondent": r, "channel_id": e.get("sch"),
+                         "recipient": e["to"], "created_at": _ts(e["t"])}
+                        for (c, r), e in subscriptions.items() if e is not None]
+            if opted_in:
+                conn.execute(insert(FeedbackSubscriber), opted_in)
         if withdrawn:
             # Withdrawing consent erases what was said, and any request for results.
             conn.execute(delete(FeedbackSubscriber).where(
