@@ -273,6 +273,8 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
             "sms_segments_per_interview": costs[c.questionnaire_version],
         } for c in campaigns],
         "events_waiting": store.waiting(),
+        # Malformed entries the worker set aside (see workers/persist.py); should stay 0.
+        "events_parked": int(store.r.xlen(f"{store.stream}:dead")),
     }
 
 

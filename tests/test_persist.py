@@ -243,3 +243,16 @@ def test_stream_entry_format_is_json(redis_client: redis.Redis, engine: Engine,
     push(redis_client, interview(engine, channel, "r1", ["1", "1"], "iv1"))
     (_, fields), *_ = redis_client.xrange(STREAM)
     assert json.loads(fields[b"e"])["k"] == "started"
+
+
+def test_a_malformed_entry_is_parked_not_blocking(engine: Engine, channel: Channel,
+                                                  redis_client: redis.Redis) -> None:
+    """One bad entry goes to the dead-letter stream; the good ones around it are written."""
+    good = interview(engine, channel, "r1", FULL, "iv1")
+    redis_client.xadd(STREAM, {"e": json.dumps({"k": "answer", "id": "broken"})})
+    push(redis_client, good)
+    assert drain(redis_client, engine, STREAM) == len(good) + 1
+    assert len(answers(engine)) == 24
+    (dead,) = redis_client.xrange(f"{STREAM}:dead")
+    assert b"broken" in dead[1][b"e"]
+    assert redis_client.xlen(STREAM) == 0

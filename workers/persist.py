@@ -247,8 +247,7 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
         if not entries:
             break
         ids = [entry_id for entry_id, _ in entries]
-        events = [json.loads(fields[b"e"]) for _, fields in entries if fields]
-        created = write_events(engine, events)
+        created = _write_batch(client, engine, stream, entries)
         # Enqueued before the ack: if we die in between, the batch is rewritten (no new
         # rows, so nothing enqueued twice) and the sweeper finds any row left unqueued.
         for message_id, priority in created:
@@ -262,6 +261,29 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
         batches += 1
         log.info("persisted %d events (%d this drain)", len(ids), total)
     return total
+
+
+_MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError)
+
+
+def _write_batch(client: redis.Redis, engine: Engine, stream: str,
+                 entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[int, int]]:
+    """Write a batch; if one entry is malformed, write the others one by one and park
+    the bad ones in `<stream>:dead` (with the error), so one poison entry cannot stall
+    every batch after it. Database errors are not caught: the batch is retried."""
+    try:
+        return write_events(engine, [json.loads(fields[b"e"]) for _, fields in entries])
+    except _MALFORMED:
+        log.exception("malformed entry in a batch of %d; writing them one by one", len(entries))
+    created: list[tuple[int, int]] = []
+    for entry_id, fields in entries:
+        try:
+            created += write_events(engine, [json.loads(fields[b"e"])])
+        except _MALFORMED as exc:
+            client.xadd(f"{stream}:dead", {"id": entry_id, "e": fields.get(b"e", b""),
+                                           "error": repr(exc)[:500]})
+            log.error("parked malformed stream entry %s: %r", entry_id, exc)
+    return created
 
 
 def _reclaim(client: redis.Redis, stream: str, consumer: str, idle_ms: int,
