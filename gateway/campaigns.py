@@ -85,6 +85,18 @@ def get_campaign(db: Session, slug: str) -> Campaign:
     return campaign
 
 
+def set_schedule(db: Session, actor: str, slug: str, opens_at: datetime | None,
+                 closes_at: datetime | None) -> Campaign:
+    """When an open campaign answers; outside the window it says it is not open."""
+    campaign = get_campaign(db, slug)
+    if opens_at and closes_at and closes_at <= opens_at:
+        raise CampaignError("closes_at must be after opens_at")
+    before = campaign_view(campaign)
+    campaign.opens_at, campaign.closes_at = opens_at, closes_at
+    audit(db, actor, "campaign.schedule", slug, before=before, after=campaign_view(campaign))
+    return campaign
+
+
 def create_campaign(db: Session, actor: str, slug: str, name: str, version: str,
                     target_size: int | None = None) -> Campaign:
     if not _SLUG.match(slug):

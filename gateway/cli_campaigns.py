@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from gateway.campaigns import (
     create_campaign,
     create_token,
     load_version,
+    set_schedule,
     transition,
 )
 from gateway.models import ApiToken, AuditEntry, Campaign, QuestionnaireVersion
@@ -72,6 +74,24 @@ def _transition_command(name: str, to: str) -> click.Command:
 
     command.help = f"Move a campaign to {to}."
     return command
+
+
+@click.command("schedule")
+@click.argument("slug")
+@click.option("--opens-at", type=click.DateTime(), default=None,
+              help="UTC, e.g. 2027-01-15T08:00:00 (default: no start limit).")
+@click.option("--closes-at", type=click.DateTime(), default=None,
+              help="UTC (default: no end limit).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def campaign_schedule(ctx: click.Context, slug: str, opens_at: datetime | None,
+                      closes_at: datetime | None, as_json: bool) -> None:
+    """Limit when an open campaign answers (both limits optional; omit both to clear)."""
+    view = _in_transaction(ctx, lambda db: campaign_view(set_schedule(
+        db, cli_actor(), slug, opens_at.replace(tzinfo=UTC) if opens_at else None,
+        closes_at.replace(tzinfo=UTC) if closes_at else None)))
+    _emit(as_json, view, f"{slug}: opens {view['opens_at'] or 'any time'}, "
+                         f"closes {view['closes_at'] or 'never'}")
 
 
 @click.command("status")
@@ -199,6 +219,7 @@ def register(main: click.Group) -> None:
     campaign.add_command(_transition_command("close", "closed"))
     campaign.add_command(campaign_list)
     campaign.add_command(campaign_status_cmd)
+    campaign.add_command(campaign_schedule)
     questionnaire.add_command(questionnaire_load)
     questionnaire.add_command(questionnaire_list)
     main.add_command(token)

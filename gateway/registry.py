@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -34,13 +35,30 @@ class ChannelInfo:
     address: str
     campaign_id: int
     campaign_slug: str
-    campaign_open: bool
+    state: str
     questionnaire_version: str
     rules: Rules
     config: dict[str, Any] = field(default_factory=dict)
     keyword: str = "SURVEY"
     sms_handover: bool = False
     sms_idle_seconds: int = 24 * 3600
+    opens_at: float | None = None  # epoch seconds
+    closes_at: float | None = None
+
+    @property
+    def campaign_open(self) -> bool:
+        """Open, and inside its schedule if it has one (checked per request: the cache
+        may be seconds old, the clock is not)."""
+        now = time.time()
+        return (self.state == "open" and (self.opens_at is None or now >= self.opens_at)
+                and (self.closes_at is None or now < self.closes_at))
+
+
+def _epoch(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    # SQLite hands back naive datetimes; every stored time is UTC.
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 class Registry:
@@ -98,7 +116,8 @@ class Registry:
                 channels[ch.key] = ChannelInfo(
                     id=ch.id, key=ch.key, provider=ch.provider, kind=ch.kind,
                     address=ch.address, campaign_id=camp.id, campaign_slug=camp.slug,
-                    campaign_open=camp.state == "open",
+                    state=camp.state,
+                    opens_at=_epoch(camp.opens_at), closes_at=_epoch(camp.closes_at),
                     questionnaire_version=camp.questionnaire_version,
                     rules=rules, config=config,
                     keyword=camp.sms_keyword, sms_handover=camp.sms_handover,

@@ -98,3 +98,28 @@ def test_tokens_are_stored_hashed(env: dict[str, str], engine: Engine, role: str
     assert row is not None and row.role == role and row.token_hash == hash_token(token)
     assert token not in json.dumps(json.loads(run(env, "token", "list", "--json")[1]))
     assert run(env, "token", "create", "--role", "root", "--name", "x")[0] == 2
+
+
+def test_schedule_limits_when_a_campaign_answers(env: dict[str, str], client, app,  # type: ignore[no-untyped-def]
+                                                 ussd_url: str) -> None:
+    """Before opens_at or after closes_at an open campaign says it is not open."""
+    hop = {"sessionId": "S1", "serviceCode": "*920*16#", "phoneNumber": "+233241234567",
+           "networkCode": "62001", "text": ""}
+    registry = app.extensions["civicdial"].registry
+    code, out = run(env, "campaign", "schedule", "sdg1662", "--opens-at", "2999-01-01T00:00:00",
+                    "--json")
+    assert code == 0 and json.loads(out)["opens_at"].startswith("2999-01-01")
+    registry.refresh()
+    assert client.post(ussd_url, data=hop).get_data(as_text=True).startswith("END This survey "
+                                                                           "is not open")
+    run(env, "campaign", "schedule", "sdg1662", "--closes-at", "2000-01-01T00:00:00")
+    registry.refresh()
+    assert "not open" in client.post(ussd_url, data={**hop, "sessionId": "S2"}).get_data(
+        as_text=True)
+    run(env, "campaign", "schedule", "sdg1662")  # no limits
+    registry.refresh()
+    assert client.post(ussd_url, data={**hop, "sessionId": "S3"}).get_data(
+        as_text=True).startswith("CON Language")
+    code, out = run(env, "campaign", "schedule", "sdg1662", "--opens-at", "2030-01-02",
+                    "--closes-at", "2030-01-01")
+    assert code == 1 and "closes_at must be after opens_at" in out
