@@ -226,3 +226,24 @@ def _check_operation(app: Flask, token: str, operation: object, calls: list[int]
         case.validate_response(response, checks=[not_a_server_error])  # type: ignore[attr-defined]
 
     check()
+
+
+def test_tally_export_publish_over_the_api(client: FlaskClient, tokens: dict[str, str],
+                                           engine: Engine) -> None:
+    """Tally, download each export, publish; microdata needs the coordinator role."""
+    coord, viewer = auth(tokens, "coordinator"), auth(tokens, "viewer")
+    assert client.get("/api/v1/campaigns/sdg1662/export?format=csv",
+                      headers=viewer).status_code == 404  # nothing tallied yet
+    resp = client.post("/api/v1/campaigns/sdg1662/tally", headers=coord)
+    assert resp.status_code == 201 and resp.get_json()["snapshot"] == 1
+    for fmt, marker in [("csv", b","), ("sdmx", b"DATAFLOW"), ("xlsx", b"PK")]:
+        resp = client.get(f"/api/v1/campaigns/sdg1662/export?format={fmt}", headers=viewer)
+        assert resp.status_code == 200 and marker in resp.data[:200], fmt
+    assert client.get("/api/v1/campaigns/sdg1662/export?format=microdata",
+                      headers=viewer).status_code == 403
+    assert client.get("/api/v1/campaigns/sdg1662/export?format=microdata",
+                      headers=coord).status_code == 200
+    assert client.get("/api/v1/campaigns/sdg1662/export?format=pdf",
+                      headers=viewer).status_code == 422
+    resp = client.post("/api/v1/campaigns/sdg1662/publish", headers=coord)
+    assert resp.status_code == 200 and resp.get_json()["snapshot"] == 1

@@ -268,6 +268,86 @@ def send_invitations(slug: str) -> Response:
     return _json(result.as_dict(), 202)
 
 
+EXPORTS = {"csv": ("text/csv", "csv"), "xlsx": (
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "xlsx"),
+    "sdmx": ("text/csv", "csv"), "microdata": ("text/csv", "csv")}
+
+
+@bp.post("/campaigns/<slug>/tally")
+@requires("coordinator")
+def tally(slug: str) -> Response:
+    from gateway.tally import run_tally
+
+    services = current_app.extensions["civicdial"]
+    with Session(services.engine) as db:
+        campaign_id = get_campaign(db, slug).id
+    snap = run_tally(services.engine, campaign_id)
+    with Session(services.engine) as db, db.begin():
+        audit(db, g.actor, "campaign.tally", slug, after={"snapshot": snap.version})
+    return _json({"snapshot": snap.version, "n_interviews": snap.n_interviews,
+                  "n_completed": snap.n_completed}, 201)
+
+
+@bp.post("/campaigns/<slug>/publish")
+@requires("coordinator")
+def publish_tally(slug: str) -> Response:
+    from gateway.tally import publish
+
+    services = current_app.extensions["civicdial"]
+    with Session(services.engine) as db:
+        campaign_id = get_campaign(db, slug).id
+    try:
+        done = publish(services.settings, services.engine, services.redis, campaign_id)
+    except LookupError as exc:
+        raise ApiError(409, str(exc)) from None
+    with Session(services.engine) as db, db.begin():
+        audit(db, g.actor, "campaign.publish", slug)
+    return _json({"snapshot": done.version, "results_texts": done.fields,
+                  "messages_queued": done.queued})
+
+
+@bp.get("/campaigns/<slug>/export")
+@requires("viewer")
+def export(slug: str) -> Response:
+    """The indicator table (csv, xlsx, sdmx) of the latest or a given snapshot; the
+    pseudonymous microdata needs the coordinator role."""
+    import tempfile
+    from pathlib import Path
+
+    from gateway import exports
+    from gateway.tally import latest_snapshot
+
+    fmt = request.args.get("format", "csv")
+    if fmt not in EXPORTS:
+        raise ApiError(422, f"format must be one of {', '.join(EXPORTS)}")
+    if fmt == "microdata" and RANK[g.role] < RANK["coordinator"]:
+        raise ApiError(403, "microdata needs the coordinator role")
+    version = request.args.get("snapshot")
+    if version is not None and (not version.isdigit() or int(version) > MAX_INT):
+        raise ApiError(422, "snapshot must be a version number")
+    engine = _engine()
+    with Session(engine) as db:
+        campaign = get_campaign(db, slug)
+        db.expunge(campaign)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"export.{EXPORTS[fmt][1]}"
+        if fmt == "microdata":
+            exports.write_microdata(engine, campaign.id, path)
+        else:
+            snap = latest_snapshot(engine, campaign.id, int(version) if version else None)
+            if snap is None:
+                raise ApiError(404, "no tally snapshot: POST .../tally first")
+            if fmt == "csv":
+                exports.write_csv(snap, path)
+            elif fmt == "xlsx":
+                exports.write_xlsx(snap, campaign, path)
+            else:
+                exports.write_sdmx(snap, campaign, path)
+        data = path.read_bytes()
+    return Response(data, mimetype=EXPORTS[fmt][0], headers={
+        "Content-Disposition": f'attachment; filename="{slug}-{fmt}.{EXPORTS[fmt][1]}"'})
+
+
 @bp.get("/contacts")
 @requires("viewer")
 def list_contacts() -> Response:

@@ -83,6 +83,29 @@ OPENAPI: dict[str, Any] = {
             "post": {"summary": "Invite the campaign's contacts by SMS", "parameters": [_SLUG],
                      "responses": {"202": _ok("queued"), **_errors(404, 409)}},
         },
+        "/api/v1/campaigns/{slug}/tally": {
+            "post": {"summary": "Tally the indicator into a new snapshot", "parameters": [_SLUG],
+                     "responses": {"201": _ok("snapshot"), **_errors(404)}},
+        },
+        "/api/v1/campaigns/{slug}/publish": {
+            "post": {"summary": "Publish the latest snapshot (RESULTS, subscriber SMS)",
+                     "parameters": [_SLUG],
+                     "responses": {"200": _ok("published"), **_errors(404, 409)}},
+        },
+        "/api/v1/campaigns/{slug}/export": {
+            "get": {"summary": "Download the indicator table or microdata",
+                    "parameters": [_SLUG,
+                                   {"name": "format", "in": "query", "schema": {
+                                       "type": "string",
+                                       "enum": ["csv", "xlsx", "sdmx", "microdata"]}},
+                                   {"name": "snapshot", "in": "query",
+                                    "schema": {"type": "integer", "minimum": 1}}],
+                    "responses": {"200": {"description": "the file", "content": {
+                        "text/csv": {"schema": {"type": "string"}},
+                        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet":
+                            {"schema": {"type": "string", "format": "binary"}}}},
+                        **_errors(404, 422)}},
+        },
         "/api/v1/contacts": {
             "get": {"summary": "Contacts, paginated (phone numbers never shown to viewers)",
                     "parameters": _PAGE,
