@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from gateway.messages import message
 from gateway.models import Campaign, CampaignContact, Channel, Contact, OptOut, OutboundMessage
 from gateway.segments import count_segments
-from workers.outbound import BULK_QUEUE, pending_key, send_message
+from workers.outbound import BULK_QUEUE, pending_key, send_job_id, send_message
 
 CHUNK = 2000
 _LANGUAGE_CODES = {"tw": "tw", "twi": "tw", "akan": "tw", "en": "en", "english": "en"}
@@ -89,12 +89,14 @@ def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
                                .on_conflict_do_nothing(index_elements=["key"])
                                .returning(OutboundMessage.id), values).all()
         # One pipelined round trip per chunk: 100,000 invitations queue in seconds.
+        job_ids = {message_id: send_job_id(message_id) for message_id in ids}
         with client.pipeline(transaction=False) as pipe:
-            for message_id in ids:
-                pipe.set(pending_key(prefix, message_id), "1", ex=7 * 86400)
+            for message_id, job_id in job_ids.items():
+                pipe.set(pending_key(prefix, message_id), job_id, ex=7 * 86400)
             pipe.execute()
-        queue.enqueue_many([Queue.prepare_data(send_message, (message_id,), result_ttl=0)
-                            for message_id in ids])
+        queue.enqueue_many([Queue.prepare_data(send_message, (message_id,), result_ttl=0,
+                                               job_id=job_id)
+                            for message_id, job_id in job_ids.items()])
         queued += len(ids)
         if progress:
             progress(len(chunk))

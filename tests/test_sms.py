@@ -627,3 +627,21 @@ def test_sweep_leaves_waiting_jobs_alone(sms: SmsChannels, engine: Engine,
         lost = db.scalar(select(func.min(OutboundMessage.id)))
     redis_client.delete("rq:queue:civicdial-sms-bulk", f"cd:sendq:{lost}")  # lost with a worker
     assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 1
+
+
+def test_sweep_requeues_a_job_taken_by_a_dying_worker(sms: SmsChannels, engine: Engine,
+                                                      redis_client: redis.Redis,
+                                                      settings) -> None:  # type: ignore[no-untyped-def]
+    """A worker that took a job off the queue and died before running it leaves the job
+    'started' and the row queued: the sweeper enqueues it again."""
+    from rq import Queue
+    from rq.job import Job, JobStatus
+
+    queue_messages(engine, settings, sms.at, 1)
+    assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 1
+    queue = Queue("civicdial-sms-bulk", connection=redis_client)
+    (job_id,) = queue.get_job_ids()
+    queue.remove(job_id)
+    Job.fetch(job_id, connection=redis_client).set_status(JobStatus.STARTED)
+    assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 1
+    assert len(queue.get_job_ids()) == 1

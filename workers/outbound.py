@@ -19,6 +19,8 @@ from typing import Any
 
 import redis
 from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
@@ -75,15 +77,32 @@ def pending_key(prefix: str, message_id: int) -> str:
     return f"{prefix}sendq:{message_id}"
 
 
+def send_job_id(message_id: int) -> str:
+    return f"send-{message_id}-{time.time_ns()}"
+
+
 def enqueue_send(client: redis.Redis, message_id: int, priority: int,
                  delay: float = 0.0, prefix: str = "cd:") -> None:
-    client.set(pending_key(prefix, message_id), "1", ex=7 * 86400)
+    job_id = send_job_id(message_id)
+    client.set(pending_key(prefix, message_id), job_id, ex=7 * 86400)
     queue = queue_for(client, priority)
     if delay > 0:
-        queue.enqueue_in(timedelta(seconds=delay), send_message, message_id, result_ttl=0)
+        queue.enqueue_in(timedelta(seconds=delay), send_message, message_id, result_ttl=0,
+                         job_id=job_id)
     else:
-        queue.enqueue(send_message, message_id, result_ttl=0,
-                      job_id=f"send-{message_id}-{time.monotonic_ns()}")
+        queue.enqueue(send_message, message_id, result_ttl=0, job_id=job_id)
+
+
+def _still_waiting(client: redis.Redis, job_id: bytes | None) -> bool:
+    """Is this send job still waiting its turn? A job a dying worker took off the queue
+    (status 'started' but our code never ran: the marker would be gone) is not."""
+    if not job_id:
+        return False
+    try:
+        status = Job.fetch(job_id.decode(), connection=client).get_status()
+    except NoSuchJobError:
+        return False
+    return status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
 
 def wait_for_token(client: redis.Redis, prefix: str, channel_id: int, rate: float,
@@ -181,8 +200,8 @@ def sweep(settings: Settings, engine: Engine, client: redis.Redis,
     waiting = client.mget([pending_key(settings.redis_prefix, m) for m, _ in stale]) \
         if stale else []
     requeued = 0
-    for (message_id, priority), in_queue in zip(stale, waiting, strict=True):
-        if in_queue:  # its job is still waiting its turn (a throttled backlog)
+    for (message_id, priority), job_id in zip(stale, waiting, strict=True):
+        if _still_waiting(client, job_id):  # e.g. a throttled backlog
             continue
         _set(engine, message_id, status="queued")  # touch: not swept again at once
         enqueue_send(client, message_id, priority, prefix=settings.redis_prefix)
