@@ -87,7 +87,7 @@ def invite_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
         with click.progressbar(length=max(1, total or 0), label="queueing invitations",
                                file=sys.stderr) as bar:
             result = invite(engine, connect(settings), slug, progress=bar.update,
-                            prefix=settings.redis_prefix)
+                            prefix=settings.redis_prefix, backlog=settings.outbox_backlog)
     except InvitationError as exc:
         raise click.ClickException(str(exc)) from None
     with Session(engine) as db, db.begin():
@@ -95,7 +95,8 @@ def invite_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result.as_dict()))
     else:
-        click.echo(f"{result.queued} invitations queued, {result.already_invited} already "
+        click.echo(f"{result.queued} invitations queued, {result.held} held until the outbox "
+                   f"drains, {result.already_invited} already "
                    f"invited, {result.skipped_opted_out} skipped (opted out)")
 
 

@@ -51,6 +51,8 @@ class Settings:
     trust_proxy: bool
     # Outbound SMS: retries on timeouts/5xx/429, with exponential backoff from this base.
     send_retries: int
+    # Past this many queued messages on a channel, bulk sends (invitations) are held.
+    outbox_backlog: int
     send_backoff_seconds: float
 
     @property
@@ -103,6 +105,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         public_base_url=env.get("CIVICDIAL_PUBLIC_BASE_URL") or None,
         trust_proxy=env.get("CIVICDIAL_TRUST_PROXY", "") in ("1", "true", "yes"),
         send_retries=_int(env, "CIVICDIAL_SEND_RETRIES", 5),
+        outbox_backlog=_int(env, "CIVICDIAL_OUTBOX_BACKLOG", 10_000),
         send_backoff_seconds=float(env.get("CIVICDIAL_SEND_BACKOFF_SECONDS") or 2.0),
     )
     return settings.with_(**overrides) if overrides else settings

@@ -19,7 +19,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from gateway.messages import message
 from gateway.models import Campaign, CampaignContact, Channel, Contact, OptOut, OutboundMessage
 from gateway.segments import count_segments
-from workers.outbound import BULK_QUEUE, pending_key, send_job_id, send_message
+from workers.outbound import (
+    BULK_QUEUE,
+    outbox_size,
+    pending_key,
+    send_job_id,
+    send_message,
+)
 
 CHUNK = 2000
 _LANGUAGE_CODES = {"tw": "tw", "twi": "tw", "akan": "tw", "en": "en", "english": "en"}
@@ -34,14 +40,17 @@ class InviteResult:
     queued: int
     skipped_opted_out: int
     already_invited: int
+    held: int = 0  # over the channel's backlog: released as the outbox drains
 
     def as_dict(self) -> dict[str, int]:
-        return {"queued": self.queued, "skipped_opted_out": self.skipped_opted_out,
+        return {"queued": self.queued, "held": self.held,
+                "skipped_opted_out": self.skipped_opted_out,
                 "already_invited": self.already_invited}
 
 
 def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
-           progress: Callable[[int], None] | None = None, prefix: str = "cd:") -> InviteResult:
+           progress: Callable[[int], None] | None = None, prefix: str = "cd:",
+           backlog: int = 10_000) -> InviteResult:
     with engine.connect() as conn:
         campaign = conn.execute(select(Campaign).where(Campaign.slug == campaign_slug)).first()
         if campaign is None:
@@ -71,23 +80,30 @@ def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
               for code in ("en", "tw")}
     queue = Queue(BULK_QUEUE, connection=client)
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    queued = 0
+    # Past the channel's backlog, invitations are stored as 'held' and released by the
+    # worker as the outbox drains, so bulk work never floods the provider or delays replies.
+    room = max(0, backlog - outbox_size(engine, channel_id))
+    queued = held = 0
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
         now = datetime.now(UTC)
         values = []
-        for r in chunk:
+        for n, r in enumerate(chunk):
             body = bodies[_LANGUAGE_CODES.get((r.language or "").strip().lower(), "en")]
             values.append({
                 "key": f"invite:{campaign.id}:{r.id}", "channel_id": channel_id,
                 "respondent": r.respondent, "recipient": r.recipient, "body": body,
                 "kind": "invitation", "priority": 1,
-                "segments": count_segments(body).segments, "status": "queued",
+                "segments": count_segments(body).segments,
+                "status": "queued" if queued + n < room else "held",
                 "attempts": 0, "error": "", "created_at": now, "updated_at": now})
         with engine.begin() as conn:
-            ids = conn.scalars(dialect.insert(OutboundMessage.__table__)
-                               .on_conflict_do_nothing(index_elements=["key"])
-                               .returning(OutboundMessage.id), values).all()
+            rows = conn.execute(dialect.insert(OutboundMessage.__table__)
+                                .on_conflict_do_nothing(index_elements=["key"])
+                                .returning(OutboundMessage.id, OutboundMessage.status),
+                                values).all()
+        ids = [message_id for message_id, status in rows if status == "queued"]
+        held += len(rows) - len(ids)
         # One pipelined round trip per chunk: 100,000 invitations queue in seconds.
         job_ids = {message_id: send_job_id(message_id) for message_id in ids}
         with client.pipeline(transaction=False) as pipe:
@@ -100,4 +116,4 @@ def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
         queued += len(ids)
         if progress:
             progress(len(chunk))
-    return InviteResult(queued, stopped, already)
+    return InviteResult(queued, stopped, already, held)

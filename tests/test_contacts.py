@@ -113,14 +113,15 @@ def test_invite_skips_opted_out_and_never_doubles(env: dict[str, str], engine: E
                       at=datetime.now(UTC)))
     code, out = run(env, "invite", "sdg1662", "--json")
     assert code == 0, out
-    assert json.loads(out) == {"queued": 2, "skipped_opted_out": 1, "already_invited": 0}
+    assert json.loads(out) == {"queued": 2, "held": 0, "skipped_opted_out": 1,
+                               "already_invited": 0}
     assert redis_client.llen("rq:queue:civicdial-sms-bulk") == 2
     with Session(engine) as db:
         bodies = db.scalars(select(OutboundMessage.body).order_by(OutboundMessage.id)).all()
     assert bodies[0].startswith("Ghana Statistical Service pɛ") and "SURVEY" in bodies[0]
     assert bodies[1].startswith("Ghana Statistical Service asks")
     assert json.loads(run(env, "invite", "sdg1662", "--json")[1]) == {
-        "queued": 0, "skipped_opted_out": 1, "already_invited": 2}
+        "queued": 0, "held": 0, "skipped_opted_out": 1, "already_invited": 2}
     with Session(engine) as db:
         assert db.scalar(select(func.count()).select_from(OutboundMessage)) == 2
 
@@ -130,3 +131,31 @@ def test_invite_needs_an_sms_channel(env: dict[str, str], engine: Engine,
     """Without an SMS channel, invite says what to do."""
     result = CliRunner().invoke(main, ["invite", "sdg1662"], env=env)
     assert result.exit_code == 1 and "no SMS channel" in result.output
+
+
+def test_invitations_past_the_backlog_wait(env: dict[str, str], engine: Engine,
+                                          redis_client: redis.Redis, tmp_path: Path,
+                                          sms_channel: int) -> None:
+    """With a backlog of 2, five invitations: two queued, three held; the worker releases
+    held ones only as room frees up, oldest first."""
+    from sqlalchemy import update
+
+    from gateway.config import load_settings
+    from workers.outbound import release_held
+
+    path = tmp_path / "c.csv"
+    path.write_text("phone\n" + "".join(f"02011100{i:02d}\n" for i in range(5)))
+    run(env, "contacts", "import", str(path), "--campaign", "sdg1662")
+    code, out = run({**env, "CIVICDIAL_OUTBOX_BACKLOG": "2"}, "invite", "sdg1662", "--json")
+    assert json.loads(out)["queued"] == 2 and json.loads(out)["held"] == 3
+    settings = load_settings({**env, "CIVICDIAL_OUTBOX_BACKLOG": "2"})
+    assert release_held(settings, engine, redis_client) == 0  # still full
+    with Session(engine) as db, db.begin():  # the first one went out
+        first = db.scalar(select(func.min(OutboundMessage.id)))
+        db.execute(update(OutboundMessage).where(OutboundMessage.id == first)
+                   .values(status="sent"))
+    assert release_held(settings, engine, redis_client) == 1
+    with Session(engine) as db:
+        statuses = db.scalars(select(OutboundMessage.status).order_by(OutboundMessage.id)).all()
+    assert statuses == ["sent", "queued", "queued", "held", "held"]
+    assert redis_client.llen("rq:queue:civicdial-sms-bulk") == 3

@@ -18,7 +18,7 @@ from gateway.db import make_engine, shared_engine
 from gateway.redis_conn import connect
 from gateway.registry import Registry
 from gateway.sessions import SessionStore
-from workers.outbound import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
+from workers.outbound import BULK_QUEUE, INTERACTIVE_QUEUE, release_held, sweep
 from workers.persist import drain, ensure_group
 from workers.reminders import remind_idle
 
@@ -66,6 +66,7 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
             if time.monotonic() - last_sweep > SWEEP_SECONDS:
                 last_sweep = time.monotonic()
                 sweep(settings, engine, client)
+                release_held(settings, engine, client)
                 remind_idle(settings, client, registry)
         except (redis.RedisError, SQLAlchemyError) as exc:
             log.warning("pump: %s", exc)

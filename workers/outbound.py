@@ -21,7 +21,7 @@ import redis
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from gateway.channels import africastalking, twilio
@@ -182,6 +182,40 @@ def _send(settings: Settings, engine: Engine, client: redis.Redis, message_id: i
         return final
     _set(engine, message_id, status=sent.status, provider_id=sent.provider_id, error="")
     return sent.status
+
+
+def outbox_size(engine: Engine, channel_id: int) -> int:
+    """Messages of a channel waiting to go or going."""
+    with Session(engine) as db:
+        return db.scalar(select(func.count()).select_from(OutboundMessage).where(
+            OutboundMessage.channel_id == channel_id,
+            OutboundMessage.status.in_(("queued", "sending")))) or 0
+
+
+def release_held(settings: Settings, engine: Engine, client: redis.Redis) -> int:
+    """Move held bulk messages to the queue as far as each channel's backlog allows,
+    oldest first."""
+    with Session(engine) as db:
+        channels = db.scalars(select(OutboundMessage.channel_id).where(
+            OutboundMessage.status == "held").distinct()).all()
+    released = 0
+    for channel_id in channels:
+        room = settings.outbox_backlog - outbox_size(engine, channel_id)
+        if room <= 0:
+            continue
+        with Session(engine) as db:
+            batch = db.scalars(select(OutboundMessage.id).where(
+                OutboundMessage.channel_id == channel_id, OutboundMessage.status == "held")
+                .order_by(OutboundMessage.id).limit(room)).all()
+        for message_id in batch:
+            with engine.begin() as conn:
+                moved = conn.execute(update(OutboundMessage).where(
+                    OutboundMessage.id == message_id, OutboundMessage.status == "held")
+                    .values(status="queued", updated_at=datetime.now(UTC))).rowcount
+            if moved:
+                enqueue_send(client, message_id, 1, prefix=settings.redis_prefix)
+                released += 1
+    return released
 
 
 def sweep(settings: Settings, engine: Engine, client: redis.Redis,

@@ -64,7 +64,7 @@ def _insert(engine: Engine, table: Any) -> Any:
 
 # How far along a message is; a delivery report never moves a message backwards
 # (callbacks arrive out of order).
-_PROGRESS = {"queued": 0, "sending": 1, "unknown": 1, "sent": 2, "delivered": 3,
+_PROGRESS = {"held": 0, "queued": 0, "sending": 1, "unknown": 1, "sent": 2, "delivered": 3,
              "failed": 3, "rejected": 3, "undelivered": 3, "stopped": 3}
 
 

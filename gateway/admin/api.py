@@ -260,7 +260,8 @@ def send_invitations(slug: str) -> Response:
         get_campaign(db, slug)
     try:
         result = invite(services.engine, services.redis, slug,
-                        prefix=services.settings.redis_prefix)
+                        prefix=services.settings.redis_prefix,
+                        backlog=services.settings.outbox_backlog)
     except InvitationError as exc:
         raise ApiError(409, str(exc)) from None
     with Session(services.engine) as db, db.begin():
