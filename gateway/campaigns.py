@@ -59,9 +59,10 @@ def campaign_view(c: Campaign) -> dict[str, Any]:
             "closes_at": c.closes_at.isoformat() if c.closes_at else None}
 
 
-def load_version(db: Session, form: Questionnaire, actor: str) -> tuple[QuestionnaireVersion,
-                                                                         bool]:
-    """Store a validated questionnaire version; the same bytes again is the same version."""
+def load_version(db: Session, form: Questionnaire,
+                 actor: str | None) -> tuple[QuestionnaireVersion, bool]:
+    """Store a validated questionnaire version; the same bytes again is the same version.
+    actor None: the shipped form loaded at start-up, not a coordinator's action."""
     row = db.get(QuestionnaireVersion, form.version)
     if row is not None:
         return row, False
@@ -71,8 +72,9 @@ def load_version(db: Session, form: Questionnaire, actor: str) -> tuple[Question
         languages=",".join(lang.key for lang in form.languages), question_count=form.asked,
         source=form.source)
     db.add(row)
-    audit(db, actor, "questionnaire.load", form.version,
-          after={"form_id": form.form_id, "title": form.title, "filename": form.filename})
+    if actor is not None:
+        audit(db, actor, "questionnaire.load", form.version,
+              after={"form_id": form.form_id, "title": form.title, "filename": form.filename})
     return row, True
 
 

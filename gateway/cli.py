@@ -20,11 +20,11 @@ import click
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from gateway.campaigns import audit, campaign_view, cli_actor
+from gateway.campaigns import audit, campaign_view, cli_actor, load_version
 from gateway.config import Settings, load_settings
 from gateway.db import make_engine, migrate
 from gateway.engine import Rules, longest_path_screens
-from gateway.models import Answer, Campaign, Channel, Interview, QuestionnaireVersion
+from gateway.models import Answer, Campaign, Channel, Interview
 from gateway.questionnaire import FormError, Questionnaire, load_questionnaire
 from gateway.redis_conn import connect, stop_embedded
 from gateway.registry import Registry
@@ -41,25 +41,12 @@ def shipped_questionnaire() -> Questionnaire:
     return load_questionnaire(source, SHIPPED_FORM)
 
 
-def store_questionnaire(db: Session, form: Questionnaire) -> QuestionnaireVersion:
-    row = db.get(QuestionnaireVersion, form.version)
-    if row is None:
-        row = QuestionnaireVersion(
-            version=form.version, form_id=form.form_id, title=form.title,
-            form_version=form.form_version, filename=form.filename,
-            languages=",".join(lang.key for lang in form.languages),
-            question_count=form.asked, source=form.source,
-        )
-        db.add(row)
-    return row
-
-
 def bootstrap(engine: Engine) -> Channel:
     """Schema, shipped questionnaire, default campaign and its USSD channel (idempotent)."""
     migrate(engine)
     form = shipped_questionnaire()
     with Session(engine) as db, db.begin():
-        store_questionnaire(db, form)
+        load_version(db, form, actor=None)
         campaign = db.scalar(select(Campaign).where(Campaign.slug == DEFAULT_CAMPAIGN))
         if campaign is None:
             campaign = Campaign(slug=DEFAULT_CAMPAIGN, name=form.title,
