@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.crypto import NumberBox
+from gateway.db import upsert_insert
 from gateway.models import CampaignContact, Contact
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.sessions import pseudonym
@@ -141,16 +141,11 @@ def import_contacts(engine: Engine, campaign_id: int, data: bytes, *, pseudonym_
     return result
 
 
-def _insert(engine: Engine, table: object) -> object:
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)  # type: ignore[arg-type]
-
-
 def _store(engine: Engine, campaign_id: int, batch: dict[str, ContactRow], box: NumberBox,
            result: ImportResult) -> None:
     now = datetime.now(UTC)
     with engine.begin() as conn:
-        conn.execute(_insert(engine, Contact.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
+        conn.execute(upsert_insert(engine, Contact.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
             index_elements=["respondent"]), [{
                 "respondent": key, "recipient": box.seal(row.phone),
                 "language": row.language, "region": row.region,
@@ -165,7 +160,7 @@ def _store(engine: Engine, campaign_id: int, batch: dict[str, ContactRow], box: 
         new = [{"campaign_id": campaign_id, "contact_id": cid, "created_at": now}
                for cid in ids.values() if cid not in enrolled]
         if new:
-            conn.execute(_insert(engine, CampaignContact.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
+            conn.execute(upsert_insert(engine, CampaignContact.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]
                 index_elements=["campaign_id", "contact_id"]), new)
     result.imported += len(new)
     result.already += len(batch) - len(new)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.config import Settings
 
@@ -30,6 +32,12 @@ def make_engine(settings: Settings) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def upsert_insert(engine: Engine, table: Any) -> Any:
+    """INSERT with ON CONFLICT for this engine's dialect (PostgreSQL or SQLite)."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
 
 
 _ENGINES: dict[str, Engine] = {}

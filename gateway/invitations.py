@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 import redis
 from rq import Queue
 from sqlalchemy import Engine, and_, select
-from sqlalchemy.dialects import postgresql, sqlite
 
+from gateway.db import upsert_insert
 from gateway.messages import message
 from gateway.models import Campaign, CampaignContact, Channel, Contact, OptOut, OutboundMessage
 from gateway.segments import count_segments
@@ -79,7 +79,6 @@ def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
     bodies = {code: message(code, "invitation", keyword=campaign.sms_keyword)
               for code in ("en", "tw")}
     queue = Queue(BULK_QUEUE, connection=client)
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     # Past the channel's backlog, invitations are stored as 'held' and released by the
     # worker as the outbox drains, so bulk work never floods the provider or delays replies.
     room = max(0, backlog - outbox_size(engine, channel_id))
@@ -98,7 +97,7 @@ def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
                 "status": "queued" if queued + n < room else "held",
                 "attempts": 0, "error": "", "created_at": now, "updated_at": now})
         with engine.begin() as conn:
-            rows = conn.execute(dialect.insert(OutboundMessage.__table__)
+            rows = conn.execute(upsert_insert(engine, OutboundMessage.__table__)
                                 .on_conflict_do_nothing(index_elements=["key"])
                                 .returning(OutboundMessage.id, OutboundMessage.status),
                                 values).all()

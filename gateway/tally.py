@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import redis
 from sqlalchemy import Engine, and_, case, func, or_, select, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from gateway.config import Settings
+from gateway.db import upsert_insert
 from gateway.indicator import (
     AREAS,
     UNKNOWN,
@@ -346,8 +346,7 @@ def _queue_results(engine: Engine, snap: TallySnapshot, texts: dict[str, str]) -
                          "created_at": now, "updated_at": now})
     if not rows:
         return 0
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    stmt_ins = dialect.insert(OutboundMessage.__table__).on_conflict_do_nothing(
+    stmt_ins = upsert_insert(engine, OutboundMessage.__table__).on_conflict_do_nothing(
         index_elements=["key"])
     with engine.begin() as conn:
         conn.execute(stmt_ins, rows)

@@ -20,9 +20,9 @@ from typing import Any
 
 import redis
 from sqlalchemy import Engine, case, delete, func, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.channels.sms import FEEDBACK_QUESTION
+from gateway.db import upsert_insert
 from gateway.models import (
     Answer,
     FeedbackSubscriber,
@@ -55,11 +55,6 @@ def consumer_name() -> str:
 
 def _ts(value: Any) -> datetime:
     return datetime.fromtimestamp(float(value), UTC)
-
-
-def _insert(engine: Engine, table: Any) -> Any:
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
 
 
 # How far along a message is; a delivery report never moves a message backwards
@@ -155,7 +150,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
                 row["status"], row["last_seq"] = _STATUS[kind], seq
     with engine.begin() as conn:
         if interviews:
-            stmt = _insert(engine, Interview.__table__)
+            stmt = upsert_insert(engine, Interview.__table__)
             excluded = stmt.excluded
             t = Interview.__table__.c
             newer = excluded.last_seq > t.last_seq
@@ -175,7 +170,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
                 column: [row[column] for row in answers.values()] for column in _ANSWER_COLUMNS
             })
         elif answers:
-            stmt = _insert(engine, Answer.__table__)
+            stmt = upsert_insert(engine, Answer.__table__)
             excluded = stmt.excluded
             t = Answer.__table__.c
             conn.execute(stmt.on_conflict_do_update(
@@ -206,16 +201,16 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
             conn.execute(update(Interview).where(Interview.id.in_(withdrawn))
                          .values(respondent=None))
         if ends:
-            stmt = _insert(engine, UssdSessionEnd.__table__)
+            stmt = upsert_insert(engine, UssdSessionEnd.__table__)
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["event_id"]),
                          list(ends.values()))
         if optouts:
-            stmt = _insert(engine, OptOut.__table__)
+            stmt = upsert_insert(engine, OptOut.__table__)
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["respondent"]),
                          list(optouts.values()))
         created: list[tuple[int, int]] = []
         if sends:
-            stmt = _insert(engine, OutboundMessage.__table__).on_conflict_do_nothing(
+            stmt = upsert_insert(engine, OutboundMessage.__table__).on_conflict_do_nothing(
                 index_elements=["key"]).returning(OutboundMessage.id,
                                                   OutboundMessage.priority)
             for row in conn.execute(stmt, list(sends.values())):
