@@ -11,14 +11,17 @@ import hashlib
 import json
 import re
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.models import ApiToken, AuditEntry, Campaign, Channel, QuestionnaireVersion
-from gateway.questionnaire import Questionnaire
+from gateway.questionnaire import Questionnaire, load_questionnaire
+from gateway.quotas import Quota, QuotaError
 
 ROLES = ("admin", "coordinator", "viewer")
 # state -> states it may move to
@@ -52,11 +55,98 @@ def audit(db: Session, actor: str, action: str, target: str,
 
 
 def campaign_view(c: Campaign) -> dict[str, Any]:
+    quota = Quota.decode(c.quotas)
     return {"slug": c.slug, "name": c.name, "state": c.state,
             "questionnaire_version": c.questionnaire_version, "target_size": c.target_size,
             "sms_keyword": c.sms_keyword, "sms_handover": c.sms_handover,
             "opens_at": c.opens_at.isoformat() if c.opens_at else None,
-            "closes_at": c.closes_at.isoformat() if c.closes_at else None}
+            "closes_at": c.closes_at.isoformat() if c.closes_at else None,
+            "quotas": {"on": list(quota.on), "targets": quota.targets} if quota else None,
+            "reminder_hours": c.reminder_hours, "reminder_max": c.reminder_max,
+            "airtime": {"currency": c.airtime_currency, "amount": minor_to_text(c.airtime_amount),
+                        "budget": minor_to_text(c.airtime_budget)}
+            if c.airtime_amount is not None else None}
+
+
+def minor_to_text(minor: int | None) -> str | None:
+    """Pesewas as a decimal amount: 250 -> '2.50'."""
+    return None if minor is None else f"{minor // 100}.{minor % 100:02d}"
+
+
+def parse_money(text: str, what: str) -> int:
+    """'2', '2.5', '2.50' -> minor units (250); anything else is refused."""
+    try:
+        value = Decimal(str(text).strip())
+    except InvalidOperation:
+        raise CampaignError(f"{what}: {text!r} is not an amount like 2.50") from None
+    if not value.is_finite() or value <= 0 or value != value.quantize(Decimal("0.01")) \
+            or value > 10**7:
+        raise CampaignError(f"{what}: give a positive amount with at most 2 decimals")
+    return int(value * 100)
+
+
+def set_airtime(db: Session, actor: str, slug: str, currency: str | None,
+                amount: str | None = None, budget: str | None = None) -> Campaign:
+    """Turn the airtime thank-you on (currency, amount per completed interview, budget cap
+    for the campaign) or, with currency None, off. Lowering the budget below what is
+    already spent only stops further payments."""
+    campaign = get_campaign(db, slug)
+    before = campaign_view(campaign)
+    if currency is None:
+        campaign.airtime_amount = campaign.airtime_budget = None
+        campaign.airtime_currency = ""
+    else:
+        if not re.fullmatch(r"[A-Z]{3}", currency.strip().upper()):
+            raise CampaignError("airtime currency: a 3-letter ISO code such as GHS, KES")
+        if amount is None or budget is None:
+            raise CampaignError("airtime needs an amount and a budget")
+        campaign.airtime_currency = currency.strip().upper()
+        campaign.airtime_amount = parse_money(amount, "airtime amount")
+        campaign.airtime_budget = parse_money(budget, "airtime budget")
+        if campaign.airtime_budget < campaign.airtime_amount:
+            raise CampaignError("airtime budget is smaller than one payment")
+    audit(db, actor, "campaign.airtime", slug, before=before, after=campaign_view(campaign))
+    return campaign
+
+
+def set_reminders(db: Session, actor: str, slug: str, hours: int | None,
+                  at_most: int | None) -> Campaign:
+    """Remind people who started but did not finish every `hours`, at most `at_most`
+    times (0: never)."""
+    campaign = get_campaign(db, slug)
+    before = campaign_view(campaign)
+    if hours is not None:
+        if not 1 <= hours <= 24 * 60:
+            raise CampaignError("reminder hours: between 1 and 1440")
+        campaign.reminder_hours = hours
+    if at_most is not None:
+        if not 0 <= at_most <= 10:
+            raise CampaignError("reminders at most: between 0 and 10")
+        campaign.reminder_max = at_most
+    audit(db, actor, "campaign.reminders", slug, before=before, after=campaign_view(campaign))
+    return campaign
+
+
+def campaign_form(db: Session, campaign: Campaign) -> Questionnaire:
+    row = db.get(QuestionnaireVersion, campaign.questionnaire_version)
+    if row is None:
+        raise CampaignError(f"questionnaire version {campaign.questionnaire_version} is gone")
+    return load_questionnaire(row.source, row.filename)
+
+
+def set_quotas(db: Session, actor: str, slug: str,
+               define_quota: Callable[[Questionnaire], Quota] | None) -> Campaign:
+    """Set (or with None, remove) a campaign's quotas; `define_quota` builds them from the
+    campaign's questionnaire (e.g. quotas.read_csv), raising QuotaError if they do not fit."""
+    campaign = get_campaign(db, slug)
+    before = campaign_view(campaign)
+    try:
+        quota = define_quota(campaign_form(db, campaign)) if define_quota else None
+    except QuotaError as exc:
+        raise CampaignError(f"quotas: {exc}") from None
+    campaign.quotas = quota.encode() if quota else ""
+    audit(db, actor, "campaign.quotas", slug, before=before, after=campaign_view(campaign))
+    return campaign
 
 
 def load_version(db: Session, form: Questionnaire,

@@ -20,12 +20,23 @@ import click
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from gateway.campaigns import audit, campaign_view, cli_actor, load_version
+from gateway.campaigns import (
+    CampaignError,
+    audit,
+    campaign_view,
+    cli_actor,
+    get_campaign,
+    load_version,
+    set_airtime,
+    set_reminders,
+    transition,
+)
 from gateway.config import Settings, load_settings
 from gateway.db import make_engine, migrate
 from gateway.engine import Rules, longest_path_screens
 from gateway.models import Answer, Campaign, Channel, Interview
 from gateway.questionnaire import FormError, Questionnaire, load_questionnaire
+from gateway.quotas import report as quota_report
 from gateway.redis_conn import connect, stop_embedded
 from gateway.registry import Registry
 from gateway.segments import interview_cost
@@ -255,9 +266,12 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
             "interviews_started": started.get(c.id, 0),
             "interviews_completed": counts.get((c.id, "completed"), 0),
             "declined": counts.get((c.id, "declined"), 0),
+            "screened_out": counts.get((c.id, "screened_out"), 0),
             "answers_stored": answers.get(c.id, 0),
             "events_waiting": waiting.get(c.id, 0),
             "sms_segments_per_interview": costs[c.questionnaire_version],
+            "target_size": c.target_size,
+            "quotas": quota_report(engine, c),
         } for c in campaigns],
         "events_waiting": store.waiting(),
         # Malformed entries the worker set aside (see workers/persist.py); should stay 0.
@@ -411,29 +425,64 @@ def campaign() -> None:
 @click.option("--sms-handover/--no-sms-handover", default=None,
               help="After a dropped USSD session, offer to finish by SMS.")
 @click.option("--state", type=click.Choice(["open", "paused", "closed"]), default=None)
+@click.option("--reminder-hours", type=int, default=None,
+              help="Remind people who started but did not finish after this many hours "
+                   "(and again every as many hours).")
+@click.option("--reminder-max", type=int, default=None,
+              help="At most this many reminders per interview (0: none).")
+@click.option("--airtime-currency", default=None, help="Turn on the airtime thank-you: "
+              "ISO currency (GHS), with --airtime-amount and --airtime-budget.")
+@click.option("--airtime-amount", default=None, help="Airtime per completed interview, "
+              "e.g. 2.00.")
+@click.option("--airtime-budget", default=None, help="Most the campaign may spend on "
+              "airtime, e.g. 500.00.")
+@click.option("--no-airtime", is_flag=True, help="Turn the airtime thank-you off.")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
-                 sms_handover: bool | None, state: str | None) -> None:
-    """Change a campaign's SMS keyword, hand-over or state."""
+                 sms_handover: bool | None, state: str | None, reminder_hours: int | None,
+                 reminder_max: int | None, airtime_currency: str | None,
+                 airtime_amount: str | None, airtime_budget: str | None, no_airtime: bool,
+                 as_json: bool) -> None:
+    """Change a campaign's SMS keyword, hand-over, state, reminders or airtime."""
+    if no_airtime and airtime_currency:
+        raise click.UsageError("--no-airtime and --airtime-currency contradict each other")
+    if (airtime_amount or airtime_budget) and not airtime_currency:
+        raise click.UsageError("--airtime-amount/--airtime-budget need --airtime-currency")
     settings = _settings(ctx)
     engine = make_engine(settings)
     migrate(engine)
-    with Session(engine) as db, db.begin():
-        row = db.scalar(select(Campaign).where(Campaign.slug == slug))
-        if row is None:
-            raise click.ClickException(f"no campaign {slug!r}")
-        before = campaign_view(row)
-        if sms_keyword is not None:
-            if not sms_keyword.strip() or " " in sms_keyword.strip():
-                raise click.BadParameter("one word", param_hint="--sms-keyword")
-            row.sms_keyword = sms_keyword.strip().upper()
-        if sms_handover is not None:
-            row.sms_handover = sms_handover
-        if state is not None:
-            row.state = state
-        audit(db, cli_actor(), "campaign.set", slug, before=before, after=campaign_view(row))
-        click.echo(f"{row.slug}: state {row.state}, SMS keyword {row.sms_keyword}, "
-                   f"SMS hand-over {'on' if row.sms_handover else 'off'}")
+    actor = cli_actor()
+    try:
+        with Session(engine, expire_on_commit=False) as db, db.begin():
+            row = get_campaign(db, slug)
+            before = campaign_view(row)
+            if sms_keyword is not None:
+                if not sms_keyword.strip() or " " in sms_keyword.strip():
+                    raise click.BadParameter("one word", param_hint="--sms-keyword")
+                row.sms_keyword = sms_keyword.strip().upper()
+            if sms_handover is not None:
+                row.sms_handover = sms_handover
+            if sms_keyword is not None or sms_handover is not None:
+                audit(db, actor, "campaign.set", slug, before=before,
+                      after=campaign_view(row))
+            if state is not None and state != row.state:
+                transition(db, actor, slug, state)
+            if reminder_hours is not None or reminder_max is not None:
+                set_reminders(db, actor, slug, reminder_hours, reminder_max)
+            if airtime_currency or no_airtime:
+                set_airtime(db, actor, slug, airtime_currency, airtime_amount,
+                            airtime_budget)
+            view = campaign_view(row)
+    except CampaignError as exc:
+        raise click.ClickException(str(exc)) from None
+    airtime = view["airtime"]
+    text = (f"{slug}: state {view['state']}, SMS keyword {view['sms_keyword']}, "
+            f"SMS hand-over {'on' if view['sms_handover'] else 'off'}, reminders every "
+            f"{view['reminder_hours']} h at most {view['reminder_max']}, airtime "
+            + (f"{airtime['currency']} {airtime['amount']} (budget {airtime['budget']})"
+               if airtime else "off"))
+    click.echo(json.dumps(view, indent=2) if as_json else text)
 
 
 @main.group()

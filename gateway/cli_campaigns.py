@@ -20,7 +20,9 @@ from gateway.campaigns import (
     cli_actor,
     create_campaign,
     create_token,
+    get_campaign,
     load_version,
+    set_quotas,
     set_schedule,
     transition,
 )
@@ -113,9 +115,100 @@ def campaign_status_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
     if not match:
         raise click.ClickException(f"no campaign {slug!r}")
     c = match[0]
-    _emit(as_json, c, f"{slug} ({c['state']}): {c['interviews_started']} started, "
-                      f"{c['interviews_completed']} completed, {c['declined']} declined, "
-                      f"{c['answers_stored']} answers stored, {c['events_waiting']} waiting")
+    target = f" of {c['target_size']}" if c.get("target_size") else ""
+    lines = [f"{slug} ({c['state']}): {c['interviews_started']} started, "
+             f"{c['interviews_completed']}{target} completed, {c['declined']} declined, "
+             f"{c['screened_out']} screened out by quotas, "
+             f"{c['answers_stored']} answers stored, {c['events_waiting']} waiting"]
+    if c.get("quotas"):
+        lines += ["", quota_table(c["quotas"])]
+    _emit(as_json, c, "\n".join(lines))
+
+
+def quota_table(report: dict[str, Any]) -> str:
+    """Fill per quota cell, as a plain-text table."""
+    on = report["on"]
+    rows = [[*[cell["cell"][name] for name in on], str(cell["target"]), str(cell["completed"]),
+             f"{100 * cell['completed'] / cell['target']:.0f}%" if cell["target"] else "-",
+             "FULL" if cell["full"] else "", str(cell["screened_out"])]
+            for cell in report["cells"]]
+    header = [*on, "target", "completed", "fill", "", "screened out"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [header, *rows])
+
+
+@click.group("quota")
+def quota() -> None:
+    """Quotas per cell (e.g. region x sex): set from a CSV, show fill, clear."""
+
+
+def _publish_quotas(ctx: click.Context, campaign_id: int) -> None:
+    """Tell the running webhooks at once (the worker would within a minute)."""
+    from gateway.cli import _settings
+    from gateway.db import make_engine
+    from gateway.quotas import refresh
+    from gateway.redis_conn import connect
+
+    settings = _settings(ctx)
+    refresh(make_engine(settings), connect(settings), settings.redis_prefix, [campaign_id])
+
+
+@quota.command("set")
+@click.argument("slug")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def quota_set(ctx: click.Context, slug: str, path: Path, as_json: bool) -> None:
+    """Set a campaign's quotas from a CSV: one column per quota question (choice names as
+    values), then `target`, e.g.
+
+    \b
+        region,sex,target
+        ashanti,female,120
+        ashanti,male,110
+    """
+    from gateway.quotas import read_csv
+
+    data = path.read_bytes()
+    view = _in_transaction(ctx, lambda db: campaign_view(set_quotas(
+        db, cli_actor(), slug, lambda form: read_csv(data, form))))
+    campaign_id = _in_transaction(ctx, lambda db: get_campaign(db, slug).id)
+    _publish_quotas(ctx, campaign_id)
+    quotas = view["quotas"]
+    _emit(as_json, view, f"{slug}: {len(quotas['targets'])} quota cells on "
+                         f"{' x '.join(quotas['on'])}; `civicdial campaign quota show {slug}`")
+
+
+@quota.command("clear")
+@click.argument("slug")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def quota_clear(ctx: click.Context, slug: str, as_json: bool) -> None:
+    """Remove a campaign's quotas: nobody is screened out any more."""
+    view = _in_transaction(ctx, lambda db: campaign_view(set_quotas(db, cli_actor(), slug,
+                                                                    None)))
+    _publish_quotas(ctx, _in_transaction(ctx, lambda db: get_campaign(db, slug).id))
+    _emit(as_json, view, f"{slug}: no quotas")
+
+
+@quota.command("show")
+@click.argument("slug")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def quota_show(ctx: click.Context, slug: str, as_json: bool) -> None:
+    """Fill per quota cell: target, completed interviews, people turned away."""
+    from gateway.cli import _settings
+    from gateway.db import make_engine
+    from gateway.quotas import report
+
+    engine = make_engine(_settings(ctx))
+    campaign = _in_transaction(ctx, lambda db: get_campaign(db, slug))
+    data = report(engine, campaign)
+    if as_json:
+        _emit(True, data, "")
+    else:
+        click.echo(quota_table(data) if data else f"{slug} has no quotas")
 
 
 @click.command("list")
@@ -220,6 +313,7 @@ def register(main: click.Group) -> None:
     campaign.add_command(campaign_list)
     campaign.add_command(campaign_status_cmd)
     campaign.add_command(campaign_schedule)
+    campaign.add_command(quota)
     questionnaire.add_command(questionnaire_load)
     questionnaire.add_command(questionnaire_list)
     main.add_command(token)

@@ -68,6 +68,10 @@ class Rules:
     max_invalid: int = 3
     dial: str = "*920*16#"  # USSD: the code to dial again; SMS: the keyword to text
     fold: bool = True  # fold to plain characters (USSD)
+    # Quotas: the questions that define a cell, and the cells already full ("a|b"). A
+    # respondent is screened out when the last of these questions puts them in a full cell.
+    quota_on: tuple[str, ...] = ()
+    full_cells: frozenset[str] = frozenset()
 
     @property
     def body_limit(self) -> int:
@@ -75,13 +79,14 @@ class Rules:
 
     @classmethod
     def sms(cls, keyword: str = "SURVEY", max_invalid: int = 3,
-            resume_window: int = 24 * 3600, fold: bool = False) -> Rules:
+            resume_window: int = 24 * 3600, fold: bool = False,
+            quota_on: tuple[str, ...] = ()) -> Rules:
         """SMS: no screen budget (no operator cuts the conversation), no paging. Twi letters
         are kept unless `fold`: they make a message UCS-2 (70 characters a segment instead
         of 160), which roughly doubles the cost of a Twi interview."""
         return cls(kind="sms", screen_limit=1600, budget_seconds=10**9, budget_screens=10**9,
                    resume_window=resume_window, max_invalid=max_invalid, dial=keyword,
-                   fold=fold)
+                   fold=fold, quota_on=quota_on)
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,8 @@ class Reply:
 @dataclass(frozen=True)
 class Event:
     id: str
-    kind: str  # started | answer | completed | declined | withdrawn | abandoned
+    # started | answer | completed | declined | withdrawn | abandoned | screened_out
+    kind: str
     interview: str
     at: float
     question: str = ""
@@ -419,7 +425,17 @@ class _Turn:
         if question.name == CONSENT:
             return self.on_consent(question, value)
         self.set_answer(question, value)
+        if question.name in self.rules.quota_on and self.cell() in self.rules.full_cells:
+            # Checked only as a quota question is answered: someone already past them
+            # finishes even if their cell fills meanwhile.
+            self.emit("screened_out")
+            return self.end(self.msg("quota_full"), forget=True)
         return self.go_to(self.next_position(question.index + 1))
+
+    def cell(self) -> str | None:
+        """The respondent's quota cell, once every quota question is answered."""
+        values = [self.answers.get(name) for name in self.rules.quota_on]
+        return None if None in values else cell_key(values)  # type: ignore[arg-type]
 
     def on_consent(self, question: Question, value: str) -> Step:
         if value != "yes":
@@ -492,6 +508,11 @@ class _Turn:
         if question.type == "decimal":
             return (text, "") if _DEC.match(text) else (None, self.msg("invalid_decimal"))
         return text, ""
+
+
+def cell_key(values: list[str] | tuple[str, ...]) -> str:
+    """A quota cell as stored: its choice names joined, e.g. 'ashanti|female'."""
+    return "|".join(values)
 
 
 def _normal(text: str) -> str:

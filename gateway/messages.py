@@ -19,6 +19,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "again_ussd": "Dial {target}",
         "again_sms": "Text {target}",
         "declined": "Thank you. Nothing has been recorded. Goodbye.",
+        "quota_full": "Thank you! We already have enough answers from people like you. "
+                      "Text RESULTS later to see what people said. Goodbye.",
         "completed": "Thank you! Your answers are recorded. Text RESULTS to see what people said.",
         "already_done": "You have already completed this survey. Thank you!",
         "part_done": "Part {part} of {parts} done. {again} to continue.",
@@ -58,6 +60,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "again_ussd": "Frɛ {target}",
         "again_sms": "Kyerɛw {target}",
         "declined": "Meda wo ase. Yɛnkyerɛw hwee. Nante yie.",
+        "quota_full": "Meda wo ase! Yɛanya nkurɔfo a wɔte sɛ wo mmuae dodow. Akyiri yi "
+                      "kyerɛw RESULTS hwɛ nea nkurɔfo kae. Nante yie.",
         "completed": "Meda wo ase! Yɛakyerɛw wo mmuae. Kyerɛw RESULTS hwɛ nea nkurɔfo kae.",
         "already_done": "Woawie nsɛmmisa yi dada. Meda wo ase!",
         "part_done": "Ɔfa {part} wɔ {parts} mu awie. {again} toa so.",

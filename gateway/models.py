@@ -13,6 +13,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -65,6 +66,15 @@ class Campaign(Base):
     target_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     opens_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     closes_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # JSON {"on": [question, ...], "targets": {"value|value": n}}, or '' for no quotas.
+    quotas: Mapped[str] = mapped_column(Text, default="")
+    # Interviews started but not finished get a reminder every N hours, at most M times.
+    reminder_hours: Mapped[int] = mapped_column(Integer, default=12)
+    reminder_max: Mapped[int] = mapped_column(Integer, default=1)
+    # Airtime thank-you on completion, in minor units (pesewas); None: off.
+    airtime_currency: Mapped[str] = mapped_column(String(3), default="")
+    airtime_amount: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    airtime_budget: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -143,6 +153,8 @@ class OutboundMessage(Base):
     """One SMS we send: persisted before any attempt, updated by delivery reports."""
 
     __tablename__ = "outbound_messages"
+    # Strict per-recipient ordering asks "is an earlier message to this person pending?"
+    __table_args__ = (Index("ix_outbound_order", "channel_id", "respondent", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Idempotency key: the same logical message is queued once whatever retries happen.
@@ -158,6 +170,31 @@ class OutboundMessage(Base):
     status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     provider_id: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AirtimePayment(Base):
+    """One airtime thank-you: at most one per respondent per campaign, whatever retries
+    or restarts happen (the unique constraint), reserved against the budget before any
+    attempt."""
+
+    __tablename__ = "airtime_payments"
+    __table_args__ = (UniqueConstraint("campaign_id", "respondent", name="uq_airtime_once"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(Integer, index=True)
+    respondent: Mapped[str] = mapped_column(String(64))
+    interview_id: Mapped[str] = mapped_column(String(64))
+    channel_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # whose credentials
+    recipient: Mapped[str] = mapped_column(Text)  # Fernet-encrypted E.164 number
+    currency: Mapped[str] = mapped_column(String(3))
+    amount: Mapped[int] = mapped_column(Integer)  # minor units
+    # queued | sending | sent | success | failed | unknown | stopped
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    request_id: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,6 +44,14 @@ class ChannelInfo:
     sms_idle_seconds: int = 24 * 3600
     opens_at: float | None = None  # epoch seconds
     closes_at: float | None = None
+    reminder_seconds: int = 12 * 3600
+    reminder_max: int = 1
+    airtime: bool = False  # a completed interview earns an airtime thank-you
+
+    def rules_for(self, full_cells: frozenset[str]) -> Rules:
+        """The rules with the campaign's quota cells that are full right now."""
+        return replace(self.rules, full_cells=full_cells) if self.rules.quota_on \
+            else self.rules
 
     @property
     def campaign_open(self) -> bool:
@@ -102,16 +110,18 @@ class Registry:
             channels = {}
             for ch, camp in rows:
                 config = json.loads(ch.config or "{}")
+                quota = json.loads(camp.quotas) if camp.quotas else None
+                quota_on = tuple(quota["on"]) if quota else ()
                 if ch.kind == "sms":
                     rules = Rules.sms(keyword=camp.sms_keyword, max_invalid=camp.max_invalid,
                                       resume_window=camp.sms_idle_seconds,
-                                      fold=bool(config.get("fold", False)))
+                                      fold=bool(config.get("fold", False)), quota_on=quota_on)
                 else:
                     rules = Rules(
                         screen_limit=max(MIN_SCREEN, min(MAX_SCREEN, ch.screen_limit)),
                         budget_seconds=camp.budget_seconds,
                         budget_screens=camp.budget_screens, resume_window=camp.resume_window,
-                        max_invalid=camp.max_invalid, dial=ch.address,
+                        max_invalid=camp.max_invalid, dial=ch.address, quota_on=quota_on,
                     )
                 channels[ch.key] = ChannelInfo(
                     id=ch.id, key=ch.key, provider=ch.provider, kind=ch.kind,
@@ -122,6 +132,9 @@ class Registry:
                     rules=rules, config=config,
                     keyword=camp.sms_keyword, sms_handover=camp.sms_handover,
                     sms_idle_seconds=camp.sms_idle_seconds,
+                    reminder_seconds=camp.reminder_hours * 3600,
+                    reminder_max=camp.reminder_max,
+                    airtime=camp.airtime_amount is not None,
                 )
             self._channels = channels
             self._loaded_at = time.monotonic()

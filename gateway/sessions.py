@@ -48,6 +48,11 @@ return 1
 """
 
 
+def quota_key(prefix: str, campaign: int) -> str:
+    """Where the worker publishes a campaign's full quota cells (a JSON list)."""
+    return f"{prefix}quota:{campaign}:full"
+
+
 def pseudonym(key: bytes, phone: str) -> str:
     """Keyed HMAC of a phone number: stable per installation, useless without the key."""
     return hmac.new(key, phone.encode(), hashlib.sha256).hexdigest()[:32]
@@ -127,6 +132,7 @@ class Loaded:
     state_raw: str  # '' when there is no state
     provider: ProviderSession | None
     opted_out: bool = False
+    full_cells: frozenset[str] = frozenset()  # the campaign's full quota cells
 
     @property
     def state(self) -> SessionState | None:
@@ -149,15 +155,20 @@ class SessionStore:
     def optout_key(self, respondent: str) -> str:
         return f"{self.prefix}optout:{respondent}"
 
-    def load(self, campaign: int, respondent: str, channel: int, session_id: str) -> Loaded:
-        """State, provider session (or message) record and opt-out flag: one round trip."""
-        state_raw, provider_raw, optout = self.r.mget(
-            self.state_key(campaign, respondent), self.provider_key(channel, session_id),
-            self.optout_key(respondent))
+    def load(self, campaign: int, respondent: str, channel: int, session_id: str,
+             quotas: bool = False) -> Loaded:
+        """State, provider session (or message) record, opt-out flag and, for a campaign
+        with quotas, its full cells: one round trip."""
+        keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
+                self.optout_key(respondent)]
+        if quotas:
+            keys.append(quota_key(self.prefix, campaign))
+        state_raw, provider_raw, optout, *full = self.r.mget(keys)
         return Loaded(
             state_raw=_text(state_raw),
             provider=ProviderSession.decode(_text(provider_raw)) if provider_raw else None,
             opted_out=optout is not None,
+            full_cells=frozenset(json.loads(full[0])) if full and full[0] else frozenset(),
         )
 
     def commit(self, *, campaign: int, respondent: str, channel: int, session_id: str,

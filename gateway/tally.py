@@ -49,6 +49,8 @@ PROFILE = ("sex", "age", "region", "urban", "income")
 OUTCOMES = tuple(q for _label, attrs, overall in AREAS.values() for q in (*attrs, overall))
 # Answers that say nothing about the respondent's group: they fall in the "unknown" group.
 NOT_STATED = frozenset({"refuse", "dk"})
+# Interviews that never got to the questions: refused, withdrawn, or turned away by a quota.
+NOT_INTERVIEWED = ("declined", "withdrawn", "screened_out")
 RESULTS_KIND = "results"
 DEFAULT_PARAMS = Params()
 
@@ -88,7 +90,7 @@ def pattern_query(campaign_id: int) -> Any:
                func.max(case((i.status == "completed", 1), else_=0)).label("completed"))
         .select_from(Answer.__table__.join(Interview.__table__, i.id == a.interview_id))
         .where(a.campaign_id == campaign_id, a.value.is_not(None),
-               i.status.not_in(("declined", "withdrawn")),
+               i.status.not_in(NOT_INTERVIEWED),
                # Screening, open text and opt-in answers play no part: skip their rows.
                a.question.in_((*PROFILE, *WG_QUESTIONS, *OUTCOMES)))
         .group_by(a.interview_id)
@@ -132,7 +134,7 @@ def questionnaire_versions(engine: Engine, campaign_id: int) -> list[str]:
         # From the interviews (one row each) rather than a scan of every answer.
         return sorted(v for v in db.scalars(select(Interview.questionnaire_version).where(
             Interview.campaign_id == campaign_id,
-            Interview.status.not_in(("declined", "withdrawn"))).distinct()).all() if v)
+            Interview.status.not_in(NOT_INTERVIEWED)).distinct()).all() if v)
 
 
 # -- snapshots -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings, load_settings
 from gateway.db import make_engine, shared_engine
+from gateway.quotas import refresh as refresh_quotas
 from gateway.redis_conn import connect
 from gateway.registry import Registry
 from gateway.sessions import SessionStore
@@ -68,6 +69,8 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
                 sweep(settings, engine, client)
                 release_held(settings, engine, client)
                 remind_idle(settings, client, registry)
+                # Quotas changed by a coordinator take effect without a completion.
+                refresh_quotas(engine, client, settings.redis_prefix)
         except (redis.RedisError, SQLAlchemyError) as exc:
             log.warning("pump: %s", exc)
 

@@ -31,6 +31,7 @@ from gateway.models import (
     OutboundMessage,
     UssdSessionEnd,
 )
+from gateway.quotas import refresh as refresh_quotas
 from gateway.sessions import GROUP, STREAM
 from workers.outbound import enqueue_send
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Events that change an interview's status; answers do not.
 _STATUS = {"started": "started", "completed": "completed", "abandoned": "abandoned",
-           "declined": "declined", "withdrawn": "withdrawn"}
+           "declined": "declined", "withdrawn": "withdrawn", "screened_out": "screened_out"}
 
 
 def ensure_group(client: redis.Redis, stream: str) -> None:
@@ -243,6 +244,9 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
             break
         ids = [entry_id for entry_id, _ in entries]
         created = _write_batch(client, engine, stream, entries)
+        completed = _completed_campaigns(entries)
+        if completed:  # before the ack: a crash here only repeats a harmless recount
+            refresh_quotas(engine, client, stream.removesuffix(STREAM), completed)
         # Enqueued before the ack: if we die in between, the batch is rewritten (no new
         # rows, so nothing enqueued twice) and the sweeper finds any row left unqueued.
         for message_id, priority in created:
@@ -279,6 +283,19 @@ def _write_batch(client: redis.Redis, engine: Engine, stream: str,
                                            "error": repr(exc)[:500]})
             log.error("parked malformed stream entry %s: %r", entry_id, exc)
     return created
+
+
+def _completed_campaigns(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> set[int]:
+    """Campaigns with an interview completed in this batch (their quota fill moved)."""
+    campaigns = set()
+    for _, fields in entries:
+        raw = fields.get(b"e", b"")
+        if b'"k":"completed"' in raw:
+            try:
+                campaigns.add(int(json.loads(raw)["c"]))
+            except _MALFORMED:
+                pass
+    return campaigns
 
 
 def _reclaim(client: redis.Redis, stream: str, consumer: str, idle_ms: int,

@@ -9,7 +9,8 @@ viewer (read-only; never a phone number).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import Any
 
@@ -28,6 +29,9 @@ from gateway.campaigns import (
     get_campaign,
     hash_token,
     load_version,
+    set_airtime,
+    set_quotas,
+    set_reminders,
     transition,
 )
 from gateway.contacts import ContactFileError, import_contacts
@@ -41,6 +45,9 @@ from gateway.models import (
     QuestionnaireVersion,
 )
 from gateway.questionnaire import FormError, load_questionnaire
+from gateway.quotas import define as define_quota
+from gateway.quotas import refresh as refresh_quotas
+from gateway.quotas import report as quota_report
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 RANK = {"viewer": 0, "coordinator": 1, "admin": 2}
@@ -209,6 +216,87 @@ def new_campaign() -> Response:
 def show_campaign(slug: str) -> Response:
     with Session(_engine()) as db:
         return _json(campaign_view(get_campaign(db, slug)))
+
+
+@bp.patch("/campaigns/<slug>")
+@requires("coordinator")
+def update_campaign(slug: str) -> Response:
+    """Reminder schedule and airtime thank-you settings."""
+    body = _body({"reminder_hours": int, "reminder_max": int,
+                  "airtime": (dict, type(None))}, set())
+    airtime = body.get("airtime")
+    if isinstance(airtime, dict):
+        extra = set(airtime) - {"currency", "amount", "budget"}
+        if extra or not all(isinstance(airtime.get(k), str)
+                            for k in ("currency", "amount", "budget")):
+            raise ApiError(422, "airtime: an object with string fields currency, amount, "
+                                "budget (e.g. GHS, 2.00, 500.00), or null to turn it off")
+    with Session(_engine(), expire_on_commit=False) as db, db.begin():
+        with _unprocessable():
+            if "reminder_hours" in body or "reminder_max" in body:
+                set_reminders(db, g.actor, slug, body.get("reminder_hours"),
+                              body.get("reminder_max"))
+            if "airtime" in body:
+                if airtime is None:
+                    set_airtime(db, g.actor, slug, None)
+                else:
+                    set_airtime(db, g.actor, slug, airtime["currency"], airtime["amount"],
+                                airtime["budget"])
+        return _json(campaign_view(get_campaign(db, slug)))
+
+
+@contextmanager
+def _unprocessable() -> Iterator[None]:
+    """A setting that does not fit is the request's fault (422); a missing campaign 404."""
+    try:
+        yield
+    except CampaignError as exc:
+        if str(exc).startswith("no campaign"):
+            raise
+        raise ApiError(422, str(exc)) from None
+
+
+@bp.get("/campaigns/<slug>/quotas")
+@requires("viewer")
+def show_quotas(slug: str) -> Response:
+    with Session(_engine()) as db:
+        campaign = get_campaign(db, slug)
+        return _json(quota_report(_engine(), campaign) or {"on": [], "cells": []})
+
+
+@bp.put("/campaigns/<slug>/quotas")
+@requires("coordinator")
+def put_quotas(slug: str) -> Response:
+    """Replace the quotas: {"on": ["region", "sex"], "cells": [{"values": {"region":
+    "ashanti", "sex": "female"}, "target": 120}, ...]}."""
+    body = _body({"on": list, "cells": list}, {"on", "cells"})
+    on, cells = body["on"], body["cells"]
+    if not all(isinstance(name, str) for name in on) or not all(
+            isinstance(c, dict) and set(c) == {"values", "target"}
+            and isinstance(c["values"], dict) and isinstance(c["target"], int)
+            and not isinstance(c["target"], bool)
+            and all(isinstance(v, str) for v in c["values"].values()) for c in cells):
+        raise ApiError(422, 'on: question names; cells: [{"values": {question: choice}, '
+                            '"target": whole number}]')
+    return _replace_quotas(slug, lambda form: define_quota(
+        form, on, [(c["values"], c["target"]) for c in cells]))
+
+
+@bp.delete("/campaigns/<slug>/quotas")
+@requires("coordinator")
+def delete_quotas(slug: str) -> Response:
+    return _replace_quotas(slug, None)
+
+
+def _replace_quotas(slug: str, define: Callable[[Any], Any] | None) -> Response:
+    services = current_app.extensions["civicdial"]
+    with Session(services.engine, expire_on_commit=False) as db, db.begin():
+        with _unprocessable():
+            campaign = set_quotas(db, g.actor, slug, define)
+    # Published at once so the webhooks screen by the new quotas (the worker also would).
+    refresh_quotas(services.engine, services.redis, services.settings.redis_prefix,
+                   [campaign.id])
+    return _json(quota_report(services.engine, campaign) or {"on": [], "cells": []})
 
 
 @bp.post("/campaigns/<slug>/<any(open, pause, close):verb>")

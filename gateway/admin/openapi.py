@@ -65,6 +65,39 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/campaigns/{slug}": {
             "get": {"summary": "One campaign", "parameters": [_SLUG],
                     "responses": {"200": _ok("campaign"), **_errors(404)}},
+            "patch": {"summary": "Reminder schedule and airtime thank-you",
+                      "parameters": [_SLUG],
+                      "requestBody": _json_body({
+                          "reminder_hours": {"type": "integer", "minimum": 1,
+                                             "maximum": 1440},
+                          "reminder_max": {"type": "integer", "minimum": 0, "maximum": 10},
+                          "airtime": {"type": "object", "nullable": True,
+                                      "additionalProperties": False,
+                                      "required": ["currency", "amount", "budget"],
+                                      "properties": {
+                                          "currency": {"type": "string",
+                                                       "pattern": "^[A-Z]{3}$"},
+                                          "amount": {"type": "string"},
+                                          "budget": {"type": "string"}}}}, []),
+                      "responses": {"200": _ok("campaign"), **_errors(400, 404, 422)}},
+        },
+        "/api/v1/campaigns/{slug}/quotas": {
+            "get": {"summary": "Quotas and their fill per cell", "parameters": [_SLUG],
+                    "responses": {"200": _ok("quotas"), **_errors(404)}},
+            "put": {"summary": "Replace the quotas", "parameters": [_SLUG],
+                    "requestBody": _json_body({
+                        "on": {"type": "array", "items": {"type": "string"}},
+                        "cells": {"type": "array", "items": {
+                            "type": "object", "required": ["values", "target"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "values": {"type": "object",
+                                           "additionalProperties": {"type": "string"}},
+                                "target": {"type": "integer", "minimum": 0}}}}},
+                        ["on", "cells"]),
+                    "responses": {"200": _ok("quotas"), **_errors(400, 404, 422)}},
+            "delete": {"summary": "Remove the quotas", "parameters": [_SLUG],
+                       "responses": {"200": _ok("quotas"), **_errors(404)}},
         },
         **{f"/api/v1/campaigns/{{slug}}/{verb}": {
             "post": {"summary": f"{verb.capitalize()} a campaign", "parameters": [_SLUG],

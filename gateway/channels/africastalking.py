@@ -101,7 +101,8 @@ def ussd(channel_key: str) -> Response:
     respondent = pseudonym(settings.pseudonym_key, phone)
     store = services.store
     for _ in range(COMMIT_ATTEMPTS):
-        loaded = store.load(ch.campaign_id, respondent, ch.id, session_id)
+        loaded = store.load(ch.campaign_id, respondent, ch.id, session_id,
+                            quotas=bool(ch.rules.quota_on))
         record = loaded.provider
         now = time.time()
         if record is None:
@@ -128,7 +129,8 @@ def ussd(channel_key: str) -> Response:
                 return _text(done_reply)
             continue
         form_version = state.version if state else ch.questionnaire_version
-        result = step(services.registry.questionnaire(form_version), state, inp, ch.rules)
+        result = step(services.registry.questionnaire(form_version), state, inp,
+                      ch.rules_for(loaded.full_cells))
         reply = ("END " if result.reply.end else "CON ") + result.reply.text
         if result.state is None:
             new_state, ttl = "", 1

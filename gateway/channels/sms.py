@@ -132,7 +132,8 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
     word = "stop" if provider_stop else keyword(msg.text, ch.keyword)
 
     for _ in range(COMMIT_ATTEMPTS):
-        loaded = store.load(ch.campaign_id, respondent, ch.id, f"m:{msg.message_id}")
+        loaded = store.load(ch.campaign_id, respondent, ch.id, f"m:{msg.message_id}",
+                            quotas=bool(ch.rules.quota_on))
         if loaded.provider is not None:
             return Outcome(loaded.provider.reply or None, duplicate=True)
         state = loaded.state
@@ -171,7 +172,8 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
             else:
                 inp = Input.answer(msg.text, now, secrets.token_hex(8))
             version = state.version if state else ch.questionnaire_version
-            result = step(services.registry.questionnaire(version), state, inp, ch.rules)
+            result = step(services.registry.questionnaire(version), state, inp,
+                          ch.rules_for(loaded.full_cells))
             reply = result.reply.text
             events.extend(stream_event(e, ch.campaign_id, ch.id, respondent, version)
                           for e in result.events)
