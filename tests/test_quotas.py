@@ -1,0 +1,236 @@
+"""Quotas per cell: the engine's screening, the worker's fill count, the CLI and the API."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+from test_engine import SMALL, TO_USED, UNLIMITED, USED_NO, Script, Turn, play
+
+from gateway.campaigns import create_token
+from gateway.engine import Input, Stage, step
+from gateway.models import AuditEntry, Channel, Interview
+from gateway.quotas import QuotaError, define, read_csv
+from gateway.sessions import quota_key
+from workers.persist import drain
+
+FORM = "application/x-www-form-urlencoded"
+FULL = "We already have enough answers from people like you"
+RED_YES = replace(UNLIMITED, quota_on=("color", "used"), full_cells=frozenset({"red|yes"}))
+
+
+# -- the engine ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", [
+    Script("a full cell is thanked and ended at its last quota question", (
+        *TO_USED,
+        Turn("1", FULL, end=True, events=("answer used=yes", "screened_out"), gone=True),
+    ), rules=RED_YES),
+    Script("an open cell goes on to the substantive questions", (
+        *TO_USED, Turn("2", "Nearly done.", events=("answer used=no",), question="info"),
+    ), rules=RED_YES),
+    Script("a one-variable quota screens at that question", (
+        *TO_USED[:3],
+        Turn("1", FULL, end=True, events=("answer color=red", "screened_out"), gone=True),
+    ), rules=replace(UNLIMITED, quota_on=("color",), full_cells=frozenset({"red"}))),
+    Script("without quotas nobody is screened", (
+        *TO_USED, Turn("1", "Well treated?", events=("answer used=yes",)),
+    ), rules=replace(UNLIMITED, full_cells=frozenset({"red|yes"}))),
+], ids=lambda s: s.label)
+def test_quota_scripts(script: Script) -> None:
+    play(script)
+
+
+def test_a_cell_filling_mid_interview_does_not_cut_the_interview() -> None:
+    """Someone past the quota questions when their cell fills still finishes."""
+    state = play(Script("to rating", (*TO_USED, Turn("1", "Well treated?",
+                                                     events=("answer used=yes",))),
+                        rules=replace(RED_YES, full_cells=frozenset())))[-1].state
+    assert state is not None
+    result = step(SMALL, state, Input.answer("1", 2_000_000.0), RED_YES)
+    assert result.reply.text.startswith("Why did you go?")
+    assert [e.kind for e in result.events] == ["answer"]
+
+
+def test_going_back_into_a_full_cell_is_screened() -> None:
+    """Changing a quota answer re-checks the cell."""
+    steps = play(Script("back", (*TO_USED, USED_NO), rules=RED_YES))
+    state = steps[-1].state
+    assert state is not None
+    back = step(SMALL, state, Input.answer("0", 2_000_000.0), RED_YES)  # 0 = Back
+    assert back.state is not None and back.state.stage is Stage.QUESTION
+    again = step(SMALL, back.state, Input.answer("1", 2_000_001.0), RED_YES)
+    assert again.state is None and FULL in again.reply.text
+
+
+# -- defining quotas ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("csv, error", [
+    (b"colour,target\nred,3\n", "'colour' is not a single-choice question"),
+    (b"color,target\npurple,3\n", "'purple' is not a choice of color"),
+    (b"color,target\nred,three\n", "target 'three' is not a whole number"),
+    (b"color,target\nred,-1\n", "target must be 0 or more"),
+    (b"color,target\nred,1\nred,2\n", "red is given twice"),
+    (b"color,used\nred,yes\n", "then 'target'"),
+    (b"visits,target\n3,1\n", "'visits' is not a single-choice question"),
+    (b"color,target\n", "at least one cell"),
+])
+def test_bad_quota_files_say_what_to_fix(csv: bytes, error: str) -> None:
+    with pytest.raises(QuotaError, match=error):
+        read_csv(csv, SMALL)
+
+
+def test_quota_file_with_bom_and_excel_quoting() -> None:
+    quota = read_csv('\ufeff"color","used","target"\r\n"red","yes","2"\r\n\r\nblue,no,0\r\n'
+                     .encode(), SMALL)
+    assert quota.on == ("color", "used")
+    assert quota.targets == {"red|yes": 2, "blue|no": 0}
+    assert define(SMALL, ["color"], [({"color": "red"}, 1)]).targets == {"red": 1}
+
+
+# -- a real USSD campaign -------------------------------------------------------------------
+
+def run(env: dict[str, str], *args: str) -> tuple[int, str]:
+    from gateway.cli import main
+
+    result = CliRunner().invoke(main, list(args), env=env)
+    return result.exit_code, result.output
+
+
+class Dialler:
+    """One phone talking to the USSD webhook as Africa's Talking would."""
+
+    def __init__(self, client: FlaskClient, url: str, phone: str) -> None:
+        self.client, self.url, self.phone = client, url, phone
+        self.sessions, self.inputs = 0, []  # type: ignore[var-annotated]
+
+    def dial(self) -> str:
+        self.sessions += 1
+        self.inputs = []
+        return self._post()
+
+    def send(self, text: str) -> str:
+        self.inputs.append(text)
+        return self._post()
+
+    def _post(self) -> str:
+        resp = self.client.post(self.url, content_type=FORM, data={
+            "sessionId": f"ATUid_{self.phone}_{self.sessions}", "serviceCode": "*920*16#",
+            "phoneNumber": self.phone, "networkCode": "62001", "text": "*".join(self.inputs)})
+        assert resp.status_code == 200, resp.text
+        return resp.text
+
+    def to_region(self, sex: str) -> str:
+        """English, consent, sex (1 female, 2 male), 18-24, Greater Accra."""
+        assert "Language" in self.dial()
+        for answer in ("1", "1", sex, "2"):
+            self.send(answer)
+        return self.send("1")
+
+    def finish(self) -> str:
+        """Answer the first option everywhere (any text to open questions), redialling
+        after each part break, until the interview completes."""
+        screen = self.inputs and self._post() or self.dial()
+        for _ in range(300):
+            if screen.startswith("END"):
+                if "Part" not in screen:
+                    return screen
+                screen = self.dial()
+                continue
+            screen = self.send("1")
+        raise AssertionError("the interview never ended")
+
+
+def test_a_full_cell_turns_people_away_over_ussd(
+        client: FlaskClient, ussd_url: str, env: dict[str, str], engine: Engine,
+        redis_client: redis.Redis, channel: Channel, tmp_path: Path) -> None:
+    """Quota Greater Accra × female = 1: once one woman there completes (and the worker
+    has persisted it), the next is thanked and ended before the substantive questions;
+    a man there, and a woman elsewhere, go on. The fill shows in the CLI."""
+    quota_file = tmp_path / "quotas.csv"
+    quota_file.write_text("region,sex,target\ngreater_accra,female,1\n"
+                          "greater_accra,male,5\nashanti,female,5\n")
+    code, out = run(env, "campaign", "quota", "set", "sdg1662", str(quota_file))
+    assert code == 0, out
+    assert "3 quota cells on region x sex" in out
+
+    first = Dialler(client, ussd_url, "+233240000001")
+    assert "urban" in first.to_region("1").lower()  # cell open: on to residence
+    assert "Thank you!" in first.finish()
+    drain(redis_client, engine, "cd:events")
+    assert json.loads(redis_client.get(quota_key("cd:", channel.campaign_id))) == [
+        "greater_accra|female"]
+
+    second = Dialler(client, ussd_url, "+233240000002")
+    ended = second.to_region("1")
+    assert ended.startswith("END ") and FULL in ended
+    man = Dialler(client, ussd_url, "+233240000003")
+    assert "urban" in man.to_region("2").lower()
+    drain(redis_client, engine, "cd:events")
+    with Session(engine) as db:
+        statuses = dict(db.execute(select(Interview.respondent, Interview.status)).all())
+    assert sorted(statuses.values()) == ["completed", "screened_out", "started"]
+
+    code, out = run(env, "campaign", "quota", "show", "sdg1662", "--json")
+    assert code == 0, out
+    cells = {(c["cell"]["region"], c["cell"]["sex"]): c for c in json.loads(out)["cells"]}
+    assert cells["greater_accra", "female"] == {
+        "cell": {"region": "greater_accra", "sex": "female"}, "target": 1, "completed": 1,
+        "screened_out": 1, "full": True}
+    assert cells["greater_accra", "male"]["completed"] == 0
+    assert not cells["greater_accra", "male"]["full"]
+    code, out = run(env, "campaign", "status", "sdg1662")
+    assert code == 0 and "1 screened out by quotas" in out
+    assert "greater_accra  female  1       1          100%  FULL  1" in out
+
+    # Raising the target reopens the cell at once.
+    quota_file.write_text("region,sex,target\ngreater_accra,female,2\n")
+    assert run(env, "campaign", "quota", "set", "sdg1662", str(quota_file))[0] == 0
+    assert json.loads(redis_client.get(quota_key("cd:", channel.campaign_id))) == []
+    third = Dialler(client, ussd_url, "+233240000004")
+    assert "urban" in third.to_region("1").lower()
+    assert run(env, "campaign", "quota", "clear", "sdg1662")[0] == 0
+    assert redis_client.get(quota_key("cd:", channel.campaign_id)) is None
+    with Session(engine) as db:
+        actions = db.scalars(select(AuditEntry.action)).all()
+    assert actions.count("campaign.quotas") == 3
+
+
+def test_quotas_over_the_api(client: FlaskClient, engine: Engine, channel: Channel,
+                             redis_client: redis.Redis) -> None:
+    with Session(engine) as db, db.begin():
+        tokens = {role: create_token(db, "test", role, role)
+                  for role in ("coordinator", "viewer")}
+    coord = {"Authorization": f"Bearer {tokens['coordinator']}"}
+    viewer = {"Authorization": f"Bearer {tokens['viewer']}"}
+    url = "/api/v1/campaigns/sdg1662/quotas"
+    body = {"on": ["region", "sex"], "cells": [
+        {"values": {"region": "ashanti", "sex": "male"}, "target": 0}]}
+    assert client.put(url, json=body, headers=viewer).status_code == 403
+    bad = client.put(url, headers=coord, json={
+        "on": ["region"], "cells": [{"values": {"region": "accra"}, "target": 3}]})
+    assert bad.status_code == 422 and "'accra' is not a choice of region" in bad.json["error"]
+    assert client.put(url, headers=coord, json={"on": ["region"]}).status_code == 422
+    assert client.put(url, headers=coord, json={"on": ["region"], "cells": [
+        {"values": {"region": "ashanti"}, "target": True}]}).status_code == 422
+    assert client.get(url, headers=viewer).json == {"on": [], "cells": []}
+
+    resp = client.put(url, json=body, headers=coord)
+    assert resp.status_code == 200, resp.json
+    # A target of 0 closes the cell before anyone completes.
+    assert resp.json["cells"] == [{"cell": {"region": "ashanti", "sex": "male"}, "target": 0,
+                                   "completed": 0, "screened_out": 0, "full": True}]
+    assert json.loads(redis_client.get(quota_key("cd:", channel.campaign_id))) == [
+        "ashanti|male"]
+    assert client.get(url, headers=viewer).json["on"] == ["region", "sex"]
+    stats = client.get("/api/v1/campaigns/sdg1662/stats", headers=viewer).json
+    assert stats["quotas"]["cells"][0]["full"] is True
+    assert client.delete(url, headers=coord).json == {"on": [], "cells": []}
+    assert client.get("/api/v1/campaigns/nope/quotas", headers=viewer).status_code == 404
