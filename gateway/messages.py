@@ -44,6 +44,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "results_none": "The results are not published yet. Thank you for waiting.",
         "reminder": "You have an unfinished survey on public services. Reply to continue "
                     "(free), or STOP to opt out.",
+        "reminder_ussd": "You have an unfinished survey on public services. Dial {dial} to "
+                         "continue where you left off (free). Reply STOP to opt out.",
         "intro": "Hello! Ghana Statistical Service asks about your experience of public "
                  "services. Text {keyword} to take part (free). HELP for info, STOP to opt out.",
     },
@@ -80,6 +82,7 @@ MESSAGES: dict[str, dict[str, str]] = {
                       "Ɛyɛ kwa. Kyerɛw {keyword} fa wo ho hyɛ mu, GYAE gyae.",
         "results_none": "Yɛntintimii nea yɛahunu no ɛ. Meda wo ase sɛ wotwɛn.",
         "reminder": "Wonnwiee nsɛmmisa no. Bua na toa so (kwa), anaa GYAE.",
+        "reminder_ussd": "Wonnwiee nsɛmmisa no. Frɛ {dial} na toa so (kwa). Kyerɛw GYAE gyae.",
         "intro": "Akwaaba! Ghana Statistical Service pɛ sɛ wote wo nsusuwii. Kyerɛw {keyword} "
                  "fi ase. MMOA ma nkyerɛkyerɛmu, GYAE gyae.",
     },

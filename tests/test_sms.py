@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from unittest.mock import patch
 from urllib.parse import urlencode
 
 import pytest
@@ -498,6 +499,85 @@ def test_idle_sms_interview_gets_one_reminder_then_expires(
         assert db.scalar(select(Interview.status)) == "abandoned"
     assert redis_client.keys("cd:st:*") == []
     assert "Text SURVEY to take part" in twiml_text(tw_sms(client, sms.tw, "3", "SM9")[1])
+
+
+def test_reminders_every_n_hours_at_most_m(
+        client: FlaskClient, sms: SmsChannels, engine: Engine, redis_client: redis.Redis,
+        settings, app: Flask, env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """`campaign set --reminder-hours 2 --reminder-max 3`: a silent respondent is reminded
+    after 2, 4 and 6 hours and then no more; an answer restarts the 2-hour clock but not
+    the count; the interview still expires at the end of its window."""
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+    from workers.reminders import remind_idle
+
+    result = CliRunner().invoke(main, ["campaign", "set", "sdg1662", "--reminder-hours", "2",
+                                       "--reminder-max", "3"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "reminders every 2 h at most 3" in result.output
+    registry = app.extensions["civicdial"].registry
+    registry.refresh()
+    for n, answer in enumerate(["SURVEY", "1", "1"]):  # ... now at sex
+        tw_sms(client, sms.tw, answer, f"SM{n}")
+    now = time.time()
+
+    def remind(hours: float) -> int:
+        return remind_idle(settings, redis_client, registry, now=now + hours * 3600)["reminded"]
+
+    assert [remind(h) for h in (1, 2.1, 3, 4.2, 5)] == [0, 1, 0, 1, 0]
+    with patch("time.time", return_value=now + 5 * 3600):  # answers after 5 hours
+        tw_sms(client, sms.tw, "2", "SM3")
+    assert [remind(h) for h in (6.5, 7.1, 9.5, 23)] == [0, 1, 0, 0]
+    work(engine, redis_client)
+    reminders = sms.fake.bodies_to(PHONE)[-3:]
+    assert [r.split("\n")[0] for r in reminders] == [
+        "You have an unfinished survey on public services. Reply to continue (free), "
+        "or STOP to opt out."] * 3
+    assert "What is your sex?" in reminders[0] and "How old are you?" in reminders[2]
+    assert remind_idle(settings, redis_client, registry,
+                       now=now + 29.1 * 3600)["expired"] == 1
+    assert redis_client.zcard("cd:sms:idle") == 0
+
+
+def test_unfinished_ussd_interview_is_reminded_by_sms_to_dial_again(
+        client: FlaskClient, sms: SmsChannels, channel: Channel, engine: Engine,
+        redis_client: redis.Redis, settings, app: Flask) -> None:  # type: ignore[no-untyped-def]
+    """A USSD session that ends unfinished (AT's Incomplete notification, no hand-over):
+    after reminder_hours an SMS asks the respondent to dial again, once (reminder_max 1);
+    the interview expires at the end of its window."""
+    from workers.reminders import remind_idle
+
+    ussd = f"/webhooks/africastalking/{channel.key}/ussd"
+    for text in ("", "1", "1*1"):  # English, consent: now at sex
+        client.post(ussd, content_type=FORM, data={
+            "sessionId": "U1", "serviceCode": "*920*16#", "phoneNumber": PHONE,
+            "networkCode": "62001", "text": text})
+    client.post(f"{ussd}/events", content_type=FORM, data={
+        "sessionId": "U1", "serviceCode": "*920*16#", "phoneNumber": PHONE,
+        "networkCode": "62001", "status": "Incomplete", "durationInMillis": "9000",
+        "hopsCount": "3", "input": "1*1", "lastAppResponse": "CON What is your sex?",
+        "date": "2026-11-25 12:00:00", "cost": "GHS 0.05"})
+    registry = app.extensions["civicdial"].registry
+    now = time.time()
+    assert remind_idle(settings, redis_client, registry, now=now + 3600)["reminded"] == 0
+    assert remind_idle(settings, redis_client, registry, now=now + 12.1 * 3600)["reminded"] == 1
+    work(engine, redis_client)
+    (reminder,) = sms.fake.bodies_to(PHONE)
+    assert reminder == ("You have an unfinished survey on public services. Dial *920*16# to "
+                        "continue where you left off (free). Reply STOP to opt out.")
+    assert remind_idle(settings, redis_client, registry, now=now + 13 * 3600)["reminded"] == 0
+    assert redis_client.zcard("cd:sms:idle") == 1  # waits for expiry
+    # They dial again and are asked to continue; with reminders off, only expiry is left.
+    resumed = client.post(ussd, content_type=FORM, data={
+        "sessionId": "U2", "serviceCode": "*920*16#", "phoneNumber": PHONE,
+        "networkCode": "62001", "text": ""}).get_data(as_text=True)
+    assert "Welcome back" in resumed
+    with engine.begin() as conn:
+        conn.execute(update(Campaign).values(reminder_max=0))
+    registry.refresh()
+    assert remind_idle(settings, redis_client, registry, now=now + 30 * 3600) == {
+        "reminded": 0, "expired": 1, "forgotten": 0}
 
 
 def test_emoji_and_empty_bodies_are_answers_not_errors(client: FlaskClient,

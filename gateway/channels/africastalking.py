@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 import requests
 from africastalking.Service import AfricasTalkingException
@@ -28,6 +28,7 @@ from gateway.channels.sms import (
     converse,
     delivery_event,
     send_event,
+    track,
 )
 from gateway.channels.webhook import WebhookError, field, log, parse_form, phone_number
 from gateway.engine import Input, SessionState, Stage, hand_over, step
@@ -36,6 +37,7 @@ from gateway.phones import BadPhoneNumber, to_e164
 from gateway.registry import ChannelInfo
 from gateway.sessions import (
     ProviderSession,
+    decode_state,
     encode_state,
     mask_phone,
     pseudonym,
@@ -155,6 +157,10 @@ def ussd(channel_key: str) -> Response:
             forget_session=state_provider_session(loaded.state_raw) if record is None else "",
         )
         if committed:
+            if result.reply.end and _unfinished(result.state):
+                # A part break or too many invalid entries: a reminder if they do not
+                # dial again (rare, so the extra round trip does not weigh on the hop).
+                _track_for_reminders(ch, phone, respondent, result.state)
             return _text(reply)
     log.warning("ussd %s %s: state kept changing under us", ch.id, mask_phone(phone))
     raise WebhookError(409, "concurrent requests for this session; retry")
@@ -189,26 +195,46 @@ def ussd_events(channel_key: str) -> Response:
         "err": field(form, "errorMessage", max_len=2000, required=False),
         "t": time.time(),
     }])
-    if status != "Success" and respondent and ch.sms_handover:
-        _hand_over_to_sms(ch, phone, respondent, session_id)
+    if respondent and not (status != "Success" and ch.sms_handover
+                           and _hand_over_to_sms(ch, phone, respondent, session_id)):
+        raw = _services().redis.get(_services().store.state_key(ch.campaign_id, respondent))
+        state = decode_state(raw.decode()) if raw else None
+        if _unfinished(state):
+            _track_for_reminders(ch, phone, respondent, state)
     return _text("OK")
 
 
-def _hand_over_to_sms(ch: ChannelInfo, phone: str, respondent: str, session_id: str) -> None:
-    """The network dropped an unfinished interview: offer to finish it by SMS, once."""
+def _unfinished(state: SessionState | None) -> TypeGuard[SessionState]:
+    return state is not None and state.consented and state.stage in (Stage.QUESTION,
+                                                                     Stage.RESUME)
+
+
+def _track_for_reminders(ch: ChannelInfo, phone: str, respondent: str,
+                         state: SessionState) -> None:
+    """Remind by SMS to dial again, if the campaign reminds and has an SMS channel."""
+    services = _services()
+    if ch.reminder_max > 0 and services.registry.sms_channel(ch.campaign_id) is not None:
+        track(services.redis, services.settings.redis_prefix, ch, respondent,
+              services.box.seal(phone), state.updated)
+
+
+def _hand_over_to_sms(ch: ChannelInfo, phone: str, respondent: str, session_id: str) -> bool:
+    """The network dropped an unfinished interview: offer to finish it by SMS, once.
+    True if it was handed over (now or by an earlier notification)."""
     services = _services()
     sms = services.registry.sms_channel(ch.campaign_id)
     if sms is None:
         log.warning("campaign %s: sms_handover is on but it has no SMS channel",
                     ch.campaign_slug)
-        return
+        return False
     key = f"handover:{ch.id}:{session_id}"
     for _ in range(COMMIT_ATTEMPTS):
         loaded = services.store.load(ch.campaign_id, respondent, sms.id, key)
         state = loaded.state
-        if (loaded.provider is not None or loaded.opted_out or state is None
-                or not state.consented or state.stage not in (Stage.QUESTION, Stage.RESUME)):
-            return
+        if loaded.provider is not None:
+            return True
+        if loaded.opted_out or not _unfinished(state):
+            return False
         form = services.registry.questionnaire(state.version)
         moved, question = hand_over(form, state, sms.rules)
         text = message(form.language(state.lang).code, "handover") + "\n" + question
@@ -220,7 +246,11 @@ def _hand_over_to_sms(ch: ChannelInfo, phone: str, respondent: str, session_id: 
                 provider_ttl=services.settings.ussd_session_ttl,
                 events=[send_event(sms, respondent, phone, text, key, services.box,
                                    kind="handover", priority=1)]):
-            return
+            # Now an SMS conversation: reminded, and expired, as one.
+            track(services.redis, services.settings.redis_prefix, sms, respondent,
+                  services.box.seal(phone), moved.updated)
+            return True
+    return False
 
 
 @bp.post("/<channel_key>/sms")

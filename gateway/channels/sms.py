@@ -69,6 +69,8 @@ def send_event(ch: ChannelInfo, respondent: str, phone: str, body: str, key: str
 
 
 def idle_key(prefix: str) -> str:
+    """Unfinished interviews, scored by when something is next due for them (a reminder,
+    or expiry), so the worker reads only what is due."""
     return f"{prefix}sms:idle"
 
 
@@ -80,19 +82,32 @@ def member(campaign: int, respondent: str, channel: int) -> str:
     return f"{campaign}|{respondent}|{channel}"
 
 
-def track(client: redis.Redis, prefix: str, campaign: int, respondent: str, channel: int,
-          sealed_number: str, waiting: bool) -> None:
-    """After an SMS hop: remember (or forget) that this interview waits for an answer."""
-    key = member(campaign, respondent, channel)
+def next_due(ch: ChannelInfo, last_activity: float, reminders_sent: int = 0,
+             last_reminder: float = 0.0) -> float:
+    """When a waiting interview next needs the worker: a reminder after reminder_seconds
+    of silence (from the last answer or the last reminder; at most reminder_max), else
+    the end of its resume window, when it expires."""
+    window_end = last_activity + ch.rules.resume_window
+    if reminders_sent < ch.reminder_max:
+        return min(max(last_activity, last_reminder) + ch.reminder_seconds, window_end)
+    return window_end
+
+
+def track(client: redis.Redis, prefix: str, ch: ChannelInfo, respondent: str,
+          sealed_number: str, last_activity: float) -> None:
+    """After a hop that leaves an interview unfinished: it now waits for the respondent."""
+    key = member(ch.campaign_id, respondent, ch.id)
     pipe = client.pipeline(transaction=False)
-    if waiting:
-        pipe.zadd(idle_key(prefix), {key: time.time()})
-        pipe.hset(number_key(prefix), key, sealed_number)
-    else:
-        pipe.zrem(idle_key(prefix), key)
-        pipe.hdel(number_key(prefix), key)
+    pipe.zadd(idle_key(prefix), {key: next_due(ch, last_activity)})
+    pipe.hset(number_key(prefix), key, sealed_number)
     pipe.execute()
 
+
+def untrack(client: redis.Redis, prefix: str, key: str) -> None:
+    pipe = client.pipeline(transaction=False)
+    pipe.zrem(idle_key(prefix), key)
+    pipe.hdel(number_key(prefix), key)
+    pipe.execute()
 
 
 def delivery_event(channel: int, provider_id: str, status: str, error: str) -> dict[str, Any]:
@@ -193,8 +208,12 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
         if committed:
             waiting = bool(new_state_raw) and decode_state(new_state_raw).stage in (
                 Stage.QUESTION, Stage.RESUME, Stage.LANGUAGE) and word != "stop"
-            track(store.r, settings.redis_prefix, ch.campaign_id, respondent, ch.id,
-                  services.box.seal(msg.phone) if waiting else "", waiting)
+            if waiting:
+                track(store.r, settings.redis_prefix, ch, respondent,
+                      services.box.seal(msg.phone), now)
+            else:
+                untrack(store.r, settings.redis_prefix,
+                        member(ch.campaign_id, respondent, ch.id))
             return Outcome(reply)
     log.warning("sms %s %s: state kept changing under us", ch.id, mask_phone(msg.phone))
     raise WebhookError(409, "concurrent messages for this conversation; retry")
