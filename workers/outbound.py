@@ -21,7 +21,7 @@ import redis
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, Exists, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from gateway.channels import africastalking, twilio
@@ -44,6 +44,9 @@ SENDERS: dict[str, Callable[[dict[str, Any], str, str], Sent]] = {
 # Messages that must go out even to someone who has opted out.
 EXEMPT_FROM_OPTOUT = {"optout_confirm"}
 STALE_SENDING = timedelta(minutes=10)
+# Longer than any provider call (connect 3 s + read 10 s): a message 'sending' for less
+# may be in another worker's hands; for more, that worker died.
+IN_FLIGHT = timedelta(seconds=30)
 
 # Token bucket per channel, on the Redis server's clock so every worker shares it.
 _TAKE_TOKEN = """
@@ -82,9 +85,12 @@ def send_job_id(message_id: int) -> str:
 
 
 def enqueue_send(client: redis.Redis, message_id: int, priority: int,
-                 delay: float = 0.0, prefix: str = "cd:") -> None:
+                 delay: float = 0.0, prefix: str = "cd:", unless_waiting: bool = False) -> None:
+    """Queue a send job; with unless_waiting, not if one already waits for the message."""
     job_id = send_job_id(message_id)
-    client.set(pending_key(prefix, message_id), job_id, ex=7 * 86400)
+    if not client.set(pending_key(prefix, message_id), job_id, ex=7 * 86400,
+                      nx=unless_waiting):
+        return
     queue = queue_for(client, priority)
     if delay > 0:
         queue.enqueue_in(timedelta(seconds=delay), send_message, message_id, result_ttl=0,
@@ -119,6 +125,11 @@ def wait_for_token(client: redis.Redis, prefix: str, channel_id: int, rate: floa
         time.sleep(wait_ms / 1000)
 
 
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every stored time is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def _set(engine: Engine, message_id: int, **values: Any) -> None:
     with engine.begin() as conn:
         conn.execute(update(OutboundMessage).where(OutboundMessage.id == message_id)
@@ -133,20 +144,61 @@ def send_message(message_id: int) -> str:
     return _send(settings, shared_engine(settings), client, message_id)
 
 
+def _earlier_pending(row: OutboundMessage) -> Exists:
+    """An earlier message to the same person on the same channel has not gone yet: this
+    one must wait, so a person's messages leave in the order they were written."""
+    earlier = OutboundMessage.__table__.alias("earlier")
+    return exists().where(earlier.c.channel_id == row.channel_id,
+                          earlier.c.respondent == row.respondent,
+                          earlier.c.id < row.id,
+                          earlier.c.status.in_(("queued", "sending")))
+
+
+def _kick_next(settings: Settings, engine: Engine, client: redis.Redis,
+               row: OutboundMessage) -> None:
+    """This message is done: the person's next message, if one waits, may go now."""
+    with Session(engine) as db:
+        following = db.execute(select(OutboundMessage.id, OutboundMessage.priority).where(
+            OutboundMessage.channel_id == row.channel_id,
+            OutboundMessage.respondent == row.respondent, OutboundMessage.id > row.id,
+            OutboundMessage.status == "queued").order_by(OutboundMessage.id).limit(1)).first()
+    if following is not None:
+        enqueue_send(client, following[0], following[1], prefix=settings.redis_prefix,
+                     unless_waiting=True)
+
+
 def _send(settings: Settings, engine: Engine, client: redis.Redis, message_id: int) -> str:
     with Session(engine) as db:
         row = db.get(OutboundMessage, message_id)
         if row is None:
             return "missing"
         channel = db.get(Channel, row.channel_id)
-        status, attempts, priority = row.status, row.attempts, row.priority
         db.expunge_all()
-    if status == "sending":
-        _set(engine, message_id, status="unknown",
-             error="a worker died during the provider call; not resent to avoid a duplicate")
-        return "unknown"
-    if status != "queued":
+    if row.status == "sending" and _utc(row.updated_at) > datetime.now(UTC) - IN_FLIGHT:
+        return "taken"  # another worker is sending it right now
+    if row.status != "queued":
+        status = row.status
+        if status == "sending":
+            status = "unknown"
+            _set(engine, message_id, status=status, error="a worker died during the "
+                 "provider call; not resent to avoid a duplicate")
+        _kick_next(settings, engine, client, row)
         return status
+    status = _attempt(settings, engine, client, row, channel)
+    if status not in ("queued", "waiting", "taken"):
+        _kick_next(settings, engine, client, row)
+    return status
+
+
+def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: OutboundMessage,
+             channel: Channel | None) -> str:
+    """One try at sending a queued message; returns the status it leaves it in ('waiting':
+    behind an earlier message to the same person, whose end will enqueue this one)."""
+    message_id, attempts, priority = row.id, row.attempts, row.priority
+    with Session(engine) as db:
+        # Checked before taking a rate-limit token; the claim below checks again, atomically.
+        if db.scalar(select(_earlier_pending(row))):
+            return "waiting"
     if row.kind not in EXEMPT_FROM_OPTOUT and SessionStore(
             client, settings.redis_prefix).opted_out(row.respondent):
         _set(engine, message_id, status="stopped", error="recipient opted out (STOP)")
@@ -160,7 +212,8 @@ def _send(settings: Settings, engine: Engine, client: redis.Redis, message_id: i
     with engine.begin() as conn:
         claimed = conn.execute(
             update(OutboundMessage)
-            .where(OutboundMessage.id == message_id, OutboundMessage.status == "queued")
+            .where(OutboundMessage.id == message_id, OutboundMessage.status == "queued",
+                   ~_earlier_pending(row))
             .values(status="sending", attempts=OutboundMessage.attempts + 1,
                     updated_at=datetime.now(UTC))).rowcount
     if not claimed:
