@@ -243,6 +243,8 @@ def migrate_cmd(ctx: click.Context) -> None:
 
 
 def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
+    from workers.airtime import summary as airtime_summary  # workers import gateway
+
     with Session(engine) as db:
         campaigns = db.scalars(select(Campaign).order_by(Campaign.id)).all()
         counts: dict[tuple[int, str], int] = {
@@ -272,6 +274,7 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
             "sms_segments_per_interview": costs[c.questionnaire_version],
             "target_size": c.target_size,
             "quotas": quota_report(engine, c),
+            "airtime": airtime_summary(engine, c),
         } for c in campaigns],
         "events_waiting": store.waiting(),
         # Malformed entries the worker set aside (see workers/persist.py); should stay 0.

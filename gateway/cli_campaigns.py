@@ -120,6 +120,14 @@ def campaign_status_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
              f"{c['interviews_completed']}{target} completed, {c['declined']} declined, "
              f"{c['screened_out']} screened out by quotas, "
              f"{c['answers_stored']} answers stored, {c['events_waiting']} waiting"]
+    airtime = c.get("airtime")
+    if airtime:
+        paid = airtime["payments"]
+        lines.append(f"airtime {'on' if airtime['enabled'] else 'off'}: {airtime['amount']} "
+                     f"per completed interview, {airtime['spent']} paid of "
+                     f"{airtime['budget']} budget ({paid['sent']} sent, {paid['pending']} "
+                     f"pending, {paid['failed']} failed, {paid['unknown']} unknown, "
+                     f"{paid['skipped_over_budget']} over budget)")
     if c.get("quotas"):
         lines += ["", quota_table(c["quotas"])]
     _emit(as_json, c, "\n".join(lines))

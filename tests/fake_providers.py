@@ -32,6 +32,8 @@ class FakeProvider:
     # Seconds each request takes before the provider answers.
     delay: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Airtime payments accepted: phoneNumber, amount ("GHS 2.00"), idempotency key.
+    airtime: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -77,6 +79,8 @@ def _handler(fake: FakeProvider) -> type[BaseHTTPRequestHandler]:
             form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
             if self.path == "/version1/messaging":
                 self._africastalking(form)
+            elif self.path == "/version1/airtime/send":
+                self._airtime(form)
             elif self.path.startswith("/2010-04-01/Accounts/") and self.path.endswith(
                     "/Messages.json"):
                 self._twilio(form)
@@ -103,6 +107,42 @@ def _handler(fake: FakeProvider) -> type[BaseHTTPRequestHandler]:
                                                      "statusCode": 101, "number": to,
                                                      "status": "Success", "cost": "GHS 0.03",
                                                      "messageId": f"ATXid_{message_id}"}]}})
+
+        def _airtime(self, form: dict[str, str]) -> None:
+            """Africa's Talking Airtime: recipients as a JSON list; a repeated
+            Idempotency-Key is refused as a duplicate rather than paid again."""
+            if self.headers.get("apiKey") != "at-key" or form.get("username") != "sandbox":
+                self._reply(401, {"error": "The supplied authentication is invalid"})
+                return
+            (recipient,) = json.loads(form["recipients"])
+            to, amount = recipient["phoneNumber"], recipient["amount"]
+            key = self.headers.get("Idempotency-Key", "")
+            verdict = fake.decide(to)
+            if verdict == "fail":
+                self._reply(503, {"error": "Service Unavailable"})
+                return
+            with fake.lock:
+                duplicate = bool(key) and any(p["key"] == key for p in fake.airtime)
+                if not duplicate and verdict == "ok":
+                    fake.airtime.append({"to": to, "amount": amount, "key": key})
+                    request_id = f"ATQid_{len(fake.airtime):06d}"
+            if duplicate:
+                self._reply(200, {"errorMessage": "A duplicate request was received within "
+                                                  "the last 5 minutes", "numSent": 0,
+                                  "totalAmount": "0", "totalDiscount": "0", "responses": []})
+                return
+            if verdict == "reject":
+                self._reply(201, {"errorMessage": "None", "numSent": 0, "totalAmount": "0",
+                                  "totalDiscount": "0", "responses": [{
+                                      "phoneNumber": to, "errorMessage": "Invalid phone number",
+                                      "amount": amount, "status": "Failed",
+                                      "requestId": "None", "discount": "0"}]})
+                return
+            self._reply(201, {"errorMessage": "None", "numSent": 1, "totalAmount": amount,
+                              "totalDiscount": "GHS 0.0600", "responses": [{
+                                  "phoneNumber": to, "errorMessage": "None",
+                                  "amount": amount, "status": "Sent",
+                                  "requestId": request_id, "discount": "GHS 0.0600"}]})
 
         def _twilio(self, form: dict[str, str]) -> None:
             to = form.get("To", "")

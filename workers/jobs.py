@@ -19,6 +19,7 @@ from gateway.quotas import refresh as refresh_quotas
 from gateway.redis_conn import connect
 from gateway.registry import Registry
 from gateway.sessions import SessionStore
+from workers.airtime import sweep as sweep_airtime
 from workers.outbound import BULK_QUEUE, INTERACTIVE_QUEUE, release_held, sweep
 from workers.persist import drain, ensure_group
 from workers.reminders import remind_idle
@@ -71,6 +72,7 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
                 remind_idle(settings, client, registry)
                 # Quotas changed by a coordinator take effect without a completion.
                 refresh_quotas(engine, client, settings.redis_prefix)
+                sweep_airtime(engine, client)
         except (redis.RedisError, SQLAlchemyError) as exc:
             log.warning("pump: %s", exc)
 

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +25,7 @@ from sqlalchemy import Engine, case, delete, func, insert, select, text, update
 from gateway.channels.sms import FEEDBACK_QUESTION
 from gateway.db import upsert_insert
 from gateway.models import (
+    AirtimePayment,
     Answer,
     FeedbackSubscriber,
     Interview,
@@ -33,6 +35,8 @@ from gateway.models import (
 )
 from gateway.quotas import refresh as refresh_quotas
 from gateway.sessions import GROUP, STREAM
+from workers.airtime import enqueue as enqueue_airtime
+from workers.airtime import reserve as reserve_airtime
 from workers.outbound import enqueue_send
 
 log = logging.getLogger(__name__)
@@ -80,11 +84,21 @@ _PG_ANSWERS = text(
 )
 
 
-def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
-    """Write a batch of events in one transaction; repeating a batch changes nothing.
+@dataclass
+class Written:
+    """Work a batch created, to be enqueued once it is committed."""
 
-    Returns (id, priority) of outbound messages this batch created, to be enqueued.
-    """
+    sends: list[tuple[int, int]] = field(default_factory=list)  # (message id, priority)
+    airtime: list[int] = field(default_factory=list)  # payment ids
+
+    def __iadd__(self, other: Written) -> Written:
+        self.sends += other.sends
+        self.airtime += other.airtime
+        return self
+
+
+def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
+    """Write a batch of events in one transaction; repeating a batch changes nothing."""
     answers: dict[tuple[str, str], dict[str, Any]] = {}
     sends: dict[str, dict[str, Any]] = {}
     reports: list[dict[str, Any]] = []
@@ -94,6 +108,8 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
     interviews: dict[str, dict[str, Any]] = {}
     ends: dict[str, dict[str, Any]] = {}
     withdrawn: set[str] = set()
+    completions: list[dict[str, Any]] = []  # completed interviews owed an airtime thank-you
+    airtime_reports: list[dict[str, Any]] = []
     for e in events:
         kind = e.get("k")
         if kind == "send":
@@ -111,6 +127,9 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
         if kind == "optout":
             optouts[e["r"]] = {"respondent": e["r"], "channel_id": e.get("ch"),
                                "at": _ts(e["t"])}
+            continue
+        if kind == "airtime_status":
+            airtime_reports.append(e)
             continue
         if kind == "ussd_end":
             ends[e["id"]] = {
@@ -145,6 +164,10 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
                 row["lang"] = e.get("l")
             if kind == "completed":
                 row["completed_at"] = _ts(e["t"])
+                if e.get("to") and e.get("r"):
+                    completions.append({"campaign_id": e["c"], "respondent": e["r"],
+                                        "interview_id": iid, "channel_id": e.get("ch"),
+                                        "recipient": e["to"], "at": _ts(e["t"])})
             if kind == "withdrawn":
                 withdrawn.add(iid)
             if seq > row["last_seq"]:
@@ -209,13 +232,22 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> list[tuple
             stmt = upsert_insert(engine, OptOut.__table__)
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["respondent"]),
                          list(optouts.values()))
-        created: list[tuple[int, int]] = []
+        created = Written()
+        if completions:
+            created.airtime = reserve_airtime(conn, engine, completions)
+        for report in airtime_reports:
+            # Forward only: a late or repeated callback never undoes a final status.
+            conn.execute(update(AirtimePayment).where(
+                AirtimePayment.request_id == report["rid"],
+                AirtimePayment.status.in_(("sending", "sent", "unknown")),
+            ).values(status=report["st"], error=report.get("err") or "",
+                     updated_at=datetime.now(UTC)))
         if sends:
             stmt = upsert_insert(engine, OutboundMessage.__table__).on_conflict_do_nothing(
                 index_elements=["key"]).returning(OutboundMessage.id,
                                                   OutboundMessage.priority)
             for row in conn.execute(stmt, list(sends.values())):
-                created.append((row[0], row[1]))
+                created.sends.append((row[0], row[1]))
         for report in reports:
             behind = [s for s, rank in _PROGRESS.items() if rank < _PROGRESS[report["st"]]]
             conn.execute(update(OutboundMessage).where(
@@ -249,7 +281,9 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
             refresh_quotas(engine, client, stream.removesuffix(STREAM), completed)
         # Enqueued before the ack: if we die in between, the batch is rewritten (no new
         # rows, so nothing enqueued twice) and the sweeper finds any row left unqueued.
-        for message_id, priority in created:
+        for payment_id in created.airtime:
+            enqueue_airtime(client, payment_id)
+        for message_id, priority in created.sends:
             # The stream is "<prefix>events": its keys and the queue markers share a prefix.
             enqueue_send(client, message_id, priority, prefix=stream.removesuffix(STREAM))
         pipe = client.pipeline(transaction=True)
@@ -266,7 +300,7 @@ _MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError)
 
 
 def _write_batch(client: redis.Redis, engine: Engine, stream: str,
-                 entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[int, int]]:
+                 entries: list[tuple[bytes, dict[bytes, bytes]]]) -> Written:
     """Write a batch; if one entry is malformed, write the others one by one and park
     the bad ones in `<stream>:dead` (with the error), so one poison entry cannot stall
     every batch after it. Database errors are not caught: the batch is retried."""
@@ -274,7 +308,7 @@ def _write_batch(client: redis.Redis, engine: Engine, stream: str,
         return write_events(engine, [json.loads(fields[b"e"]) for _, fields in entries])
     except _MALFORMED:
         log.exception("malformed entry in a batch of %d; writing them one by one", len(entries))
-    created: list[tuple[int, int]] = []
+    created = Written()
     for entry_id, fields in entries:
         try:
             created += write_events(engine, [json.loads(fields[b"e"])])

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any, TypeGuard
 
 import requests
+from africastalking.Airtime import AirtimeService
 from africastalking.Service import AfricasTalkingException
 from africastalking.SMS import SMSService
 from flask import Blueprint, Response, current_app, request
@@ -24,6 +26,7 @@ from gateway.channels.sending import Failure, SendError, Sent, classify_http
 from gateway.channels.sms import (
     FEEDBACK_QUESTION,
     Inbound,
+    attach_airtime,
     attach_subscription,
     converse,
     delivery_event,
@@ -56,9 +59,10 @@ def _services() -> Any:
     return current_app.extensions["civicdial"]
 
 
-def _channel(channel_key: str, kind: str = "ussd") -> ChannelInfo:
+def _channel(channel_key: str, kind: str | None = "ussd") -> ChannelInfo:
+    """The channel a URL names; kind None: any of this provider's channels."""
     ch = _services().registry.channel(channel_key)
-    if ch is None or ch.provider != "africastalking" or ch.kind != kind:
+    if ch is None or ch.provider != "africastalking" or kind not in (None, ch.kind):
         raise WebhookError(404, "unknown channel")
     return ch
 
@@ -146,6 +150,7 @@ def ussd(channel_key: str) -> Response:
         if any(e.get("q") == FEEDBACK_QUESTION for e in events):
             sms = services.registry.sms_channel(ch.campaign_id)
             attach_subscription(events, phone, services.box, sms.id if sms else None)
+        attach_airtime(events, ch, phone, services.box)
         committed = store.commit(
             campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
             session_id=session_id, expected=loaded.state_raw, state=new_state, state_ttl=ttl,
@@ -285,6 +290,25 @@ def sms_delivery(channel_key: str) -> Response:
     return _text("OK")
 
 
+@bp.post("/<channel_key>/airtime/status")
+def airtime_status(channel_key: str) -> Response:
+    """Airtime status callback: whether a thank-you payment reached the phone."""
+    _channel(channel_key, None)
+    form = parse_form(request)
+    request_id = field(form, "requestId", max_len=100)
+    status = field(form, "status", max_len=30)
+    if status not in AIRTIME_STATUS:
+        raise WebhookError(400, f"status must be one of {', '.join(AIRTIME_STATUS)}")
+    field(form, "phoneNumber", max_len=30, required=False)
+    _services().store.append([{
+        "id": f"airtime:{request_id}:{status}", "k": "airtime_status", "rid": request_id,
+        "st": AIRTIME_STATUS[status],
+        "err": field(form, "description", max_len=300, required=False)
+        if status != "Success" else "",
+    }])
+    return _text("OK")
+
+
 def _int_or_none(raw: str | None) -> int | None:
     try:
         return int(raw) if raw not in (None, "") else None
@@ -304,43 +328,36 @@ ACCEPTED_CODES = {100, 101, 102}
 RETRY_CODES = {500, 501, 502}
 
 
-class _SMSService(SMSService):
-    """The SDK's SMS service, pointed at a configurable base URL, remembering the HTTP
-    status of its last request (the SDK's exception carries only the body)."""
+def _recording(service: Any, base_url: str | None, path: str) -> None:
+    """Point an SDK service at a configurable base URL (a local stand-in, a proxy) and
+    make it remember the HTTP status of its last request (its exception has only the
+    body)."""
+    if base_url:
+        service._baseUrl = base_url.rstrip("/") + path
+    service.last_status = 0
 
-    def __init__(self, username: str, api_key: str, base_url: str | None) -> None:
-        super().__init__(username, api_key)
-        if base_url:
-            self._baseUrl = base_url.rstrip("/") + "/version1"
-        self.last_status = 0
+    def post(url, headers, data, params, callback=None, timeout=(3.05, 9.05)):  # type: ignore[no-untyped-def]
+        res = requests.post(url=url, headers=headers, params=params, data=data,
+                            timeout=timeout)
+        service.last_status = res.status_code
+        return res
 
-        def post(url, headers, data, params, callback=None, timeout=(3.05, 9.05)):  # type: ignore[no-untyped-def]
-            res = requests.post(url=url, headers=headers, params=params, data=data,
-                                timeout=timeout)
-            self.last_status = res.status_code
-            return res
-
-        # The SDK calls this name-mangled static method through self.
-        self._Service__make_post_request = post
+    # The SDK calls this name-mangled static method through self.
+    service._Service__make_post_request = post
 
 
-def send_sms(config: dict[str, Any], to: str, body: str) -> Sent:
-    """Send one SMS through Africa's Talking (SDK `SMS.send`)."""
-    username, api_key = config.get("username"), config.get("api_key")
-    if not isinstance(username, str) or not isinstance(api_key, str):
-        raise SendError(Failure.CONFIG, "channel config needs username and api_key")
-    service = _SMSService(username, api_key, config.get("base_url"))
+def _call(service: Any, send: Callable[[], Any]) -> dict[str, Any]:
+    """Run one SDK call; every failure becomes a SendError saying whether to retry."""
     try:
-        resp = service.send(body, [to], sender_id=config.get("sender_id") or None,
-                            timeout=(3.05, float(config.get("timeout", 10))))
-    except ValueError as exc:  # the SDK's own number check
+        resp = send()
+    except ValueError as exc:  # the SDK's own checks (number, amount)
         raise SendError(Failure.REJECTED, str(exc)) from None
     except AfricasTalkingException as exc:
         raise classify_http(service.last_status, str(exc)[:300]) from None
     except requests.ReadTimeout:
-        # The request reached AT; it may have sent the SMS. Retrying could duplicate it.
+        # The request reached AT, which may have acted on it: retrying could do it twice.
         raise SendError(Failure.BAD_RESPONSE, "timed out waiting for Africa's Talking's "
-                                              "answer; the message may have been sent") from None
+                                              "answer; it may have been done") from None
     except requests.RequestException as exc:  # never reached AT: safe to retry
         raise SendError(Failure.TEMPORARY, f"{type(exc).__name__}: {exc}"[:300]) from None
     if isinstance(resp, str):  # the SDK returns text unless content-type is exactly JSON
@@ -348,6 +365,25 @@ def send_sms(config: dict[str, Any], to: str, body: str) -> Sent:
             resp = json.loads(resp)
         except ValueError:
             raise SendError(Failure.BAD_RESPONSE, resp[:300]) from None
+    if not isinstance(resp, dict):
+        raise SendError(Failure.BAD_RESPONSE, str(resp)[:300])
+    return resp
+
+
+def _credentials(config: dict[str, Any]) -> tuple[str, str]:
+    username, api_key = config.get("username"), config.get("api_key")
+    if not isinstance(username, str) or not isinstance(api_key, str):
+        raise SendError(Failure.CONFIG, "channel config needs username and api_key")
+    return username, api_key
+
+
+def send_sms(config: dict[str, Any], to: str, body: str) -> Sent:
+    """Send one SMS through Africa's Talking (SDK `SMS.send`)."""
+    service = SMSService(*_credentials(config))
+    _recording(service, config.get("base_url"), "/version1")
+    resp = _call(service, lambda: service.send(
+        body, [to], sender_id=config.get("sender_id") or None,
+        timeout=(3.05, float(config.get("timeout", 10)))))
     try:
         recipient = resp["SMSMessageData"]["Recipients"][0]
         code = int(recipient["statusCode"])
@@ -359,3 +395,31 @@ def send_sms(config: dict[str, Any], to: str, body: str) -> Sent:
     if code in RETRY_CODES:
         raise SendError(Failure.TEMPORARY, detail)
     raise SendError(Failure.REJECTED, detail)
+
+
+# -- airtime ----------------------------------------------------------------------------
+
+# Airtime status callback -> our payment status.
+AIRTIME_STATUS = {"Success": "success", "Failed": "failed"}
+
+
+def send_airtime(config: dict[str, Any], to: str, currency: str, amount_minor: int,
+                 idempotency_key: str) -> Sent:
+    """Send airtime to one number (SDK `Airtime.send`). The idempotency key makes Africa's
+    Talking ignore a repeat of the same request, our second guard against paying twice."""
+    service = AirtimeService(*_credentials(config))
+    _recording(service, config.get("base_url"), "/version1/airtime")
+    amount = f"{amount_minor // 100}.{amount_minor % 100:02d}"
+    resp = _call(service, lambda: service.send(
+        phone_number=to, amount=amount, currency_code=currency,
+        idempotency_key=idempotency_key, timeout=(3.05, float(config.get("timeout", 10)))))
+    try:
+        entry = resp["responses"][0]
+        status = str(entry["status"])
+    except (KeyError, IndexError, TypeError):
+        # No per-number entry: the request as a whole was refused (balance, currency).
+        raise SendError(Failure.REJECTED, str(resp.get("errorMessage", resp))[:300]) from None
+    if status in ("Sent", "Success"):
+        return Sent(provider_id=str(entry.get("requestId", "")),
+                    status="success" if status == "Success" else "sent")
+    raise SendError(Failure.REJECTED, f"{status}: {entry.get('errorMessage', '')}"[:300])

@@ -119,6 +119,16 @@ def delivery_event(channel: int, provider_id: str, status: str, error: str) -> d
 FEEDBACK_QUESTION = "feedback"  # "send me the results by SMS", last in the shipped form
 
 
+def attach_airtime(events: list[dict[str, Any]], ch: ChannelInfo, phone: str,
+                   box: NumberBox) -> None:
+    """A completion in a campaign that thanks with airtime carries the (encrypted) number
+    to pay; the worker keeps it only on the payment row."""
+    if ch.airtime:
+        for e in events:
+            if e["k"] == "completed" and e.get("r"):
+                e["to"] = box.seal(phone)
+
+
 def attach_subscription(events: list[dict[str, Any]], phone: str, box: NumberBox,
                         sms_channel: int | None) -> None:
     """A 'yes' to the results opt-in carries the (encrypted) number it will be sent to:
@@ -193,6 +203,7 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
             events.extend(stream_event(e, ch.campaign_id, ch.id, respondent, version)
                           for e in result.events)
             attach_subscription(events, msg.phone, services.box, ch.id)
+            attach_airtime(events, ch, msg.phone, services.box)
             new_state_raw = encode_state(result.state) if result.state else ""
         if new_state_raw and decode_state(new_state_raw).stage is Stage.DONE:
             ttl = settings.completed_ttl
