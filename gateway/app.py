@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from gateway import dashboard
 from gateway.admin import api
 from gateway.channels import africastalking, twilio
 from gateway.channels.webhook import WebhookError
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(africastalking.bp)
     app.register_blueprint(twilio.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(dashboard.bp)
     if settings.trust_proxy:
         # Behind a reverse proxy: request.url must be the public URL a provider signed.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]

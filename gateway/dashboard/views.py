@@ -1,0 +1,313 @@
+"""The coordinators' read-only dashboard: campaign counts, quotas, airtime and outbound SMS.
+
+Sign-in is with an API token (`civicdial token create --role viewer --name WHO`), checked
+like the API's bearer tokens, kept in an HttpOnly SameSite=Strict cookie and checked again
+on every page, so revoking a token locks its browser out at the next click. Pages are
+server-rendered Jinja with no scripts and no external resources: district offices may be
+offline, and a page that runs no code cannot leak a token. Nothing here shows a phone
+number: the viewer role must never see one, and the tables read here hold none.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from functools import wraps
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+from werkzeug.wrappers import Response as BaseResponse
+
+from gateway.admin.api import RANK
+from gateway.campaigns import CampaignError, campaign_view, get_campaign, hash_token
+from gateway.models import ApiToken, Campaign, Channel, OutboundMessage
+
+bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates")
+
+COOKIE = "civicdial_dashboard"
+CSRF_COOKIE = "civicdial_dashboard_csrf"
+COOKIE_PATH = "/dashboard"  # the API authenticates by header; it never needs this cookie
+MAX_TOKEN = 200  # issued tokens are 46 characters; anything far longer is not one
+# Messages are chosen by code so that a crafted link cannot put words on the login page.
+ERRORS = {
+    "bad-token": "That token is unknown or has been revoked. Check it and try again.",
+    "expired": "Your token is no longer valid (it may have been revoked). Sign in again.",
+    "csrf": "The sign-in form had expired. Paste your token again.",
+}
+# Where a successful sign-in may return to: a dashboard page, never another site.
+_NEXT = re.compile(r"/dashboard/[A-Za-z0-9_/-]*")  # used with fullmatch: "$" allows "\n"
+_MONEY = re.compile(r"\s*([A-Za-z]{3})?\s*([0-9]+(?:\.[0-9]+)?)\s*")
+CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'")
+
+
+@dataclass(frozen=True)
+class Viewer:
+    name: str
+    role: str
+
+
+def _engine() -> Engine:
+    return current_app.extensions["civicdial"].engine
+
+
+def check_token(token: str) -> Viewer | None:
+    """The same test as the API's requires('viewer'): a known, unrevoked token whose role
+    is viewer or above."""
+    token = token.strip()
+    if not token or len(token) > MAX_TOKEN:
+        return None
+    with Session(_engine()) as db:
+        row = db.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token),
+                                               ApiToken.revoked_at.is_(None)))
+    if row is None or RANK.get(row.role, -1) < RANK["viewer"]:
+        return None
+    return Viewer(row.name, row.role)
+
+
+def _safe_next(target: str | None) -> str:
+    if target and _NEXT.fullmatch(target) and "//" not in target:
+        return target
+    return url_for("dashboard.index")
+
+
+def _to_login(error: str | None) -> BaseResponse:
+    args: dict[str, str] = {}
+    if error:
+        args["error"] = error
+    if request.path != url_for("dashboard.index"):
+        args["next"] = request.path
+    return redirect(url_for("dashboard.login", **args), 303)
+
+
+def signed_in(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Every page checks its cookie again: a revoked token stops working at once."""
+    @wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        token = request.cookies.get(COOKIE)
+        if not token:
+            return _to_login(None)
+        viewer = check_token(token)
+        if viewer is None:
+            response = _to_login("expired")
+            response.delete_cookie(COOKIE, path=COOKIE_PATH)
+            return response
+        g.viewer = viewer
+        return view(*args, **kwargs)
+    return wrapped
+
+
+@bp.after_request
+def _headers(response: BaseResponse) -> BaseResponse:
+    # Shared office computers: nothing behind the sign-in may be kept in a cache, and the
+    # pages may not be framed (clickjacking) or load anything from elsewhere.
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _login_page(error: str | None, status: int = 200) -> Response:
+    # Double-submit token: a cross-site form cannot read or send our SameSite=Strict
+    # cookie, so a forged sign-in (logging someone into another person's token) fails.
+    csrf = request.cookies.get(CSRF_COOKIE, "")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{32,64}", csrf):
+        csrf = secrets.token_urlsafe(32)
+    nxt = request.values.get("next", "")
+    body = render_template("dashboard_login.html", error=ERRORS.get(error or ""),
+                           csrf=csrf, next=nxt if _NEXT.fullmatch(nxt) else "")
+    response = Response(body, status=status, mimetype="text/html")
+    response.set_cookie(CSRF_COOKIE, csrf, httponly=True, samesite="Strict",
+                        secure=request.is_secure, path=url_for("dashboard.login"))
+    return response
+
+
+@bp.get("/login")
+def login() -> BaseResponse:
+    token = request.cookies.get(COOKIE)
+    if token and check_token(token):
+        return redirect(_safe_next(request.args.get("next")), 303)
+    return _login_page(request.args.get("error"))
+
+
+@bp.post("/login")
+def login_post() -> BaseResponse:
+    sent = request.form.get("csrf", "").encode()
+    kept = request.cookies.get(CSRF_COOKIE, "").encode()
+    if not kept or not hmac.compare_digest(sent, kept):
+        return _login_page("csrf", 400)
+    token = request.form.get("token", "").strip()
+    if check_token(token) is None:
+        return _login_page("bad-token", 403)
+    response = redirect(_safe_next(request.form.get("next")), 303)
+    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict",
+                        secure=request.is_secure, path=COOKIE_PATH)
+    response.delete_cookie(CSRF_COOKIE, path=url_for("dashboard.login"))
+    return response
+
+
+@bp.post("/logout")
+def logout() -> BaseResponse:
+    # No CSRF check: a forged sign-out only signs someone out, and the cookie it clears
+    # is SameSite=Strict, so a cross-site post never carried it anyway.
+    response = redirect(url_for("dashboard.login"), 303)
+    response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="Strict",
+                           secure=request.is_secure)
+    return response
+
+
+def _report() -> dict[str, Any]:
+    # gateway.cli imports the app factory, which imports this module.
+    from gateway.cli import campaign_status
+
+    services = current_app.extensions["civicdial"]
+    return campaign_status(services.engine, services.store)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def percent(part: int, whole: int | None) -> float | None:
+    """part of whole in %, or None when there is no whole to compare with."""
+    if not whole or whole <= 0:
+        return None
+    return 100.0 * part / whole
+
+
+@bp.get("/")
+@signed_in
+def index() -> str:
+    report = _report()
+    with Session(_engine()) as db:
+        targets = dict(db.execute(select(Campaign.slug, Campaign.target_size)).all())
+    rows = []
+    for entry in report.get("campaigns", []):
+        target = entry.get("target_size", targets.get(entry.get("slug")))
+        completed = _int(entry.get("interviews_completed"))
+        rows.append({**entry, "target_size": target, "pct": percent(completed, target)})
+    return render_template("dashboard_index.html", campaigns=rows,
+                           waiting=_int(report.get("events_waiting")),
+                           parked=_int(report.get("events_parked")), now=_now())
+
+
+@bp.get("/campaigns/<slug>")
+@signed_in
+def campaign(slug: str) -> tuple[str, int] | str:
+    report = _report()
+    entry = next((c for c in report.get("campaigns", []) if c.get("slug") == slug), None)
+    with Session(_engine()) as db:
+        try:
+            row = get_campaign(db, slug)
+        except CampaignError:
+            row = None
+        if row is None or entry is None:
+            return render_template("dashboard_not_found.html", slug=slug), 404
+        view = campaign_view(row)
+        outbound = db.execute(
+            select(OutboundMessage.status, func.count())
+            .join(Channel, Channel.id == OutboundMessage.channel_id)
+            .where(Channel.campaign_id == row.id)
+            .group_by(OutboundMessage.status).order_by(OutboundMessage.status)).all()
+    target = entry.get("target_size", view.get("target_size"))
+    completed = _int(entry.get("interviews_completed"))
+    return render_template(
+        "dashboard_campaign.html", c=entry, target=target, pct=percent(completed, target),
+        opens_at=_when(view.get("opens_at")), closes_at=_when(view.get("closes_at")),
+        outbound=[(status, n) for status, n in outbound],
+        outbound_total=sum(n for _, n in outbound),
+        quotas=quota_table(entry.get("quotas")), airtime=airtime_view(entry.get("airtime")),
+        now=_now())
+
+
+def quota_table(raw: Any) -> dict[str, Any] | None:
+    """campaign_status's quotas as table rows; None when the campaign has none (or the
+    status report predates quotas)."""
+    if not isinstance(raw, dict):
+        return None
+    on = [str(name) for name in raw.get("on") or []]
+    cells = []
+    for cell in raw.get("cells") or []:
+        if not isinstance(cell, dict):
+            continue
+        values = cell.get("cell") if isinstance(cell.get("cell"), dict) else {}
+        target, completed = _int(cell.get("target")), _int(cell.get("completed"))
+        cells.append({"values": [str(values.get(name, "")) for name in on],
+                      "target": target, "completed": completed,
+                      "screened_out": _int(cell.get("screened_out")),
+                      "full": bool(cell.get("full")), "pct": percent(completed, target)})
+    if not on and not cells:
+        return None
+    totals = {key: sum(c[key] for c in cells) for key in ("target", "completed", "screened_out")}
+    totals["pct"] = percent(totals["completed"], totals["target"])
+    totals["full"] = sum(c["full"] for c in cells)
+    return {"on": on, "cells": cells, "totals": totals}
+
+
+def _money(value: Any, currency: str) -> tuple[str, Decimal | None, str]:
+    """('GHS 40.00', Decimal('40.00'), 'GHS') from 'GHS 40.00', or from '40.00' and GHS."""
+    if value is None:
+        return "", None, currency
+    text = str(value)
+    match = _MONEY.fullmatch(text)
+    if not match:
+        return text, None, currency
+    code = (match.group(1) or currency).upper()
+    try:
+        amount = Decimal(match.group(2))
+    except InvalidOperation:
+        return text, None, code
+    return (f"{code} {match.group(2)}" if code else match.group(2)), amount, code
+
+
+def airtime_view(raw: Any) -> dict[str, Any] | None:
+    """campaign_status's airtime as spend against budget; None when not configured."""
+    if not isinstance(raw, dict):
+        return None
+    currency = str(raw.get("currency") or "")
+    amount = _money(raw.get("amount"), currency)
+    budget = _money(raw.get("budget"), currency)
+    spent = _money(raw.get("spent"), currency)
+    pct = None
+    if budget[1] and spent[1] is not None and budget[2] == spent[2]:
+        pct = float(100 * spent[1] / budget[1])
+    payments = raw.get("payments") if isinstance(raw.get("payments"), dict) else {}
+    return {"enabled": bool(raw.get("enabled", True)), "amount": amount[0],
+            "budget": budget[0], "spent": spent[0], "pct": pct,
+            "committed": _money(raw.get("committed"), currency)[0],
+            "payments": [(str(k), _int(v)) for k, v in payments.items()]}
+
+
+def _when(iso: str | None) -> str | None:
+    """An ISO timestamp as 'YYYY-MM-DD HH:MM UTC'; SQLite gives naive UTC."""
+    if not iso:
+        return None
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
