@@ -14,7 +14,7 @@ from gateway.campaigns import audit, cli_actor
 from gateway.contacts import ContactFileError, import_contacts, read_file
 from gateway.crypto import NumberBox
 from gateway.db import make_engine
-from gateway.invitations import InvitationError, invite
+from gateway.invitations import Audience, InvitationError, invite
 from gateway.models import Campaign
 from gateway.redis_conn import connect
 
@@ -69,11 +69,25 @@ def contacts_import(ctx: click.Context, path: Path, slug: str, as_json: bool) ->
 
 @click.command("invite")
 @click.argument("slug")
+@click.option("--region", default="", help="Only contacts in this region.")
+@click.option("--language", default="", help="Only contacts with this language.")
+@click.option("--where", "where", multiple=True, metavar="FIELD=VALUE",
+              help="Only contacts whose extra CSV field has this value (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most this many new invitations (e.g. a pilot batch).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def invite_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
-    """Invite the campaign's contacts by SMS (opted-out contacts are skipped; inviting
-    again queues nothing twice)."""
+def invite_cmd(ctx: click.Context, slug: str, region: str, language: str,
+               where: tuple[str, ...], limit: int | None, as_json: bool) -> None:
+    """Invite the campaign's contacts (or those matching the filters) by SMS. Opted-out
+    contacts are skipped; inviting again queues nothing twice."""
+    attributes = []
+    for item in where:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r}: use FIELD=VALUE", param_hint="--where")
+        attributes.append((name.strip(), value.strip()))
+    audience = Audience(region, language, tuple(attributes), limit)
     from gateway.cli import _settings, bootstrap  # the main CLI module imports this one
     from gateway.models import CampaignContact
 
@@ -87,11 +101,13 @@ def invite_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
         with click.progressbar(length=max(1, total or 0), label="queueing invitations",
                                file=sys.stderr) as bar:
             result = invite(engine, connect(settings), slug, progress=bar.update,
-                            prefix=settings.redis_prefix, backlog=settings.outbox_backlog)
+                            prefix=settings.redis_prefix, backlog=settings.outbox_backlog,
+                            audience=audience)
     except InvitationError as exc:
         raise click.ClickException(str(exc)) from None
     with Session(engine) as db, db.begin():
-        audit(db, cli_actor(), "campaign.invite", slug, after=result.as_dict())
+        audit(db, cli_actor(), "campaign.invite", slug,
+              after={**result.as_dict(), "audience": audience.as_dict()})
     if as_json:
         click.echo(json.dumps(result.as_dict()))
     else:

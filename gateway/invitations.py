@@ -7,6 +7,7 @@ row left without a job). Opted-out contacts are skipped here and checked again a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,9 +49,38 @@ class InviteResult:
                 "already_invited": self.already_invited}
 
 
+@dataclass(frozen=True)
+class Audience:
+    """Which of a campaign's contacts to invite; empty fields match everyone. Text is
+    compared without regard to case or surrounding spaces."""
+
+    region: str = ""
+    language: str = ""
+    attributes: tuple[tuple[str, str], ...] = ()
+    limit: int | None = None
+
+    def matches(self, region: str, language: str, attributes: str) -> bool:
+        if self.region and _norm(region) != _norm(self.region):
+            return False
+        if self.language and _norm(language) != _norm(self.language):
+            return False
+        if self.attributes:
+            held = {_norm(k): _norm(str(v)) for k, v in json.loads(attributes or "{}").items()}
+            return all(held.get(_norm(k)) == _norm(v) for k, v in self.attributes)
+        return True
+
+    def as_dict(self) -> dict[str, object]:
+        return {"region": self.region, "language": self.language,
+                "attributes": dict(self.attributes), "limit": self.limit}
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
 def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
            progress: Callable[[int], None] | None = None, prefix: str = "cd:",
-           backlog: int = 10_000) -> InviteResult:
+           backlog: int = 10_000, audience: Audience = Audience()) -> InviteResult:
     with engine.connect() as conn:
         campaign = conn.execute(select(Campaign).where(Campaign.slug == campaign_slug)).first()
         if campaign is None:
@@ -64,6 +94,7 @@ def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
                                   "through (civicdial channels add --kind sms ...)")
         rows = conn.execute(
             select(Contact.id, Contact.respondent, Contact.recipient, Contact.language,
+                   Contact.region, Contact.attributes,
                    OptOut.respondent.label("stopped"), OutboundMessage.id.label("sent"))
             .join(CampaignContact, CampaignContact.contact_id == Contact.id)
             .outerjoin(OptOut, OptOut.respondent == Contact.respondent)
@@ -73,9 +104,13 @@ def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
                 OutboundMessage.channel_id == channel_id))
             .where(CampaignContact.campaign_id == campaign.id)
             .order_by(Contact.id)).all()
+    examined = len(rows)
+    rows = [r for r in rows if audience.matches(r.region, r.language, r.attributes)]
     stopped = sum(1 for r in rows if r.stopped)
     already = sum(1 for r in rows if r.sent and not r.stopped)
-    todo = [r for r in rows if not r.stopped and not r.sent]
+    todo = [r for r in rows if not r.stopped and not r.sent][:audience.limit]
+    if progress:  # contacts left out count as done
+        progress(examined - len(todo))
     bodies = {code: message(code, "invitation", keyword=campaign.sms_keyword)
               for code in ("en", "tw")}
     queue = Queue(BULK_QUEUE, connection=client)

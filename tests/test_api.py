@@ -247,3 +247,36 @@ def test_tally_export_publish_over_the_api(client: FlaskClient, tokens: dict[str
                       headers=viewer).status_code == 422
     resp = client.post("/api/v1/campaigns/sdg1662/publish", headers=coord)
     assert resp.status_code == 200 and resp.get_json()["snapshot"] == 1
+
+
+def test_patch_reminders_and_airtime(client: FlaskClient, tokens: dict[str, str]) -> None:
+    """PATCH sets the reminder schedule and the airtime thank-you; a viewer may not;
+    bad values are 422 and change nothing; each change is audited."""
+    url = "/api/v1/campaigns/sdg1662"
+    coord, viewer = auth(tokens, "coordinator"), auth(tokens, "viewer")
+    assert client.patch(url, json={"reminder_max": 2}, headers=viewer).status_code == 403
+    resp = client.patch(url, headers=coord, json={
+        "reminder_hours": 6, "reminder_max": 2,
+        "airtime": {"currency": "GHS", "amount": "1.50", "budget": "300"}})
+    assert resp.status_code == 200, resp.json
+    assert (resp.json["reminder_hours"], resp.json["reminder_max"]) == (6, 2)
+    assert resp.json["airtime"] == {"currency": "GHS", "amount": "1.50", "budget": "300.00"}
+    for body, error in [
+        ({"reminder_hours": 0}, "between 1 and 1440"),
+        ({"reminder_max": 11}, "between 0 and 10"),
+        ({"airtime": {"currency": "GHS", "amount": "abc", "budget": "3"}}, "not an amount"),
+        ({"airtime": {"currency": "GHS", "amount": 2, "budget": "3"}}, "string fields"),
+        ({"airtime": "on"}, "wrong type"),
+        ({"colour": "red"}, "unknown field"),
+    ]:
+        bad = client.patch(url, json=body, headers=coord)
+        assert bad.status_code == 422 and error in bad.json["error"], (body, bad.json)
+    after = client.get(url, headers=viewer).json
+    assert (after["reminder_hours"], after["airtime"]["amount"]) == (6, "1.50")
+    resp = client.patch(url, json={"airtime": None}, headers=coord)
+    assert resp.json["airtime"] is None
+    assert client.patch("/api/v1/campaigns/nope", json={"reminder_max": 1},
+                        headers=coord).status_code == 404
+    audit = client.get("/api/v1/audit", headers=auth(tokens, "admin")).json
+    assert [e["action"] for e in audit][:3] == ["campaign.airtime", "campaign.airtime",
+                                                "campaign.reminders"]

@@ -159,3 +159,46 @@ def test_invitations_past_the_backlog_wait(env: dict[str, str], engine: Engine,
         statuses = db.scalars(select(OutboundMessage.status).order_by(OutboundMessage.id)).all()
     assert statuses == ["sent", "queued", "queued", "held", "held"]
     assert redis_client.llen("rq:queue:civicdial-sms-bulk") == 3
+
+
+def test_invite_a_filtered_subset(env: dict[str, str], engine: Engine,
+                                  redis_client: redis.Redis, tmp_path: Path,
+                                  sms_channel: int, client) -> None:  # type: ignore[no-untyped-def]
+    """--region/--language/--where FIELD=VALUE/--limit pick who is invited (case and
+    spaces aside); the rest can be invited later; the API takes the same filters."""
+    path = tmp_path / "c.csv"
+    path.write_text("phone,language,region,district\n"
+                    "0241000001,twi,Ashanti,Kumasi\n0241000002,en,Ashanti,Obuasi\n"
+                    "0241000003,en,ashanti ,Kumasi\n0241000004,en,Volta,Ho\n"
+                    "0241000005,twi,Volta,Keta\n")
+    assert run(env, "contacts", "import", str(path), "--campaign", "sdg1662")[0] == 0
+    code, out = run(env, "invite", "sdg1662", "--region", "Ashanti", "--where",
+                    "District=kumasi", "--json")
+    assert code == 0, out
+    assert json.loads(out) == {"queued": 2, "held": 0, "skipped_opted_out": 0,
+                               "already_invited": 0}
+    with Session(engine) as db:
+        invited = db.execute(select(Contact.region, Contact.attributes).join(
+            OutboundMessage, OutboundMessage.respondent == Contact.respondent)).all()
+    assert sorted((region.strip(), json.loads(attributes)) for region, attributes in invited) \
+        == [("Ashanti", {"district": "Kumasi"}), ("ashanti", {"district": "Kumasi"})]
+    code, out = run(env, "invite", "sdg1662", "--where", "district")
+    assert code != 0
+    code, out = run(env, "invite", "sdg1662", "--language", "TWI", "--limit", "1", "--json")
+    assert json.loads(out)["queued"] == 1
+
+    from gateway.campaigns import create_token
+
+    with Session(engine) as db, db.begin():
+        token = create_token(db, "test", "c", "coordinator")
+    headers = {"Authorization": f"Bearer {token}"}
+    bad = client.post("/api/v1/campaigns/sdg1662/invitations", headers=headers,
+                      json={"region": "Volta", "colour": "red"})
+    assert bad.status_code == 422 and "colour" in bad.json["error"]
+    resp = client.post("/api/v1/campaigns/sdg1662/invitations", headers=headers,
+                       json={"region": "volta"})
+    assert resp.status_code == 202, resp.json
+    assert resp.json["queued"] == 1 and resp.json["already_invited"] == 1
+    resp = client.post("/api/v1/campaigns/sdg1662/invitations", headers=headers)
+    assert resp.json == {"queued": 1, "held": 0, "skipped_opted_out": 0,
+                         "already_invited": 4}

@@ -35,7 +35,7 @@ from gateway.campaigns import (
     transition,
 )
 from gateway.contacts import ContactFileError, import_contacts
-from gateway.invitations import InvitationError, invite
+from gateway.invitations import Audience, InvitationError, invite
 from gateway.models import (
     ApiToken,
     AuditEntry,
@@ -343,17 +343,31 @@ def upload_contacts(slug: str) -> Response:
 @bp.post("/campaigns/<slug>/invitations")
 @requires("coordinator")
 def send_invitations(slug: str) -> Response:
+    """Invite the campaign's contacts; an optional JSON body narrows who:
+    {"region": ..., "language": ..., "attributes": {field: value}, "limit": n}."""
     services = current_app.extensions["civicdial"]
+    audience = Audience()
+    if request.content_length or request.is_json:
+        body = _body({"region": str, "language": str, "attributes": dict, "limit": int},
+                     set())
+        attributes = body.get("attributes", {})
+        if not all(isinstance(v, str) for v in attributes.values()):
+            raise ApiError(422, "attributes: an object of field names to text values")
+        if body.get("limit") == 0:
+            raise ApiError(422, "limit must be at least 1")
+        audience = Audience(body.get("region", ""), body.get("language", ""),
+                            tuple(attributes.items()), body.get("limit"))
     with Session(services.engine) as db:
         get_campaign(db, slug)
     try:
         result = invite(services.engine, services.redis, slug,
                         prefix=services.settings.redis_prefix,
-                        backlog=services.settings.outbox_backlog)
+                        backlog=services.settings.outbox_backlog, audience=audience)
     except InvitationError as exc:
         raise ApiError(409, str(exc)) from None
     with Session(services.engine) as db, db.begin():
-        audit(db, g.actor, "campaign.invite", slug, after=result.as_dict())
+        audit(db, g.actor, "campaign.invite", slug,
+              after={**result.as_dict(), "audience": audience.as_dict()})
     return _json(result.as_dict(), 202)
 
 

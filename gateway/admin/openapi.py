@@ -114,7 +114,16 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/v1/campaigns/{slug}/invitations": {
             "post": {"summary": "Invite the campaign's contacts by SMS", "parameters": [_SLUG],
-                     "responses": {"202": _ok("queued"), **_errors(404, 409)}},
+                     "requestBody": {"required": False, "content": {"application/json": {
+                         "schema": {"type": "object", "additionalProperties": False,
+                                    "properties": {
+                                        "region": {"type": "string"},
+                                        "language": {"type": "string"},
+                                        "attributes": {"type": "object",
+                                                       "additionalProperties": {
+                                                           "type": "string"}},
+                                        "limit": {"type": "integer", "minimum": 1}}}}}},
+                     "responses": {"202": _ok("queued"), **_errors(400, 404, 409, 422)}},
         },
         "/api/v1/campaigns/{slug}/tally": {
             "post": {"summary": "Tally the indicator into a new snapshot", "parameters": [_SLUG],
