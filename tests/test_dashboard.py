@@ -27,7 +27,7 @@ from test_e2e import Citizen, hop, play  # the e2e tests' simulated USSD citizen
 from werkzeug.serving import make_server
 
 from gateway import quotas
-from gateway.campaigns import create_token, set_quotas
+from gateway.campaigns import create_token, set_airtime, set_quotas
 from gateway.cli import shipped_questionnaire
 from gateway.models import ApiToken, Campaign, Channel, OutboundMessage
 from gateway.sessions import SessionStore
@@ -166,6 +166,14 @@ def assert_no_numbers(page: Page, survey: Survey | None = None) -> None:
         assert phone[1:] not in html and phone[-9:] not in html
 
 
+def facts(page: Page, selector: str) -> dict[str, str]:
+    """A <dl> as the reader sees it: term -> definition."""
+    terms = page.locator(f"{selector} dt").all_inner_texts()
+    values = page.locator(f"{selector} dd").all_inner_texts()
+    assert len(terms) == len(values)
+    return {t.strip(): v.strip() for t, v in zip(terms, values, strict=True)}
+
+
 def cell(page: Page, slug: str, column: str) -> str:
     return page.locator(f'#campaigns tr[data-slug="{slug}"] td.{column}').inner_text().strip()
 
@@ -270,6 +278,34 @@ def test_quota_fill_from_real_interviews(page: Page, engine: Engine, survey: Sur
     expect(table.locator("tfoot td").nth(4)).to_have_text(
         f"{len(seen)} of {len(seen) + 1}")
     assert_no_numbers(page, survey)
+
+
+def test_airtime_spend_from_real_interviews(page: Page, client: FlaskClient, app: Flask,
+                                            ussd_url: str, engine: Engine,
+                                            redis_client: redis.Redis, survey: Survey,
+                                            tokens: dict[str, str]) -> None:
+    """Airtime turned on with room for two payments, then three more citizens finish: the
+    worker reserves two against the budget and skips the third, and the page says so."""
+    with Session(engine) as db, db.begin():
+        set_airtime(db, "test", "sdg1662", "GHS", "2.00", "5.00")
+    app.extensions["civicdial"].registry.refresh()
+    form = shipped_questionnaire()
+    by_label = {q.labels["English (en)"]: q for q in form.questions if q.type != "calculate"}
+    for n in (20, 21, 22):
+        play(client, ussd_url, Citizen(n, random.Random(n)), by_label)
+    drain(redis_client, engine, SessionStore(redis_client).stream, batch=500)
+
+    sign_in(page, tokens["viewer"])
+    page.goto("/dashboard/campaigns/sdg1662")
+    shown = facts(page, "#airtime")
+    assert shown["Per completed interview"] == "GHS 2.00"
+    assert shown["Budget"] == "GHS 5.00"
+    # Nothing has reached Africa's Talking yet (no worker sends here): reserved, not spent.
+    assert re.sub(r"\s+", " ", shown["Spent so far"]) == "GHS 0.00 of GHS 5.00: 0%"
+    assert shown["Committed (with payments in flight)"] == "GHS 4.00"
+    assert shown["Payments pending"] == "2" and shown["Payments sent"] == "0"
+    assert shown["Payments skipped over budget"] == "1"
+    assert_no_numbers(page)
 
 
 def test_bad_token_shows_an_error_and_no_data(page: Page, live: str, survey: Survey) -> None:
