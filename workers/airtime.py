@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from gateway.channels.africastalking import send_airtime
-from gateway.channels.sending import Failure, SendError
+from gateway.channels.sending import SendError, after_failure
 from gateway.config import Settings, load_settings
 from gateway.crypto import NumberBox
 from gateway.db import shared_engine, upsert_insert
@@ -140,16 +140,14 @@ def _pay(settings: Settings, engine: Engine, client: redis.Redis, payment_id: in
         sent = send_airtime(config, to, payment.currency, payment.amount,
                             f"civicdial-airtime-{payment.campaign_id}-{payment.respondent}")
     except SendError as exc:
-        if exc.retry and attempts <= settings.send_retries:
-            _set(engine, payment_id, status="queued", error=str(exc))
-            delay = settings.send_backoff_seconds * 2 ** (attempts - 1)
+        status, delay = after_failure(exc, attempts, settings.send_retries,
+                                      settings.send_backoff_seconds)
+        _set(engine, payment_id, status=status, error=str(exc))
+        if status == "queued":
             enqueue(client, payment_id, delay)
-            log.info("airtime %d: %s; retry %d in %.1fs", payment_id, exc, attempts, delay)
-            return "queued"
-        final = "unknown" if exc.failure is Failure.BAD_RESPONSE else "failed"
-        _set(engine, payment_id, status=final, error=str(exc))
-        log.warning("airtime %d: %s (final: %s)", payment_id, exc, final)
-        return final
+        log.log(logging.INFO if status == "queued" else logging.WARNING,
+                "airtime %d: %s (now %s, attempt %d)", payment_id, exc, status, attempts)
+        return status
     _set(engine, payment_id, status=sent.status, request_id=sent.provider_id, error="")
     return sent.status
 

@@ -25,7 +25,7 @@ from sqlalchemy import Engine, Exists, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from gateway.channels import africastalking, twilio
-from gateway.channels.sending import Failure, SendError, Sent
+from gateway.channels.sending import SendError, Sent, after_failure
 from gateway.config import Settings, load_settings
 from gateway.crypto import NumberBox
 from gateway.db import shared_engine
@@ -223,16 +223,14 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
     try:
         sent = SENDERS[channel.provider](config, to, row.body)
     except SendError as exc:
-        if exc.retry and attempts <= settings.send_retries:
-            _set(engine, message_id, status="queued", error=str(exc))
-            delay = settings.send_backoff_seconds * 2 ** (attempts - 1)
+        status, delay = after_failure(exc, attempts, settings.send_retries,
+                                      settings.send_backoff_seconds)
+        _set(engine, message_id, status=status, error=str(exc))
+        if status == "queued":
             enqueue_send(client, message_id, priority, delay, settings.redis_prefix)
-            log.info("message %d: %s; retry %d in %.1fs", message_id, exc, attempts, delay)
-            return "queued"
-        final = "unknown" if exc.failure is Failure.BAD_RESPONSE else "failed"
-        _set(engine, message_id, status=final, error=str(exc))
-        log.warning("message %d: %s (final: %s)", message_id, exc, final)
-        return final
+        log.log(logging.INFO if status == "queued" else logging.WARNING,
+                "message %d: %s (now %s, attempt %d)", message_id, exc, status, attempts)
+        return status
     _set(engine, message_id, status=sent.status, provider_id=sent.provider_id, error="")
     return sent.status
 

@@ -36,6 +36,15 @@ class SendError(Exception):
         return self.failure in RETRYABLE
 
 
+def after_failure(exc: SendError, attempts: int, retries: int,
+                  backoff: float) -> tuple[str, float]:
+    """What a failed attempt leaves its row as: 'queued' with the delay before the retry
+    (exponential backoff), else final: 'unknown' if it may have gone out, 'failed'."""
+    if exc.retry and attempts <= retries:
+        return "queued", backoff * 2 ** (attempts - 1)
+    return ("unknown" if exc.failure is Failure.BAD_RESPONSE else "failed"), 0.0
+
+
 def classify_http(status: int, detail: str) -> SendError:
     if status == 429:
         return SendError(Failure.THROTTLED, detail)
