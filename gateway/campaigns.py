@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from gateway.models import ApiToken, AuditEntry, Campaign, Channel, QuestionnaireVersion
 from gateway.questionnaire import Questionnaire, load_questionnaire
-from gateway.quotas import Quota, QuotaError
+from gateway.quotas import Quota, QuotaError, define
 
 ROLES = ("admin", "coordinator", "viewer")
 # state -> states it may move to
@@ -106,6 +106,33 @@ def set_airtime(db: Session, actor: str, slug: str, currency: str | None,
         if campaign.airtime_budget < campaign.airtime_amount:
             raise CampaignError("airtime budget is smaller than one payment")
     audit(db, actor, "campaign.airtime", slug, before=before, after=campaign_view(campaign))
+    return campaign
+
+
+def set_version(db: Session, actor: str, slug: str, version: str) -> Campaign:
+    """Move a draft or paused campaign to another questionnaire version. Interviews under
+    way finish on the version they started on; new ones take this one when it opens."""
+    campaign = get_campaign(db, slug)
+    if campaign.state not in ("draft", "paused"):
+        raise CampaignError(f"campaign {slug} is {campaign.state}: pause it (or create a new "
+                            "campaign) before changing its questionnaire")
+    if db.get(QuestionnaireVersion, version) is None:
+        raise CampaignError(f"no questionnaire version {version!r}: load it first "
+                            "(civicdial questionnaire load FILE)")
+    before = campaign_view(campaign)
+    campaign.questionnaire_version = version
+    quota = Quota.decode(campaign.quotas)
+    if quota is not None:
+        # The quotas must still name questions and choices of the new version.
+        form = campaign_form(db, campaign)
+        try:
+            define(form, quota.on, [(quota.cell(key), target)
+                                    for key, target in quota.targets.items()])
+        except QuotaError as exc:
+            raise CampaignError(f"the campaign's quotas do not fit version {version}: {exc}; "
+                                "clear or replace them first") from None
+    audit(db, actor, "campaign.questionnaire", slug, before=before,
+          after=campaign_view(campaign))
     return campaign
 
 

@@ -29,6 +29,7 @@ from gateway.campaigns import (
     load_version,
     set_airtime,
     set_reminders,
+    set_version,
     transition,
 )
 from gateway.config import Settings, load_settings
@@ -440,14 +441,17 @@ def campaign() -> None:
 @click.option("--airtime-budget", default=None, help="Most the campaign may spend on "
               "airtime, e.g. 500.00.")
 @click.option("--no-airtime", is_flag=True, help="Turn the airtime thank-you off.")
+@click.option("--questionnaire", "version", default=None,
+              help="Another questionnaire version (campaign draft or paused).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
                  sms_handover: bool | None, state: str | None, reminder_hours: int | None,
                  reminder_max: int | None, airtime_currency: str | None,
                  airtime_amount: str | None, airtime_budget: str | None, no_airtime: bool,
-                 as_json: bool) -> None:
-    """Change a campaign's SMS keyword, hand-over, state, reminders or airtime."""
+                 version: str | None, as_json: bool) -> None:
+    """Change a campaign's SMS keyword, hand-over, questionnaire version, state, reminders
+    or airtime (one transaction: all of it or nothing)."""
     if no_airtime and airtime_currency:
         raise click.UsageError("--no-airtime and --airtime-currency contradict each other")
     if (airtime_amount or airtime_budget) and not airtime_currency:
@@ -469,7 +473,12 @@ def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
             if sms_keyword is not None or sms_handover is not None:
                 audit(db, actor, "campaign.set", slug, before=before,
                       after=campaign_view(row))
-            if state is not None and state != row.state:
+            # Pause before changing the version, change it before opening.
+            if state not in (None, "open", row.state):
+                transition(db, actor, slug, state)
+            if version is not None and version != row.questionnaire_version:
+                set_version(db, actor, slug, version)
+            if state == "open" and row.state != "open":
                 transition(db, actor, slug, state)
             if reminder_hours is not None or reminder_max is not None:
                 set_reminders(db, actor, slug, reminder_hours, reminder_max)

@@ -268,6 +268,7 @@ def test_patch_reminders_and_airtime(client: FlaskClient, tokens: dict[str, str]
         ({"airtime": {"currency": "GHS", "amount": 2, "budget": "3"}}, "string fields"),
         ({"airtime": "on"}, "wrong type"),
         ({"colour": "red"}, "unknown field"),
+        ({"questionnaire_version": "0123456789abcdef"}, "is open: pause it"),
     ]:
         bad = client.patch(url, json=body, headers=coord)
         assert bad.status_code == 422 and error in bad.json["error"], (body, bad.json)

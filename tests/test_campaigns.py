@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from gateway.campaigns import hash_token
-from gateway.models import ApiToken, Channel
+from gateway.models import ApiToken, Campaign, Channel
 
 SHIPPED = Path(__file__).parents[1] / "questionnaires" / "sdg1662.md"
 
@@ -123,3 +123,46 @@ def test_schedule_limits_when_a_campaign_answers(env: dict[str, str], client, ap
     code, out = run(env, "campaign", "schedule", "sdg1662", "--opens-at", "2030-01-02",
                     "--closes-at", "2030-01-01")
     assert code == 1 and "closes_at must be after opens_at" in out
+
+
+def test_new_questionnaire_version_for_a_paused_campaign(
+        env: dict[str, str], engine: Engine, client, ussd_url: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+        redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A new version goes to a draft or paused campaign, never an open one; interviews
+    under way finish on the version they started on, new ones get the new version; the
+    quotas must fit the new version."""
+    from test_engine import SMALL_MD
+    from test_quotas import Dialler
+
+    small = tmp_path / "small.md"
+    small.write_text(SMALL_MD)
+    code, out = run(env, "questionnaire", "load", str(small), "--json")
+    assert code == 0, out
+    version = json.loads(out)["version"]
+    under_way = Dialler(client, ussd_url, "+233240009001")
+    assert "Language" in under_way.dial()
+    assert "Ghana Statistical Service asks" in under_way.send("1")  # shipped consent
+
+    code, out = run(env, "campaign", "set", "sdg1662", "--questionnaire", version)
+    assert code != 0 and "is open: pause it" in out
+    quotas = tmp_path / "q.csv"
+    quotas.write_text("sex,target\nfemale,10\n")
+    assert run(env, "campaign", "quota", "set", "sdg1662", str(quotas))[0] == 0
+    code, out = run(env, "campaign", "set", "sdg1662", "--state", "paused",
+                    "--questionnaire", version)
+    assert code != 0 and "quotas do not fit" in out and "'sex' is not" in out
+    with Session(engine) as db:  # all or nothing: not even the pause was applied
+        assert db.scalar(select(Campaign.state).where(Campaign.slug == "sdg1662")) == "open"
+    assert run(env, "campaign", "quota", "clear", "sdg1662")[0] == 0
+    code, out = run(env, "campaign", "set", "sdg1662", "--state", "paused",
+                    "--questionnaire", version, "--json")
+    assert code == 0, out
+    assert (json.loads(out)["questionnaire_version"], json.loads(out)["state"]) == (
+        version, "paused")
+    assert run(env, "campaign", "set", "sdg1662", "--state", "open")[0] == 0
+    client.application.extensions["civicdial"].registry.refresh()
+
+    assert "What is your sex?" in under_way.send("1")  # consent: still the shipped form
+    newcomer = Dialler(client, ussd_url, "+233240009002")
+    newcomer.dial()
+    assert "Join the survey?" in newcomer.send("1")

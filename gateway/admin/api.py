@@ -32,6 +32,7 @@ from gateway.campaigns import (
     set_airtime,
     set_quotas,
     set_reminders,
+    set_version,
     transition,
 )
 from gateway.contacts import ContactFileError, import_contacts
@@ -221,9 +222,10 @@ def show_campaign(slug: str) -> Response:
 @bp.patch("/campaigns/<slug>")
 @requires("coordinator")
 def update_campaign(slug: str) -> Response:
-    """Reminder schedule and airtime thank-you settings."""
+    """Questionnaire version (draft or paused campaigns), reminder schedule and airtime
+    thank-you settings; all or nothing."""
     body = _body({"reminder_hours": int, "reminder_max": int,
-                  "airtime": (dict, type(None))}, set())
+                  "airtime": (dict, type(None)), "questionnaire_version": str}, set())
     airtime = body.get("airtime")
     if isinstance(airtime, dict):
         extra = set(airtime) - {"currency", "amount", "budget"}
@@ -233,6 +235,9 @@ def update_campaign(slug: str) -> Response:
                                 "budget (e.g. GHS, 2.00, 500.00), or null to turn it off")
     with Session(_engine(), expire_on_commit=False) as db, db.begin():
         with _unprocessable():
+            if "questionnaire_version" in body:
+                if body["questionnaire_version"] != get_campaign(db, slug).questionnaire_version:
+                    set_version(db, g.actor, slug, body["questionnaire_version"])
             if "reminder_hours" in body or "reminder_max" in body:
                 set_reminders(db, g.actor, slug, body.get("reminder_hours"),
                               body.get("reminder_max"))

@@ -65,9 +65,10 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/campaigns/{slug}": {
             "get": {"summary": "One campaign", "parameters": [_SLUG],
                     "responses": {"200": _ok("campaign"), **_errors(404)}},
-            "patch": {"summary": "Reminder schedule and airtime thank-you",
+            "patch": {"summary": "Questionnaire version, reminder schedule, airtime thank-you",
                       "parameters": [_SLUG],
                       "requestBody": _json_body({
+                          "questionnaire_version": {"type": "string"},
                           "reminder_hours": {"type": "integer", "minimum": 1,
                                              "maximum": 1440},
                           "reminder_max": {"type": "integer", "minimum": 0, "maximum": 10},
