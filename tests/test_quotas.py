@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from test_engine import SMALL, TO_USED, UNLIMITED, USED_NO, Script, Turn, play
+from test_sms import fake, sms  # noqa: F401 - fixtures
 
 from gateway.campaigns import create_token
 from gateway.engine import Input, Stage, step
@@ -234,3 +235,28 @@ def test_quotas_over_the_api(client: FlaskClient, engine: Engine, channel: Chann
     assert stats["quotas"]["cells"][0]["full"] is True
     assert client.delete(url, headers=coord).json == {"on": [], "cells": []}
     assert client.get("/api/v1/campaigns/nope/quotas", headers=viewer).status_code == 404
+
+
+def test_a_full_cell_by_sms(client: FlaskClient, sms, engine: Engine,  # type: ignore[no-untyped-def]  # noqa: F811
+                            redis_client: redis.Redis, env: dict[str, str], tmp_path: Path,
+                            app) -> None:  # type: ignore[no-untyped-def]
+    """The same screening in an SMS conversation (Twilio): a woman, when women are full,
+    is thanked at the sex question and the conversation ends; a man goes on."""
+    from test_sms import tw_sms, twiml_text
+
+    quota_file = tmp_path / "quotas.csv"
+    quota_file.write_text("sex,target\nfemale,0\nmale,10\n")
+    assert run(env, "campaign", "quota", "set", "sdg1662", str(quota_file))[0] == 0
+    app.extensions["civicdial"].registry.refresh()
+    for n, text in enumerate(["SURVEY", "1", "1"]):
+        tw_sms(client, sms.tw, text, f"W{n}")
+    code, body = tw_sms(client, sms.tw, "Female", "W3")
+    assert code == 200 and FULL in twiml_text(body)
+    assert redis_client.keys("cd:st:*") == []
+    for n, text in enumerate(["SURVEY", "1", "1"]):
+        tw_sms(client, sms.tw, text, f"M{n}", phone="+233240007777")
+    code, body = tw_sms(client, sms.tw, "Male", "M3", phone="+233240007777")
+    assert "How old are you?" in twiml_text(body)
+    drain(redis_client, engine, "cd:events")
+    with Session(engine) as db:
+        assert sorted(db.scalars(select(Interview.status))) == ["screened_out", "started"]
