@@ -61,6 +61,8 @@ def campaign_view(c: Campaign) -> dict[str, Any]:
             "sms_keyword": c.sms_keyword, "sms_handover": c.sms_handover,
             "opens_at": c.opens_at.isoformat() if c.opens_at else None,
             "closes_at": c.closes_at.isoformat() if c.closes_at else None,
+            # None: all of the questionnaire's languages.
+            "languages": c.languages.split(",") if c.languages else None,
             "quotas": {"on": list(quota.on), "targets": quota.targets} if quota else None,
             "reminder_hours": c.reminder_hours, "reminder_max": c.reminder_max,
             "airtime": {"currency": c.airtime_currency, "amount": minor_to_text(c.airtime_amount),
@@ -121,10 +123,15 @@ def set_version(db: Session, actor: str, slug: str, version: str) -> Campaign:
                             "(civicdial questionnaire load FILE)")
     before = campaign_view(campaign)
     campaign.questionnaire_version = version
+    form = campaign_form(db, campaign)
+    if campaign.languages:
+        try:
+            campaign.languages = _offered(form, campaign.languages.split(","))
+        except CampaignError as exc:
+            raise CampaignError(f"{exc}: change the campaign's languages first") from None
     quota = Quota.decode(campaign.quotas)
     if quota is not None:
         # The quotas must still name questions and choices of the new version.
-        form = campaign_form(db, campaign)
         try:
             define(form, quota.on, [(quota.cell(key), target)
                                     for key, target in quota.targets.items()])
@@ -133,6 +140,32 @@ def set_version(db: Session, actor: str, slug: str, version: str) -> Campaign:
                                 "clear or replace them first") from None
     audit(db, actor, "campaign.questionnaire", slug, before=before,
           after=campaign_view(campaign))
+    return campaign
+
+
+def _offered(form: Questionnaire, wanted: list[str]) -> str:
+    """Language keys of `form` for codes, names or keys ('tw', 'Twi', 'Twi (tw)')."""
+    keys = []
+    for text in wanted:
+        typed = text.strip().casefold()
+        match = next((lang.key for lang in form.languages
+                      if typed in (lang.key.casefold(), lang.code.casefold(),
+                                   lang.name.casefold())), None)
+        if match is None:
+            offered = ", ".join(f"{lang.code} ({lang.name})" for lang in form.languages)
+            raise CampaignError(f"language {text!r} is not in questionnaire {form.version}; "
+                                f"it has {offered}")
+        if match not in keys:
+            keys.append(match)
+    return ",".join(keys)
+
+
+def set_languages(db: Session, actor: str, slug: str, wanted: list[str] | None) -> Campaign:
+    """Offer only these of the questionnaire's languages (None or []: all of them)."""
+    campaign = get_campaign(db, slug)
+    before = campaign_view(campaign)
+    campaign.languages = _offered(campaign_form(db, campaign), wanted) if wanted else ""
+    audit(db, actor, "campaign.languages", slug, before=before, after=campaign_view(campaign))
     return campaign
 
 

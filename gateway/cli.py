@@ -28,6 +28,7 @@ from gateway.campaigns import (
     get_campaign,
     load_version,
     set_airtime,
+    set_languages,
     set_reminders,
     set_version,
     transition,
@@ -443,15 +444,18 @@ def campaign() -> None:
 @click.option("--no-airtime", is_flag=True, help="Turn the airtime thank-you off.")
 @click.option("--questionnaire", "version", default=None,
               help="Another questionnaire version (campaign draft or paused).")
+@click.option("--languages", default=None, metavar="CODES",
+              help="Offer only these of the questionnaire's languages, e.g. 'en' or "
+                   "'en,tw'; 'all' offers every one.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
                  sms_handover: bool | None, state: str | None, reminder_hours: int | None,
                  reminder_max: int | None, airtime_currency: str | None,
                  airtime_amount: str | None, airtime_budget: str | None, no_airtime: bool,
-                 version: str | None, as_json: bool) -> None:
-    """Change a campaign's SMS keyword, hand-over, questionnaire version, state, reminders
-    or airtime (one transaction: all of it or nothing)."""
+                 version: str | None, languages: str | None, as_json: bool) -> None:
+    """Change a campaign's SMS keyword, hand-over, questionnaire version, languages,
+    state, reminders or airtime (one transaction: all of it or nothing)."""
     if no_airtime and airtime_currency:
         raise click.UsageError("--no-airtime and --airtime-currency contradict each other")
     if (airtime_amount or airtime_budget) and not airtime_currency:
@@ -477,7 +481,13 @@ def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
             if state not in (None, "open", row.state):
                 transition(db, actor, slug, state)
             if version is not None and version != row.questionnaire_version:
+                if languages is not None:
+                    row.languages = ""  # chosen anew below, from the new version
                 set_version(db, actor, slug, version)
+            if languages is not None:
+                wanted = [] if languages.strip().lower() == "all" else [
+                    code for code in languages.split(",") if code.strip()]
+                set_languages(db, actor, slug, wanted)
             if state == "open" and row.state != "open":
                 transition(db, actor, slug, state)
             if reminder_hours is not None or reminder_max is not None:
@@ -489,7 +499,9 @@ def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
     except CampaignError as exc:
         raise click.ClickException(str(exc)) from None
     airtime = view["airtime"]
-    text = (f"{slug}: state {view['state']}, SMS keyword {view['sms_keyword']}, "
+    text = (f"{slug}: state {view['state']}, questionnaire {view['questionnaire_version']} "
+            f"in {', '.join(view['languages'] or ['all its languages'])}, "
+            f"SMS keyword {view['sms_keyword']}, "
             f"SMS hand-over {'on' if view['sms_handover'] else 'off'}, reminders every "
             f"{view['reminder_hours']} h at most {view['reminder_max']}, airtime "
             + (f"{airtime['currency']} {airtime['amount']} (budget {airtime['budget']})"

@@ -18,7 +18,7 @@ from enum import StrEnum
 
 from gateway import render
 from gateway.messages import message
-from gateway.questionnaire import CONSENT, Question, Questionnaire
+from gateway.questionnaire import CONSENT, Language, Question, Questionnaire
 
 
 class Stage(StrEnum):
@@ -72,6 +72,8 @@ class Rules:
     # respondent is screened out when the last of these questions puts them in a full cell.
     quota_on: tuple[str, ...] = ()
     full_cells: frozenset[str] = frozenset()
+    # The form's languages this campaign offers (language keys); empty: all of them.
+    languages: tuple[str, ...] = ()
 
     @property
     def body_limit(self) -> int:
@@ -80,13 +82,13 @@ class Rules:
     @classmethod
     def sms(cls, keyword: str = "SURVEY", max_invalid: int = 3,
             resume_window: int = 24 * 3600, fold: bool = False,
-            quota_on: tuple[str, ...] = ()) -> Rules:
+            quota_on: tuple[str, ...] = (), languages: tuple[str, ...] = ()) -> Rules:
         """SMS: no screen budget (no operator cuts the conversation), no paging. Twi letters
         are kept unless `fold`: they make a message UCS-2 (70 characters a segment instead
         of 160), which roughly doubles the cost of a Twi interview."""
         return cls(kind="sms", screen_limit=1600, budget_seconds=10**9, budget_screens=10**9,
                    resume_window=resume_window, max_invalid=max_invalid, dial=keyword,
-                   fold=fold, quota_on=quota_on)
+                   fold=fold, quota_on=quota_on, languages=languages)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,13 @@ class _Turn:
 
     # -- helpers -----------------------------------------------------------------
     @property
+    def languages(self) -> tuple[Language, ...]:
+        """The languages offered: the campaign's choice among the form's, else all."""
+        offered = tuple(lang for lang in self.q.languages
+                        if lang.key in self.rules.languages)
+        return offered or self.q.languages
+
+    @property
     def code(self) -> str:
         return self.q.language(self.state.lang).code
 
@@ -216,7 +225,7 @@ class _Turn:
 
     # -- screens -------------------------------------------------------------------
     def language_screen(self, error: str = "") -> Step:
-        names = tuple(lang.name for lang in self.q.languages)
+        names = tuple(lang.name for lang in self.languages)
         text = render.select_screen(message("en", "language"), names, 0,
                                     self.rules.body_limit, "More", "Back", error)
         return self.screen(text)
@@ -329,11 +338,14 @@ class _Turn:
         return self.question_screen(reason)
 
     def start_interview(self, reset_session: bool = True) -> Step:
-        stage = Stage.LANGUAGE if len(self.q.languages) > 1 else Stage.QUESTION
+        languages = self.languages
+        stage = Stage.LANGUAGE if len(languages) > 1 else Stage.QUESTION
+        default = self.q.default_language
         self.answers = {}
         self.state = SessionState(
             version=self.q.version, interview=self.inp.new_interview, stage=stage,
-            lang=self.q.default_language, session_started=self.inp.now, updated=self.inp.now,
+            lang=default if any(lang.key == default for lang in languages)
+            else languages[0].key, session_started=self.inp.now, updated=self.inp.now,
         )
         if stage is Stage.LANGUAGE:
             return self.language_screen()
@@ -361,7 +373,7 @@ class _Turn:
     def on_switch_language(self) -> Step:
         if self.state.stage is Stage.DONE:
             return self.end(self.msg("already_done"))
-        if len(self.q.languages) < 2:
+        if len(self.languages) < 2:
             return self.question_screen() if self.state.stage is Stage.QUESTION \
                 else self.on_open()
         self.state = replace(self.state, stage=Stage.LANGUAGE, invalid=0)
@@ -373,14 +385,15 @@ class _Turn:
         if s.stage is Stage.DONE:
             return self.end(self.msg("already_done"))
         if s.stage is Stage.LANGUAGE:
-            n = _choice_number(text, len(self.q.languages))
+            languages = self.languages
+            n = _choice_number(text, len(languages))
             if n is None:  # "English", "twi", "tw"
                 typed = _normal(text)
-                n = next((i for i, lang in enumerate(self.q.languages)
+                n = next((i for i, lang in enumerate(languages)
                           if typed in (_normal(lang.name), lang.code)), None)
             if n is None:
-                return self.invalid(self.bad_choice(len(self.q.languages)))
-            self.state = replace(s, lang=self.q.languages[n].key, invalid=0)
+                return self.invalid(self.bad_choice(len(languages)))
+            self.state = replace(s, lang=languages[n].key, invalid=0)
             if s.consented:  # a switch mid-interview: repeat the current question
                 self.state = replace(self.state, stage=Stage.QUESTION, page=0)
                 return self.question_screen()
@@ -459,7 +472,7 @@ class _Turn:
             return self.question_screen()
         prev = self.previous_position(question.index)
         if prev is None:
-            if len(self.q.languages) > 1:
+            if len(self.languages) > 1:
                 self.state = replace(self.state, stage=Stage.LANGUAGE, invalid=0)
                 return self.language_screen()
             return self.question_screen()

@@ -66,6 +66,8 @@ class Campaign(Base):
     target_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     opens_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     closes_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Language keys of the questionnaire offered, comma-separated; '' offers all of them.
+    languages: Mapped[str] = mapped_column(Text, default="")
     # JSON {"on": [question, ...], "targets": {"value|value": n}}, or '' for no quotas.
     quotas: Mapped[str] = mapped_column(Text, default="")
     # Interviews started but not finished get a reminder every N hours, at most M times.

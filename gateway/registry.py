@@ -112,16 +112,19 @@ class Registry:
                 config = json.loads(ch.config or "{}")
                 quota = json.loads(camp.quotas) if camp.quotas else None
                 quota_on = tuple(quota["on"]) if quota else ()
+                languages = tuple(filter(None, camp.languages.split(",")))
                 if ch.kind == "sms":
                     rules = Rules.sms(keyword=camp.sms_keyword, max_invalid=camp.max_invalid,
                                       resume_window=camp.sms_idle_seconds,
-                                      fold=bool(config.get("fold", False)), quota_on=quota_on)
+                                      fold=bool(config.get("fold", False)), quota_on=quota_on,
+                                      languages=languages)
                 else:
                     rules = Rules(
                         screen_limit=max(MIN_SCREEN, min(MAX_SCREEN, ch.screen_limit)),
                         budget_seconds=camp.budget_seconds,
                         budget_screens=camp.budget_screens, resume_window=camp.resume_window,
                         max_invalid=camp.max_invalid, dial=ch.address, quota_on=quota_on,
+                        languages=languages,
                     )
                 channels[ch.key] = ChannelInfo(
                     id=ch.id, key=ch.key, provider=ch.provider, kind=ch.kind,

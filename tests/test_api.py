@@ -269,6 +269,8 @@ def test_patch_reminders_and_airtime(client: FlaskClient, tokens: dict[str, str]
         ({"airtime": "on"}, "wrong type"),
         ({"colour": "red"}, "unknown field"),
         ({"questionnaire_version": "0123456789abcdef"}, "is open: pause it"),
+        ({"languages": ["fr"]}, "language 'fr' is not in questionnaire"),
+        ({"languages": [1]}, "a list of language codes"),
     ]:
         bad = client.patch(url, json=body, headers=coord)
         assert bad.status_code == 422 and error in bad.json["error"], (body, bad.json)
@@ -276,8 +278,12 @@ def test_patch_reminders_and_airtime(client: FlaskClient, tokens: dict[str, str]
     assert (after["reminder_hours"], after["airtime"]["amount"]) == (6, "1.50")
     resp = client.patch(url, json={"airtime": None}, headers=coord)
     assert resp.json["airtime"] is None
+    assert client.patch(url, json={"languages": ["en"]}, headers=coord).json[
+        "languages"] == ["English (en)"]
+    assert client.patch(url, json={"languages": None}, headers=coord).json["languages"] is None
     assert client.patch("/api/v1/campaigns/nope", json={"reminder_max": 1},
                         headers=coord).status_code == 404
     audit = client.get("/api/v1/audit", headers=auth(tokens, "admin")).json
-    assert [e["action"] for e in audit][:3] == ["campaign.airtime", "campaign.airtime",
+    assert [e["action"] for e in audit][:5] == ["campaign.languages", "campaign.languages",
+                                                "campaign.airtime", "campaign.airtime",
                                                 "campaign.reminders"]

@@ -166,3 +166,24 @@ def test_new_questionnaire_version_for_a_paused_campaign(
     newcomer = Dialler(client, ussd_url, "+233240009002")
     newcomer.dial()
     assert "Join the survey?" in newcomer.send("1")
+
+
+def test_languages_offered(env: dict[str, str], engine: Engine, client,  # type: ignore[no-untyped-def]
+                           ussd_url: str, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A campaign can offer only some of its questionnaire's languages: with one, the
+    language screen is skipped and the interview is in that language."""
+    from test_quotas import Dialler
+
+    code, out = run(env, "campaign", "set", "sdg1662", "--languages", "xx")
+    assert code != 0 and "language 'xx' is not in questionnaire" in out and "tw (Twi)" in out
+    code, out = run(env, "campaign", "set", "sdg1662", "--languages", "Twi", "--json")
+    assert code == 0, out
+    assert json.loads(out)["languages"] == ["Twi (tw)"]
+    client.application.extensions["civicdial"].registry.refresh()
+    twi = Dialler(client, ussd_url, "+233240008001")
+    first = twi.dial()
+    assert "Language" not in first and "Ghana Statistical Service bisa" in first
+    assert run(env, "campaign", "set", "sdg1662", "--languages", "all")[0] == 0
+    client.application.extensions["civicdial"].registry.refresh()
+    assert "Language / Kasa" in Dialler(client, ussd_url, "+233240008002").dial()
+    assert "Woye obaa anaa obarima?" in twi.send("1")  # under way: stays in Twi

@@ -907,3 +907,21 @@ def test_reply_type() -> None:
     """A Reply is text plus whether the session ends (CON vs END)."""
     result = step(SMALL, None, Input.open(0, "A"))
     assert result.reply == Reply("Language / Kasa:\n1 English\n2 Twi", end=False)
+
+
+@pytest.mark.parametrize("offered, first, stage", [
+    (("Twi (tw)",), "Wobeka ho?", Stage.QUESTION),
+    (("English (en)",), "Join the survey?", Stage.QUESTION),
+    (("English (en)", "Twi (tw)"), "Language / Kasa:", Stage.LANGUAGE),
+    (("Klingon (tlh)",), "Language / Kasa:", Stage.LANGUAGE),  # none known: all offered
+])
+def test_languages_offered_by_the_campaign(offered: tuple[str, ...], first: str,
+                                           stage: Stage) -> None:
+    """With one language offered there is no language screen; LANG then only repeats."""
+    rules = replace(UNLIMITED, languages=offered)
+    opened = step(SMALL, None, Input.open(0, "iv"), rules)
+    assert opened.reply.text.startswith(first) and opened.state is not None
+    assert opened.state.stage is stage
+    if stage is Stage.QUESTION:
+        again = step(SMALL, opened.state, Input.switch_language(1), rules)
+        assert again.reply.text.startswith(first)

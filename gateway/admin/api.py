@@ -30,6 +30,7 @@ from gateway.campaigns import (
     hash_token,
     load_version,
     set_airtime,
+    set_languages,
     set_quotas,
     set_reminders,
     set_version,
@@ -225,7 +226,11 @@ def update_campaign(slug: str) -> Response:
     """Questionnaire version (draft or paused campaigns), reminder schedule and airtime
     thank-you settings; all or nothing."""
     body = _body({"reminder_hours": int, "reminder_max": int,
-                  "airtime": (dict, type(None)), "questionnaire_version": str}, set())
+                  "airtime": (dict, type(None)), "questionnaire_version": str,
+                  "languages": (list, type(None))}, set())
+    if not all(isinstance(code, str) for code in body.get("languages") or []):
+        raise ApiError(422, 'languages: a list of language codes, e.g. ["en", "tw"], or null '
+                            "for all of the questionnaire's")
     airtime = body.get("airtime")
     if isinstance(airtime, dict):
         extra = set(airtime) - {"currency", "amount", "budget"}
@@ -236,8 +241,13 @@ def update_campaign(slug: str) -> Response:
     with Session(_engine(), expire_on_commit=False) as db, db.begin():
         with _unprocessable():
             if "questionnaire_version" in body:
-                if body["questionnaire_version"] != get_campaign(db, slug).questionnaire_version:
+                campaign = get_campaign(db, slug)
+                if body["questionnaire_version"] != campaign.questionnaire_version:
+                    if "languages" in body:
+                        campaign.languages = ""  # chosen anew below, from the new version
                     set_version(db, g.actor, slug, body["questionnaire_version"])
+            if "languages" in body:
+                set_languages(db, g.actor, slug, body["languages"])
             if "reminder_hours" in body or "reminder_max" in body:
                 set_reminders(db, g.actor, slug, body.get("reminder_hours"),
                               body.get("reminder_max"))

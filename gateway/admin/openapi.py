@@ -69,6 +69,8 @@ OPENAPI: dict[str, Any] = {
                       "parameters": [_SLUG],
                       "requestBody": _json_body({
                           "questionnaire_version": {"type": "string"},
+                          "languages": {"type": "array", "nullable": True,
+                                        "items": {"type": "string"}},
                           "reminder_hours": {"type": "integer", "minimum": 1,
                                              "maximum": 1440},
                           "reminder_max": {"type": "integer", "minimum": 0, "maximum": 10},
