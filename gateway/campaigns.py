@@ -95,8 +95,8 @@ def set_airtime(db: Session, actor: str, slug: str, currency: str | None,
     campaign = get_campaign(db, slug)
     before = campaign_view(campaign)
     if currency is None:
-        campaign.airtime_amount = campaign.airtime_budget = None
-        campaign.airtime_currency = ""
+        # The currency and budget stay: payments made while it was on are still shown.
+        campaign.airtime_amount = None
     else:
         if not re.fullmatch(r"[A-Z]{3}", currency.strip().upper()):
             raise CampaignError("airtime currency: a 3-letter ISO code such as GHS, KES")

@@ -12,7 +12,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -24,6 +24,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 from test_e2e import Citizen, hop, play  # the e2e tests' simulated USSD citizens
+from test_sms import fake, sms, work  # noqa: F401 - the SMS provider stand-in fixtures
 from werkzeug.serving import make_server
 
 from gateway import quotas
@@ -435,35 +436,6 @@ def test_next_never_leaves_the_dashboard(app: Flask, tokens: dict[str, str]) -> 
         assert resp.headers["Location"] == "/dashboard/", target
 
 
-QUOTAS = {"on": ["region", "sex"], "cells": [
-    {"cell": {"region": "ashanti", "sex": "female"}, "target": 100, "completed": 37,
-     "screened_out": 2, "full": False},
-    {"cell": {"region": "ashanti", "sex": "male"}, "target": 80, "completed": 80,
-     "screened_out": 11, "full": True},
-    {"cell": {"region": "<script>x</script>", "sex": "male"}, "target": 0, "completed": 0,
-     "screened_out": 0, "full": True},
-]}
-AIRTIME = {"enabled": True, "amount": "GHS 2.00", "budget": "GHS 500.00",
-           "spent": "GHS 40.00", "committed": "GHS 42.00",
-           "payments": {"sent": 20, "failed": 1, "pending": 0, "skipped_over_budget": 3}}
-
-
-def with_extras(monkeypatch: pytest.MonkeyPatch, **extra: Any) -> None:
-    """campaign_status as it is, plus the given keys on the shipped campaign's entry."""
-    import gateway.cli
-
-    real = gateway.cli.campaign_status
-
-    def status(engine: Engine, store: SessionStore) -> dict[str, Any]:
-        report = real(engine, store)
-        for entry in report["campaigns"]:
-            if entry["slug"] == "sdg1662":
-                entry.update(extra)
-        return report
-
-    monkeypatch.setattr(gateway.cli, "campaign_status", status)
-
-
 def signed_in_client(client: FlaskClient, token: str) -> FlaskClient:
     client.get("/dashboard/login")
     csrf = client.get_cookie("civicdial_dashboard_csrf", path="/dashboard/login")
@@ -473,12 +445,51 @@ def signed_in_client(client: FlaskClient, token: str) -> FlaskClient:
     return client
 
 
+def interview_events(channel: Channel, name: str, region: str, sex: str, end: str,
+                     to: str | None = None) -> list[dict[str, Any]]:
+    """One interview's stream events as the hops write them: started, region, sex, end."""
+    base = {"c": channel.campaign_id, "ch": channel.id, "i": name, "r": f"resp-{name}",
+            "ver": "v", "t": 1_790_000_000.0}
+    events = [{**base, "id": f"{name}-1", "k": "started", "l": "English (en)"},
+              {**base, "id": f"{name}-2", "k": "answer", "q": "region", "v": region},
+              {**base, "id": f"{name}-3", "k": "answer", "q": "sex", "v": sex},
+              {**base, "id": f"{name}-4", "k": end}]
+    if to:
+        events[-1]["to"] = to
+    return events
+
+
+def page_text(html: str, start: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html[html.index(start):]))
+
+
 def test_quota_and_airtime_tables(client: FlaskClient, tokens: dict[str, str],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The quota table (one column per quota question, fill, full, screened out) and the
-    airtime spend, from campaign_status entries shaped as the quota and airtime features
-    report them."""
-    with_extras(monkeypatch, quotas=QUOTAS, airtime=AIRTIME)
+                                  engine: Engine, channel: Channel, sms: Any,  # noqa: F811
+                                  redis_client: redis.Redis, settings: Any) -> None:
+    """The quota table (one column per quota question, fill, full, screened out, totals)
+    and the airtime spend against the budget, from interviews the worker persisted and
+    payments made to the Africa's Talking stand-in; then airtime turned off."""
+    from gateway.crypto import NumberBox
+    from workers.airtime import sweep
+    from workers.persist import write_events
+
+    with Session(engine) as db, db.begin():
+        set_quotas(db, "test", "sdg1662", lambda form: quotas.define(form, ["region", "sex"], [
+            ({"region": "ashanti", "sex": "female"}, 100),
+            ({"region": "ashanti", "sex": "male"}, 0),
+            ({"region": "greater_accra", "sex": "female"}, 1)]))
+        set_airtime(db, "test", "sdg1662", "GHS", "2.00", "5.00")
+    box = NumberBox(settings.encryption_key)
+    write_events(engine, [
+        *interview_events(channel, "a", "greater_accra", "female", "completed",
+                          box.seal("+233240000701")),
+        *interview_events(channel, "b", "ashanti", "male", "screened_out"),
+        *interview_events(channel, "c", "ashanti", "female", "completed",
+                          box.seal("+233240000702")),
+        *interview_events(channel, "d", "ashanti", "female", "completed",
+                          box.seal("+233240000703"))])
+    sweep(engine, redis_client, older_than=timedelta(0))
+    work(engine, redis_client)
     html = signed_in_client(client, tokens["viewer"]).get(
         "/dashboard/campaigns/sdg1662").get_data(as_text=True)
     table = html[html.index('<table class="cards" id="quotas">'):]
@@ -487,31 +498,24 @@ def test_quota_and_airtime_tables(client: FlaskClient, tokens: dict[str, str],
     assert headers == ["region", "sex", "Target", "Completed", "Fill", "Full", "Screened out"]
     rows = [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", r)).strip()
             for r in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
-    assert rows[1] == "ashanti female 100 37 37% — 2"
-    assert rows[2] == "ashanti male 80 80 100% full 11"
-    assert rows[3].endswith("male 0 0 — full 0")  # a zero target has no fill %
-    assert rows[4] == "All cells 180 117 65% 2 of 3 13"
-    assert 'value="37.0"' in table and "&lt;script&gt;x&lt;/script&gt;" in table
-    assert "<script>" not in html
-    spend = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html[html.index('id="airtime"'):]))
+    assert rows[1:] == ["ashanti female 100 2 2% — 0",
+                        "ashanti male 0 0 — full 1",  # a zero target has no fill %
+                        "greater_accra female 1 1 100% full 0",
+                        "All cells 101 3 3% 2 of 3 1"]
+    spend = page_text(html, 'id="airtime"')
     assert "Per completed interview GHS 2.00" in spend
-    assert "Spent so far GHS 40.00 of GHS 500.00: 8%" in spend
-    assert "Committed (with payments in flight) GHS 42.00" in spend
-    assert ("Payments sent 20 Payments failed 1 Payments pending 0 "
-            "Payments skipped over budget 3") in spend
+    assert "Spent so far GHS 4.00 of GHS 5.00: 80%" in spend
+    assert "Payments sent 2" in spend and "Payments skipped over budget 1" in spend
 
-
-def test_airtime_off(client: FlaskClient, tokens: dict[str, str],
-                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Turned off: said so, and what was paid while it was on is still shown."""
-    with_extras(monkeypatch, quotas=None, airtime={"enabled": False, "payments": {}})
-    signed_in_client(client, tokens["viewer"])
+    with Session(engine) as db, db.begin():
+        set_airtime(db, "test", "sdg1662", None)
     html = client.get("/dashboard/campaigns/sdg1662").get_data(as_text=True)
-    assert "Airtime thank-you is off." in html and "No quotas configured." in html
-    assert 'id="airtime"' not in html
-    with_extras(monkeypatch, airtime={"enabled": False, "amount": None, "budget": "GHS 9.00",
-                                      "spent": "GHS 4.00", "payments": {"sent": 2}})
-    html = client.get("/dashboard/campaigns/sdg1662").get_data(as_text=True)
-    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+    text = page_text(html, "<h2>Airtime thank-you</h2>")
     assert "Airtime thank-you is off; payments made while it was on:" in text
-    assert "Spent so far GHS 4.00 of GHS 9.00: 44%" in text and "Per completed" not in text
+    assert "Spent so far GHS 4.00 of GHS 5.00: 80%" in text and "Per completed" not in text
+
+
+def test_nothing_configured(client: FlaskClient, tokens: dict[str, str]) -> None:
+    html = signed_in_client(client, tokens["viewer"]).get(
+        "/dashboard/campaigns/sdg1662").get_data(as_text=True)
+    assert "Airtime thank-you not configured." in html and "No quotas configured." in html

@@ -36,7 +36,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from gateway.admin.api import RANK
 from gateway.campaigns import CampaignError, campaign_view, get_campaign, hash_token
-from gateway.models import ApiToken, Campaign, Channel, OutboundMessage
+from gateway.models import ApiToken, Channel, OutboundMessage
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates")
 
@@ -197,13 +197,8 @@ def percent(part: int, whole: int | None) -> float | None:
 @signed_in
 def index() -> str:
     report = _report()
-    with Session(_engine()) as db:
-        targets = dict(db.execute(select(Campaign.slug, Campaign.target_size)).all())
-    rows = []
-    for entry in report.get("campaigns", []):
-        target = entry.get("target_size", targets.get(entry.get("slug")))
-        completed = _int(entry.get("interviews_completed"))
-        rows.append({**entry, "target_size": target, "pct": percent(completed, target)})
+    rows = [{**entry, "pct": percent(entry["interviews_completed"], entry["target_size"])}
+            for entry in report["campaigns"]]
     return render_template("dashboard_index.html", campaigns=rows,
                            waiting=_int(report.get("events_waiting")),
                            parked=_int(report.get("events_parked")), now=_now())
@@ -227,8 +222,8 @@ def campaign(slug: str) -> tuple[str, int] | str:
             .join(Channel, Channel.id == OutboundMessage.channel_id)
             .where(Channel.campaign_id == row.id)
             .group_by(OutboundMessage.status).order_by(OutboundMessage.status)).all()
-    target = entry.get("target_size", view.get("target_size"))
-    completed = _int(entry.get("interviews_completed"))
+    target = entry["target_size"]
+    completed = entry["interviews_completed"]
     return render_template(
         "dashboard_campaign.html", c=entry, target=target, pct=percent(completed, target),
         opens_at=_when(view.get("opens_at")), closes_at=_when(view.get("closes_at")),
