@@ -85,8 +85,9 @@ def test_completed_ussd_interview_is_thanked_once(
                 "status": "Success", "requestId": "ATQid_000001", "discount": "GHS 0.0600",
                 "value": "GHS 2.0000"}
     url = f"/webhooks/africastalking/{sms.at.key}/airtime/status"
-    for _ in range(2):  # AT retries callbacks
-        assert client.post(url, data=callback, content_type=FORM).status_code == 200
+    assert client.post(url, data=callback, content_type=FORM).status_code == 200
+    # Africa's Talking's samples show the same fields as JSON: taken too (and a retry).
+    assert client.post(url, json=callback).status_code == 200
     failed_late = {**callback, "status": "Failed", "description": "late and wrong"}
     work(engine, redis_client)
     assert payments(engine)[0].status == "success"
@@ -110,6 +111,10 @@ def test_bad_airtime_callbacks_are_refused(client: FlaskClient, sms: SmsChannels
                                            form: dict[str, str], error: int) -> None:
     url = f"/webhooks/africastalking/{sms.at.key}/airtime/status"
     assert client.post(url, data=form, content_type=FORM).status_code == error
+    assert client.post(url, json=form).status_code == error
+    for body in ("[1, 2]", "{not json", '{"requestId": {"a": 1}, "status": "Success"}'):
+        assert client.post(url, data=body, content_type="application/json").status_code == 400
+    assert client.post(url, data="<x/>", content_type="text/xml").status_code == 415
     assert client.post("/webhooks/africastalking/nokey/airtime/status", data=form,
                        content_type=FORM).status_code == 404
 

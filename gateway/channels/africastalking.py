@@ -33,7 +33,14 @@ from gateway.channels.sms import (
     send_event,
     track,
 )
-from gateway.channels.webhook import WebhookError, field, log, parse_form, phone_number
+from gateway.channels.webhook import (
+    WebhookError,
+    field,
+    log,
+    parse_form,
+    parse_form_or_json,
+    phone_number,
+)
 from gateway.engine import Input, SessionState, Stage, hand_over, step
 from gateway.messages import message
 from gateway.phones import BadPhoneNumber, to_e164
@@ -294,7 +301,7 @@ def sms_delivery(channel_key: str) -> Response:
 def airtime_status(channel_key: str) -> Response:
     """Airtime status callback: whether a thank-you payment reached the phone."""
     _channel(channel_key, None)
-    form = parse_form(request)
+    form = parse_form_or_json(request)
     request_id = field(form, "requestId", max_len=100)
     status = field(form, "status", max_len=30)
     if status not in AIRTIME_STATUS:

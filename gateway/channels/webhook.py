@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from urllib.parse import parse_qsl
@@ -32,6 +33,22 @@ def parse_form(request: Request) -> dict[str, str]:
     for name, value in parse_pairs(request):
         form.setdefault(name, value)
     return form
+
+
+def parse_form_or_json(request: Request) -> dict[str, str]:
+    """A callback whose provider documents form fields but shows JSON samples: either body,
+    as flat text fields (a JSON body must be an object of strings and numbers)."""
+    if request.mimetype != "application/json":
+        return parse_form(request)
+    request.max_content_length = current_app.extensions["civicdial"].settings.max_body_bytes
+    try:
+        data = json.loads(request.get_data(cache=False).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise WebhookError(400, "body is not valid JSON") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in data.values()):
+        raise WebhookError(400, "expected a JSON object of text and number fields")
+    return {str(k): str(v) for k, v in data.items()}
 
 
 def parse_pairs(request: Request) -> list[tuple[str, str]]:
