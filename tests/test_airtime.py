@@ -215,3 +215,40 @@ def test_airtime_settings_are_checked(env: dict[str, str], channel: Channel) -> 
         assert code != 0 and error in out, (args, out)
     code, out = run(env, "campaign", "set", "sdg1662", "--no-airtime", "--json")
     assert code == 0 and json.loads(out)["airtime"] is None
+
+
+def test_validation_callback_confirms_only_our_payment_in_flight(
+        client: FlaskClient, sms: SmsChannels, channel: Channel, engine: Engine,  # noqa: F811
+        redis_client: redis.Redis, env: dict[str, str], app: Flask,
+        settings: Settings) -> None:
+    """Africa's Talking's validation request (JSON) is answered Validated only while our
+    payment to that number, for that amount, is in flight; anything else Failed."""
+    import threading
+
+    airtime_on(env, app)
+    phone = "+233240000501"
+    write_events(engine, completions(settings, channel, [phone]))
+    (payment,) = payments(engine)
+    url = f"/webhooks/africastalking/{sms.at.key}/airtime/validation"
+    ask = {"transactionId": "SomeTransactionID", "phoneNumber": phone,
+           "sourceIpAddress": "203.0.113.7", "currencyCode": "GHS", "amount": 2.0}
+    assert client.post(url, json=ask).json == {"status": "Failed"}  # not yet sending
+    sms.fake.delay = 1.5  # the provider call is in flight while AT asks
+    paying = threading.Thread(target=_pay, args=(settings, engine, redis_client, payment.id))
+    paying.start()
+    try:
+        deadline = time.monotonic() + 10
+        while payments(engine)[0].status != "sending" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.post(url, json=ask).json == {"status": "Validated"}
+        assert client.post(url, data={**ask, "amount": "2.00"},
+                           content_type=FORM).json == {"status": "Validated"}
+        for wrong in ({"amount": 20}, {"currencyCode": "KES"},
+                      {"phoneNumber": "+233240000599"}):
+            assert client.post(url, json={**ask, **wrong}).json == {"status": "Failed"}
+    finally:
+        paying.join()
+    assert payments(engine)[0].status == "sent"
+    assert client.post(url, json=ask).json == {"status": "Failed"}  # already paid
+    assert client.post(url, json={**ask, "amount": "two"}).status_code == 400
+    assert client.post(url, json={"phoneNumber": phone}).status_code == 400

@@ -13,6 +13,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 from typing import Any, TypeGuard
 
 import requests
@@ -20,6 +21,8 @@ from africastalking.Airtime import AirtimeService
 from africastalking.Service import AfricasTalkingException
 from africastalking.SMS import SMSService
 from flask import Blueprint, Response, current_app, request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from gateway import render
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
@@ -43,6 +46,7 @@ from gateway.channels.webhook import (
 )
 from gateway.engine import Input, SessionState, Stage, hand_over, step
 from gateway.messages import message
+from gateway.models import AirtimePayment
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.registry import ChannelInfo
 from gateway.sessions import (
@@ -314,6 +318,34 @@ def airtime_status(channel_key: str) -> Response:
         if status != "Success" else "",
     }])
     return _text("OK")
+
+
+@bp.post("/<channel_key>/airtime/validation")
+def airtime_validation(channel_key: str) -> Response:
+    """Africa's Talking asks, before paying, whether we sent this airtime request. Only a
+    payment of ours in flight to that number, for that amount, is validated: a leaked API
+    key pays nobody."""
+    _channel(channel_key, None)
+    form = parse_form_or_json(request)
+    transaction = field(form, "transactionId", max_len=100)
+    phone = phone_number(form, "phoneNumber")
+    currency = field(form, "currencyCode", max_len=3)
+    try:
+        amount = Decimal(field(form, "amount", max_len=20))
+        minor = int((amount * 100).to_integral_value())
+    except (InvalidOperation, ValueError):
+        raise WebhookError(400, "amount is not a number") from None
+    services = _services()
+    respondent = pseudonym(services.settings.pseudonym_key, phone)
+    with Session(services.engine) as db:
+        ours = db.scalar(select(AirtimePayment.id).where(
+            AirtimePayment.respondent == respondent, AirtimePayment.status == "sending",
+            AirtimePayment.currency == currency, AirtimePayment.amount == minor).limit(1))
+    if ours is None:
+        log.warning("airtime validation refused: %s %s %s to %s is not a payment in flight",
+                    transaction, currency, amount, mask_phone(phone))
+    return Response(json.dumps({"status": "Validated" if ours else "Failed"}),
+                    mimetype="application/json")
 
 
 def _int_or_none(raw: str | None) -> int | None:
