@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from enum import StrEnum
 
 from gateway import render
@@ -139,6 +139,23 @@ class Step:
     events: tuple[Event, ...] = ()
 
 
+_STATE_FIELDS = frozenset(f.name for f in fields(SessionState))
+
+
+def _evolve(state: SessionState, **changes: object) -> SessionState:
+    """dataclasses._evolve(state, **changes) for the hot path: a step makes four to six of
+    these, and replace() introspects the fields and re-runs __init__ on every call (about
+    5x slower). SessionState has no __post_init__ and no validation, so a copy of its
+    attributes with the changes applied is the same value."""
+    unknown = changes.keys() - _STATE_FIELDS
+    if unknown:
+        raise TypeError(f"SessionState has no field {', '.join(sorted(unknown))}")
+    new = object.__new__(SessionState)
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 KEEP_AFTER_COMPLETION = ("region",)
 _INT = re.compile(r"^[+-]?\d+$")
 _ASIDE = re.compile(r"\([^)]*\)")
@@ -180,7 +197,7 @@ class _Turn:
 
     def emit(self, kind: str, question: str = "", value: str | None = None) -> None:
         seq = self.state.seq + 1
-        self.state = replace(self.state, seq=seq)
+        self.state = _evolve(self.state, seq=seq)
         self.events.append(Event(
             id=f"{self.state.interview}-{seq}", kind=kind, interview=self.state.interview,
             at=self.inp.now, question=question, value=value,
@@ -204,7 +221,7 @@ class _Turn:
         return all(expr.truth(self.answers) for expr in question.relevant)
 
     def finish(self, reply: Reply) -> Step:
-        state = replace(self.state, answers=tuple(self.answers.items()), updated=self.inp.now)
+        state = _evolve(self.state, answers=tuple(self.answers.items()), updated=self.inp.now)
         return Step(state, reply, tuple(self.events))
 
     def _text(self, text: str) -> str:
@@ -213,7 +230,7 @@ class _Turn:
 
     def screen(self, text: str) -> Step:
         """Show a screen and wait for input."""
-        self.state = replace(self.state, session_screens=self.state.session_screens + 1)
+        self.state = _evolve(self.state, session_screens=self.state.session_screens + 1)
         return self.finish(Reply(self._text(text), end=False))
 
     def end(self, text: str, forget: bool = False) -> Step:
@@ -304,7 +321,7 @@ class _Turn:
     def go_to(self, pos: int | None) -> Step:
         if pos is None:
             return self.complete()
-        self.state = replace(self.state, stage=Stage.QUESTION, pos=pos, page=0, invalid=0)
+        self.state = _evolve(self.state, stage=Stage.QUESTION, pos=pos, page=0, invalid=0)
         budget_spent = (
             self.state.session_screens >= self.rules.budget_screens
             or self.inp.now - self.state.session_started >= self.rules.budget_seconds
@@ -312,7 +329,7 @@ class _Turn:
         if budget_spent and self.state.consented:
             part = self.state.part
             parts = part + max(1, math.ceil(self.remaining(pos) / self.rules.budget_screens))
-            self.state = replace(self.state, part=part + 1, part_break=True)
+            self.state = _evolve(self.state, part=part + 1, part_break=True)
             return self.end(self.msg("part_done", part=part, parts=parts, again=self.again()))
         return self.question_screen()
 
@@ -321,16 +338,16 @@ class _Turn:
         # Forget the answers (they are in the events) but remember the interview is done,
         # and where the respondent lives, to answer RESULTS with their region's figures.
         self.answers = {k: v for k, v in self.answers.items() if k in KEEP_AFTER_COMPLETION}
-        self.state = replace(self.state, stage=Stage.DONE, pos=0, page=0, invalid=0,
+        self.state = _evolve(self.state, stage=Stage.DONE, pos=0, page=0, invalid=0,
                              part_break=False)
         return self.end(self.msg("completed"))
 
     def invalid(self, reason: str) -> Step:
         count = self.state.invalid + 1
         if count >= self.rules.max_invalid:
-            self.state = replace(self.state, invalid=0, page=0)
+            self.state = _evolve(self.state, invalid=0, page=0)
             return self.end(self.msg("too_many_invalid", again=self.again()))
-        self.state = replace(self.state, invalid=count)
+        self.state = _evolve(self.state, invalid=count)
         if self.state.stage is Stage.LANGUAGE:
             return self.language_screen(reason)
         if self.state.stage is Stage.RESUME:
@@ -360,14 +377,14 @@ class _Turn:
             if s.consented:
                 self.emit("abandoned")
             return self.start_interview()
-        self.state = replace(s, session_started=self.inp.now, session_screens=0, invalid=0)
+        self.state = _evolve(s, session_started=self.inp.now, session_screens=0, invalid=0)
         if not s.consented:
             # Nothing was kept before consent: simply start again from the top.
             return self.start_interview()
         if s.part_break:
-            self.state = replace(self.state, part_break=False, stage=Stage.QUESTION)
+            self.state = _evolve(self.state, part_break=False, stage=Stage.QUESTION)
             return self.question_screen()
-        self.state = replace(self.state, stage=Stage.RESUME)
+        self.state = _evolve(self.state, stage=Stage.RESUME)
         return self.resume_screen()
 
     def on_switch_language(self) -> Step:
@@ -376,7 +393,7 @@ class _Turn:
         if len(self.languages) < 2:
             return self.question_screen() if self.state.stage is Stage.QUESTION \
                 else self.on_open()
-        self.state = replace(self.state, stage=Stage.LANGUAGE, invalid=0)
+        self.state = _evolve(self.state, stage=Stage.LANGUAGE, invalid=0)
         return self.language_screen()
 
     def on_text(self, raw: str) -> Step:
@@ -393,14 +410,14 @@ class _Turn:
                           if typed in (_normal(lang.name), lang.code)), None)
             if n is None:
                 return self.invalid(self.bad_choice(len(languages)))
-            self.state = replace(s, lang=languages[n].key, invalid=0)
+            self.state = _evolve(s, lang=languages[n].key, invalid=0)
             if s.consented:  # a switch mid-interview: repeat the current question
-                self.state = replace(self.state, stage=Stage.QUESTION, page=0)
+                self.state = _evolve(self.state, stage=Stage.QUESTION, page=0)
                 return self.question_screen()
             return self.go_to(self.next_position(0))
         if s.stage is Stage.RESUME:
             if text == "1":
-                self.state = replace(s, stage=Stage.QUESTION, invalid=0)
+                self.state = _evolve(s, stage=Stage.QUESTION, invalid=0)
                 return self.question_screen()
             if text == "2":
                 self.emit("abandoned")
@@ -413,7 +430,7 @@ class _Turn:
         numeric = question.type in ("integer", "decimal")
         if question.is_select and text == render.MORE:
             if self.state.page + 1 < self.pages(question):
-                self.state = replace(self.state, page=self.state.page + 1, invalid=0)
+                self.state = _evolve(self.state, page=self.state.page + 1, invalid=0)
                 return self.question_screen()
             return self.invalid(self.bad_choice(len(question.choices)))
         if text == render.BACK and not numeric:
@@ -458,7 +475,7 @@ class _Turn:
                 self.emit("declined")
             return self.end(self.msg("declined"), forget=True)
         if not self.state.consented:
-            self.state = replace(self.state, consented=True)
+            self.state = _evolve(self.state, consented=True)
             self.emit("started")
             # Calculations before consent were kept but, like everything then, not emitted.
             for name, kept in self.answers.items():
@@ -468,15 +485,15 @@ class _Turn:
 
     def back(self, question: Question) -> Step:
         if self.state.page > 0:
-            self.state = replace(self.state, page=self.state.page - 1, invalid=0)
+            self.state = _evolve(self.state, page=self.state.page - 1, invalid=0)
             return self.question_screen()
         prev = self.previous_position(question.index)
         if prev is None:
             if len(self.languages) > 1:
-                self.state = replace(self.state, stage=Stage.LANGUAGE, invalid=0)
+                self.state = _evolve(self.state, stage=Stage.LANGUAGE, invalid=0)
                 return self.language_screen()
             return self.question_screen()
-        self.state = replace(self.state, pos=prev, page=0, invalid=0)
+        self.state = _evolve(self.state, pos=prev, page=0, invalid=0)
         return self.question_screen()
 
     def choice_by_label(self, question: Question, text: str) -> int | None:
@@ -547,7 +564,7 @@ def hand_over(questionnaire: Questionnaire, state: SessionState,
               rules: Rules) -> tuple[SessionState, str]:
     """Move an interview to another channel: the state it continues from there, and its
     current question as that channel shows it (e.g. a dropped USSD session, by SMS)."""
-    moved = replace(state, stage=Stage.QUESTION, page=0, invalid=0, part_break=False)
+    moved = _evolve(state, stage=Stage.QUESTION, page=0, invalid=0, part_break=False)
     screen = _Turn(questionnaire, moved, Input.answer("", state.updated), rules)
     return moved, screen.question_screen().reply.text
 
@@ -562,7 +579,7 @@ def longest_path_screens(questionnaire: Questionnaire, lang: str,
     for question in questionnaire.questions:
         if question.type == "calculate":
             continue
-        turn = _Turn(questionnaire, replace(state, pos=question.index), Input.answer("", 0),
+        turn = _Turn(questionnaire, _evolve(state, pos=question.index), Input.answer("", 0),
                      rules)
         screens.append(turn.question_screen().reply.text)
     turn = _Turn(questionnaire, state, Input.answer("", 0), rules)

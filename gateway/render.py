@@ -21,6 +21,9 @@ _FOLD = str.maketrans({"ɛ": "e", "Ɛ": "E", "ɔ": "o", "Ɔ": "O", "’": "'", "
                        "“": '"', "”": '"', "–": "-", "—": "-", "…": "..."})
 
 
+# Cached: a USSD step folds the question and every option label again, and these are the
+# same few hundred strings (a pure function of its argument, so nothing can go stale).
+@lru_cache(maxsize=8192)
 def fold(text: str) -> str:
     """Fold text to plain characters every handset renders on a USSD screen."""
     text = text.translate(_FOLD)

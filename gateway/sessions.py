@@ -20,6 +20,11 @@ from gateway.engine import Event, SessionState, Stage
 STREAM = "events"
 GROUP = "persist"
 
+# json.dumps(obj, separators=..., ensure_ascii=False) builds a new JSONEncoder on every call
+# (its keyword arguments rule out the shared default one); a hop encodes its state, its
+# provider session and every event, so one encoder is kept. Same output.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
 # Compare-and-set: a concurrent hop for the same interview (a provider retry racing
 # the original) makes this return 0 and the caller reloads, so no event is doubled.
 _COMMIT = """
@@ -55,7 +60,8 @@ def quota_key(prefix: str, campaign: int) -> str:
 
 def pseudonym(key: bytes, phone: str) -> str:
     """Keyed HMAC of a phone number: stable per installation, useless without the key."""
-    return hmac.new(key, phone.encode(), hashlib.sha256).hexdigest()[:32]
+    # hmac.digest is the one-shot C path: the same value as hmac.new(...).hexdigest().
+    return hmac.digest(key, phone.encode(), hashlib.sha256).hex()[:32]
 
 
 def mask_phone(phone: str) -> str:
@@ -88,7 +94,7 @@ def encode_state(state: SessionState, provider_session: str = "") -> str:
               state.session_screens, round(state.updated, 3)]
     if provider_session:
         fields.append(provider_session)
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+    return _dumps(fields)
 
 
 def state_provider_session(raw: str) -> str:
@@ -118,8 +124,7 @@ class ProviderSession:
     respondent: str
 
     def encode(self) -> str:
-        return json.dumps([self.history, self.reply, self.campaign, self.respondent],
-                          separators=(",", ":"), ensure_ascii=False)
+        return _dumps([self.history, self.reply, self.campaign, self.respondent])
 
     @classmethod
     def decode(cls, raw: str) -> ProviderSession:
@@ -183,7 +188,7 @@ class SessionStore:
         args: list[Any] = [expected, state, max(1, state_ttl),
                            provider.encode() if provider else "", max(1, provider_ttl), optout,
                            forget]
-        args.extend(json.dumps(e, separators=(",", ":"), ensure_ascii=False) for e in events)
+        args.extend(_dumps(e) for e in events)
         keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
                 self.stream, self.optout_key(respondent)]
         return bool(self._commit(keys=keys, args=args))
