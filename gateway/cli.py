@@ -88,7 +88,10 @@ def channel_urls(channel: Channel, base_url: str) -> dict[str, str]:
         return {"ussd": f"{root}/ussd", "events": f"{root}/ussd/events"}
     if channel.provider == "twilio":
         return {"sms": f"{root}/sms", "status": f"{root}/status"}
-    return {"sms": f"{root}/sms", "delivery": f"{root}/sms/delivery"}
+    # The account's airtime callbacks are set once; any Africa's Talking channel serves.
+    return {"sms": f"{root}/sms", "delivery": f"{root}/sms/delivery",
+            "airtime_status": f"{root}/airtime/status",
+            "airtime_validation": f"{root}/airtime/validation"}
 
 
 def demo_curl(url: str, address: str, text: str = "") -> str:
