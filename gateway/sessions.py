@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.connection import AbstractConnection
+from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.engine import Event, SessionState, Stage
 
@@ -144,12 +148,58 @@ class Loaded:
         return decode_state(self.state_raw) if self.state_raw else None
 
 
+# Bumped in a forked child: a connection a thread had in the parent is not the child's.
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+class _ThreadConnection(threading.local):
+    conn: AbstractConnection | None = None
+    forks = -1
+
+
 class SessionStore:
     def __init__(self, client: redis.Redis, prefix: str = "cd:") -> None:
         self.r = client
         self.prefix = prefix
         self.stream = f"{prefix}{STREAM}"
         self._commit = client.register_script(_COMMIT)
+        self._own = _ThreadConnection()
+
+    def _execute(self, *args: Any) -> Any:
+        """One command of the hop (MGET, EVALSHA) on this thread's own connection.
+
+        redis-py's execute_command borrows a pooled connection, wraps the call in
+        metrics and locking bookkeeping and hands the connection back: per command, about
+        half as much CPU again as the round trip itself. A thread that keeps a connection
+        (of the client's class and settings) needs none of that; gunicorn's threads live
+        as long as their worker. What the pool checks on lending, this checks too: a
+        connection with a stray reply or an EOF waiting (closed by the server while idle)
+        is replaced before use. As in the client, any failure but an error reply drops
+        the connection, under the connection's own retry policy; the reply is the one
+        the client returns (no response callback applies to these commands)."""
+        own = self._own
+        conn = own.conn
+        if conn is None or own.forks != _forks:
+            pool = self.r.connection_pool
+            conn = own.conn = pool.connection_class(**pool.connection_kwargs)
+            own.forks = _forks
+        try:
+            stale = conn.can_read()  # connects first if it is not connected
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            stale = True
+        if stale:
+            conn.disconnect()
+            conn.connect()
+        return conn.retry.call_with_retry(lambda: _round_trip(conn, args),
+                                          lambda _error: conn.disconnect())
 
     def state_key(self, campaign: int, respondent: str) -> str:
         return f"{self.prefix}st:{campaign}:{respondent}"
@@ -168,7 +218,7 @@ class SessionStore:
                 self.optout_key(respondent)]
         if quotas:
             keys.append(quota_key(self.prefix, campaign))
-        state_raw, provider_raw, optout, *full = self.r.mget(keys)
+        state_raw, provider_raw, optout, *full = self._execute("MGET", *keys)
         return Loaded(
             state_raw=_text(state_raw),
             provider=ProviderSession.decode(_text(provider_raw)) if provider_raw else None,
@@ -191,7 +241,10 @@ class SessionStore:
         args.extend(_dumps(e) for e in events)
         keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
                 self.stream, self.optout_key(respondent)]
-        return bool(self._commit(keys=keys, args=args))
+        try:
+            return bool(self._execute("EVALSHA", self._commit.sha, len(keys), *keys, *args))
+        except NoScriptError:  # a restarted or flushed server: load it, as Script does
+            return bool(self._commit(keys=keys, args=args))
 
     def results(self, campaign: int, lang_code: str, region: str | None) -> str | None:
         """The published summary for a region (else the nation), in the language asked
@@ -216,6 +269,17 @@ class SessionStore:
     def waiting(self) -> int:
         """Events not yet in SQL: persisted entries are deleted from the stream."""
         return int(self.r.xlen(self.stream))
+
+
+def _round_trip(conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
+    try:
+        conn.send_command(*args)
+        return conn.read_response()
+    except ResponseError:
+        raise  # an error reply: read whole, the connection is still in step
+    except BaseException:
+        conn.disconnect()  # may be mid-reply: never reuse it
+        raise
 
 
 def _text(raw: bytes | str | None) -> str:
