@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from flask import Request, Response, current_app
 
 log = logging.getLogger("civicdial.webhooks")
 
 _PHONE = re.compile(r"^\+?[1-9]\d{5,14}$")
+# C0 control characters other than tab, line feed and carriage return.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 class WebhookError(Exception):
@@ -60,11 +62,27 @@ def parse_pairs(request: Request) -> list[tuple[str, str]]:
     request.max_content_length = current_app.extensions["civicdial"].settings.max_body_bytes
     raw = request.get_data(cache=False)
     try:
-        body = raw.decode("utf-8")
-        pairs = parse_qsl(body, keep_blank_values=True, encoding="utf-8", errors="strict")
+        return _parse_qsl(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise WebhookError(400, "body is not valid UTF-8") from None
+
+
+def _parse_qsl(body: str) -> list[tuple[str, str]]:
+    """urllib.parse.parse_qsl(body, keep_blank_values=True, errors="strict"), the same
+    pairs, for every webhook hop: parse_qsl unquotes every name and value through two
+    function calls each; here only those with a '+' or '%' pay for it."""
+    pairs = []
+    for chunk in body.split("&"):
+        if chunk:
+            name, _, value = chunk.partition("=")
+            pairs.append((_unquote_plus(name), _unquote_plus(value)))
     return pairs
+
+
+def _unquote_plus(text: str) -> str:
+    if "+" in text:
+        text = text.replace("+", " ")
+    return unquote(text, errors="strict") if "%" in text else text
 
 
 def field(form: dict[str, str], name: str, *, max_len: int = 200, required: bool = True,
@@ -78,7 +96,7 @@ def field(form: dict[str, str], name: str, *, max_len: int = 200, required: bool
         raise WebhookError(400, f"empty field {name}")
     if len(value) > max_len:
         raise WebhookError(400, f"field {name} is longer than {max_len} characters")
-    if any(ord(c) < 32 and c not in "\t\n\r" for c in value):
+    if _CONTROL.search(value):
         raise WebhookError(400, f"field {name} contains control characters")
     return value
 
