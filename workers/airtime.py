@@ -87,10 +87,18 @@ def pay(payment_id: int) -> str:
     return _pay(settings, shared_engine(settings), shared_redis(settings), payment_id)
 
 
-def _set(engine: Engine, payment_id: int, **values: Any) -> None:
+def _set(engine: Engine, payment_id: int, *, if_status: str | None = None,
+         untouched_since: datetime | None = None, **values: Any) -> bool:
+    """Update a row; with if_status (and untouched_since), only if it still has that
+    status (and nobody touched it since): a worker may have claimed it meanwhile."""
+    query = update(AirtimePayment).where(AirtimePayment.id == payment_id)
+    if if_status is not None:
+        query = query.where(AirtimePayment.status == if_status)
+    if untouched_since is not None:
+        query = query.where(AirtimePayment.updated_at < untouched_since)
     with engine.begin() as conn:
-        conn.execute(update(AirtimePayment).where(AirtimePayment.id == payment_id)
-                     .values(updated_at=datetime.now(UTC), **values))
+        return bool(conn.execute(query.values(updated_at=datetime.now(UTC), **values))
+                    .rowcount)
 
 
 def _credentials(db: Session, payment: AirtimePayment) -> tuple[int, dict[str, Any]] | None:
@@ -114,17 +122,13 @@ def _pay(settings: Settings, engine: Engine, client: redis.Redis, payment_id: in
             return "missing"
         account = _credentials(db, payment)
         db.expunge_all()
-    updated = payment.updated_at if payment.updated_at.tzinfo \
-        else payment.updated_at.replace(tzinfo=UTC)
-    if payment.status == "sending" and updated < datetime.now(UTC) - IN_FLIGHT:
-        _set(engine, payment_id, status="unknown", error="a worker died during the provider "
-             "call; not retried so as never to pay twice: check the Africa's Talking account")
+    if payment.status == "sending" and _give_up(engine, payment_id, IN_FLIGHT):
         return "unknown"
     if payment.status != "queued":
         return payment.status
     if account is None:
-        _set(engine, payment_id, status="failed", error="the campaign has no Africa's "
-             "Talking channel with username and api_key")
+        _set(engine, payment_id, if_status="queued", status="failed",
+             error="the campaign has no Africa's Talking channel with username and api_key")
         return "failed"
     channel_id, config = account
     with engine.begin() as conn:
@@ -158,13 +162,27 @@ def sweep(engine: Engine, client: redis.Redis,
     a retry's scheduled job vanished). A job that still waits only finds the row taken."""
     cutoff = datetime.now(UTC) - older_than
     with Session(engine) as db:
-        stale = db.scalars(select(AirtimePayment.id).where(
+        stale = db.execute(select(AirtimePayment.id, AirtimePayment.status).where(
             AirtimePayment.status.in_(("queued", "sending")),
             AirtimePayment.updated_at < cutoff)).all()
-    for payment_id in stale:
-        _set(engine, payment_id)  # touch: not swept again at once
-        enqueue(client, payment_id)
-    return len(stale)
+    requeued = 0
+    for payment_id, status in stale:
+        if status == "sending":
+            _give_up(engine, payment_id, older_than)
+        # Touched (not swept again at once) only if no job claimed it since we looked.
+        elif _set(engine, payment_id, if_status="queued", untouched_since=cutoff):
+            enqueue(client, payment_id)
+            requeued += 1
+    return requeued
+
+
+def _give_up(engine: Engine, payment_id: int, idle: timedelta) -> bool:
+    """A payment 'sending' for longer than any provider call: its worker died during the
+    call. Never retried: it may have been paid."""
+    return _set(engine, payment_id, if_status="sending",
+                untouched_since=datetime.now(UTC) - idle,
+                status="unknown", error="a worker died during the provider call; not "
+                "retried so as never to pay twice: check the Africa's Talking account")
 
 
 def summary(engine: Engine, campaign: Campaign) -> dict[str, Any] | None:

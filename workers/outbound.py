@@ -125,15 +125,18 @@ def wait_for_token(client: redis.Redis, prefix: str, channel_id: int, rate: floa
         time.sleep(wait_ms / 1000)
 
 
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; every stored time is UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _set(engine: Engine, message_id: int, **values: Any) -> None:
+def _set(engine: Engine, message_id: int, *, if_status: str | None = None,
+         untouched_since: datetime | None = None, **values: Any) -> bool:
+    """Update a row; with if_status (and untouched_since), only if it still has that
+    status (and nobody touched it since): a worker may have claimed it meanwhile."""
+    query = update(OutboundMessage).where(OutboundMessage.id == message_id)
+    if if_status is not None:
+        query = query.where(OutboundMessage.status == if_status)
+    if untouched_since is not None:
+        query = query.where(OutboundMessage.updated_at < untouched_since)
     with engine.begin() as conn:
-        conn.execute(update(OutboundMessage).where(OutboundMessage.id == message_id)
-                     .values(updated_at=datetime.now(UTC), **values))
+        return bool(conn.execute(query.values(updated_at=datetime.now(UTC), **values))
+                    .rowcount)
 
 
 def send_message(message_id: int) -> str:
@@ -174,17 +177,18 @@ def _send(settings: Settings, engine: Engine, client: redis.Redis, message_id: i
             return "missing"
         channel = db.get(Channel, row.channel_id)
         db.expunge_all()
-    if row.status == "sending" and _utc(row.updated_at) > datetime.now(UTC) - IN_FLIGHT:
-        return "taken"  # another worker is sending it right now
-    if row.status != "queued":
+    if row.status == "sending":
+        # Sending for longer than any provider call takes: the worker died during it.
+        if not _set(engine, message_id, if_status="sending",
+                    untouched_since=datetime.now(UTC) - IN_FLIGHT, status="unknown",
+                    error="a worker died during the provider call; not resent to avoid "
+                    "a duplicate"):
+            return "taken"  # another worker is sending it right now
+        status = "unknown"
+    elif row.status != "queued":
         status = row.status
-        if status == "sending":
-            status = "unknown"
-            _set(engine, message_id, status=status, error="a worker died during the "
-                 "provider call; not resent to avoid a duplicate")
-        _kick_next(settings, engine, client, row)
-        return status
-    status = _attempt(settings, engine, client, row, channel)
+    else:
+        status = _attempt(settings, engine, client, row, channel)
     if status not in ("queued", "waiting", "taken"):
         _kick_next(settings, engine, client, row)
     return status
@@ -201,10 +205,12 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
             return "waiting"
     if row.kind not in EXEMPT_FROM_OPTOUT and SessionStore(
             client, settings.redis_prefix).opted_out(row.respondent):
-        _set(engine, message_id, status="stopped", error="recipient opted out (STOP)")
+        _set(engine, message_id, if_status="queued", status="stopped",
+             error="recipient opted out (STOP)")
         return "stopped"
     if channel is None or channel.provider not in SENDERS:
-        _set(engine, message_id, status="failed", error="channel missing or cannot send")
+        _set(engine, message_id, if_status="queued", status="failed",
+             error="channel missing or cannot send")
         return "failed"
     config = json.loads(channel.config or "{}")
     wait_for_token(client, settings.redis_prefix, channel.id,
@@ -288,10 +294,13 @@ def sweep(settings: Settings, engine: Engine, client: redis.Redis,
     for (message_id, priority), job_id in zip(stale, waiting, strict=True):
         if _still_waiting(client, job_id):  # e.g. a throttled backlog
             continue
-        _set(engine, message_id, status="queued")  # touch: not swept again at once
-        enqueue_send(client, message_id, priority, prefix=settings.redis_prefix)
-        requeued += 1
+        # Touched (so not swept again at once) only if no job claimed it since we looked:
+        # resetting a row a worker is sending to 'queued' would send it twice.
+        if _set(engine, message_id, if_status="queued", untouched_since=now - older_than):
+            enqueue_send(client, message_id, priority, prefix=settings.redis_prefix)
+            requeued += 1
     for message_id in stuck:
-        _set(engine, message_id, status="unknown",
+        _set(engine, message_id, if_status="sending",
+             untouched_since=now - stuck_after, status="unknown",
              error="stuck in sending (worker died?); not resent to avoid a duplicate")
     return requeued
