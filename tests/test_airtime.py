@@ -193,8 +193,10 @@ def test_no_answer_from_the_provider_is_never_retried(
 
     with Session(engine) as db, db.begin():
         db.execute(update(AirtimePayment).where(AirtimePayment.id == second).values(
-            status="sending", updated_at=datetime.now(UTC) - timedelta(minutes=2)))
-    assert _pay(settings, engine, redis_client, second) == "unknown"
+            status="sending", updated_at=datetime.now(UTC) - timedelta(seconds=10)))
+    assert _pay(settings, engine, redis_client, second) == "taken"  # may still be in flight
+    assert sweep(engine, redis_client, older_than=timedelta(seconds=5)) == 0
+    assert payments(engine)[1].status == "unknown"  # the sweeper gave up on it
     assert len(sms.fake.airtime) == 1
 
 

@@ -122,8 +122,9 @@ def _pay(settings: Settings, engine: Engine, client: redis.Redis, payment_id: in
             return "missing"
         account = _credentials(db, payment)
         db.expunge_all()
-    if payment.status == "sending" and _give_up(engine, payment_id, IN_FLIGHT):
-        return "unknown"
+    if payment.status == "sending":
+        # In flight for longer than any provider call takes: its worker died during it.
+        return "unknown" if _give_up(engine, payment_id, IN_FLIGHT) else "taken"
     if payment.status != "queued":
         return payment.status
     if account is None:
