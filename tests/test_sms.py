@@ -748,3 +748,25 @@ def test_sweep_requeues_a_job_taken_by_a_dying_worker(sms: SmsChannels, engine: 
     Job.fetch(job_id, connection=redis_client).set_status(JobStatus.STARTED)
     assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 1
     assert len(queue.get_job_ids()) == 1
+
+
+def test_no_reminders_while_the_campaign_is_paused(
+        client: FlaskClient, sms: SmsChannels, engine: Engine, redis_client: redis.Redis,
+        settings, app: Flask) -> None:  # type: ignore[no-untyped-def]
+    """A paused campaign reminds nobody; the reminder goes once it is open again."""
+    from workers.reminders import remind_idle
+
+    for n, answer in enumerate(["SURVEY", "1", "1"]):
+        tw_sms(client, sms.tw, answer, f"P{n}")
+    registry = app.extensions["civicdial"].registry
+    with engine.begin() as conn:
+        conn.execute(update(Campaign).values(state="paused"))
+    registry.refresh()
+    now = time.time()
+    assert remind_idle(settings, redis_client, registry, now=now + 13 * 3600)["reminded"] == 0
+    ((_, due),) = redis_client.zrange("cd:sms:idle", 0, -1, withscores=True)
+    assert due > now + 13 * 3600  # not looked at again at every pass
+    with engine.begin() as conn:
+        conn.execute(update(Campaign).values(state="open"))
+    registry.refresh()
+    assert remind_idle(settings, redis_client, registry, now=now + 14 * 3600)["reminded"] == 1

@@ -23,6 +23,7 @@ from gateway.sessions import SessionStore, decode_state, stream_event
 
 log = logging.getLogger(__name__)
 KEEP_COUNT = 60 * 86400  # a reminder count outlives any resume window
+RECHECK_PAUSED = 600
 
 
 def reminders_key(prefix: str, interview: str) -> str:
@@ -56,8 +57,10 @@ def remind_idle(settings: Settings, client: redis.Redis, registry: Registry,
         counter = reminders_key(prefix, state.interview)
         sent_raw, last_raw = client.hmget(counter, "n", "at")
         sent, last_reminder = int(sent_raw or 0), float(last_raw or 0)
-        if sent < ch.reminder_max and now >= max(state.updated, last_reminder) \
-                + ch.reminder_seconds:
+        # A paused or closed campaign reminds nobody (it could not take the answer); the
+        # reminder is not spent, so it goes if the campaign reopens within the window.
+        if ch.campaign_open and sent < ch.reminder_max \
+                and now >= max(state.updated, last_reminder) + ch.reminder_seconds:
             if _remind(settings, client, registry, box, ch, key, respondent, state, sent + 1):
                 done["reminded"] += 1
             # Counted even when it could not be sent (no SMS channel, number unknown):
@@ -67,7 +70,9 @@ def remind_idle(settings: Settings, client: redis.Redis, registry: Registry,
             pipe.hset(counter, mapping={"n": sent, "at": now})
             pipe.expire(counter, KEEP_COUNT)
             pipe.execute()
-        client.zadd(idle_key(prefix), {key: next_due(ch, state.updated, sent, last_reminder)})
+        due = next_due(ch, state.updated, sent, last_reminder)
+        # Still due (the campaign is paused): look again later, not at every pass.
+        client.zadd(idle_key(prefix), {key: due if due > now else now + RECHECK_PAUSED})
     return done
 
 
