@@ -202,3 +202,34 @@ def test_invite_a_filtered_subset(env: dict[str, str], engine: Engine,
     resp = client.post("/api/v1/campaigns/sdg1662/invitations", headers=headers)
     assert resp.json == {"queued": 1, "held": 0, "skipped_opted_out": 0,
                          "already_invited": 4}
+
+
+def test_pausing_a_campaign_holds_its_invitations(env: dict[str, str], engine: Engine,
+                                                  redis_client: redis.Redis, tmp_path: Path,
+                                                  sms_channel: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invitations queued before a pause are not sent while it lasts (held), and go out
+    once the campaign is open again."""
+    from rq import SimpleWorker
+
+    for name, value in env.items():  # send jobs read their settings as a worker does
+        monkeypatch.setenv(name, value)
+
+    from workers.outbound import BULK_QUEUE, release_held
+
+    path = tmp_path / "c.csv"
+    path.write_text("phone\n0241000011\n0241000012\n")
+    run(env, "contacts", "import", str(path), "--campaign", "sdg1662")
+    assert json.loads(run(env, "invite", "sdg1662", "--json")[1])["queued"] == 2
+    assert run(env, "campaign", "pause", "sdg1662")[0] == 0
+    SimpleWorker([BULK_QUEUE], connection=redis_client).work(burst=True)
+    with Session(engine) as db:
+        assert set(db.scalars(select(OutboundMessage.status))) == {"held"}
+    from gateway.config import load_settings
+
+    settings = load_settings(env)
+    assert release_held(settings, engine, redis_client) == 0  # still paused
+    assert run(env, "campaign", "open", "sdg1662")[0] == 0
+    assert release_held(settings, engine, redis_client) == 2
+    with Session(engine) as db:
+        assert set(db.scalars(select(OutboundMessage.status))) == {"queued"}

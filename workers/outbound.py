@@ -29,7 +29,7 @@ from gateway.channels.sending import SendError, Sent, after_failure
 from gateway.config import Settings, load_settings
 from gateway.crypto import NumberBox
 from gateway.db import shared_engine
-from gateway.models import Channel, OutboundMessage
+from gateway.models import Campaign, Channel, OutboundMessage
 from gateway.redis_conn import shared_redis
 from gateway.sessions import SessionStore
 
@@ -41,6 +41,9 @@ SENDERS: dict[str, Callable[[dict[str, Any], str, str], Sent]] = {
     "africastalking": africastalking.send_sms,
     "twilio": twilio.send_sms,
 }
+# Messages asking people to take part, which a paused or closed campaign does not send
+# (replies, opt-out confirmations and published results still go).
+HELD_WHILE_PAUSED = {"invitation", "reminder"}
 # Messages that must go out even to someone who has opted out.
 EXEMPT_FROM_OPTOUT = {"optout_confirm"}
 STALE_SENDING = timedelta(minutes=10)
@@ -212,6 +215,11 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
         _set(engine, message_id, if_status="queued", status="failed",
              error="channel missing or cannot send")
         return "failed"
+    if row.kind in HELD_WHILE_PAUSED and not _campaign_open(engine, channel.campaign_id):
+        # Pausing a campaign stops its bulk sends; release_held resumes them on reopening.
+        _set(engine, message_id, if_status="queued", status="held",
+             error="campaign not open")
+        return "held"
     config = json.loads(channel.config or "{}")
     wait_for_token(client, settings.redis_prefix, channel.id,
                    float(config.get("rate_per_second", 10)))
@@ -249,12 +257,19 @@ def outbox_size(engine: Engine, channel_id: int) -> int:
             OutboundMessage.status.in_(("queued", "sending")))) or 0
 
 
-def release_held(settings: Settings, engine: Engine, client: redis.Redis) -> int:
-    """Move held bulk messages to the queue as far as each channel's backlog allows,
-    oldest first."""
+def _campaign_open(engine: Engine, campaign_id: int) -> bool:
     with Session(engine) as db:
-        channels = db.scalars(select(OutboundMessage.channel_id).where(
-            OutboundMessage.status == "held").distinct()).all()
+        return db.scalar(select(Campaign.state).where(Campaign.id == campaign_id)) == "open"
+
+
+def release_held(settings: Settings, engine: Engine, client: redis.Redis) -> int:
+    """Move held bulk messages of open campaigns to the queue as far as each channel's
+    backlog allows, oldest first."""
+    with Session(engine) as db:
+        channels = db.scalars(select(OutboundMessage.channel_id).join(
+            Channel, Channel.id == OutboundMessage.channel_id).join(
+            Campaign, Campaign.id == Channel.campaign_id).where(
+            OutboundMessage.status == "held", Campaign.state == "open").distinct()).all()
     released = 0
     for channel_id in channels:
         room = settings.outbox_backlog - outbox_size(engine, channel_id)
@@ -268,7 +283,7 @@ def release_held(settings: Settings, engine: Engine, client: redis.Redis) -> int
             with engine.begin() as conn:
                 moved = conn.execute(update(OutboundMessage).where(
                     OutboundMessage.id == message_id, OutboundMessage.status == "held")
-                    .values(status="queued", updated_at=datetime.now(UTC))).rowcount
+                    .values(status="queued", error="", updated_at=datetime.now(UTC))).rowcount
             if moved:
                 enqueue_send(client, message_id, 1, prefix=settings.redis_prefix)
                 released += 1
