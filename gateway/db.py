@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.config import Settings
@@ -41,6 +42,22 @@ def upsert_insert(engine: Engine, table: Any) -> Any:
 
 
 _ENGINES: dict[str, Engine] = {}
+
+
+def set_status(engine: Engine, model: Any, row_id: int, *, if_status: str | None = None,
+               untouched_since: datetime | None = None, **values: Any) -> bool:
+    """Update one row of a table with `status` and `updated_at` columns (outbound messages,
+    airtime payments), stamping updated_at. With if_status (and untouched_since): only if
+    the row still has that status (and nobody touched it since), because another worker
+    may have claimed it meanwhile. True if the row was updated."""
+    query = update(model).where(model.id == row_id)
+    if if_status is not None:
+        query = query.where(model.status == if_status)
+    if untouched_since is not None:
+        query = query.where(model.updated_at < untouched_since)
+    with engine.begin() as conn:
+        return bool(conn.execute(query.values(updated_at=datetime.now(UTC), **values))
+                    .rowcount)
 
 
 def shared_engine(settings: Settings) -> Engine:

@@ -25,7 +25,7 @@ from gateway.channels.africastalking import send_airtime
 from gateway.channels.sending import SendError, after_failure
 from gateway.config import Settings, load_settings
 from gateway.crypto import NumberBox
-from gateway.db import shared_engine, upsert_insert
+from gateway.db import set_status, shared_engine, upsert_insert
 from gateway.models import AirtimePayment, Campaign, Channel
 from gateway.redis_conn import shared_redis
 
@@ -87,18 +87,8 @@ def pay(payment_id: int) -> str:
     return _pay(settings, shared_engine(settings), shared_redis(settings), payment_id)
 
 
-def _set(engine: Engine, payment_id: int, *, if_status: str | None = None,
-         untouched_since: datetime | None = None, **values: Any) -> bool:
-    """Update a row; with if_status (and untouched_since), only if it still has that
-    status (and nobody touched it since): a worker may have claimed it meanwhile."""
-    query = update(AirtimePayment).where(AirtimePayment.id == payment_id)
-    if if_status is not None:
-        query = query.where(AirtimePayment.status == if_status)
-    if untouched_since is not None:
-        query = query.where(AirtimePayment.updated_at < untouched_since)
-    with engine.begin() as conn:
-        return bool(conn.execute(query.values(updated_at=datetime.now(UTC), **values))
-                    .rowcount)
+def _set(engine: Engine, payment_id: int, **conditions_and_values: Any) -> bool:
+    return set_status(engine, AirtimePayment, payment_id, **conditions_and_values)
 
 
 def _credentials(db: Session, payment: AirtimePayment) -> tuple[int, dict[str, Any]] | None:

@@ -28,7 +28,7 @@ from gateway.channels import africastalking, twilio
 from gateway.channels.sending import SendError, Sent, after_failure
 from gateway.config import Settings, load_settings
 from gateway.crypto import NumberBox
-from gateway.db import shared_engine
+from gateway.db import set_status, shared_engine
 from gateway.models import Campaign, Channel, OutboundMessage
 from gateway.redis_conn import shared_redis
 from gateway.sessions import SessionStore
@@ -128,18 +128,8 @@ def wait_for_token(client: redis.Redis, prefix: str, channel_id: int, rate: floa
         time.sleep(wait_ms / 1000)
 
 
-def _set(engine: Engine, message_id: int, *, if_status: str | None = None,
-         untouched_since: datetime | None = None, **values: Any) -> bool:
-    """Update a row; with if_status (and untouched_since), only if it still has that
-    status (and nobody touched it since): a worker may have claimed it meanwhile."""
-    query = update(OutboundMessage).where(OutboundMessage.id == message_id)
-    if if_status is not None:
-        query = query.where(OutboundMessage.status == if_status)
-    if untouched_since is not None:
-        query = query.where(OutboundMessage.updated_at < untouched_since)
-    with engine.begin() as conn:
-        return bool(conn.execute(query.values(updated_at=datetime.now(UTC), **values))
-                    .rowcount)
+def _set(engine: Engine, message_id: int, **conditions_and_values: Any) -> bool:
+    return set_status(engine, OutboundMessage, message_id, **conditions_and_values)
 
 
 def send_message(message_id: int) -> str:
