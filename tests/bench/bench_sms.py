@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import redis
-from loadgen import CpuMark, _children, cores_used
+from loadkit import CpuMark, children, cores_used
 from run import (
     BENCH_DIR,
     BUSY_CORES,
@@ -485,7 +485,7 @@ def outbound_run(run: Run, name: str, channel_name: str, workers: int,
                     done_at = time.monotonic()
                     break
             # Children (none expected: SimpleWorker runs jobs in-process) count too.
-            watch = {k: [q for p in pids for q in (p, *_children(p))]
+            watch = {k: [q for p in pids for q in (p, *children(p))]
                      for k, pids in watch.items()}
             last = CpuMark.take(watch)
             xacts_after, conns_after = sql_transactions(run), redis_connections(run)
