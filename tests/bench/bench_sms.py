@@ -65,6 +65,7 @@ from harness import (
     say,
     server_log_summary,
     statuses,
+    stop,
     stream_events,
     table,
     timing_defaults,
@@ -298,13 +299,7 @@ def fake_provider_process(tmp: Path, name: str, delay: float) -> Iterator[tuple[
             raise RuntimeError("fake provider not ready after 20 s")
         yield ready.read_text().strip(), proc.pid
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, 10)
 
 
 def fake_stats(base: str) -> dict[str, Any]:

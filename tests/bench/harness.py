@@ -292,13 +292,18 @@ def gunicorn(app: str, args: argparse.Namespace, env: dict[str, str], log: Path,
         _wait_ready(base, proc, log)
         yield base, proc.pid
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, 15)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, so that it can shut down cleanly; SIGKILL if it has not after `timeout` s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def server_log_summary(log: Path) -> str:
