@@ -193,8 +193,22 @@ def _logic(op: str, a: Fn, b: Fn) -> Fn:
     return lambda env, dot: _bool(a(env, dot)) and _bool(b(env, dot))
 
 
-def _comparison(op: str, a: Fn, b: Fn) -> Fn:
-    return lambda env, dot: _compare(op, a(env, dot), b(env, dot))
+def _comparison(op: str, a: Fn, b: Fn, text: str | None = None) -> Fn:
+    """a op b; `text`: b is that string literal (`${q} = 'yes'`, the usual `relevant`)."""
+    if text is None or op not in ("=", "!=") or _looks_numeric(text):
+        return lambda env, dot: _compare(op, a(env, dot), b(env, dot))
+    # A text answer and text that does not read as a number compare as text. _compare finds
+    # that only after failing to read the answer as a number (a ValueError raised and
+    # caught), on every evaluation; the literal's side is known now.
+    equal = op == "="
+
+    def text_compare(env: Env, dot: str) -> Value:
+        value = a(env, dot)
+        if isinstance(value, str):
+            return (value == text) if equal else (value != text)
+        return _compare(op, value, text)
+
+    return text_compare
 
 
 def _arith(op: str, a: Fn, b: Fn) -> Fn:
@@ -219,6 +233,8 @@ class _Parser:
     pos: int = 0
     refs: set[str] = field(default_factory=set)
     uses_dot: bool = False
+    # The closures compiled from string literals, and their text.
+    texts: dict[Fn, str] = field(default_factory=dict)
 
     def peek(self) -> Token:
         return self.tokens[self.pos]
@@ -258,7 +274,11 @@ class _Parser:
         left = self.add_expr()
         while self.peek().kind == "op" and self.peek().text in ("=", "!=", "<", "<=", ">", ">="):
             op = self.take().text
-            left = _comparison(op, left, self.add_expr())
+            right = self.add_expr()
+            if left in self.texts and op in ("=", "!="):
+                # Equality does not depend on the order (and a literal cannot fail).
+                left, right = right, left
+            left = _comparison(op, left, right, self.texts.get(right))
         return left
 
     def add_expr(self) -> Fn:
@@ -289,7 +309,12 @@ class _Parser:
             return lambda env, dot: value
         if tok.kind == "str":
             text = tok.text[1:-1]
-            return lambda env, dot: text
+
+            def literal(env: Env, dot: str) -> Value:
+                return text
+
+            self.texts[literal] = text
+            return literal
         if tok.kind == "ref":
             name = tok.text
             self.refs.add(name)

@@ -267,3 +267,25 @@ def test_evaluation_does_not_touch_the_environment() -> None:
     env = {"a": "x"}
     compile_expression("if(${a} = 'x', ${b}, coalesce(${c}, 'd'))").value(env)
     assert env == {"a": "x"}
+
+
+def test_comparing_with_text_is_the_general_comparison() -> None:
+    """`${q} = 'yes'` and `'yes' != ${q}` are compiled to a shortcut when the literal does not
+    read as a number: for every kind of value on the other side (text, numbers, booleans,
+    NaN), the result is what the general XPath comparison gives."""
+    literals = ["yes", "", "x y", "nan", "NaN", "inf", "10", " 10 ", "1e3", "1_0", "-"]
+    others = ["${a}", ".", "true()", "false()", "1", "0", "number(${a})",
+              "count-selected(${a})", "string-length(${a})", "${a} = 'x'"]
+    answers = ["", "x", "yes", "x y", "10", "10.0", " 10 ", "1e3", "nan", "NaN", "inf", "-"]
+    for literal in literals:
+        for op in ("=", "!="):
+            for other in others:
+                side = compile_expression(other)
+                for source, literal_first in ((f"({other}) {op} '{literal}'", False),
+                                              (f"'{literal}' {op} ({other})", True)):
+                    expr = compile_expression(source)
+                    for answer in answers:
+                        env, value = {"a": answer}, side.value({"a": answer}, answer)
+                        expected = (expressions._compare(op, literal, value) if literal_first
+                                    else expressions._compare(op, value, literal))
+                        assert expr.value(env, answer) is expected, (source, answer)
