@@ -173,6 +173,9 @@ def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
         click.echo(f"  events callback: {urls['events']}")
         click.echo("Play the first screen:")
         click.echo(f"  {demo_curl(urls['ussd'], channel.address)}")
+        base = settings.public_base_url or f"http://{shown}:{port}"
+        click.echo(f"Dashboard: {base.rstrip('/')}/dashboard/ (sign in with a token from "
+                   "`civicdial token create --role viewer --name YOU`)")
         click.echo("Ctrl-C stops everything.")
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)

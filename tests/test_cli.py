@@ -118,6 +118,9 @@ def test_up_runs_everything_embedded_and_stops_on_ctrl_c(tmp_path: Path) -> None
             if line.strip().startswith("curl "):
                 url = re.search(r"(http://\S+/ussd)", line).group(1)  # type: ignore[union-attr]
         assert url, "".join(output)
+        output.append(proc.stdout.readline())
+        dashboard = re.search(r"^Dashboard: (http://\S+/dashboard/) ", output[-1])
+        assert dashboard, "".join(output)
         hop = {"sessionId": "S1", "serviceCode": "*920*16#", "phoneNumber": "+233241234567",
                "networkCode": "62001"}
         body = ""
@@ -142,6 +145,9 @@ def test_up_runs_everything_embedded_and_stops_on_ctrl_c(tmp_path: Path) -> None
             time.sleep(0.3)
         assert status["campaigns"][0]["answers_stored"] == 1
         assert status["events_waiting"] == 0
+        # The dashboard it names answers, asking for a token first.
+        with urllib.request.urlopen(dashboard.group(1), timeout=10) as resp:
+            assert resp.url.endswith("/dashboard/login") and b"token" in resp.read()
         registry = json.loads((data_dir / "redis.db.settings").read_text())
         redis_pid = int(Path(registry["pidfile"]).read_text())
     finally:
