@@ -41,7 +41,6 @@ class ChannelInfo:
     config: dict[str, Any] = field(default_factory=dict)
     keyword: str = "SURVEY"
     sms_handover: bool = False
-    sms_idle_seconds: int = 24 * 3600
     opens_at: float | None = None  # epoch seconds
     closes_at: float | None = None
     reminder_seconds: int = 12 * 3600
@@ -134,7 +133,6 @@ class Registry:
                     questionnaire_version=camp.questionnaire_version,
                     rules=rules, config=config,
                     keyword=camp.sms_keyword, sms_handover=camp.sms_handover,
-                    sms_idle_seconds=camp.sms_idle_seconds,
                     reminder_seconds=camp.reminder_hours * 3600,
                     reminder_max=camp.reminder_max,
                     airtime=camp.airtime_amount is not None,
