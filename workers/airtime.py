@@ -21,6 +21,7 @@ from rq import Queue
 from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.orm import Session
 
+from gateway.campaigns import minor_to_text
 from gateway.channels.africastalking import send_airtime
 from gateway.channels.sending import SendError, after_failure
 from gateway.config import Settings, load_settings
@@ -194,7 +195,7 @@ def summary(engine: Engine, campaign: Campaign) -> dict[str, Any] | None:
     currency = campaign.airtime_currency
 
     def money(minor: int | None) -> str | None:
-        return None if minor is None else f"{currency} {minor // 100}.{minor % 100:02d}"
+        return None if minor is None else f"{currency} {minor_to_text(minor)}"
 
     return {
         "enabled": campaign.airtime_amount is not None,

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway import render
+from gateway.campaigns import minor_to_text
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
 from gateway.channels.sms import (
     FEEDBACK_QUESTION,
@@ -448,7 +449,7 @@ def send_airtime(config: dict[str, Any], to: str, currency: str, amount_minor: i
     Talking ignore a repeat of the same request, our second guard against paying twice."""
     service = AirtimeService(*_credentials(config))
     _recording(service, config.get("base_url"), "/version1/airtime")
-    amount = f"{amount_minor // 100}.{amount_minor % 100:02d}"
+    amount = minor_to_text(amount_minor)
     resp = _call(service, lambda: service.send(
         phone_number=to, amount=amount, currency_code=currency,
         idempotency_key=idempotency_key, timeout=(3.05, float(config.get("timeout", 10)))))
