@@ -86,14 +86,17 @@ _PG_ANSWERS = text(
 
 @dataclass
 class Written:
-    """Work a batch created, to be enqueued once it is committed."""
+    """Work a batch created, to be done once it is committed."""
 
     sends: list[tuple[int, int]] = field(default_factory=list)  # (message id, priority)
     airtime: list[int] = field(default_factory=list)  # payment ids
+    # Campaigns with an interview completed in the batch: their quota fill moved.
+    completed: set[int] = field(default_factory=set)
 
     def __iadd__(self, other: Written) -> Written:
         self.sends += other.sends
         self.airtime += other.airtime
+        self.completed |= other.completed
         return self
 
 
@@ -109,6 +112,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
     ends: dict[str, dict[str, Any]] = {}
     withdrawn: set[str] = set()
     completions: list[dict[str, Any]] = []  # completed interviews owed an airtime thank-you
+    completed_campaigns: set[int] = set()
     airtime_reports: list[dict[str, Any]] = []
     for e in events:
         kind = e.get("k")
@@ -164,6 +168,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
                 row["lang"] = e.get("l")
             if kind == "completed":
                 row["completed_at"] = _ts(e["t"])
+                completed_campaigns.add(int(e["c"]))
                 if e.get("to") and e.get("r"):
                     completions.append({"campaign_id": e["c"], "respondent": e["r"],
                                         "interview_id": iid, "channel_id": e.get("ch"),
@@ -232,7 +237,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
             stmt = upsert_insert(engine, OptOut.__table__)
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["respondent"]),
                          list(optouts.values()))
-        created = Written()
+        created = Written(completed=completed_campaigns)
         if completions:
             created.airtime = reserve_airtime(conn, engine, completions)
         for report in airtime_reports:
@@ -276,9 +281,8 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
             break
         ids = [entry_id for entry_id, _ in entries]
         created = _write_batch(client, engine, stream, entries)
-        completed = _completed_campaigns(entries)
-        if completed:  # before the ack: a crash here only repeats a harmless recount
-            refresh_quotas(engine, client, stream.removesuffix(STREAM), completed)
+        if created.completed:  # before the ack: a crash here only repeats a recount
+            refresh_quotas(engine, client, stream.removesuffix(STREAM), created.completed)
         # Enqueued before the ack: if we die in between, the batch is rewritten (no new
         # rows, so nothing enqueued twice) and the sweeper finds any row left unqueued.
         for payment_id in created.airtime:
@@ -317,19 +321,6 @@ def _write_batch(client: redis.Redis, engine: Engine, stream: str,
                                            "error": repr(exc)[:500]})
             log.error("parked malformed stream entry %s: %r", entry_id, exc)
     return created
-
-
-def _completed_campaigns(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> set[int]:
-    """Campaigns with an interview completed in this batch (their quota fill moved)."""
-    campaigns = set()
-    for _, fields in entries:
-        raw = fields.get(b"e", b"")
-        if b'"k":"completed"' in raw:
-            try:
-                campaigns.add(int(json.loads(raw)["c"]))
-            except _MALFORMED:
-                pass
-    return campaigns
 
 
 def _reclaim(client: redis.Redis, stream: str, consumer: str, idle_ms: int,
