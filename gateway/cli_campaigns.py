@@ -151,15 +151,19 @@ def quota() -> None:
     """Quotas per cell (e.g. region x sex): set from a CSV, show fill, clear."""
 
 
-def _publish_quotas(ctx: click.Context, campaign_id: int) -> None:
-    """Tell the running webhooks at once (the worker would within a minute)."""
+def _replace_quotas(ctx: click.Context, slug: str,
+                    define: Callable[[Any], Any] | None) -> dict[str, Any]:
+    """Set or clear the quotas, then tell the running webhooks at once (the worker would
+    within a minute)."""
     from gateway.cli import _settings
     from gateway.db import make_engine
     from gateway.quotas import refresh
     from gateway.redis_conn import connect
 
+    campaign = _in_transaction(ctx, lambda db: set_quotas(db, cli_actor(), slug, define))
     settings = _settings(ctx)
-    refresh(make_engine(settings), connect(settings), settings.redis_prefix, [campaign_id])
+    refresh(make_engine(settings), connect(settings), settings.redis_prefix, [campaign.id])
+    return campaign_view(campaign)
 
 
 @quota.command("set")
@@ -179,10 +183,7 @@ def quota_set(ctx: click.Context, slug: str, path: Path, as_json: bool) -> None:
     from gateway.quotas import read_csv
 
     data = path.read_bytes()
-    view = _in_transaction(ctx, lambda db: campaign_view(set_quotas(
-        db, cli_actor(), slug, lambda form: read_csv(data, form))))
-    campaign_id = _in_transaction(ctx, lambda db: get_campaign(db, slug).id)
-    _publish_quotas(ctx, campaign_id)
+    view = _replace_quotas(ctx, slug, lambda form: read_csv(data, form))
     quotas = view["quotas"]
     _emit(as_json, view, f"{slug}: {len(quotas['targets'])} quota cells on "
                          f"{' x '.join(quotas['on'])}; `civicdial campaign quota show {slug}`")
@@ -194,9 +195,7 @@ def quota_set(ctx: click.Context, slug: str, path: Path, as_json: bool) -> None:
 @click.pass_context
 def quota_clear(ctx: click.Context, slug: str, as_json: bool) -> None:
     """Remove a campaign's quotas: nobody is screened out any more."""
-    view = _in_transaction(ctx, lambda db: campaign_view(set_quotas(db, cli_actor(), slug,
-                                                                    None)))
-    _publish_quotas(ctx, _in_transaction(ctx, lambda db: get_campaign(db, slug).id))
+    view = _replace_quotas(ctx, slug, None)
     _emit(as_json, view, f"{slug}: no quotas")
 
 

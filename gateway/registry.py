@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from gateway.engine import Rules
 from gateway.models import Campaign, Channel, QuestionnaireVersion
 from gateway.questionnaire import Questionnaire, load_questionnaire
+from gateway.quotas import Quota
 
 # GSM 03.90 caps a USSD screen at 182 characters; below ~64 no question fits.
 MAX_SCREEN = 182
@@ -109,8 +110,8 @@ class Registry:
             channels = {}
             for ch, camp in rows:
                 config = json.loads(ch.config or "{}")
-                quota = json.loads(camp.quotas) if camp.quotas else None
-                quota_on = tuple(quota["on"]) if quota else ()
+                quota = Quota.decode(camp.quotas)
+                quota_on = quota.on if quota else ()
                 languages = tuple(filter(None, camp.languages.split(",")))
                 if ch.kind == "sms":
                     rules = Rules.sms(keyword=camp.sms_keyword, max_invalid=camp.max_invalid,
