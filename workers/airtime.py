@@ -193,6 +193,7 @@ def summary(engine: Engine, campaign: Campaign) -> dict[str, Any] | None:
     counts = {status: n for status, n, _ in rows}
     amounts = {status: total for status, _, total in rows}
     currency = campaign.airtime_currency
+    paid = amounts.get("sent", 0) + amounts.get("success", 0)
 
     def money(minor: int | None) -> str | None:
         return None if minor is None else f"{currency} {minor_to_text(minor)}"
@@ -202,7 +203,9 @@ def summary(engine: Engine, campaign: Campaign) -> dict[str, Any] | None:
         "amount": money(campaign.airtime_amount), "budget": money(campaign.airtime_budget),
         # Paid: accepted by Africa's Talking. Committed also counts payments in flight
         # and unknown ones, which the budget treats as spent.
-        "spent": money(amounts.get("sent", 0) + amounts.get("success", 0)),
+        "spent": money(paid),
+        "spent_percent": 100 * paid / campaign.airtime_budget
+        if campaign.airtime_budget else None,
         "committed": money(sum(amounts.get(s, 0) for s in COMMITTED)),
         "payments": {"pending": counts.get("queued", 0) + counts.get("sending", 0),
                      "sent": counts.get("sent", 0) + counts.get("success", 0),

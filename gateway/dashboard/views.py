@@ -16,7 +16,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from functools import wraps
 from typing import Any
 
@@ -52,7 +51,6 @@ ERRORS = {
 }
 # Where a successful sign-in may return to: a dashboard page, never another site.
 _NEXT = re.compile(r"/dashboard/[A-Za-z0-9_/-]*")  # used with fullmatch: "$" allows "\n"
-_MONEY = re.compile(r"\s*([A-Za-z]{3})?\s*([0-9]+(?:\.[0-9]+)?)\s*")
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 
@@ -257,38 +255,11 @@ def quota_table(raw: Any) -> dict[str, Any] | None:
     return {"on": on, "cells": cells, "totals": totals}
 
 
-def _money(value: Any, currency: str) -> tuple[str, Decimal | None, str]:
-    """('GHS 40.00', Decimal('40.00'), 'GHS') from 'GHS 40.00', or from '40.00' and GHS."""
-    if value is None:
-        return "", None, currency
-    text = str(value)
-    match = _MONEY.fullmatch(text)
-    if not match:
-        return text, None, currency
-    code = (match.group(1) or currency).upper()
-    try:
-        amount = Decimal(match.group(2))
-    except InvalidOperation:
-        return text, None, code
-    return (f"{code} {match.group(2)}" if code else match.group(2)), amount, code
-
-
-def airtime_view(raw: Any) -> dict[str, Any] | None:
-    """campaign_status's airtime as spend against budget; None when not configured."""
-    if not isinstance(raw, dict):
+def airtime_view(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """campaign_status's airtime, its payment counts as (status, n) rows."""
+    if raw is None:
         return None
-    currency = str(raw.get("currency") or "")
-    amount = _money(raw.get("amount"), currency)
-    budget = _money(raw.get("budget"), currency)
-    spent = _money(raw.get("spent"), currency)
-    pct = None
-    if budget[1] and spent[1] is not None and budget[2] == spent[2]:
-        pct = float(100 * spent[1] / budget[1])
-    payments = raw.get("payments") if isinstance(raw.get("payments"), dict) else {}
-    return {"enabled": bool(raw.get("enabled", True)), "amount": amount[0],
-            "budget": budget[0], "spent": spent[0], "pct": pct,
-            "committed": _money(raw.get("committed"), currency)[0],
-            "payments": [(str(k), _int(v)) for k, v in payments.items()]}
+    return {**raw, "pct": raw["spent_percent"], "payments": list(raw["payments"].items())}
 
 
 def _when(iso: str | None) -> str | None:
