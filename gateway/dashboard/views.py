@@ -180,10 +180,6 @@ def _report() -> dict[str, Any]:
     return campaign_status(services.engine, services.store)
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
 def percent(part: int, whole: int | None) -> float | None:
     """part of whole in %, or None when there is no whole to compare with."""
     if not whole or whole <= 0:
@@ -198,8 +194,8 @@ def index() -> str:
     rows = [{**entry, "pct": percent(entry["interviews_completed"], entry["target_size"])}
             for entry in report["campaigns"]]
     return render_template("dashboard_index.html", campaigns=rows,
-                           waiting=_int(report.get("events_waiting")),
-                           parked=_int(report.get("events_parked")), now=_now())
+                           waiting=report["events_waiting"],
+                           parked=report["events_parked"], now=_now())
 
 
 @bp.get("/campaigns/<slug>")
@@ -231,24 +227,15 @@ def campaign(slug: str) -> tuple[str, int] | str:
         now=_now())
 
 
-def quota_table(raw: Any) -> dict[str, Any] | None:
-    """campaign_status's quotas as table rows; None when the campaign has none (or the
-    status report predates quotas)."""
-    if not isinstance(raw, dict):
+def quota_table(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """campaign_status's quotas as table rows with fill, plus totals; None without quotas."""
+    if raw is None:
         return None
-    on = [str(name) for name in raw.get("on") or []]
-    cells = []
-    for cell in raw.get("cells") or []:
-        if not isinstance(cell, dict):
-            continue
-        values = cell.get("cell") if isinstance(cell.get("cell"), dict) else {}
-        target, completed = _int(cell.get("target")), _int(cell.get("completed"))
-        cells.append({"values": [str(values.get(name, "")) for name in on],
-                      "target": target, "completed": completed,
-                      "screened_out": _int(cell.get("screened_out")),
-                      "full": bool(cell.get("full")), "pct": percent(completed, target)})
-    if not on and not cells:
-        return None
+    on = raw["on"]
+    cells = [{"values": [cell["cell"][name] for name in on], "target": cell["target"],
+              "completed": cell["completed"], "screened_out": cell["screened_out"],
+              "full": cell["full"], "pct": percent(cell["completed"], cell["target"])}
+             for cell in raw["cells"]]
     totals = {key: sum(c[key] for c in cells) for key in ("target", "completed", "screened_out")}
     totals["pct"] = percent(totals["completed"], totals["target"])
     totals["full"] = sum(c["full"] for c in cells)
