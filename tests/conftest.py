@@ -17,12 +17,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, create_engine, text
 
-from gateway.app import create_app
-from gateway.cli import bootstrap
+from gateway.cli.main import bootstrap
 from gateway.config import Settings, load_settings
-from gateway.db import make_engine
-from gateway.models import Base, Channel
-from gateway.redis_conn import stop_embedded
+from gateway.store.db import make_engine
+from gateway.store.models import Base, Channel
+from gateway.store.redis_conn import stop_embedded
+from gateway.web.app import create_app
 
 PHONE = "+233241234567"
 SERVICE_CODE = "*920*16#"
@@ -81,7 +81,7 @@ def wipe(engine: Engine) -> None:
 @pytest.fixture
 def engine(settings: Settings) -> Iterator[Engine]:
     engine = make_engine(settings)
-    from gateway.db import migrate
+    from gateway.store.db import migrate
 
     migrate(engine)
     wipe(engine)

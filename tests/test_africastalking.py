@@ -10,8 +10,8 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from gateway.models import Channel
-from gateway.sessions import SessionStore
+from gateway.store.models import Channel
+from gateway.store.sessions import SessionStore
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -158,7 +158,7 @@ def test_closed_campaign_says_so(client: FlaskClient, ussd_url: str, engine,
     """A closed campaign answers END and keeps nothing."""
     from sqlalchemy import update
 
-    from gateway.models import Campaign
+    from gateway.store.models import Campaign
 
     with engine.begin() as conn:
         conn.execute(update(Campaign).values(state="closed"))

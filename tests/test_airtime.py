@@ -17,15 +17,15 @@ from test_quotas import Dialler
 from test_sms import FORM, SmsChannels, fake, sms, work  # noqa: F401 - fixtures
 
 from gateway.config import Settings
-from gateway.crypto import NumberBox
-from gateway.models import AirtimePayment, Channel
-from gateway.sessions import pseudonym
+from gateway.store.crypto import NumberBox
+from gateway.store.models import AirtimePayment, Channel
+from gateway.store.sessions import pseudonym
 from workers.airtime import _pay, sweep
 from workers.persist import write_events
 
 
 def run(env: dict[str, str], *args: str) -> tuple[int, str]:
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     result = CliRunner().invoke(main, list(args), env=env)
     return result.exit_code, result.output

@@ -13,8 +13,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from gateway.campaigns import create_token
-from gateway.models import AuditEntry, Campaign, Channel
+from gateway.coordination.campaigns import create_token
+from gateway.store.models import AuditEntry, Campaign, Channel
 
 SHIPPED = Path(__file__).parents[1] / "questionnaires" / "sdg1662.md"
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from gateway.campaigns import hash_token
-from gateway.models import ApiToken, Campaign, Channel
+from gateway.coordination.campaigns import hash_token
+from gateway.store.models import ApiToken, Campaign, Channel
 
 SHIPPED = Path(__file__).parents[1] / "questionnaires" / "sdg1662.md"
 
@@ -22,7 +22,7 @@ def run(env: dict[str, str], *args: str) -> tuple[int, str]:
 
 
 def main_group():  # type: ignore[no-untyped-def]
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     return main
 

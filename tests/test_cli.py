@@ -18,8 +18,8 @@ import psutil
 from click.testing import CliRunner
 from flask.testing import FlaskClient
 
-from gateway.cli import main
-from gateway.models import Channel
+from gateway.cli.main import main
+from gateway.store.models import Channel
 
 FORM = "application/x-www-form-urlencoded"
 

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from gateway.cli import main
-from gateway.crypto import NumberBox
-from gateway.models import Campaign, Channel, Contact, OptOut, OutboundMessage
-from gateway.sessions import pseudonym
+from gateway.cli.main import main
+from gateway.store.crypto import NumberBox
+from gateway.store.models import Campaign, Channel, Contact, OptOut, OutboundMessage
+from gateway.store.sessions import pseudonym
 
 
 def run(env: dict[str, str], *args: str) -> tuple[int, str]:
@@ -187,7 +187,7 @@ def test_invite_a_filtered_subset(env: dict[str, str], engine: Engine,
     code, out = run(env, "invite", "sdg1662", "--language", "TWI", "--limit", "1", "--json")
     assert json.loads(out)["queued"] == 1
 
-    from gateway.campaigns import create_token
+    from gateway.coordination.campaigns import create_token
 
     with Session(engine) as db, db.begin():
         token = create_token(db, "test", "c", "coordinator")

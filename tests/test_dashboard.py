@@ -27,11 +27,11 @@ from test_e2e import Citizen, hop, play  # the e2e tests' simulated USSD citizen
 from test_sms import fake, sms, work  # noqa: F401 - the SMS provider stand-in fixtures
 from werkzeug.serving import make_server
 
-from gateway import quotas
-from gateway.campaigns import create_token, set_airtime, set_quotas
-from gateway.cli import shipped_questionnaire
-from gateway.models import ApiToken, Campaign, Channel, OutboundMessage
-from gateway.sessions import SessionStore
+from gateway.cli.main import shipped_questionnaire
+from gateway.coordination import quotas
+from gateway.coordination.campaigns import create_token, set_airtime, set_quotas
+from gateway.store.models import ApiToken, Campaign, Channel, OutboundMessage
+from gateway.store.sessions import SessionStore
 from workers.persist import drain
 
 CHROMIUM = shutil.which("chromium")
@@ -238,7 +238,7 @@ def test_viewer_signs_in_and_sees_real_counts(page: Page, live: str, survey: Sur
 def test_schedule_is_shown(page: Page, live: str, engine: Engine, survey: Survey,
                            tokens: dict[str, str]) -> None:
     """The window set with `campaign schedule` is on the campaign page, in UTC."""
-    from gateway.campaigns import set_schedule
+    from gateway.coordination.campaigns import set_schedule
 
     with Session(engine) as db, db.begin():
         set_schedule(db, "test", "accra-pilot", datetime(2026, 3, 1, 8, 0, tzinfo=UTC),
@@ -469,7 +469,7 @@ def test_quota_and_airtime_tables(client: FlaskClient, tokens: dict[str, str],
     """The quota table (one column per quota question, fill, full, screened out, totals)
     and the airtime spend against the budget, from interviews the worker persisted and
     payments made to the Africa's Talking stand-in; then airtime turned off."""
-    from gateway.crypto import NumberBox
+    from gateway.store.crypto import NumberBox
     from workers.airtime import sweep
     from workers.persist import write_events
 

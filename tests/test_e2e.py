@@ -12,10 +12,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.orm import Session
 
-from gateway.cli import campaign_status, shipped_questionnaire
-from gateway.models import Answer, Interview
-from gateway.questionnaire import Question
-from gateway.sessions import SessionStore
+from gateway.cli.main import campaign_status, shipped_questionnaire
+from gateway.interview.questionnaire import Question
+from gateway.store.models import Answer, Interview
+from gateway.store.sessions import SessionStore
 from workers.persist import drain
 
 FORM = "application/x-www-form-urlencoded"

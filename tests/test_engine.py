@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import render
-from gateway.engine import (
+from gateway.interview import render
+from gateway.interview.engine import (
     Event,
     Input,
     Reply,
@@ -24,7 +24,11 @@ from gateway.engine import (
     Step,
     step,
 )
-from gateway.questionnaire import Questionnaire, load_questionnaire, load_questionnaire_file
+from gateway.interview.questionnaire import (
+    Questionnaire,
+    load_questionnaire,
+    load_questionnaire_file,
+)
 
 FORM_PATH = Path(__file__).resolve().parent.parent / "questionnaires" / "sdg1662.md"
 DIAL = "*920*16#"
@@ -882,7 +886,8 @@ def test_engine_imports_no_io_framework() -> None:
     """The engine and what it uses import nothing from flask, redis, sqlalchemy or rq."""
     code = (
         "import sys\n"
-        "import gateway.engine, gateway.render, gateway.questionnaire, gateway.expressions\n"
+        "import gateway.interview.engine, gateway.interview.render\n"
+        "import gateway.interview.questionnaire, gateway.interview.expressions\n"
         "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -14,10 +14,10 @@ from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session
 from test_tally import load  # the synthetic interviews of the tally tests
 
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.config import Settings
-from gateway.crypto import NumberBox
-from gateway.exports import (
+from gateway.indicator.estimates import Params
+from gateway.indicator.exports import (
     AGE_CODES,
     DISABILITY_CODES,
     SDMX_COLUMNS,
@@ -25,9 +25,9 @@ from gateway.exports import (
     TABLE_COLUMNS,
     URBAN_CODES,
 )
-from gateway.indicator import Params
-from gateway.models import Channel, FeedbackSubscriber
-from gateway.tally import run_tally
+from gateway.indicator.tally import run_tally
+from gateway.store.crypto import NumberBox
+from gateway.store.models import Channel, FeedbackSubscriber
 
 PHONE = "+233241234567"
 DIMENSIONS = ["DATAFLOW", "FREQ", "REPORTING_TYPE", "SERIES", "REF_AREA", "SEX", "AGE",

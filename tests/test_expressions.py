@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway import expressions
-from gateway.expressions import ExpressionError, compile_expression
+from gateway.interview import expressions
+from gateway.interview.expressions import ExpressionError, compile_expression
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from gateway.indicator import (
+from gateway.indicator.estimates import (
     AREAS,
     Cell,
     Margins,
@@ -27,11 +27,11 @@ from gateway.indicator import (
     suppress,
     wilson,
 )
-from gateway.questionnaire import load_questionnaire
+from gateway.interview.questionnaire import load_questionnaire
 
 
 def shipped_margins() -> Margins:
-    return read_margins(resources.files("gateway").joinpath(
+    return read_margins(resources.files("gateway.indicator").joinpath(
         "data/ghana_margins.csv").read_text())
 
 
@@ -266,7 +266,7 @@ def test_region_by_sex_secondary_suppression_is_not_derivable() -> None:
     grid = {c.group: c for c in tally.cells
             if c.measure == "satisfied" and c.breakdown == "region_sex"}
     assert grid["volta|female"].status == "suppressed"
-    from gateway.indicator import relations
+    from gateway.indicator.estimates import relations
     by_key = {c.key: c for c in tally.cells}
     for rel in relations(tally.cells):
         hidden = [k for k in rel if k in by_key and by_key[k].hidden]

@@ -17,12 +17,12 @@ import redis
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from gateway.cli import shipped_questionnaire
+from gateway.cli.main import shipped_questionnaire
 from gateway.config import Settings
-from gateway.engine import Input, step
-from gateway.models import Answer, Channel, Interview
-from gateway.registry import Registry
-from gateway.sessions import GROUP, SessionStore, stream_event
+from gateway.interview.engine import Input, step
+from gateway.store.models import Answer, Channel, Interview
+from gateway.store.registry import Registry
+from gateway.store.sessions import GROUP, SessionStore, stream_event
 from workers.jobs import QUEUE, pump_once, run_worker
 from workers.persist import drain, write_events
 
@@ -151,8 +151,8 @@ def sql_write_lock(engine: Engine) -> Iterator[None]:
 DRAIN_SCRIPT = """
 import sys
 from gateway.config import load_settings
-from gateway.db import make_engine
-from gateway.redis_conn import connect
+from gateway.store.db import make_engine
+from gateway.store.redis_conn import connect
 from workers.persist import drain
 s = load_settings()
 drain(connect(s), make_engine(s), "cd:events", batch=1000, consumer="doomed")

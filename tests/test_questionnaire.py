@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import render
-from gateway.messages import MESSAGES, message
-from gateway.questionnaire import (
+from gateway.interview import render
+from gateway.interview.messages import MESSAGES, message
+from gateway.interview.questionnaire import (
     FormError,
     Question,
     Questionnaire,

@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session
 from test_engine import SMALL, TO_USED, UNLIMITED, USED_NO, Script, Turn, play
 from test_sms import fake, sms  # noqa: F401 - fixtures
 
-from gateway.campaigns import create_token
-from gateway.engine import Input, Stage, step
-from gateway.models import AuditEntry, Channel, Interview
-from gateway.quotas import QuotaError, define, read_csv
-from gateway.sessions import quota_key
+from gateway.coordination.campaigns import create_token
+from gateway.coordination.quotas import QuotaError, define, read_csv
+from gateway.interview.engine import Input, Stage, step
+from gateway.store.models import AuditEntry, Channel, Interview
+from gateway.store.sessions import quota_key
 from workers.persist import drain
 
 FORM = "application/x-www-form-urlencoded"
@@ -99,7 +99,7 @@ def test_quota_file_with_bom_and_excel_quoting() -> None:
 # -- a real USSD campaign -------------------------------------------------------------------
 
 def run(env: dict[str, str], *args: str) -> tuple[int, str]:
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     result = CliRunner().invoke(main, list(args), env=env)
     return result.exit_code, result.output

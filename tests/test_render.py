@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway import render
+from gateway.interview import render
 
 
 @dataclass(frozen=True)

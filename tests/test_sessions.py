@@ -7,7 +7,7 @@ import threading
 
 import redis
 
-from gateway.sessions import ProviderSession, SessionStore
+from gateway.store.sessions import ProviderSession, SessionStore
 
 
 def _commit(store: SessionStore, expected: str, state: str) -> bool:

@@ -21,10 +21,10 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 from twilio.request_validator import RequestValidator
 
-from gateway.crypto import NumberBox
-from gateway.models import Answer, Campaign, Channel, Interview, OptOut, OutboundMessage
-from gateway.segments import count_segments
-from gateway.sessions import SessionStore, pseudonym
+from gateway.interview.segments import count_segments
+from gateway.store.crypto import NumberBox
+from gateway.store.models import Answer, Campaign, Channel, Interview, OptOut, OutboundMessage
+from gateway.store.sessions import SessionStore, pseudonym
 from workers.jobs import QUEUE
 from workers.outbound import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
 from workers.persist import drain
@@ -532,7 +532,7 @@ def test_reminders_every_n_hours_at_most_m(
     the count; the interview still expires at the end of its window."""
     from click.testing import CliRunner
 
-    from gateway.cli import main
+    from gateway.cli.main import main
     from workers.reminders import remind_idle
 
     result = CliRunner().invoke(main, ["campaign", "set", "sdg1662", "--reminder-hours", "2",
@@ -678,7 +678,7 @@ def test_results_opt_in_and_results_keyword(client: FlaskClient, sms: SmsChannel
                                             redis_client: redis.Redis, settings) -> None:  # type: ignore[no-untyped-def]
     """'Yes' to the results opt-in keeps the number encrypted for that purpose only;
     RESULTS answers with the region's published summary, by SMS and on a new USSD dial."""
-    from gateway.models import FeedbackSubscriber
+    from gateway.store.models import FeedbackSubscriber
 
     assert "not published yet" in twiml_text(tw_sms(client, sms.tw, "RESULTS", "R0")[1])
     tw_sms(client, sms.tw, "SURVEY", "R1")

@@ -15,14 +15,10 @@ from rq import Queue
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
-from gateway.cli import bootstrap, main, shipped_questionnaire
+from gateway.cli.main import bootstrap, main, shipped_questionnaire
 from gateway.config import Settings, load_settings
-from gateway.crypto import NumberBox
-from gateway.db import make_engine
-from gateway.indicator import AREAS, Params, disability_status
-from gateway.models import Channel, FeedbackSubscriber, OutboundMessage, TallySnapshot
-from gateway.segments import count_segments
-from gateway.tally import (
+from gateway.indicator.estimates import AREAS, Params, disability_status
+from gateway.indicator.tally import (
     NOT_STATED,
     OUTCOMES,
     PROFILE,
@@ -32,6 +28,10 @@ from gateway.tally import (
     run_tally,
     summary_texts,
 )
+from gateway.interview.segments import count_segments
+from gateway.store.crypto import NumberBox
+from gateway.store.db import make_engine
+from gateway.store.models import Channel, FeedbackSubscriber, OutboundMessage, TallySnapshot
 from workers.outbound import BULK_QUEUE
 from workers.persist import write_events
 

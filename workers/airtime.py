@@ -21,14 +21,14 @@ from rq import Queue
 from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.orm import Session
 
-from gateway.campaigns import minor_to_text
 from gateway.channels.africastalking import send_airtime
 from gateway.channels.sending import SendError, after_failure
 from gateway.config import Settings, load_settings
-from gateway.crypto import NumberBox
-from gateway.db import set_status, shared_engine, upsert_insert
-from gateway.models import AirtimePayment, Campaign, Channel
-from gateway.redis_conn import shared_redis
+from gateway.coordination.campaigns import minor_to_text
+from gateway.store.crypto import NumberBox
+from gateway.store.db import set_status, shared_engine, upsert_insert
+from gateway.store.models import AirtimePayment, Campaign, Channel
+from gateway.store.redis_conn import shared_redis
 
 log = logging.getLogger(__name__)
 

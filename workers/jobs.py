@@ -14,11 +14,11 @@ from rq import Queue, SimpleWorker
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings, load_settings
-from gateway.db import make_engine, shared_engine
-from gateway.quotas import refresh as refresh_quotas
-from gateway.redis_conn import connect
-from gateway.registry import Registry
-from gateway.sessions import SessionStore
+from gateway.coordination.quotas import refresh as refresh_quotas
+from gateway.store.db import make_engine, shared_engine
+from gateway.store.redis_conn import connect
+from gateway.store.registry import Registry
+from gateway.store.sessions import SessionStore
 from workers.airtime import sweep as sweep_airtime
 from workers.outbound import BULK_QUEUE, INTERACTIVE_QUEUE, release_held, sweep
 from workers.persist import drain, ensure_group

@@ -27,11 +27,11 @@ from sqlalchemy.orm import Session
 from gateway.channels import africastalking, twilio
 from gateway.channels.sending import SendError, Sent, after_failure
 from gateway.config import Settings, load_settings
-from gateway.crypto import NumberBox
-from gateway.db import set_status, shared_engine
-from gateway.models import Campaign, Channel, OutboundMessage
-from gateway.redis_conn import shared_redis
-from gateway.sessions import SessionStore
+from gateway.store.crypto import NumberBox
+from gateway.store.db import set_status, shared_engine
+from gateway.store.models import Campaign, Channel, OutboundMessage
+from gateway.store.redis_conn import shared_redis
+from gateway.store.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 

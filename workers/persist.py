@@ -23,8 +23,9 @@ import redis
 from sqlalchemy import Engine, case, delete, func, insert, select, text, update
 
 from gateway.channels.sms import FEEDBACK_QUESTION
-from gateway.db import upsert_insert
-from gateway.models import (
+from gateway.coordination.quotas import refresh as refresh_quotas
+from gateway.store.db import upsert_insert
+from gateway.store.models import (
     AirtimePayment,
     Answer,
     FeedbackSubscriber,
@@ -33,8 +34,7 @@ from gateway.models import (
     OutboundMessage,
     UssdSessionEnd,
 )
-from gateway.quotas import refresh as refresh_quotas
-from gateway.sessions import GROUP, STREAM
+from gateway.store.sessions import GROUP, STREAM
 from workers.airtime import enqueue as enqueue_airtime
 from workers.airtime import reserve as reserve_airtime
 from workers.outbound import enqueue_send

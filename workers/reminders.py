@@ -15,11 +15,11 @@ import redis
 
 from gateway.channels.sms import idle_key, next_due, number_key, send_event, untrack
 from gateway.config import Settings
-from gateway.crypto import NumberBox
-from gateway.engine import Event, SessionState, Stage, hand_over
-from gateway.messages import message
-from gateway.registry import ChannelInfo, Registry
-from gateway.sessions import SessionStore, decode_state, stream_event
+from gateway.interview.engine import Event, SessionState, Stage, hand_over
+from gateway.interview.messages import message
+from gateway.store.crypto import NumberBox
+from gateway.store.registry import ChannelInfo, Registry
+from gateway.store.sessions import SessionStore, decode_state, stream_event
 
 log = logging.getLogger(__name__)
 KEEP_COUNT = 60 * 86400  # a reminder count outlives any resume window

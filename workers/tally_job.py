@@ -12,9 +12,9 @@ from typing import Any
 from rq import Queue
 
 from gateway.config import load_settings
-from gateway.db import shared_engine
-from gateway.indicator import Params, read_margins
-from gateway.tally import run_tally
+from gateway.indicator.estimates import Params, read_margins
+from gateway.indicator.tally import run_tally
+from gateway.store.db import shared_engine
 
 
 def tally_job(campaign_id: int, margins_csv: str | None = None,

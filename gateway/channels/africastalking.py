@@ -24,8 +24,6 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway import render
-from gateway.campaigns import minor_to_text
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
 from gateway.channels.sms import (
     FEEDBACK_QUESTION,
@@ -45,12 +43,14 @@ from gateway.channels.webhook import (
     parse_form_or_json,
     phone_number,
 )
-from gateway.engine import Input, SessionState, Stage, hand_over, step
-from gateway.messages import message
-from gateway.models import AirtimePayment
+from gateway.coordination.campaigns import minor_to_text
+from gateway.interview import render
+from gateway.interview.engine import Input, SessionState, Stage, hand_over, step
+from gateway.interview.messages import message
 from gateway.phones import BadPhoneNumber, to_e164
-from gateway.registry import ChannelInfo
-from gateway.sessions import (
+from gateway.store.models import AirtimePayment
+from gateway.store.registry import ChannelInfo
+from gateway.store.sessions import (
     ProviderSession,
     decode_state,
     encode_state,

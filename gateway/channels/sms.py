@@ -17,12 +17,12 @@ from typing import Any
 import redis
 
 from gateway.channels.webhook import WebhookError, log
-from gateway.crypto import NumberBox
-from gateway.engine import Input, Stage, step
-from gateway.messages import KEYWORDS, message
-from gateway.registry import ChannelInfo
-from gateway.segments import count_segments
-from gateway.sessions import (
+from gateway.interview.engine import Input, Stage, step
+from gateway.interview.messages import KEYWORDS, message
+from gateway.interview.segments import count_segments
+from gateway.store.crypto import NumberBox
+from gateway.store.registry import ChannelInfo
+from gateway.store.sessions import (
     ProviderSession,
     decode_state,
     encode_state,

@@ -27,7 +27,7 @@ from gateway.channels.sending import Failure, SendError, Sent, classify_http
 from gateway.channels.sms import Inbound, converse, delivery_event
 from gateway.channels.webhook import WebhookError, field, parse_pairs
 from gateway.phones import BadPhoneNumber, to_e164
-from gateway.registry import ChannelInfo
+from gateway.store.registry import ChannelInfo
 
 bp = Blueprint("twilio", __name__, url_prefix="/webhooks/twilio")
 

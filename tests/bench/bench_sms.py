@@ -75,9 +75,9 @@ from loadkit import CpuMark, children, cores_used
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from gateway.cli import bootstrap, channel_urls
-from gateway.crypto import NumberBox
-from gateway.models import Campaign, Channel, OutboundMessage
+from gateway.cli.main import bootstrap, channel_urls
+from gateway.store.crypto import NumberBox
+from gateway.store.models import Campaign, Channel, OutboundMessage
 from workers.outbound import sweep
 
 BENCH_DATABASE = "civicdial_smsbench"  # created fresh on DEFAULT_PG's server
@@ -243,7 +243,7 @@ def inbound(run: Run, results: dict[str, Any], attempt: Callable[..., None]) -> 
     redis_server = redis_pid(run.client)
     traces = run.tmp / "sms-traces.json"
     tw_path, at_path = sms_path(run.channels["tw_in"]), sms_path(run.channels["at_in"])
-    with gunicorn("gateway.app:create_app()", args, run.env, run.tmp / "real.log") as (
+    with gunicorn("gateway.web.app:create_app()", args, run.env, run.tmp / "real.log") as (
             base, pid):
         watch = {"gunicorn": [pid], "redis": [redis_server]}
         say(f"real app up at {base}; Twilio SMS: {args.warmup:g} s warm-up + "

@@ -30,9 +30,9 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gateway.cli import bootstrap, shipped_questionnaire  # noqa: E402
-from gateway.indicator import AREAS, Params, Patterns, choice_name, estimate  # noqa: E402
-from gateway.tally import default_margins, fetch_patterns, run_tally  # noqa: E402
+from gateway.cli.main import bootstrap, shipped_questionnaire  # noqa: E402
+from gateway.indicator.estimates import AREAS, Params, Patterns, choice_name, estimate  # noqa: E402
+from gateway.indicator.tally import default_margins, fetch_patterns, run_tally  # noqa: E402
 
 SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DATABASE = "civicdial_tallybench"

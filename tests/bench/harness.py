@@ -31,8 +31,8 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from gateway.config import Settings, load_settings
-from gateway.db import make_engine
-from gateway.sessions import STREAM
+from gateway.store.db import make_engine
+from gateway.store.sessions import STREAM
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -39,9 +39,9 @@ from loadkit import (
     services_used,
 )
 
-from gateway.cli import DEFAULT_SERVICE_CODE, shipped_questionnaire
-from gateway.questionnaire import Question
-from gateway.render import BACK, MORE, fold
+from gateway.cli.main import DEFAULT_SERVICE_CODE, shipped_questionnaire
+from gateway.interview.questionnaire import Question
+from gateway.interview.render import BACK, MORE, fold
 
 MAX_HOPS_PER_CITIZEN = 400  # a full interview is well under 100 screens
 

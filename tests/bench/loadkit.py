@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from gateway.questionnaire import Question
+from gateway.interview.questionnaire import Question
 
 HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 NETWORK = "62001"  # MTN Ghana

@@ -68,9 +68,9 @@ from harness import (
 )
 from sqlalchemy import Engine, event, func, select
 
-from gateway.cli import bootstrap, channel_urls, shipped_questionnaire
-from gateway.models import Answer, Channel, Interview
-from gateway.questionnaire import Questionnaire
+from gateway.cli.main import bootstrap, channel_urls, shipped_questionnaire
+from gateway.interview.questionnaire import Questionnaire
+from gateway.store.models import Answer, Channel, Interview
 from workers import persist
 
 BENCH_DATABASE = "civicdial_bench"  # created fresh on DEFAULT_PG's server
@@ -391,7 +391,7 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
     attempt = attempter(results, notes)
     args = run.args
     redis_server = redis_pid(run.client)
-    with gunicorn("gateway.app:create_app()", args, run.env, run.tmp / "real.log") as (
+    with gunicorn("gateway.web.app:create_app()", args, run.env, run.tmp / "real.log") as (
             base, pid):
         say(f"real app up at {base}; {args.warmup:g} s warm-up + {args.duration:g} s load")
         attempt("real", lambda: loadgen("real", hop_config(

@@ -48,9 +48,9 @@ from loadkit import (
 )
 from twilio.request_validator import RequestValidator
 
-from gateway.cli import shipped_questionnaire
-from gateway.questionnaire import Question
-from gateway.render import fold
+from gateway.cli.main import shipped_questionnaire
+from gateway.interview.questionnaire import Question
+from gateway.interview.render import fold
 
 SHORT_CODE = "1662"
 MAX_MESSAGES_PER_CITIZEN = 200  # a full interview is about 25 messages

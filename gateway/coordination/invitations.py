@@ -16,10 +16,17 @@ import redis
 from rq import Queue
 from sqlalchemy import Engine, and_, select
 
-from gateway.db import upsert_insert
-from gateway.messages import message
-from gateway.models import Campaign, CampaignContact, Channel, Contact, OptOut, OutboundMessage
-from gateway.segments import count_segments
+from gateway.interview.messages import message
+from gateway.interview.segments import count_segments
+from gateway.store.db import upsert_insert
+from gateway.store.models import (
+    Campaign,
+    CampaignContact,
+    Channel,
+    Contact,
+    OptOut,
+    OutboundMessage,
+)
 from workers.outbound import (
     BULK_QUEUE,
     outbox_size,

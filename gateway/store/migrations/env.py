@@ -1,10 +1,10 @@
-"""Alembic environment: run by gateway.db.migrate() with a live connection."""
+"""Alembic environment: run by gateway.store.db.migrate() with a live connection."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from gateway.models import Base
+from gateway.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

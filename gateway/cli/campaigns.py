@@ -13,7 +13,7 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.campaigns import (
+from gateway.coordination.campaigns import (
     ROLES,
     CampaignError,
     campaign_view,
@@ -26,14 +26,14 @@ from gateway.campaigns import (
     set_schedule,
     transition,
 )
-from gateway.models import ApiToken, AuditEntry, Campaign, QuestionnaireVersion
-from gateway.questionnaire import FormError, load_questionnaire
+from gateway.interview.questionnaire import FormError, load_questionnaire
+from gateway.store.models import ApiToken, AuditEntry, Campaign, QuestionnaireVersion
 
 
 def _in_transaction(ctx: click.Context, work: Callable[[Session], Any]) -> Any:
     """Run `work` in one transaction on a migrated database; CampaignError -> exit 1."""
-    from gateway.cli import _settings  # the main CLI module imports this one
-    from gateway.db import make_engine, migrate
+    from gateway.cli.main import _settings  # the main CLI module imports this one
+    from gateway.store.db import make_engine, migrate
 
     engine = make_engine(_settings(ctx))
     migrate(engine)
@@ -102,10 +102,10 @@ def campaign_schedule(ctx: click.Context, slug: str, opens_at: datetime | None,
 @click.pass_context
 def campaign_status_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
     """One campaign's counts (as `civicdial status`)."""
-    from gateway.cli import _settings, campaign_status
-    from gateway.db import make_engine, migrate
-    from gateway.redis_conn import connect
-    from gateway.sessions import SessionStore
+    from gateway.cli.main import _settings, campaign_status
+    from gateway.store.db import make_engine, migrate
+    from gateway.store.redis_conn import connect
+    from gateway.store.sessions import SessionStore
 
     settings = _settings(ctx)
     engine = make_engine(settings)
@@ -155,10 +155,10 @@ def _replace_quotas(ctx: click.Context, slug: str,
                     define: Callable[[Any], Any] | None) -> dict[str, Any]:
     """Set or clear the quotas, then tell the running webhooks at once (the worker would
     within a minute)."""
-    from gateway.cli import _settings
-    from gateway.db import make_engine
-    from gateway.quotas import refresh
-    from gateway.redis_conn import connect
+    from gateway.cli.main import _settings
+    from gateway.coordination.quotas import refresh
+    from gateway.store.db import make_engine
+    from gateway.store.redis_conn import connect
 
     campaign = _in_transaction(ctx, lambda db: set_quotas(db, cli_actor(), slug, define))
     settings = _settings(ctx)
@@ -180,7 +180,7 @@ def quota_set(ctx: click.Context, slug: str, path: Path, as_json: bool) -> None:
         ashanti,female,120
         ashanti,male,110
     """
-    from gateway.quotas import read_csv
+    from gateway.coordination.quotas import read_csv
 
     data = path.read_bytes()
     view = _replace_quotas(ctx, slug, lambda form: read_csv(data, form))
@@ -205,9 +205,9 @@ def quota_clear(ctx: click.Context, slug: str, as_json: bool) -> None:
 @click.pass_context
 def quota_show(ctx: click.Context, slug: str, as_json: bool) -> None:
     """Fill per quota cell: target, completed interviews, people turned away."""
-    from gateway.cli import _settings
-    from gateway.db import make_engine
-    from gateway.quotas import report
+    from gateway.cli.main import _settings
+    from gateway.coordination.quotas import report
+    from gateway.store.db import make_engine
 
     engine = make_engine(_settings(ctx))
     campaign = _in_transaction(ctx, lambda db: get_campaign(db, slug))

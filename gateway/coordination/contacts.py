@@ -19,11 +19,11 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
-from gateway.crypto import NumberBox
-from gateway.db import upsert_insert
-from gateway.models import CampaignContact, Contact
 from gateway.phones import BadPhoneNumber, to_e164
-from gateway.sessions import pseudonym
+from gateway.store.crypto import NumberBox
+from gateway.store.db import upsert_insert
+from gateway.store.models import CampaignContact, Contact
+from gateway.store.sessions import pseudonym
 
 PHONE_COLUMNS = ("phone", "number", "msisdn", "mobile", "phone_number", "telephone", "tel")
 KNOWN_COLUMNS = {"language", "lang", "region"}

@@ -20,7 +20,8 @@ import click
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from gateway.campaigns import (
+from gateway.config import Settings, load_settings
+from gateway.coordination.campaigns import (
     CampaignError,
     audit,
     campaign_view,
@@ -33,16 +34,15 @@ from gateway.campaigns import (
     set_version,
     transition,
 )
-from gateway.config import Settings, load_settings
-from gateway.db import make_engine, migrate
-from gateway.engine import Rules, longest_path_screens
-from gateway.models import Answer, Campaign, Channel, Interview
-from gateway.questionnaire import FormError, Questionnaire, load_questionnaire
-from gateway.quotas import report as quota_report
-from gateway.redis_conn import connect, stop_embedded
-from gateway.registry import Registry
-from gateway.segments import interview_cost
-from gateway.sessions import SessionStore
+from gateway.coordination.quotas import report as quota_report
+from gateway.interview.engine import Rules, longest_path_screens
+from gateway.interview.questionnaire import FormError, Questionnaire, load_questionnaire
+from gateway.interview.segments import interview_cost
+from gateway.store.db import make_engine, migrate
+from gateway.store.models import Answer, Campaign, Channel, Interview
+from gateway.store.redis_conn import connect, stop_embedded
+from gateway.store.registry import Registry
+from gateway.store.sessions import SessionStore
 
 DEFAULT_CAMPAIGN = "sdg1662"
 DEFAULT_SERVICE_CODE = "*920*16#"
@@ -164,7 +164,7 @@ def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
             [sys.executable, "-m", "gunicorn", "--workers", str(web_workers),
              "--worker-class", "gthread", "--threads", "4", "--bind",
              f"{host}:{port}", "--access-logfile", "-", "--log-level", "warning",
-             "gateway.app:create_app()"], env=env, start_new_session=True))
+             "gateway.web.app:create_app()"], env=env, start_new_session=True))
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         urls = channel_urls(channel, settings.public_base_url or f"http://{shown}:{port}")
         click.echo("")
@@ -542,12 +542,3 @@ def questionnaire_check(path: Path, as_json: bool) -> None:
     else:
         click.echo(f"{path}: OK, version {form.version}, {form.asked} questions, "
                    f"languages {', '.join(info['languages'])}")
-
-
-__import__("gateway.cli_stats").cli_stats.register(main)  # tally, export, publish
-__import__("gateway.cli_contacts").cli_contacts.register(main)  # contacts import, invite
-__import__("gateway.cli_campaigns").cli_campaigns.register(main)  # lifecycle, tokens, audit
-
-
-if __name__ == "__main__":
-    main()

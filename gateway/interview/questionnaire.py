@@ -17,7 +17,7 @@ from pyxform.errors import PyXFormError
 from pyxform.xls2json_backends import get_xlsform
 from pyxform.xls2xform import convert
 
-from gateway.expressions import Expression, ExpressionError, compile_expression
+from gateway.interview.expressions import Expression, ExpressionError, compile_expression
 
 INPUT_TYPES = ("select_one", "select_multiple", "integer", "decimal", "text", "note")
 SUPPORTED_TYPES = (*INPUT_TYPES, "calculate", "begin_group", "end_group")

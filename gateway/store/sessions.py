@@ -19,7 +19,7 @@ import redis
 from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
-from gateway.engine import Event, SessionState, Stage
+from gateway.interview.engine import Event, SessionState, Stage
 
 STREAM = "events"
 GROUP = "persist"

@@ -16,9 +16,9 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from gateway.indicator import AREAS, UNKNOWN, read_margins
-from gateway.models import Answer, Campaign, Interview, TallySnapshot
-from gateway.tally import cells_of, region_names
+from gateway.indicator.estimates import AREAS, UNKNOWN, read_margins
+from gateway.indicator.tally import cells_of, region_names
+from gateway.store.models import Answer, Campaign, Interview, TallySnapshot
 
 TABLE_COLUMNS = ["area", "measure", "breakdown", "group", "estimate_pct", "ci_low_pct",
                  "ci_high_pct", "ci_method", "n", "n_dk", "n_eff", "deff",
@@ -75,7 +75,7 @@ def table_rows(snap: TallySnapshot) -> list[dict[str, Any]]:
 
 
 def methodology_text() -> str:
-    return resources.files("gateway").joinpath("data/METHODOLOGY.md").read_text(
+    return resources.files("gateway.indicator").joinpath("data/METHODOLOGY.md").read_text(
         encoding="utf-8")
 
 

@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass, fields
 from enum import StrEnum
 
-from gateway import render
-from gateway.messages import message
-from gateway.questionnaire import CONSENT, Language, Question, Questionnaire
+from gateway.interview import render
+from gateway.interview.messages import message
+from gateway.interview.questionnaire import CONSENT, Language, Question, Questionnaire
 
 
 class Stage(StrEnum):

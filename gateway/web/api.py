@@ -1,6 +1,6 @@
 """Coordinator JSON API under /api/v1 (bearer tokens, roles), described at
-/api/v1/openapi.json. It mirrors the CLI and shares its code (gateway.campaigns,
-gateway.contacts, gateway.invitations); each change is one transaction with its audit entry.
+/api/v1/openapi.json. It mirrors the CLI and shares its code (gateway.coordination);
+each change is one transaction with its audit entry.
 
 Roles: admin (everything, tokens, audit) > coordinator (campaigns, contacts, invitations) >
 viewer (read-only; never a phone number).
@@ -19,8 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
-from gateway.admin.openapi import OPENAPI
-from gateway.campaigns import (
+from gateway.coordination.campaigns import (
     CampaignError,
     audit,
     campaign_view,
@@ -36,9 +35,13 @@ from gateway.campaigns import (
     set_version,
     transition,
 )
-from gateway.contacts import ContactFileError, import_contacts
-from gateway.invitations import Audience, InvitationError, invite
-from gateway.models import (
+from gateway.coordination.contacts import ContactFileError, import_contacts
+from gateway.coordination.invitations import Audience, InvitationError, invite
+from gateway.coordination.quotas import define as define_quota
+from gateway.coordination.quotas import refresh as refresh_quotas
+from gateway.coordination.quotas import report as quota_report
+from gateway.interview.questionnaire import FormError, load_questionnaire
+from gateway.store.models import (
     ApiToken,
     AuditEntry,
     CampaignContact,
@@ -46,10 +49,7 @@ from gateway.models import (
     OptOut,
     QuestionnaireVersion,
 )
-from gateway.questionnaire import FormError, load_questionnaire
-from gateway.quotas import define as define_quota
-from gateway.quotas import refresh as refresh_quotas
-from gateway.quotas import report as quota_report
+from gateway.web.openapi import OPENAPI
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 RANK = {"viewer": 0, "coordinator": 1, "admin": 2}
@@ -192,7 +192,7 @@ def upload_questionnaire() -> Response:
 @bp.get("/campaigns")
 @requires("viewer")
 def list_campaigns() -> Response:
-    from gateway.models import Campaign
+    from gateway.store.models import Campaign
 
     with Session(_engine()) as db:
         return _json([campaign_view(c) for c in db.scalars(
@@ -325,7 +325,7 @@ def move_campaign(slug: str, verb: str) -> Response:
 @bp.get("/campaigns/<slug>/stats")
 @requires("viewer")
 def campaign_stats(slug: str) -> Response:
-    from gateway.cli import campaign_status
+    from gateway.cli.main import campaign_status
 
     services = current_app.extensions["civicdial"]
     report = campaign_status(services.engine, services.store)
@@ -394,7 +394,7 @@ EXPORTS = {"csv": ("text/csv", "csv"), "xlsx": (
 @bp.post("/campaigns/<slug>/tally")
 @requires("coordinator")
 def tally(slug: str) -> Response:
-    from gateway.tally import run_tally
+    from gateway.indicator.tally import run_tally
 
     services = current_app.extensions["civicdial"]
     with Session(services.engine) as db:
@@ -409,7 +409,7 @@ def tally(slug: str) -> Response:
 @bp.post("/campaigns/<slug>/publish")
 @requires("coordinator")
 def publish_tally(slug: str) -> Response:
-    from gateway.tally import publish
+    from gateway.indicator.tally import publish
 
     services = current_app.extensions["civicdial"]
     with Session(services.engine) as db:
@@ -432,8 +432,8 @@ def export(slug: str) -> Response:
     import tempfile
     from pathlib import Path
 
-    from gateway import exports
-    from gateway.tally import latest_snapshot
+    from gateway.indicator import exports
+    from gateway.indicator.tally import latest_snapshot
 
     fmt = request.args.get("format", "csv")
     if fmt not in EXPORTS:

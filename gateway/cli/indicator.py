@@ -1,7 +1,7 @@
 """`civicdial tally | export | publish`: the 16.6.2 indicator from the command line.
 
 Registered on the `civicdial` group by one line at the end of gateway/cli.py. This module
-does not import gateway.cli (which imports it), so either can be imported first.
+does not import gateway.cli.main (which imports it), so either can be imported first.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from gateway.config import Settings, load_settings
-from gateway.db import make_engine, migrate
-from gateway.exports import (
+from gateway.indicator.estimates import Params, read_margins
+from gateway.indicator.exports import (
     DEFAULT_DATAFLOW,
     DEFAULT_SERIES_PREFIX,
     write_csv,
@@ -21,10 +21,16 @@ from gateway.exports import (
     write_sdmx,
     write_xlsx,
 )
-from gateway.indicator import Params, read_margins
-from gateway.models import Campaign
-from gateway.redis_conn import connect
-from gateway.tally import campaign_by_slug, default_margins, latest_snapshot, publish, run_tally
+from gateway.indicator.tally import (
+    campaign_by_slug,
+    default_margins,
+    latest_snapshot,
+    publish,
+    run_tally,
+)
+from gateway.store.db import make_engine, migrate
+from gateway.store.models import Campaign
+from gateway.store.redis_conn import connect
 
 
 def _settings(ctx: click.Context) -> Settings:

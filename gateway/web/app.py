@@ -11,16 +11,15 @@ from sqlalchemy import Engine
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from gateway import dashboard
-from gateway.admin import api
 from gateway.channels import africastalking, twilio
 from gateway.channels.webhook import WebhookError
 from gateway.config import Settings, load_settings
-from gateway.crypto import NumberBox
-from gateway.db import make_engine
-from gateway.redis_conn import connect
-from gateway.registry import Registry
-from gateway.sessions import SessionStore
+from gateway.store.crypto import NumberBox
+from gateway.store.db import make_engine
+from gateway.store.redis_conn import connect
+from gateway.store.registry import Registry
+from gateway.store.sessions import SessionStore
+from gateway.web import api, dashboard
 
 log = logging.getLogger("civicdial.webhooks")
 

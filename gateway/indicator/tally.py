@@ -3,7 +3,7 @@
 The answers table is long (one row per interview and question). One GROUP BY per interview
 pivots it to a profile plus the service answers, and a second GROUP BY counts how many
 interviews share each combination: only those counts come into Python (no interview id,
-no pseudonym), where gateway.indicator weights and estimates. Both statements are plain
+no pseudonym), where gateway.indicator.estimates weights and estimates. Both statements are plain
 SQLAlchemy Core (CASE inside MAX/SUM), so SQLite and PostgreSQL give the same rows.
 """
 
@@ -22,8 +22,7 @@ from sqlalchemy import Engine, and_, case, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from gateway.config import Settings
-from gateway.db import upsert_insert
-from gateway.indicator import (
+from gateway.indicator.estimates import (
     AREAS,
     UNKNOWN,
     WG_QUESTIONS,
@@ -35,7 +34,9 @@ from gateway.indicator import (
     estimate,
     read_margins,
 )
-from gateway.models import (
+from gateway.interview.segments import count_segments
+from gateway.store.db import upsert_insert
+from gateway.store.models import (
     Answer,
     Campaign,
     FeedbackSubscriber,
@@ -43,7 +44,6 @@ from gateway.models import (
     OutboundMessage,
     TallySnapshot,
 )
-from gateway.segments import count_segments
 
 PROFILE = ("sex", "age", "region", "urban", "income")
 OUTCOMES = tuple(q for _label, attrs, overall in AREAS.values() for q in (*attrs, overall))
@@ -57,7 +57,7 @@ DEFAULT_PARAMS = Params()
 
 def default_margins() -> Margins:
     """The adult census margins shipped with the package (a copy of ghana_margins.csv)."""
-    return read_margins(resources.files("gateway").joinpath(
+    return read_margins(resources.files("gateway.indicator").joinpath(
         "data/ghana_margins.csv").read_text(encoding="utf-8"))
 
 

@@ -33,9 +33,9 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response as BaseResponse
 
-from gateway.admin.api import RANK
-from gateway.campaigns import CampaignError, campaign_view, get_campaign, hash_token
-from gateway.models import ApiToken, Channel, OutboundMessage
+from gateway.coordination.campaigns import CampaignError, campaign_view, get_campaign, hash_token
+from gateway.store.models import ApiToken, Channel, OutboundMessage
+from gateway.web.api import RANK
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates")
 
@@ -173,8 +173,8 @@ def logout() -> BaseResponse:
 
 
 def _report() -> dict[str, Any]:
-    # gateway.cli imports the app factory, which imports this module.
-    from gateway.cli import campaign_status
+    # gateway.cli.main imports the app factory, which imports this module.
+    from gateway.cli.main import campaign_status
 
     services = current_app.extensions["civicdial"]
     return campaign_status(services.engine, services.store)

@@ -19,9 +19,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.models import ApiToken, AuditEntry, Campaign, Channel, QuestionnaireVersion
-from gateway.questionnaire import Questionnaire, load_questionnaire
-from gateway.quotas import Quota, QuotaError, define
+from gateway.coordination.quotas import Quota, QuotaError, define
+from gateway.interview.questionnaire import Questionnaire, load_questionnaire
+from gateway.store.models import ApiToken, AuditEntry, Campaign, Channel, QuestionnaireVersion
 
 ROLES = ("admin", "coordinator", "viewer")
 # state -> states it may move to

@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from gateway.engine import Rules
-from gateway.models import Campaign, Channel, QuestionnaireVersion
-from gateway.questionnaire import Questionnaire, load_questionnaire
-from gateway.quotas import Quota
+from gateway.coordination.quotas import Quota
+from gateway.interview.engine import Rules
+from gateway.interview.questionnaire import Questionnaire, load_questionnaire
+from gateway.store.models import Campaign, Channel, QuestionnaireVersion
 
 # GSM 03.90 caps a USSD screen at 182 characters; below ~64 no question fits.
 MAX_SCREEN = 182

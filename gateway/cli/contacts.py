@@ -10,13 +10,13 @@ import click
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from gateway.campaigns import audit, cli_actor
-from gateway.contacts import ContactFileError, import_contacts, read_file
-from gateway.crypto import NumberBox
-from gateway.db import make_engine
-from gateway.invitations import Audience, InvitationError, invite
-from gateway.models import Campaign
-from gateway.redis_conn import connect
+from gateway.coordination.campaigns import audit, cli_actor
+from gateway.coordination.contacts import ContactFileError, import_contacts, read_file
+from gateway.coordination.invitations import Audience, InvitationError, invite
+from gateway.store.crypto import NumberBox
+from gateway.store.db import make_engine
+from gateway.store.models import Campaign
+from gateway.store.redis_conn import connect
 
 
 @click.group()
@@ -32,7 +32,7 @@ def contacts() -> None:
 def contacts_import(ctx: click.Context, path: Path, slug: str, as_json: bool) -> None:
     """Import a CSV (a phone/number/msisdn column; optional language, region, any other
     columns kept as attributes). Bad rows are reported; re-importing changes nothing."""
-    from gateway.cli import _settings, bootstrap  # the main CLI module imports this one
+    from gateway.cli.main import _settings, bootstrap  # the main CLI module imports this one
 
     settings = _settings(ctx)
     engine = make_engine(settings)
@@ -88,8 +88,8 @@ def invite_cmd(ctx: click.Context, slug: str, region: str, language: str,
             raise click.BadParameter(f"{item!r}: use FIELD=VALUE", param_hint="--where")
         attributes.append((name.strip(), value.strip()))
     audience = Audience(region, language, tuple(attributes), limit)
-    from gateway.cli import _settings, bootstrap  # the main CLI module imports this one
-    from gateway.models import CampaignContact
+    from gateway.cli.main import _settings, bootstrap  # the main CLI module imports this one
+    from gateway.store.models import CampaignContact
 
     settings = _settings(ctx)
     engine = make_engine(settings)

@@ -21,10 +21,10 @@ import redis
 from sqlalchemy import Engine, and_, func, select
 from sqlalchemy.orm import Session
 
-from gateway.engine import cell_key
-from gateway.models import Answer, Campaign, Interview
-from gateway.questionnaire import Questionnaire
-from gateway.sessions import quota_key
+from gateway.interview.engine import cell_key
+from gateway.interview.questionnaire import Questionnaire
+from gateway.store.models import Answer, Campaign, Interview
+from gateway.store.sessions import quota_key
 
 MAX_DIMENSIONS = 3
 
