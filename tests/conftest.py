@@ -17,8 +17,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, create_engine, text
 
-from gateway.cli.main import bootstrap
 from gateway.config import Settings, load_settings
+from gateway.coordination.bootstrap import bootstrap
 from gateway.store.db import make_engine
 from gateway.store.models import Base, Channel
 from gateway.store.redis_conn import stop_embedded

@@ -25,7 +25,7 @@ from workers.persist import write_events
 
 
 def run(env: dict[str, str], *args: str) -> tuple[int, str]:
-    from gateway.cli.main import main
+    from gateway.cli import main
 
     result = CliRunner().invoke(main, list(args), env=env)
     return result.exit_code, result.output

@@ -22,7 +22,7 @@ def run(env: dict[str, str], *args: str) -> tuple[int, str]:
 
 
 def main_group():  # type: ignore[no-untyped-def]
-    from gateway.cli.main import main
+    from gateway.cli import main
 
     return main
 

@@ -18,7 +18,7 @@ import psutil
 from click.testing import CliRunner
 from flask.testing import FlaskClient
 
-from gateway.cli.main import main
+from gateway.cli import main
 from gateway.store.models import Channel
 
 FORM = "application/x-www-form-urlencoded"

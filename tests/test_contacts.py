@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from gateway.cli.main import main
+from gateway.cli import main
 from gateway.store.crypto import NumberBox
 from gateway.store.models import Campaign, Channel, Contact, OptOut, OutboundMessage
 from gateway.store.sessions import pseudonym
@@ -215,7 +215,8 @@ def test_pausing_a_campaign_holds_its_invitations(env: dict[str, str], engine: E
     for name, value in env.items():  # send jobs read their settings as a worker does
         monkeypatch.setenv(name, value)
 
-    from workers.outbound import BULK_QUEUE, release_held
+    from gateway.store.outbox import BULK_QUEUE
+    from workers.outbound import release_held
 
     path = tmp_path / "c.csv"
     path.write_text("phone\n0241000011\n0241000012\n")

@@ -27,9 +27,9 @@ from test_e2e import Citizen, hop, play  # the e2e tests' simulated USSD citizen
 from test_sms import fake, sms, work  # noqa: F401 - the SMS provider stand-in fixtures
 from werkzeug.serving import make_server
 
-from gateway.cli.main import shipped_questionnaire
-from gateway.coordination import quotas
+from gateway.coordination.bootstrap import shipped_questionnaire
 from gateway.coordination.campaigns import create_token, set_airtime, set_quotas
+from gateway.interview.quota import define as define_quota
 from gateway.store.models import ApiToken, Campaign, Channel, OutboundMessage
 from gateway.store.sessions import SessionStore
 from workers.persist import drain
@@ -262,7 +262,7 @@ def test_quota_fill_from_real_interviews(page: Page, engine: Engine, survey: Sur
         ({"region": empty[0], "sex": empty[1]}, 5)]
     with Session(engine) as db, db.begin():
         set_quotas(db, "test", "sdg1662",
-                   lambda form: quotas.define(form, ["region", "sex"], cells))
+                   lambda form: define_quota(form, ["region", "sex"], cells))
     sign_in(page, tokens["viewer"])
     page.goto("/dashboard/campaigns/sdg1662")
     table = page.locator("#quotas")
@@ -474,7 +474,7 @@ def test_quota_and_airtime_tables(client: FlaskClient, tokens: dict[str, str],
     from workers.persist import write_events
 
     with Session(engine) as db, db.begin():
-        set_quotas(db, "test", "sdg1662", lambda form: quotas.define(form, ["region", "sex"], [
+        set_quotas(db, "test", "sdg1662", lambda form: define_quota(form, ["region", "sex"], [
             ({"region": "ashanti", "sex": "female"}, 100),
             ({"region": "ashanti", "sex": "male"}, 0),
             ({"region": "greater_accra", "sex": "female"}, 1)]))

@@ -12,7 +12,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.orm import Session
 
-from gateway.cli.main import campaign_status, shipped_questionnaire
+from gateway.coordination.bootstrap import shipped_questionnaire
+from gateway.coordination.status import campaign_status
 from gateway.interview.questionnaire import Question
 from gateway.store.models import Answer, Interview
 from gateway.store.sessions import SessionStore

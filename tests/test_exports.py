@@ -14,7 +14,7 @@ from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session
 from test_tally import load  # the synthetic interviews of the tally tests
 
-from gateway.cli.main import main
+from gateway.cli import main
 from gateway.config import Settings
 from gateway.indicator.estimates import Params
 from gateway.indicator.exports import (

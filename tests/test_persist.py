@@ -17,8 +17,8 @@ import redis
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from gateway.cli.main import shipped_questionnaire
 from gateway.config import Settings
+from gateway.coordination.bootstrap import shipped_questionnaire
 from gateway.interview.engine import Input, step
 from gateway.store.models import Answer, Channel, Interview
 from gateway.store.registry import Registry

@@ -16,8 +16,8 @@ from test_engine import SMALL, TO_USED, UNLIMITED, USED_NO, Script, Turn, play
 from test_sms import fake, sms  # noqa: F401 - fixtures
 
 from gateway.coordination.campaigns import create_token
-from gateway.coordination.quotas import QuotaError, define, read_csv
 from gateway.interview.engine import Input, Stage, step
+from gateway.interview.quota import QuotaError, define, read_csv
 from gateway.store.models import AuditEntry, Channel, Interview
 from gateway.store.sessions import quota_key
 from workers.persist import drain
@@ -99,7 +99,7 @@ def test_quota_file_with_bom_and_excel_quoting() -> None:
 # -- a real USSD campaign -------------------------------------------------------------------
 
 def run(env: dict[str, str], *args: str) -> tuple[int, str]:
-    from gateway.cli.main import main
+    from gateway.cli import main
 
     result = CliRunner().invoke(main, list(args), env=env)
     return result.exit_code, result.output

@@ -24,9 +24,9 @@ from twilio.request_validator import RequestValidator
 from gateway.interview.segments import count_segments
 from gateway.store.crypto import NumberBox
 from gateway.store.models import Answer, Campaign, Channel, Interview, OptOut, OutboundMessage
+from gateway.store.outbox import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
 from gateway.store.sessions import SessionStore, pseudonym
 from workers.jobs import QUEUE
-from workers.outbound import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
 from workers.persist import drain
 
 FORM = "application/x-www-form-urlencoded"
@@ -532,7 +532,7 @@ def test_reminders_every_n_hours_at_most_m(
     the count; the interview still expires at the end of its window."""
     from click.testing import CliRunner
 
-    from gateway.cli.main import main
+    from gateway.cli import main
     from workers.reminders import remind_idle
 
     result = CliRunner().invoke(main, ["campaign", "set", "sdg1662", "--reminder-hours", "2",

@@ -15,8 +15,9 @@ from rq import Queue
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
-from gateway.cli.main import bootstrap, main, shipped_questionnaire
+from gateway.cli import main
 from gateway.config import Settings, load_settings
+from gateway.coordination.bootstrap import bootstrap, shipped_questionnaire
 from gateway.indicator.estimates import AREAS, Params, disability_status
 from gateway.indicator.tally import (
     NOT_STATED,
@@ -32,7 +33,7 @@ from gateway.interview.segments import count_segments
 from gateway.store.crypto import NumberBox
 from gateway.store.db import make_engine
 from gateway.store.models import Channel, FeedbackSubscriber, OutboundMessage, TallySnapshot
-from workers.outbound import BULK_QUEUE
+from gateway.store.outbox import BULK_QUEUE
 from workers.persist import write_events
 
 REGIONS = ["greater_accra", "ashanti", "eastern", "central", "northern", "western", "volta",

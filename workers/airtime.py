@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from gateway.channels.africastalking import send_airtime
 from gateway.channels.sending import SendError, after_failure
 from gateway.config import Settings, load_settings
-from gateway.coordination.campaigns import minor_to_text
+from gateway.coordination.airtime import COMMITTED
 from gateway.store.crypto import NumberBox
 from gateway.store.db import set_status, shared_engine, upsert_insert
 from gateway.store.models import AirtimePayment, Campaign, Channel
@@ -33,8 +33,6 @@ from gateway.store.redis_conn import shared_redis
 log = logging.getLogger(__name__)
 
 QUEUE = "civicdial-sms-bulk"  # with the bulk sends: nobody waits on a thank-you
-# Statuses whose amount is (or may be) spent; failed and skipped ones free their share.
-COMMITTED = ("queued", "sending", "sent", "success", "unknown")
 IN_FLIGHT = timedelta(seconds=30)
 
 
@@ -175,41 +173,3 @@ def _give_up(engine: Engine, payment_id: int, idle: timedelta) -> bool:
                 untouched_since=datetime.now(UTC) - idle,
                 status="unknown", error="a worker died during the provider call; not "
                 "retried so as never to pay twice: check the Africa's Talking account")
-
-
-def summary(engine: Engine, campaign: Campaign) -> dict[str, Any] | None:
-    """What the coordinator sees: amount, budget, spent so far, payments by status."""
-    if campaign.airtime_amount is None:
-        with Session(engine) as db:
-            paid = db.scalar(select(func.count()).select_from(AirtimePayment).where(
-                AirtimePayment.campaign_id == campaign.id))
-        if not paid:
-            return None
-    with Session(engine) as db:
-        rows = db.execute(select(AirtimePayment.status, func.count(),
-                                 func.coalesce(func.sum(AirtimePayment.amount), 0))
-                          .where(AirtimePayment.campaign_id == campaign.id)
-                          .group_by(AirtimePayment.status)).all()
-    counts = {status: n for status, n, _ in rows}
-    amounts = {status: total for status, _, total in rows}
-    currency = campaign.airtime_currency
-    paid = amounts.get("sent", 0) + amounts.get("success", 0)
-
-    def money(minor: int | None) -> str | None:
-        return None if minor is None else f"{currency} {minor_to_text(minor)}"
-
-    return {
-        "enabled": campaign.airtime_amount is not None,
-        "amount": money(campaign.airtime_amount), "budget": money(campaign.airtime_budget),
-        # Paid: accepted by Africa's Talking. Committed also counts payments in flight
-        # and unknown ones, which the budget treats as spent.
-        "spent": money(paid),
-        "spent_percent": 100 * paid / campaign.airtime_budget
-        if campaign.airtime_budget else None,
-        "committed": money(sum(amounts.get(s, 0) for s in COMMITTED)),
-        "payments": {"pending": counts.get("queued", 0) + counts.get("sending", 0),
-                     "sent": counts.get("sent", 0) + counts.get("success", 0),
-                     "confirmed": counts.get("success", 0),
-                     "failed": counts.get("failed", 0), "unknown": counts.get("unknown", 0),
-                     "skipped_over_budget": counts.get("skipped", 0)},
-    }

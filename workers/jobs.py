@@ -16,11 +16,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.config import Settings, load_settings
 from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.store.db import make_engine, shared_engine
+from gateway.store.outbox import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
 from gateway.store.redis_conn import connect
 from gateway.store.registry import Registry
 from gateway.store.sessions import SessionStore
 from workers.airtime import sweep as sweep_airtime
-from workers.outbound import BULK_QUEUE, INTERACTIVE_QUEUE, release_held, sweep
+from workers.outbound import release_held
 from workers.persist import drain, ensure_group
 from workers.reminders import remind_idle
 

@@ -34,10 +34,10 @@ from gateway.store.models import (
     OutboundMessage,
     UssdSessionEnd,
 )
+from gateway.store.outbox import enqueue_send
 from gateway.store.sessions import GROUP, STREAM
 from workers.airtime import enqueue as enqueue_airtime
 from workers.airtime import reserve as reserve_airtime
-from workers.outbound import enqueue_send
 
 log = logging.getLogger(__name__)
 

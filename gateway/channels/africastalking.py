@@ -43,10 +43,10 @@ from gateway.channels.webhook import (
     parse_form_or_json,
     phone_number,
 )
-from gateway.coordination.campaigns import minor_to_text
 from gateway.interview import render
 from gateway.interview.engine import Input, SessionState, Stage, hand_over, step
 from gateway.interview.messages import message
+from gateway.money import minor_to_text
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.models import AirtimePayment
 from gateway.store.registry import ChannelInfo

@@ -1,10 +1,17 @@
-"""The `civicdial` command."""
+"""The `civicdial` command: the group in main.py, one module per command family."""
 
-from gateway.cli import campaigns, contacts, indicator
+from gateway.cli import campaigns, channels, contacts, indicator, up
 from gateway.cli.main import main
 
-indicator.register(main)  # tally, export, publish
-contacts.register(main)  # contacts import, invite
-campaigns.register(main)  # lifecycle, tokens, audit
+main.add_command(up.up)
+main.add_command(channels.channels)
+main.add_command(campaigns.campaign)
+main.add_command(campaigns.questionnaire)
+main.add_command(campaigns.token)
+main.add_command(campaigns.audit_cmd)
+main.add_command(contacts.contacts)
+main.add_command(contacts.invite_cmd)
+for command in indicator.COMMANDS:  # tally, export, publish
+    main.add_command(command)
 
 __all__ = ["main"]

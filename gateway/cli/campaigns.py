@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,42 +14,124 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from gateway.cli.context import emit, in_transaction, open_engine, session_store, settings_of
 from gateway.coordination.campaigns import (
     ROLES,
     CampaignError,
+    audit,
     campaign_view,
     cli_actor,
     create_campaign,
     create_token,
     get_campaign,
     load_version,
+    set_airtime,
+    set_languages,
     set_quotas,
+    set_reminders,
     set_schedule,
+    set_version,
     transition,
 )
+from gateway.coordination.quotas import refresh, report
+from gateway.coordination.status import campaign_status
 from gateway.interview.questionnaire import FormError, load_questionnaire
+from gateway.interview.quota import read_csv
+from gateway.store.db import make_engine
 from gateway.store.models import ApiToken, AuditEntry, Campaign, QuestionnaireVersion
+from gateway.store.redis_conn import connect
 
 
-def _in_transaction(ctx: click.Context, work: Callable[[Session], Any]) -> Any:
-    """Run `work` in one transaction on a migrated database; CampaignError -> exit 1."""
-    from gateway.cli.main import _settings  # the main CLI module imports this one
-    from gateway.store.db import make_engine, migrate
+@click.group()
+def campaign() -> None:
+    """Campaign settings."""
 
-    engine = make_engine(_settings(ctx))
-    migrate(engine)
+
+@campaign.command("set")
+@click.argument("slug")
+@click.option("--sms-keyword", default=None, help="Keyword that starts the survey by SMS.")
+@click.option("--sms-handover/--no-sms-handover", default=None,
+              help="After a dropped USSD session, offer to finish by SMS.")
+@click.option("--state", type=click.Choice(["open", "paused", "closed"]), default=None)
+@click.option("--reminder-hours", type=int, default=None,
+              help="Remind people who started but did not finish after this many hours "
+                   "(and again every as many hours).")
+@click.option("--reminder-max", type=int, default=None,
+              help="At most this many reminders per interview (0: none).")
+@click.option("--airtime-currency", default=None, help="Turn on the airtime thank-you: "
+              "ISO currency (GHS), with --airtime-amount and --airtime-budget.")
+@click.option("--airtime-amount", default=None, help="Airtime per completed interview, "
+              "e.g. 2.00.")
+@click.option("--airtime-budget", default=None, help="Most the campaign may spend on "
+              "airtime, e.g. 500.00.")
+@click.option("--no-airtime", is_flag=True, help="Turn the airtime thank-you off.")
+@click.option("--questionnaire", "version", default=None,
+              help="Another questionnaire version (campaign draft or paused).")
+@click.option("--languages", default=None, metavar="CODES",
+              help="Offer only these of the questionnaire's languages, e.g. 'en' or "
+                   "'en,tw'; 'all' offers every one.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
+                 sms_handover: bool | None, state: str | None, reminder_hours: int | None,
+                 reminder_max: int | None, airtime_currency: str | None,
+                 airtime_amount: str | None, airtime_budget: str | None, no_airtime: bool,
+                 version: str | None, languages: str | None, as_json: bool) -> None:
+    """Change a campaign's SMS keyword, hand-over, questionnaire version, languages,
+    state, reminders or airtime (one transaction: all of it or nothing)."""
+    if no_airtime and airtime_currency:
+        raise click.UsageError("--no-airtime and --airtime-currency contradict each other")
+    if (airtime_amount or airtime_budget) and not airtime_currency:
+        raise click.UsageError("--airtime-amount/--airtime-budget need --airtime-currency")
+    settings = settings_of(ctx)
+    engine = open_engine(settings)
+    actor = cli_actor()
     try:
         with Session(engine, expire_on_commit=False) as db, db.begin():
-            return work(db)
+            row = get_campaign(db, slug)
+            before = campaign_view(row)
+            if sms_keyword is not None:
+                if not sms_keyword.strip() or " " in sms_keyword.strip():
+                    raise click.BadParameter("one word", param_hint="--sms-keyword")
+                row.sms_keyword = sms_keyword.strip().upper()
+            if sms_handover is not None:
+                row.sms_handover = sms_handover
+            if sms_keyword is not None or sms_handover is not None:
+                audit(db, actor, "campaign.set", slug, before=before,
+                      after=campaign_view(row))
+            # Pause before changing the version, change it before opening.
+            if state not in (None, "open", row.state):
+                transition(db, actor, slug, state)
+            if version is not None and version != row.questionnaire_version:
+                if languages is not None:
+                    row.languages = ""  # chosen anew below, from the new version
+                set_version(db, actor, slug, version)
+            if languages is not None:
+                wanted = [] if languages.strip().lower() == "all" else [
+                    code for code in languages.split(",") if code.strip()]
+                set_languages(db, actor, slug, wanted)
+            if state == "open" and row.state != "open":
+                transition(db, actor, slug, state)
+            if reminder_hours is not None or reminder_max is not None:
+                set_reminders(db, actor, slug, reminder_hours, reminder_max)
+            if airtime_currency or no_airtime:
+                set_airtime(db, actor, slug, airtime_currency, airtime_amount,
+                            airtime_budget)
+            view = campaign_view(row)
     except CampaignError as exc:
         raise click.ClickException(str(exc)) from None
+    airtime = view["airtime"]
+    text = (f"{slug}: state {view['state']}, questionnaire {view['questionnaire_version']} "
+            f"in {', '.join(view['languages'] or ['all its languages'])}, "
+            f"SMS keyword {view['sms_keyword']}, "
+            f"SMS hand-over {'on' if view['sms_handover'] else 'off'}, reminders every "
+            f"{view['reminder_hours']} h at most {view['reminder_max']}, airtime "
+            + (f"{airtime['currency']} {airtime['amount']} (budget {airtime['budget']})"
+               if airtime else "off"))
+    click.echo(json.dumps(view, indent=2) if as_json else text)
 
 
-def _emit(as_json: bool, data: Any, text: str) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else text)
-
-
-@click.command("create")
+@campaign.command("create")
 @click.argument("slug")
 @click.option("--name", required=True)
 @click.option("--questionnaire", "version", required=True,
@@ -59,9 +142,9 @@ def _emit(as_json: bool, data: Any, text: str) -> None:
 def campaign_create(ctx: click.Context, slug: str, name: str, version: str,
                     target_size: int | None, as_json: bool) -> None:
     """Create a campaign (in draft) on a questionnaire version."""
-    view = _in_transaction(ctx, lambda db: campaign_view(
+    view = in_transaction(ctx, lambda db: campaign_view(
         create_campaign(db, cli_actor(), slug, name, version, target_size)))
-    _emit(as_json, view, f"campaign {slug} created (draft); `civicdial campaign open {slug}`")
+    emit(as_json, view, f"campaign {slug} created (draft); `civicdial campaign open {slug}`")
 
 
 def _transition_command(name: str, to: str) -> click.Command:
@@ -70,15 +153,15 @@ def _transition_command(name: str, to: str) -> click.Command:
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def command(ctx: click.Context, slug: str, as_json: bool) -> None:
-        view = _in_transaction(ctx, lambda db: campaign_view(
+        view = in_transaction(ctx, lambda db: campaign_view(
             transition(db, cli_actor(), slug, to)))
-        _emit(as_json, view, f"campaign {slug} is {view['state']}")
+        emit(as_json, view, f"campaign {slug} is {view['state']}")
 
     command.help = f"Move a campaign to {to}."
     return command
 
 
-@click.command("schedule")
+@campaign.command("schedule")
 @click.argument("slug")
 @click.option("--opens-at", type=click.DateTime(), default=None,
               help="UTC, e.g. 2027-01-15T08:00:00 (default: no start limit).")
@@ -89,28 +172,21 @@ def _transition_command(name: str, to: str) -> click.Command:
 def campaign_schedule(ctx: click.Context, slug: str, opens_at: datetime | None,
                       closes_at: datetime | None, as_json: bool) -> None:
     """Limit when an open campaign answers (both limits optional; omit both to clear)."""
-    view = _in_transaction(ctx, lambda db: campaign_view(set_schedule(
+    view = in_transaction(ctx, lambda db: campaign_view(set_schedule(
         db, cli_actor(), slug, opens_at.replace(tzinfo=UTC) if opens_at else None,
         closes_at.replace(tzinfo=UTC) if closes_at else None)))
-    _emit(as_json, view, f"{slug}: opens {view['opens_at'] or 'any time'}, "
+    emit(as_json, view, f"{slug}: opens {view['opens_at'] or 'any time'}, "
                          f"closes {view['closes_at'] or 'never'}")
 
 
-@click.command("status")
+@campaign.command("status")
 @click.argument("slug")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def campaign_status_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
     """One campaign's counts (as `civicdial status`)."""
-    from gateway.cli.main import _settings, campaign_status
-    from gateway.store.db import make_engine, migrate
-    from gateway.store.redis_conn import connect
-    from gateway.store.sessions import SessionStore
-
-    settings = _settings(ctx)
-    engine = make_engine(settings)
-    migrate(engine)
-    report = campaign_status(engine, SessionStore(connect(settings), settings.redis_prefix))
+    settings = settings_of(ctx)
+    report = campaign_status(open_engine(settings), session_store(settings))
     match = [c for c in report["campaigns"] if c["slug"] == slug]
     if not match:
         raise click.ClickException(f"no campaign {slug!r}")
@@ -130,7 +206,7 @@ def campaign_status_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
                      f"{paid['skipped_over_budget']} over budget)")
     if c.get("quotas"):
         lines += ["", quota_table(c["quotas"])]
-    _emit(as_json, c, "\n".join(lines))
+    emit(as_json, c, "\n".join(lines))
 
 
 def quota_table(report: dict[str, Any]) -> str:
@@ -146,7 +222,7 @@ def quota_table(report: dict[str, Any]) -> str:
                      for r in [header, *rows])
 
 
-@click.group("quota")
+@campaign.group("quota")
 def quota() -> None:
     """Quotas per cell (e.g. region x sex): set from a CSV, show fill, clear."""
 
@@ -155,13 +231,8 @@ def _replace_quotas(ctx: click.Context, slug: str,
                     define: Callable[[Any], Any] | None) -> dict[str, Any]:
     """Set or clear the quotas, then tell the running webhooks at once (the worker would
     within a minute)."""
-    from gateway.cli.main import _settings
-    from gateway.coordination.quotas import refresh
-    from gateway.store.db import make_engine
-    from gateway.store.redis_conn import connect
-
-    campaign = _in_transaction(ctx, lambda db: set_quotas(db, cli_actor(), slug, define))
-    settings = _settings(ctx)
+    campaign = in_transaction(ctx, lambda db: set_quotas(db, cli_actor(), slug, define))
+    settings = settings_of(ctx)
     refresh(make_engine(settings), connect(settings), settings.redis_prefix, [campaign.id])
     return campaign_view(campaign)
 
@@ -180,12 +251,10 @@ def quota_set(ctx: click.Context, slug: str, path: Path, as_json: bool) -> None:
         ashanti,female,120
         ashanti,male,110
     """
-    from gateway.coordination.quotas import read_csv
-
     data = path.read_bytes()
     view = _replace_quotas(ctx, slug, lambda form: read_csv(data, form))
     quotas = view["quotas"]
-    _emit(as_json, view, f"{slug}: {len(quotas['targets'])} quota cells on "
+    emit(as_json, view, f"{slug}: {len(quotas['targets'])} quota cells on "
                          f"{' x '.join(quotas['on'])}; `civicdial campaign quota show {slug}`")
 
 
@@ -196,7 +265,7 @@ def quota_set(ctx: click.Context, slug: str, path: Path, as_json: bool) -> None:
 def quota_clear(ctx: click.Context, slug: str, as_json: bool) -> None:
     """Remove a campaign's quotas: nobody is screened out any more."""
     view = _replace_quotas(ctx, slug, None)
-    _emit(as_json, view, f"{slug}: no quotas")
+    emit(as_json, view, f"{slug}: no quotas")
 
 
 @quota.command("show")
@@ -205,32 +274,57 @@ def quota_clear(ctx: click.Context, slug: str, as_json: bool) -> None:
 @click.pass_context
 def quota_show(ctx: click.Context, slug: str, as_json: bool) -> None:
     """Fill per quota cell: target, completed interviews, people turned away."""
-    from gateway.cli.main import _settings
-    from gateway.coordination.quotas import report
-    from gateway.store.db import make_engine
-
-    engine = make_engine(_settings(ctx))
-    campaign = _in_transaction(ctx, lambda db: get_campaign(db, slug))
+    engine = make_engine(settings_of(ctx))
+    campaign = in_transaction(ctx, lambda db: get_campaign(db, slug))
     data = report(engine, campaign)
     if as_json:
-        _emit(True, data, "")
+        emit(True, data, "")
     else:
         click.echo(quota_table(data) if data else f"{slug} has no quotas")
 
 
-@click.command("list")
+@campaign.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def campaign_list(ctx: click.Context, as_json: bool) -> None:
     """Campaigns and their states."""
-    views = _in_transaction(ctx, lambda db: [
+    views = in_transaction(ctx, lambda db: [
         campaign_view(c) for c in db.scalars(select(Campaign).order_by(Campaign.id))])
-    _emit(as_json, views, "\n".join(
+    emit(as_json, views, "\n".join(
         f"{v['slug']:<20} {v['state']:<8} {v['questionnaire_version']}  {v['name']}"
         for v in views) or "no campaigns")
 
 
-@click.command("load")
+@click.group()
+def questionnaire() -> None:
+    """Questionnaire (XLSForm) tools."""
+
+
+@questionnaire.command("check")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def questionnaire_check(path: Path, as_json: bool) -> None:
+    """Validate an XLSForm against the supported subset."""
+    try:
+        form = load_questionnaire(path.read_bytes(), path.name)
+    except FormError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": exc.message, "sheet": exc.sheet,
+                                   "row": exc.row, "column": exc.column}))
+            sys.exit(1)
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
+    info = {"ok": True, "version": form.version, "form_id": form.form_id, "title": form.title,
+            "languages": [lang.key for lang in form.languages], "questions": form.asked}
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        click.echo(f"{path}: OK, version {form.version}, {form.asked} questions, "
+                   f"languages {', '.join(info['languages'])}")
+
+
+@questionnaire.command("load")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -242,25 +336,25 @@ def questionnaire_load(ctx: click.Context, path: Path, as_json: bool) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
-    _, new = _in_transaction(ctx, lambda db: load_version(db, form, cli_actor()))
+    _, new = in_transaction(ctx, lambda db: load_version(db, form, cli_actor()))
     info = {"version": form.version, "new": new, "title": form.title,
             "languages": [lang.key for lang in form.languages], "questions": form.asked}
-    _emit(as_json, info, f"{'loaded' if new else 'already loaded'}: version {form.version}, "
+    emit(as_json, info, f"{'loaded' if new else 'already loaded'}: version {form.version}, "
                          f"{form.asked} questions, {', '.join(info['languages'])}")
 
 
-@click.command("list")
+@questionnaire.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def questionnaire_list(ctx: click.Context, as_json: bool) -> None:
     """Stored questionnaire versions with their languages and question count."""
-    rows = _in_transaction(ctx, lambda db: [
+    rows = in_transaction(ctx, lambda db: [
         {"version": q.version, "title": q.title, "form_version": q.form_version,
          "languages": q.languages.split(","), "questions": q.question_count,
          "loaded_at": q.created_at.isoformat()}
         for q in db.scalars(select(QuestionnaireVersion).order_by(
             QuestionnaireVersion.created_at))])
-    _emit(as_json, rows, "\n".join(
+    emit(as_json, rows, "\n".join(
         f"{r['version']}  {r['questions']:>3} questions  {','.join(r['languages'])}  "
         f"{r['title']}" for r in rows) or "no questionnaires")
 
@@ -276,7 +370,7 @@ def token() -> None:
 @click.pass_context
 def token_create(ctx: click.Context, role: str, name: str) -> None:
     """Create a token; it is shown once."""
-    value = _in_transaction(ctx, lambda db: create_token(db, cli_actor(), name, role))
+    value = in_transaction(ctx, lambda db: create_token(db, cli_actor(), name, role))
     click.echo(value)
 
 
@@ -285,11 +379,11 @@ def token_create(ctx: click.Context, role: str, name: str) -> None:
 @click.pass_context
 def token_list(ctx: click.Context, as_json: bool) -> None:
     """Tokens by name and role (never the token itself)."""
-    rows = _in_transaction(ctx, lambda db: [
+    rows = in_transaction(ctx, lambda db: [
         {"id": t.id, "name": t.name, "role": t.role, "created_at": t.created_at.isoformat(),
          "revoked": t.revoked_at is not None}
         for t in db.scalars(select(ApiToken).order_by(ApiToken.id))])
-    _emit(as_json, rows, "\n".join(f"#{r['id']} {r['role']:<12} {r['name']}" for r in rows)
+    emit(as_json, rows, "\n".join(f"#{r['id']} {r['role']:<12} {r['name']}" for r in rows)
           or "no tokens")
 
 
@@ -299,29 +393,15 @@ def token_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def audit_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:
     """The audit log, newest first."""
-    rows = _in_transaction(ctx, lambda db: [
+    rows = in_transaction(ctx, lambda db: [
         {"at": a.at.isoformat(), "actor": a.actor, "action": a.action, "target": a.target,
          "before": json.loads(a.before) if a.before else None,
          "after": json.loads(a.after) if a.after else None}
         for a in db.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))])
-    _emit(as_json, rows, "\n".join(
+    emit(as_json, rows, "\n".join(
         f"{r['at'][:19]}  {r['actor']:<16} {r['action']:<20} {r['target']}" for r in rows)
         or "nothing yet")
 
 
-def register(main: click.Group) -> None:
-    campaign = main.commands["campaign"]
-    questionnaire = main.commands["questionnaire"]
-    assert isinstance(campaign, click.Group) and isinstance(questionnaire, click.Group)
-    campaign.add_command(campaign_create)
-    campaign.add_command(_transition_command("open", "open"))
-    campaign.add_command(_transition_command("pause", "paused"))
-    campaign.add_command(_transition_command("close", "closed"))
-    campaign.add_command(campaign_list)
-    campaign.add_command(campaign_status_cmd)
-    campaign.add_command(campaign_schedule)
-    campaign.add_command(quota)
-    questionnaire.add_command(questionnaire_load)
-    questionnaire.add_command(questionnaire_list)
-    main.add_command(token)
-    main.add_command(audit_cmd)
+for _name, _to in (("open", "open"), ("pause", "paused"), ("close", "closed")):
+    campaign.add_command(_transition_command(_name, _to))

@@ -10,12 +10,12 @@ import click
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from gateway.cli.context import open_engine, settings_of
 from gateway.coordination.campaigns import audit, cli_actor
 from gateway.coordination.contacts import ContactFileError, import_contacts, read_file
 from gateway.coordination.invitations import Audience, InvitationError, invite
 from gateway.store.crypto import NumberBox
-from gateway.store.db import make_engine
-from gateway.store.models import Campaign
+from gateway.store.models import Campaign, CampaignContact
 from gateway.store.redis_conn import connect
 
 
@@ -32,11 +32,8 @@ def contacts() -> None:
 def contacts_import(ctx: click.Context, path: Path, slug: str, as_json: bool) -> None:
     """Import a CSV (a phone/number/msisdn column; optional language, region, any other
     columns kept as attributes). Bad rows are reported; re-importing changes nothing."""
-    from gateway.cli.main import _settings, bootstrap  # the main CLI module imports this one
-
-    settings = _settings(ctx)
-    engine = make_engine(settings)
-    bootstrap(engine)
+    settings = settings_of(ctx)
+    engine = open_engine(settings, with_defaults=True)
     with Session(engine) as db:
         campaign_id = db.scalar(select(Campaign.id).where(Campaign.slug == slug))
     if campaign_id is None:
@@ -88,12 +85,8 @@ def invite_cmd(ctx: click.Context, slug: str, region: str, language: str,
             raise click.BadParameter(f"{item!r}: use FIELD=VALUE", param_hint="--where")
         attributes.append((name.strip(), value.strip()))
     audience = Audience(region, language, tuple(attributes), limit)
-    from gateway.cli.main import _settings, bootstrap  # the main CLI module imports this one
-    from gateway.store.models import CampaignContact
-
-    settings = _settings(ctx)
-    engine = make_engine(settings)
-    bootstrap(engine)
+    settings = settings_of(ctx)
+    engine = open_engine(settings, with_defaults=True)
     with Session(engine) as db:
         total = db.scalar(select(func.count()).select_from(CampaignContact).join(
             Campaign, Campaign.id == CampaignContact.campaign_id).where(Campaign.slug == slug))
@@ -114,8 +107,3 @@ def invite_cmd(ctx: click.Context, slug: str, region: str, language: str,
         click.echo(f"{result.queued} invitations queued, {result.held} held until the outbox "
                    f"drains, {result.already_invited} already "
                    f"invited, {result.skipped_opted_out} skipped (opted out)")
-
-
-def register(main: click.Group) -> None:
-    main.add_command(contacts)
-    main.add_command(invite_cmd)

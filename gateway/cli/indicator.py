@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 import click
+from rq import Queue
 
-from gateway.config import Settings, load_settings
+from gateway.cli.context import open_engine, settings_of
+from gateway.config import Settings
 from gateway.indicator.estimates import Params, read_margins
 from gateway.indicator.exports import (
     DEFAULT_DATAFLOW,
@@ -28,20 +30,14 @@ from gateway.indicator.tally import (
     publish,
     run_tally,
 )
-from gateway.store.db import make_engine, migrate
 from gateway.store.models import Campaign
 from gateway.store.redis_conn import connect
-
-
-def _settings(ctx: click.Context) -> Settings:
-    root = ctx.find_root()
-    data_dir = root.obj.get("data_dir") if root.obj else None
-    return load_settings(data_dir=data_dir) if data_dir else load_settings()
+from workers.jobs import QUEUE
+from workers.tally_job import enqueue_tally
 
 
 def _campaign(settings: Settings, slug: str):  # type: ignore[no-untyped-def]
-    engine = make_engine(settings)
-    migrate(engine)
+    engine = open_engine(settings)
     campaign: Campaign | None = campaign_by_slug(engine, slug)
     if campaign is None:
         raise click.ClickException(f"no campaign {slug!r}")
@@ -72,18 +68,13 @@ def tally_cmd(ctx: click.Context, campaign: str, margins_file: str | None, min_n
               min_neff: float, flag_neff: float, cap_ratio: float, replicates: int,
               seed: int, as_json: bool, background: bool) -> None:
     """Tally SDG 16.6.2 for a campaign into a new snapshot."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     engine, camp = _campaign(settings, campaign)
     margins = (read_margins(Path(margins_file).read_text(encoding="utf-8"))
                if margins_file else default_margins())
     params = Params(min_n=min_n, min_neff=min_neff, flag_neff=flag_neff, cap_ratio=cap_ratio,
                     replicates=replicates, seed=seed)
     if background:
-        from rq import Queue
-
-        from workers.jobs import QUEUE
-        from workers.tally_job import enqueue_tally
-
         job_id = enqueue_tally(Queue(QUEUE, connection=connect(settings)), camp.id,
                                margins.text, params.as_dict())
         click.echo(json.dumps({"job_id": job_id}) if as_json else f"queued tally job {job_id}")
@@ -134,7 +125,7 @@ def tally_cmd(ctx: click.Context, campaign: str, margins_file: str | None, min_n
 def export_cmd(ctx: click.Context, campaign: str, fmt: str, output: str, version: int | None,
                series_prefix: str, dataflow: str) -> None:
     """Export a tally snapshot (csv, xlsx, sdmx) or the pseudonymous answers (microdata)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     engine, camp = _campaign(settings, campaign)
     path = Path(output)
     if fmt == "microdata":
@@ -161,7 +152,7 @@ def export_cmd(ctx: click.Context, campaign: str, fmt: str, output: str, version
 @click.pass_context
 def publish_cmd(ctx: click.Context, campaign: str, version: int | None) -> None:
     """Publish a snapshot: RESULTS answers from it, subscribers get the summary by SMS."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     engine, camp = _campaign(settings, campaign)
     try:
         done = publish(settings, engine, connect(settings), camp.id, version)

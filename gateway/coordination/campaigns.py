@@ -19,8 +19,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.coordination.quotas import Quota, QuotaError, define
 from gateway.interview.questionnaire import Questionnaire, load_questionnaire
+from gateway.interview.quota import Quota, QuotaError, define
+from gateway.money import minor_to_text
 from gateway.store.models import ApiToken, AuditEntry, Campaign, Channel, QuestionnaireVersion
 
 ROLES = ("admin", "coordinator", "viewer")
@@ -68,11 +69,6 @@ def campaign_view(c: Campaign) -> dict[str, Any]:
             "airtime": {"currency": c.airtime_currency, "amount": minor_to_text(c.airtime_amount),
                         "budget": minor_to_text(c.airtime_budget)}
             if c.airtime_amount is not None else None}
-
-
-def minor_to_text(minor: int | None) -> str | None:
-    """Pesewas as a decimal amount: 250 -> '2.50'."""
-    return None if minor is None else f"{minor // 100}.{minor % 100:02d}"
 
 
 def parse_money(text: str, what: str) -> int:

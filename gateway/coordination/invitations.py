@@ -27,13 +27,7 @@ from gateway.store.models import (
     OptOut,
     OutboundMessage,
 )
-from workers.outbound import (
-    BULK_QUEUE,
-    outbox_size,
-    pending_key,
-    send_job_id,
-    send_message,
-)
+from gateway.store.outbox import BULK_QUEUE, SEND_JOB, outbox_size, pending_key, send_job_id
 
 CHUNK = 2000
 _LANGUAGE_CODES = {"tw": "tw", "twi": "tw", "akan": "tw", "en": "en", "english": "en"}
@@ -151,7 +145,7 @@ def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
             for message_id, job_id in job_ids.items():
                 pipe.set(pending_key(prefix, message_id), job_id, ex=7 * 86400)
             pipe.execute()
-        queue.enqueue_many([Queue.prepare_data(send_message, (message_id,), result_ttl=0,
+        queue.enqueue_many([Queue.prepare_data(SEND_JOB, (message_id,), result_ttl=0,
                                                job_id=job_id)
                             for message_id, job_id in job_ids.items()])
         queued += len(ids)

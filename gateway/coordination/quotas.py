@@ -10,11 +10,8 @@ allowed to finish, so a cell can end slightly over its target.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -22,108 +19,9 @@ from sqlalchemy import Engine, and_, func, select
 from sqlalchemy.orm import Session
 
 from gateway.interview.engine import cell_key
-from gateway.interview.questionnaire import Questionnaire
+from gateway.interview.quota import Quota
 from gateway.store.models import Answer, Campaign, Interview
 from gateway.store.sessions import quota_key
-
-MAX_DIMENSIONS = 3
-
-
-class QuotaError(ValueError):
-    """A quota definition that cannot be used, with what to fix."""
-
-
-@dataclass(frozen=True)
-class Quota:
-    on: tuple[str, ...]  # question names, in cell-key order
-    targets: dict[str, int]  # cell key ("ashanti|female") -> completed interviews wanted
-
-    def encode(self) -> str:
-        return json.dumps({"on": list(self.on), "targets": self.targets}, sort_keys=True)
-
-    @classmethod
-    def decode(cls, raw: str) -> Quota | None:
-        if not raw:
-            return None
-        data = json.loads(raw)
-        return cls(tuple(data["on"]), {k: int(v) for k, v in data["targets"].items()})
-
-    def cell(self, key: str) -> dict[str, str]:
-        return dict(zip(self.on, key.split("|"), strict=True))
-
-
-def define(form: Questionnaire, on: Iterable[str],
-           cells: Iterable[tuple[dict[str, str], Any]]) -> Quota:
-    """Check a quota against the campaign's questionnaire: every variable a single-choice
-    question, every cell value one of its choices, every target a whole number >= 0."""
-    names = tuple(on)
-    if not names:
-        raise QuotaError("name at least one question to set quotas on")
-    if len(set(names)) != len(names) or len(names) > MAX_DIMENSIONS:
-        raise QuotaError(f"quota questions must be distinct, at most {MAX_DIMENSIONS}")
-    questions = {q.name: q for q in form.questions}
-    choices: dict[str, set[str]] = {}
-    for name in names:
-        question = questions.get(name)
-        if question is None or question.type != "select_one":
-            raise QuotaError(f"{name!r} is not a single-choice question of questionnaire "
-                             f"{form.version}")
-        choices[name] = {c.name for c in question.choices}
-    targets: dict[str, int] = {}
-    for n, (cell, target) in enumerate(cells, start=1):
-        if set(cell) != set(names):
-            raise QuotaError(f"cell {n}: give a value for each of {', '.join(names)}")
-        for name in names:
-            if cell[name] not in choices[name]:
-                raise QuotaError(f"cell {n}: {cell[name]!r} is not a choice of {name} "
-                                 f"({', '.join(sorted(choices[name]))})")
-        if isinstance(target, bool) or not isinstance(target, int | str):
-            raise QuotaError(f"cell {n}: target must be a whole number")
-        try:
-            value = int(target)
-        except ValueError:
-            raise QuotaError(f"cell {n}: target {target!r} is not a whole number") from None
-        if value < 0:
-            raise QuotaError(f"cell {n}: target must be 0 or more")
-        key = cell_key([cell[name] for name in names])
-        if key in targets:
-            raise QuotaError(f"cell {n}: {key} is given twice")
-        targets[key] = value
-    if not targets:
-        raise QuotaError("give at least one cell with its target")
-    return Quota(names, targets)
-
-
-def read_csv(data: bytes, form: Questionnaire) -> Quota:
-    """A quota file: one column per quota question, then `target`; one row per cell.
-
-        region,sex,target
-        ashanti,female,120
-    """
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("cp1252")
-    reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip() for h in reader.fieldnames or []]
-    if "target" not in header:
-        raise QuotaError("the first row must name the quota questions and then 'target', "
-                         "e.g. region,sex,target")
-    reader.fieldnames = header
-    on = [h for h in header if h != "target"]
-    rows = []
-    for line, row in enumerate(reader, start=2):
-        if not any((v or "").strip() for v in row.values()):
-            continue
-        try:
-            rows.append(({name: (row[name] or "").strip() for name in on},
-                         (row["target"] or "").strip()))
-        except KeyError:
-            raise QuotaError(f"line {line}: missing columns") from None
-    try:
-        return define(form, on, rows)
-    except QuotaError as exc:  # cell n is data line n+1 (blank lines aside)
-        raise QuotaError(f"{exc} (cells are counted from the first data line)") from None
 
 
 def counts(engine: Engine, campaign_id: int, quota: Quota) -> dict[tuple[str, str], int]:

@@ -44,6 +44,7 @@ from gateway.store.models import (
     OutboundMessage,
     TallySnapshot,
 )
+from gateway.store.outbox import sweep
 
 PROFILE = ("sex", "age", "region", "urban", "income")
 OUTCOMES = tuple(q for _label, attrs, overall in AREAS.values() for q in (*attrs, overall))
@@ -295,8 +296,6 @@ def publish(settings: Settings, engine: Engine, client: redis.Redis, campaign_id
             version: int | None = None) -> Published:
     """Mark a snapshot published, write the summaries for RESULTS into Redis, and queue
     the summary SMS to everyone who asked for it (STOP is checked at send time)."""
-    from workers.outbound import sweep  # workers import gateway; not the other way round
-
     snap = latest_snapshot(engine, campaign_id, version)
     if snap is None:
         raise LookupError("no tally snapshot to publish: run `civicdial tally` first")

@@ -17,9 +17,9 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from gateway.coordination.quotas import Quota
 from gateway.interview.engine import Rules
 from gateway.interview.questionnaire import Questionnaire, load_questionnaire
+from gateway.interview.quota import Quota
 from gateway.store.models import Campaign, Channel, QuestionnaireVersion
 
 # GSM 03.90 caps a USSD screen at 182 characters; below ~64 no question fits.

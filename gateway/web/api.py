@@ -9,9 +9,12 @@ viewer (read-only; never a phone number).
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
@@ -37,13 +40,17 @@ from gateway.coordination.campaigns import (
 )
 from gateway.coordination.contacts import ContactFileError, import_contacts
 from gateway.coordination.invitations import Audience, InvitationError, invite
-from gateway.coordination.quotas import define as define_quota
 from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.coordination.quotas import report as quota_report
+from gateway.coordination.status import campaign_status
+from gateway.indicator import exports
+from gateway.indicator.tally import Published, latest_snapshot, publish, run_tally
 from gateway.interview.questionnaire import FormError, load_questionnaire
+from gateway.interview.quota import define as define_quota
 from gateway.store.models import (
     ApiToken,
     AuditEntry,
+    Campaign,
     CampaignContact,
     Contact,
     OptOut,
@@ -192,8 +199,6 @@ def upload_questionnaire() -> Response:
 @bp.get("/campaigns")
 @requires("viewer")
 def list_campaigns() -> Response:
-    from gateway.store.models import Campaign
-
     with Session(_engine()) as db:
         return _json([campaign_view(c) for c in db.scalars(
             select(Campaign).order_by(Campaign.id))])
@@ -325,8 +330,6 @@ def move_campaign(slug: str, verb: str) -> Response:
 @bp.get("/campaigns/<slug>/stats")
 @requires("viewer")
 def campaign_stats(slug: str) -> Response:
-    from gateway.cli.main import campaign_status
-
     services = current_app.extensions["civicdial"]
     report = campaign_status(services.engine, services.store)
     match = [c for c in report["campaigns"] if c["slug"] == slug]
@@ -391,17 +394,24 @@ EXPORTS = {"csv": ("text/csv", "csv"), "xlsx": (
     "sdmx": ("text/csv", "csv"), "microdata": ("text/csv", "csv")}
 
 
-@bp.post("/campaigns/<slug>/tally")
-@requires("coordinator")
-def tally(slug: str) -> Response:
-    from gateway.indicator.tally import run_tally
-
+def _run_audited(slug: str, action: str, work: Callable[[Any, int], Any],
+                 after: Callable[[Any], dict[str, Any] | None]) -> Any:
+    """Run a campaign's long action, then write its audit entry (only if it succeeded)."""
     services = current_app.extensions["civicdial"]
     with Session(services.engine) as db:
         campaign_id = get_campaign(db, slug).id
-    snap = run_tally(services.engine, campaign_id)
+    result = work(services, campaign_id)
     with Session(services.engine) as db, db.begin():
-        audit(db, g.actor, "campaign.tally", slug, after={"snapshot": snap.version})
+        audit(db, g.actor, action, slug, after=after(result))
+    return result
+
+
+@bp.post("/campaigns/<slug>/tally")
+@requires("coordinator")
+def tally(slug: str) -> Response:
+    snap = _run_audited(slug, "campaign.tally",
+                        lambda services, cid: run_tally(services.engine, cid),
+                        lambda snap: {"snapshot": snap.version})
     return _json({"snapshot": snap.version, "n_interviews": snap.n_interviews,
                   "n_completed": snap.n_completed}, 201)
 
@@ -409,17 +419,13 @@ def tally(slug: str) -> Response:
 @bp.post("/campaigns/<slug>/publish")
 @requires("coordinator")
 def publish_tally(slug: str) -> Response:
-    from gateway.indicator.tally import publish
+    def work(services: Any, campaign_id: int) -> Published:
+        try:
+            return publish(services.settings, services.engine, services.redis, campaign_id)
+        except LookupError as exc:
+            raise ApiError(409, str(exc)) from None
 
-    services = current_app.extensions["civicdial"]
-    with Session(services.engine) as db:
-        campaign_id = get_campaign(db, slug).id
-    try:
-        done = publish(services.settings, services.engine, services.redis, campaign_id)
-    except LookupError as exc:
-        raise ApiError(409, str(exc)) from None
-    with Session(services.engine) as db, db.begin():
-        audit(db, g.actor, "campaign.publish", slug)
+    done = _run_audited(slug, "campaign.publish", work, lambda _: None)
     return _json({"snapshot": done.version, "results_texts": done.fields,
                   "messages_queued": done.queued})
 
@@ -429,12 +435,6 @@ def publish_tally(slug: str) -> Response:
 def export(slug: str) -> Response:
     """The indicator table (csv, xlsx, sdmx) of the latest or a given snapshot; the
     pseudonymous microdata needs the coordinator role."""
-    import tempfile
-    from pathlib import Path
-
-    from gateway.indicator import exports
-    from gateway.indicator.tally import latest_snapshot
-
     fmt = request.args.get("format", "csv")
     if fmt not in EXPORTS:
         raise ApiError(422, f"format must be one of {', '.join(EXPORTS)}")
@@ -497,8 +497,6 @@ def list_contacts() -> Response:
 @bp.post("/contacts/<int:contact_id>/opt-out")
 @requires("coordinator")
 def opt_out(contact_id: int) -> Response:
-    from datetime import UTC, datetime
-
     services = current_app.extensions["civicdial"]
     with Session(services.engine) as db, db.begin():
         contact = db.get(Contact, contact_id) if contact_id <= MAX_INT else None

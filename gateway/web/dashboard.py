@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response as BaseResponse
 
 from gateway.coordination.campaigns import CampaignError, campaign_view, get_campaign, hash_token
+from gateway.coordination.status import campaign_status
 from gateway.store.models import ApiToken, Channel, OutboundMessage
 from gateway.web.api import RANK
 
@@ -174,8 +175,6 @@ def logout() -> BaseResponse:
 
 def _report() -> dict[str, Any]:
     # gateway.cli.main imports the app factory, which imports this module.
-    from gateway.cli.main import campaign_status
-
     services = current_app.extensions["civicdial"]
     return campaign_status(services.engine, services.store)
 

@@ -4,7 +4,7 @@
    (signed requests, inline TwiML replies) and an Africa's Talking SMS channel (replies by
    the queue), against bare Flask endpoints of the same shapes (bare_app.py), driven by
    sms_loadgen.py in its own process: req/s, p50, p99, errors, ratio.
-2. Outbound queue: N message rows queued and enqueued (workers.outbound.sweep), drained by
+2. Outbound queue: N message rows queued and enqueued (gateway.store.outbox.sweep), drained by
    1 and by 2 real `civicdial worker` processes against the fake provider HTTP server
    (fake_sms_provider.py, its own process): messages/s unthrottled and at a configured
    rate_per_second; no message sent twice, none lost.
@@ -75,10 +75,11 @@ from loadkit import CpuMark, children, cores_used
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from gateway.cli.main import bootstrap, channel_urls
+from gateway.coordination.bootstrap import bootstrap
+from gateway.coordination.channels import channel_urls
 from gateway.store.crypto import NumberBox
 from gateway.store.models import Campaign, Channel, OutboundMessage
-from workers.outbound import sweep
+from gateway.store.outbox import sweep
 
 BENCH_DATABASE = "civicdial_smsbench"  # created fresh on DEFAULT_PG's server
 DEFAULT_REDIS = "redis://127.0.0.1:6379/13"  # flushed before and after

@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gateway.cli.main import bootstrap, shipped_questionnaire  # noqa: E402
+from gateway.coordination.bootstrap import bootstrap, shipped_questionnaire  # noqa: E402
 from gateway.indicator.estimates import AREAS, Params, Patterns, choice_name, estimate  # noqa: E402
 from gateway.indicator.tally import default_margins, fetch_patterns, run_tally  # noqa: E402
 

@@ -39,7 +39,7 @@ from loadkit import (
     services_used,
 )
 
-from gateway.cli.main import DEFAULT_SERVICE_CODE, shipped_questionnaire
+from gateway.coordination.bootstrap import DEFAULT_SERVICE_CODE, shipped_questionnaire
 from gateway.interview.questionnaire import Question
 from gateway.interview.render import BACK, MORE, fold
 

@@ -68,7 +68,8 @@ from harness import (
 )
 from sqlalchemy import Engine, event, func, select
 
-from gateway.cli.main import bootstrap, channel_urls, shipped_questionnaire
+from gateway.coordination.bootstrap import bootstrap, shipped_questionnaire
+from gateway.coordination.channels import channel_urls
 from gateway.interview.questionnaire import Questionnaire
 from gateway.store.models import Answer, Channel, Interview
 from workers import persist

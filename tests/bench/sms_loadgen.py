@@ -48,7 +48,7 @@ from loadkit import (
 )
 from twilio.request_validator import RequestValidator
 
-from gateway.cli.main import shipped_questionnaire
+from gateway.coordination.bootstrap import shipped_questionnaire
 from gateway.interview.questionnaire import Question
 from gateway.interview.render import fold
 

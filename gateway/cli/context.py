@@ -1,0 +1,53 @@
+"""What every command needs: the settings (with --data-dir), a migrated database, one
+transaction with domain errors turned into clean exits, and --json or text output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from gateway.config import Settings, load_settings
+from gateway.coordination.bootstrap import bootstrap
+from gateway.coordination.campaigns import CampaignError
+from gateway.store.db import make_engine, migrate
+from gateway.store.redis_conn import connect
+from gateway.store.sessions import SessionStore
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    root = ctx.find_root()
+    data_dir = root.obj.get("data_dir") if root.obj else None
+    return load_settings(data_dir=data_dir) if data_dir else load_settings()
+
+
+def open_engine(settings: Settings, *, with_defaults: bool = False) -> Engine:
+    """A database at the current schema; with_defaults also makes the default campaign."""
+    engine = make_engine(settings)
+    if with_defaults:
+        bootstrap(engine)
+    else:
+        migrate(engine)
+    return engine
+
+
+def session_store(settings: Settings) -> SessionStore:
+    return SessionStore(connect(settings), settings.redis_prefix)
+
+
+def in_transaction(ctx: click.Context, work: Callable[[Session], Any]) -> Any:
+    """Run `work` in one transaction on a migrated database; CampaignError -> exit 1."""
+    engine = open_engine(settings_of(ctx))
+    try:
+        with Session(engine, expire_on_commit=False) as db, db.begin():
+            return work(db)
+    except CampaignError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def emit(as_json: bool, data: Any, text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
