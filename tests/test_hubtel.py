@@ -8,16 +8,20 @@ interaction (hubtel.readme.io/reference/sample-general-services-interaction).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
+from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from gateway.cli import main
 from gateway.store.models import Campaign, Channel, UssdSessionEnd
 from gateway.store.sessions import SessionStore
 from workers.persist import drain
@@ -347,3 +351,32 @@ def test_keys_do_not_cross_providers(client: FlaskClient, hubtel: Channel,
                      content_type="application/x-www-form-urlencoded")
     hub = post(client, f"/webhooks/hubtel/{channel.key}/ussd", request_json())
     assert at.status_code == hub.status_code == 404
+
+
+def test_channels_add_hubtel_and_arkesel(env: dict[str, str], channel: Channel,
+                                         client: FlaskClient) -> None:
+    """`channels add --provider hubtel` prints the Service Interaction and fulfilment URLs,
+    and both answer; Arkesel gets its one URL; neither has an SMS channel."""
+    def cli(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+        return result.exit_code, result.output
+
+    code, out = cli("channels", "add", "--provider", "hubtel", "--kind", "ussd",
+                    "--address", "*713*20#", "--campaign", "sdg1662", "--json")
+    assert code == 0, out
+    urls = json.loads(out)["urls"]
+    assert set(urls) == {"ussd", "fulfilment"}
+    assert re.fullmatch(r"http://127\.0\.0\.1:8000/webhooks/hubtel/[\w-]{24}/ussd", urls["ussd"])
+    assert urls["fulfilment"] == urls["ussd"] + "/fulfilment"
+    resp = post(client, urlsplit(urls["ussd"]).path, request_json())
+    assert json.loads(resp.get_data())["Message"].startswith("Language / Kasa:")
+    assert post(client, urlsplit(urls["fulfilment"]).path, {}).status_code == 200
+
+    code, out = cli("channels", "add", "--provider", "arkesel", "--kind", "ussd",
+                    "--address", "*928*311#", "--json")
+    assert code == 0 and set(json.loads(out)["urls"]) == {"ussd"}
+    listed = json.loads(cli("channels", "--json")[1])
+    assert [c["provider"] for c in listed] == ["africastalking", "hubtel", "arkesel"]
+    code, out = cli("channels", "add", "--provider", "hubtel", "--kind", "sms",
+                    "--address", "1662")
+    assert code != 0 and "hubtel has no sms channel" in out
