@@ -380,3 +380,51 @@ def test_channels_add_hubtel_and_arkesel(env: dict[str, str], channel: Channel,
     code, out = cli("channels", "add", "--provider", "hubtel", "--kind", "sms",
                     "--address", "1662")
     assert code != 0 and "hubtel has no sms channel" in out
+
+
+def sent_kinds(redis_client: redis.Redis) -> list[str]:
+    """The kinds of SMS queued through the stream (hand-overs, reminders, ...)."""
+    return [e["kind"] for _, f in redis_client.xrange("cd:events")
+            if (e := json.loads(f[b"e"]))["k"] == "send"]
+
+
+@pytest.fixture
+def handover_campaign(engine: Engine, channel: Channel) -> None:
+    """Hand-over on, an SMS channel, and a 3-screen budget (a part break comes soon)."""
+    with Session(engine) as db, db.begin():
+        campaign = db.scalar(select(Campaign))
+        assert campaign is not None
+        campaign.sms_handover, campaign.budget_screens = True, 3
+        db.add(Channel(key="at-sms-key", provider="africastalking", kind="sms",
+                       address="1662", campaign_id=campaign.id,
+                       config=json.dumps({"username": "sandbox", "api_key": "k"})))
+
+
+def test_timeout_mid_interview_hands_over_to_sms(handover_campaign: None,
+                                                 client: FlaskClient, hubtel_url: str,
+                                                 redis_client: redis.Redis) -> None:
+    """With --sms-handover, a Hubtel timeout in an unfinished interview offers the rest by
+    SMS, once, however often the timeout comes."""
+    hop(client, hubtel_url, "initiation", 1)
+    hop(client, hubtel_url, "response", 2, "1")
+    hop(client, hubtel_url, "response", 3, "1")  # consented; now at sex
+    for _ in range(2):
+        hop(client, hubtel_url, "timeout", 4)
+    assert sent_kinds(redis_client) == ["handover"]
+
+
+def test_release_after_a_part_break_is_no_drop(handover_campaign: None, client: FlaskClient,
+                                               hubtel_url: str,
+                                               redis_client: redis.Redis) -> None:
+    """A release after "Part 1 of n done" is the pause we announced: no SMS hand-over, and
+    the next dial continues at the next question."""
+    hop(client, hubtel_url, "initiation", 1)
+    hop(client, hubtel_url, "response", 2, "1")
+    hop(client, hubtel_url, "response", 3, "1")
+    _, part = hop(client, hubtel_url, "response", 4, "1")  # sex; the budget is spent
+    assert isinstance(part, dict) and part["Type"] == "release"
+    assert part["Message"].startswith("Part 1 of ") and "Dial *713*20#" in part["Message"]
+    hop(client, hubtel_url, "release", 5)
+    assert sent_kinds(redis_client) == []
+    _, next_part = hop(client, hubtel_url, "initiation", 1, session="part-two")
+    assert isinstance(next_part, dict) and next_part["Message"].startswith("How old are you?")
