@@ -141,3 +141,19 @@ def test_declining_ends_the_session(client: FlaskClient, arkesel: Channel) -> No
     last = send(client, arkesel, "2")
     assert last["continueSession"] is False
     assert last["message"].startswith("Thank you. Nothing has been recorded")
+
+
+@pytest.mark.parametrize("case", [c for c in INCOMING if c.status in (400, 413, 415)
+                                  and not c.key], ids=lambda c: c.label)
+def test_bad_input_mid_session_changes_nothing(client: FlaskClient, arkesel: Channel,
+                                               redis_client: redis.Redis, case: Case) -> None:
+    """Refused in the middle of an interview: the session is as it was and carries on."""
+    send(client, arkesel, "*928*311#", new=True)
+    send(client, arkesel, "1")
+    before = {k: redis_client.get(k) for k in redis_client.keys("cd:*")}
+    data = case.body if isinstance(case.body, str | bytes) else json.dumps(case.body)
+    resp = client.post(f"/webhooks/arkesel/{arkesel.key}/ussd", data=data,
+                       content_type=case.content_type)
+    assert resp.status_code == case.status
+    assert {k: redis_client.get(k) for k in redis_client.keys("cd:*")} == before
+    assert send(client, arkesel, "1")["message"].startswith("What is your sex?")

@@ -428,3 +428,22 @@ def test_release_after_a_part_break_is_no_drop(handover_campaign: None, client: 
     assert sent_kinds(redis_client) == []
     _, next_part = hop(client, hubtel_url, "initiation", 1, session="part-two")
     assert isinstance(next_part, dict) and next_part["Message"].startswith("How old are you?")
+
+
+REFUSED_BY_PARSING = [c for c in INCOMING
+                      if c.status in (400, 405, 413, 415) and c.path == "ussd" and not c.key]
+
+
+@pytest.mark.parametrize("case", REFUSED_BY_PARSING, ids=lambda c: c.label)
+def test_bad_input_mid_session_changes_nothing(client: FlaskClient, hubtel_url: str,
+                                               redis_client: redis.Redis, case: Case) -> None:
+    """Refused in the middle of an interview: the session is as it was and carries on."""
+    hop(client, hubtel_url, "initiation", 1)
+    hop(client, hubtel_url, "response", 2, "1")
+    before = snapshot(redis_client), redis_client.keys("cd:ps:*")
+    resp = post(client, hubtel_url, case.body, case.content_type, case.method)
+    assert resp.status_code == case.status
+    assert (snapshot(redis_client), redis_client.keys("cd:ps:*")) == before
+    status, body = hop(client, hubtel_url, "response", 3, "1")
+    assert status == 200 and isinstance(body, dict)
+    assert body["Message"].startswith("What is your sex?")
