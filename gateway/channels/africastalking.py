@@ -74,16 +74,22 @@ def _render(screen: Screen) -> str:
 @bp.post("/<channel_key>/ussd")
 def ussd(channel_key: str) -> Response:
     """A USSD hop: one input in, one screen out."""
+    return _text(ussd_hop(channel_key, lambda: parse_form(request)))
+
+
+def ussd_hop(channel_key: str, read_form: Callable[[], dict[str, str]]) -> str:
+    """The reply screen for one request, or a WebhookError. The form is read (`read_form`)
+    after the channel key is checked, as for every route."""
     ch = _channel(channel_key)
-    form = parse_form(request)
+    form = read_form()
     session_id = field(form, "sessionId", max_len=128)
     phone = phone_number(form, "phoneNumber")
     service_code = field(form, "serviceCode", max_len=40)
     text = field(form, "text", max_len=1000, allow_empty=True)
     field(form, "networkCode", max_len=10, required=False)
     # AT sends every input so far as `text`, so the hop can tell a retry from the next input.
-    return _text(hop(ch, UssdInput(session_id, phone, text, cumulative=True,
-                                   service_code=service_code), _render))
+    return hop(ch, UssdInput(session_id, phone, text, cumulative=True,
+                             service_code=service_code), _render)
 
 
 @bp.post("/<channel_key>/ussd/events")
