@@ -122,7 +122,9 @@ def decode_state(raw: str) -> SessionState:
 class ProviderSession:
     """What we remember of one provider session (e.g. one USSD dial)."""
 
-    history: str  # the inputs consumed so far, as the provider sends them (AT: 1*2*3)
+    # Where the session stands, as the provider counts: AT the inputs so far as it sends
+    # them (1*2*3), Hubtel the last Sequence, Arkesel the hops we counted.
+    history: str
     reply: str  # the last reply, returned as-is to a replayed request
     campaign: int
     respondent: str
