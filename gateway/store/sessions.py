@@ -20,6 +20,7 @@ from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.interview.engine import Event, SessionState, Stage
+from gateway.interview.questionnaire import INELIGIBLE
 
 STREAM = "events"
 GROUP = "persist"
@@ -77,8 +78,10 @@ def mask_phone(phone: str) -> str:
 
 def stream_event(e: Event, campaign: int, channel: int, respondent: str,
                  version: str) -> dict[str, Any]:
-    """An engine event as a stream entry. Declining and withdrawing carry no pseudonym."""
-    anonymous = e.kind in ("declined", "withdrawn")
+    """An engine event as a stream entry. Declining, withdrawing and being ineligible
+    (under 18) carry no pseudonym: nothing links them to a person."""
+    anonymous = e.kind in ("declined", "withdrawn") or (
+        e.kind == "screened_out" and e.value == INELIGIBLE)
     record: dict[str, Any] = {"id": e.id, "k": e.kind, "c": campaign, "ch": channel,
                               "i": e.interview, "r": None if anonymous else respondent,
                               "ver": version, "t": e.at}
@@ -86,6 +89,8 @@ def stream_event(e: Event, campaign: int, channel: int, respondent: str,
         record["q"], record["v"] = e.question, e.value
     if e.kind == "started":
         record["l"] = e.lang
+    if e.kind == "screened_out" and e.value:
+        record["why"] = e.value
     return record
 
 
@@ -118,6 +123,12 @@ def decode_state(raw: str) -> SessionState:
     )
 
 
+class SessionEnded(Exception):
+    """A hop on a provider session that has already ended, and not a retry of its last
+    hop: the provider (or someone replaying its requests) must get 409, and nothing may
+    change."""
+
+
 @dataclass(frozen=True)
 class ProviderSession:
     """What we remember of one provider session (e.g. one USSD dial)."""
@@ -126,14 +137,32 @@ class ProviderSession:
     reply: str  # the last reply, returned as-is to a replayed request
     campaign: int
     respondent: str
+    # The last reply closed the session (END, Hubtel "Release"): only a retry of that
+    # hop may follow. Kept as a flag, not read from the reply, so it holds whatever
+    # shape a provider's replies take.
+    ended: bool = False
 
     def encode(self) -> str:
-        return _dumps([self.history, self.reply, self.campaign, self.respondent])
+        fields: list[Any] = [self.history, self.reply, self.campaign, self.respondent]
+        if self.ended:
+            fields.append(1)
+        return _dumps(fields)
 
     @classmethod
     def decode(cls, raw: str) -> ProviderSession:
-        history, reply, campaign, respondent = json.loads(raw)
-        return cls(history, reply, campaign, respondent)
+        history, reply, campaign, respondent, *rest = json.loads(raw)
+        return cls(history, reply, campaign, respondent, bool(rest and rest[0]))
+
+    def replay(self, history: str) -> str | None:
+        """The rule for every provider's hop on a session we know: the stored reply if
+        `history` repeats the last hop (a provider retry); None if it is a new hop to
+        process; SessionEnded if the session has ended and this is not that retry (hops
+        after END once stored answers for questions nobody saw)."""
+        if history == self.history:
+            return self.reply
+        if self.ended:
+            raise SessionEnded("this session has ended")
+        return None
 
 
 @dataclass(frozen=True)
