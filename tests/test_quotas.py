@@ -32,14 +32,14 @@ RED_YES = replace(UNLIMITED, quota_on=("color", "used"), full_cells=frozenset({"
 @pytest.mark.parametrize("script", [
     Script("a full cell is thanked and ended at its last quota question", (
         *TO_USED,
-        Turn("1", FULL, end=True, events=("answer used=yes", "screened_out"), gone=True),
+        Turn("1", FULL, end=True, events=("answer used=yes", "screened_out=quota"), gone=True),
     ), rules=RED_YES),
     Script("an open cell goes on to the substantive questions", (
         *TO_USED, Turn("2", "Nearly done.", events=("answer used=no",), question="info"),
     ), rules=RED_YES),
     Script("a one-variable quota screens at that question", (
         *TO_USED[:3],
-        Turn("1", FULL, end=True, events=("answer color=red", "screened_out"), gone=True),
+        Turn("1", FULL, end=True, events=("answer color=red", "screened_out=quota"), gone=True),
     ), rules=replace(UNLIMITED, quota_on=("color",), full_cells=frozenset({"red"}))),
     Script("without quotas nobody is screened", (
         *TO_USED, Turn("1", "Well treated?", events=("answer used=yes",)),

@@ -24,6 +24,7 @@ from sqlalchemy import Engine, case, delete, func, insert, select, text, update
 
 from gateway.channels.sms import FEEDBACK_QUESTION
 from gateway.coordination.quotas import refresh as refresh_quotas
+from gateway.interview.questionnaire import INELIGIBLE
 from gateway.store.db import upsert_insert
 from gateway.store.models import (
     AirtimePayment,
@@ -149,7 +150,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
             "id": iid, "campaign_id": e["c"], "channel_id": e.get("ch"),
             "respondent": e.get("r"), "questionnaire_version": e.get("ver"),
             "lang": None, "status": "started", "started_at": None, "completed_at": None,
-            "last_seq": 0,
+            "last_seq": 0, "reason": None,
         })
         seq = int(e["id"].rsplit("-", 1)[1])
         if kind == "answer" and e["q"] == FEEDBACK_QUESTION:
@@ -173,7 +174,11 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
                     completions.append({"campaign_id": e["c"], "respondent": e["r"],
                                         "interview_id": iid, "channel_id": e.get("ch"),
                                         "recipient": e["to"], "at": _ts(e["t"])})
-            if kind == "withdrawn":
+            if kind == "screened_out":
+                row["reason"] = e.get("why") or "quota"  # before 'why': quotas only
+            if kind == "withdrawn" or (kind == "screened_out" and e.get("why") == INELIGIBLE):
+                # Someone outside the population (under 18) leaves only a count, as a
+                # withdrawal does: their answers so far are erased.
                 withdrawn.add(iid)
             if seq > row["last_seq"]:
                 row["status"], row["last_seq"] = _STATUS[kind], seq
@@ -190,6 +195,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
                     "lang": func.coalesce(t.lang, excluded.lang),
                     "completed_at": func.coalesce(t.completed_at, excluded.completed_at),
                     "respondent": func.coalesce(t.respondent, excluded.respondent),
+                    "reason": func.coalesce(excluded.reason, t.reason),
                     "status": case((newer, excluded.status), else_=t.status),
                     "last_seq": case((newer, excluded.last_seq), else_=t.last_seq),
                 },

@@ -59,10 +59,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
         emit(True, report, "")
         return
     header = f"{'campaign':<20} {'state':<8} {'started':>8} {'completed':>9} " \
-             f"{'declined':>8} {'answers':>8} {'waiting':>8}"
+             f"{'declined':>8} {'ineligible':>10} {'answers':>8} {'waiting':>8}"
     click.echo(header)
     for c in report["campaigns"]:
         click.echo(f"{c['slug']:<20} {c['state']:<8} {c['interviews_started']:>8} "
-                   f"{c['interviews_completed']:>9} {c['declined']:>8} "
+                   f"{c['interviews_completed']:>9} {c['declined']:>8} {c['ineligible']:>10} "
                    f"{c['answers_stored']:>8} {c['events_waiting']:>8}")
     click.echo(f"events waiting in the stream (all campaigns): {report['events_waiting']}")

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from gateway.coordination.airtime import summary as airtime_summary
 from gateway.coordination.quotas import report as quota_report
 from gateway.interview.engine import Rules, longest_path_screens
+from gateway.interview.questionnaire import INELIGIBLE
 from gateway.interview.segments import interview_cost
 from gateway.store.models import Answer, Campaign, Interview
 from gateway.store.registry import Registry
@@ -28,6 +29,11 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
                 select(Interview.campaign_id, Interview.status, func.count())
                 .group_by(Interview.campaign_id, Interview.status))
         }
+        # Outside the survey's population (under 18): only this count is kept of them.
+        ineligible: dict[int, int] = dict(db.execute(
+            select(Interview.campaign_id, func.count())
+            .where(Interview.status == "screened_out", Interview.reason == INELIGIBLE)
+            .group_by(Interview.campaign_id)).all())
         started: dict[int, int] = dict(db.execute(
             select(Interview.campaign_id, func.count()).where(Interview.started_at.is_not(None))
             .group_by(Interview.campaign_id)).all())
@@ -45,6 +51,7 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
             "interviews_completed": counts.get((c.id, "completed"), 0),
             "declined": counts.get((c.id, "declined"), 0),
             "screened_out": counts.get((c.id, "screened_out"), 0),
+            "ineligible": ineligible.get(c.id, 0),
             "answers_stored": answers.get(c.id, 0),
             "events_waiting": waiting.get(c.id, 0),
             "sms_segments_per_interview": costs[c.questionnaire_version],

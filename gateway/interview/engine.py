@@ -18,7 +18,13 @@ from enum import StrEnum
 
 from gateway.interview import render
 from gateway.interview.messages import message
-from gateway.interview.questionnaire import CONSENT, Language, Question, Questionnaire
+from gateway.interview.questionnaire import (
+    CONSENT,
+    INELIGIBLE,
+    Language,
+    Question,
+    Questionnaire,
+)
 
 
 class Stage(StrEnum):
@@ -123,6 +129,7 @@ class Reply:
 class Event:
     id: str
     # started | answer | completed | declined | withdrawn | abandoned | screened_out
+    # (value: why, 'quota' or 'ineligible')
     kind: str
     interview: str
     at: float
@@ -321,6 +328,12 @@ class _Turn:
     def go_to(self, pos: int | None) -> Step:
         if pos is None:
             return self.complete()
+        question = self.q.questions[pos]
+        if question.screens_out:
+            # Not in the survey's population (under 18): say goodbye and keep nothing,
+            # before any budget check could turn it into a part break.
+            label, _ = self._texts(question)
+            return self.screen_out(INELIGIBLE, label)
         self.state = _evolve(self.state, stage=Stage.QUESTION, pos=pos, page=0, invalid=0)
         budget_spent = (
             self.state.session_screens >= self.rules.budget_screens
@@ -458,9 +471,14 @@ class _Turn:
         if question.name in self.rules.quota_on and self.cell() in self.rules.full_cells:
             # Checked only as a quota question is answered: someone already past them
             # finishes even if their cell fills meanwhile.
-            self.emit("screened_out")
-            return self.end(self.msg("quota_full"), forget=True)
+            return self.screen_out("quota", self.msg("quota_full"))
         return self.go_to(self.next_position(question.index + 1))
+
+    def screen_out(self, reason: str, text: str) -> Step:
+        """End an interview that must not count: screened out (reason 'quota' or
+        'ineligible'), the session forgotten."""
+        self.emit("screened_out", value=reason)
+        return self.end(text, forget=True)
 
     def cell(self) -> str | None:
         """The respondent's quota cell, once every quota question is answered."""
