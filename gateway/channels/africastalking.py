@@ -52,6 +52,7 @@ from gateway.store.models import AirtimePayment
 from gateway.store.registry import ChannelInfo
 from gateway.store.sessions import (
     ProviderSession,
+    SessionEnded,
     decode_state,
     encode_state,
     mask_phone,
@@ -128,8 +129,12 @@ def ussd(channel_key: str) -> Response:
         else:
             if record.respondent != respondent or record.campaign != ch.campaign_id:
                 raise WebhookError(409, "sessionId belongs to another phone number")
-            if text == record.history:
-                return _text(record.reply)
+            try:
+                replayed = record.replay(text)
+            except SessionEnded:
+                raise WebhookError(409, "this session has ended") from None
+            if replayed is not None:
+                return _text(replayed)
             new = _new_input(record.history, text)
             if new is None:
                 raise WebhookError(409, "text does not extend this session's inputs")
@@ -142,7 +147,7 @@ def ussd(channel_key: str) -> Response:
                             session_id=session_id, expected=loaded.state_raw,
                             state=loaded.state_raw, state_ttl=settings.completed_ttl,
                             provider=ProviderSession(text, done_reply, ch.campaign_id,
-                                                     respondent),
+                                                     respondent, ended=True),
                             provider_ttl=ENDED_SESSION_TTL, events=[]):
                 return _text(done_reply)
             continue
@@ -166,7 +171,8 @@ def ussd(channel_key: str) -> Response:
         committed = store.commit(
             campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
             session_id=session_id, expected=loaded.state_raw, state=new_state, state_ttl=ttl,
-            provider=ProviderSession(text, reply, ch.campaign_id, respondent),
+            provider=ProviderSession(text, reply, ch.campaign_id, respondent,
+                                     ended=result.reply.end),
             # After END the operator closes the session: only quick retries can follow.
             provider_ttl=ENDED_SESSION_TTL if result.reply.end else settings.ussd_session_ttl,
             events=events,
