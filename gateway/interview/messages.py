@@ -42,6 +42,9 @@ MESSAGES: dict[str, dict[str, str]] = {
                       "(SDG 16.6.2). Free, no names. Reply {keyword} to take part, STOP to opt "
                       "out.",
         "results_none": "The results are not published yet. Thank you for waiting.",
+        "results_too_few": "Results are published, but too few have answered yet to show "
+                           "figures for your region or the nation.",
+        "results_region_too_few": "Not enough answers yet for your region.",
         "reminder": "You have an unfinished survey on public services. Reply to continue "
                     "(free), or STOP to opt out.",
         "reminder_ussd": "You have an unfinished survey on public services. Dial {dial} to "
@@ -81,6 +84,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "invitation": "Ghana Statistical Service pɛ sɛ wote wo nsusuwii fa aban nnwuma ho. "
                       "Ɛyɛ kwa. Kyerɛw {keyword} fa wo ho hyɛ mu, GYAE gyae.",
         "results_none": "Yɛntintimii nea yɛahunu no ɛ. Meda wo ase sɛ wotwɛn.",
+        "results_too_few": "Yɛatintim nea yɛahunu, nanso mmuae no nnɔɔso mma wo mantam "
+                           "anaa ɔman no ɛ.",
+        "results_region_too_few": "Mmuae a efi wo mantam mu nnɔɔso ɛ.",
         "reminder": "Wonnwiee nsɛmmisa no. Bua na toa so (kwa), anaa GYAE.",
         "reminder_ussd": "Wonnwiee nsɛmmisa no. Frɛ {dial} na toa so (kwa). Kyerɛw GYAE gyae.",
         "intro": "Akwaaba! Ghana Statistical Service pɛ sɛ wote wo nsusuwii. Kyerɛw {keyword} "

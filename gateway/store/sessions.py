@@ -20,6 +20,7 @@ from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.interview.engine import Event, SessionState, Stage
+from gateway.interview.messages import message
 from gateway.interview.questionnaire import INELIGIBLE
 
 STREAM = "events"
@@ -56,6 +57,11 @@ for i = 8, #ARGV do
 end
 return 1
 """
+
+
+# A field of the results hash that `publish` always writes (the snapshot's version), so
+# RESULTS can tell "published, too few answers for a figure" from "not published".
+RESULTS_PUBLISHED = "_published"
 
 
 def quota_key(prefix: str, campaign: int) -> str:
@@ -276,14 +282,26 @@ class SessionStore:
             return bool(self._commit(keys=keys, args=args))
 
     def results(self, campaign: int, lang_code: str, region: str | None) -> str | None:
-        """The published summary for a region (else the nation), in the language asked
-        (else English); written by `civicdial publish`."""
-        fields = [f"{code}:{place}" for code in dict.fromkeys((lang_code, "en"))
-                  for place in ((region,) if region else ()) + ("_national",)]
-        for value in self.r.hmget(f"{self.prefix}results:{campaign}", fields):
-            if value:
-                return _text(value)
-        return None
+        """What RESULTS answers: the published summary for a region (else the nation), in
+        the language asked (else English), written by `civicdial publish`; when a tally is
+        published but too few answered for a figure (every cell suppressed), says so, for
+        the region and for the nation. None: nothing is published yet."""
+        codes = tuple(dict.fromkeys((lang_code, "en")))
+        known_region = bool(region) and region != "refuse"
+        regional = [f"{code}:{region}" for code in codes] if known_region else []
+        national = [f"{code}:_national" for code in codes]
+        values = [_text(v) for v in self.r.hmget(f"{self.prefix}results:{campaign}",
+                                                 [*regional, *national, RESULTS_PUBLISHED])]
+        mine = next((v for v in values[:len(regional)] if v), "")
+        nation = next((v for v in values[len(regional):-1] if v), "")
+        if mine:
+            return mine
+        if not values[-1]:  # not published (or published before the marker existed)
+            return nation or None
+        if nation:
+            return (message(lang_code, "results_region_too_few") + " " + nation
+                    if known_region else nation)
+        return message(lang_code, "results_too_few")
 
     def opted_out(self, respondent: str) -> bool:
         return bool(self.r.exists(self.optout_key(respondent)))
