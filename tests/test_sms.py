@@ -161,8 +161,11 @@ AT_CASES = [
                                               "phoneNumber": PHONE, "failureReason":
                                               "UserInBlackList", "retryCount": "1"}),
          200, "OK", "sms/delivery"),
-    Case("delivery report, unknown status", urlencode({"id": "ATXid_3", "status": "Lost"}), 400,
-         "unknown status", "sms/delivery"),
+    Case("delivery report, expired", urlencode({"id": "ATXid_4", "status": "Expired",
+                                                "phoneNumber": PHONE, "networkCode": "62001",
+                                                "retryCount": "2"}), 200, "OK", "sms/delivery"),
+    Case("delivery report, unknown status is logged and accepted",
+         urlencode({"id": "ATXid_3", "status": "Lost"}), 200, "OK", "sms/delivery"),
 ]
 
 
