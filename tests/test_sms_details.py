@@ -138,3 +138,19 @@ def test_channels_set_merges_config_and_audits_key_names(
     for bad in (["nope", "--config", "{}"], [sms.at.key, "--config", "[1]"]):
         result = CliRunner().invoke(main, ["channels", "set", *bad], env=env)
         assert result.exit_code != 0
+
+
+def test_outbound_by_status_in_campaign_status_and_status_json(
+        env: dict[str, str], engine: Engine, sms: SmsChannels, settings) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    """`campaign status [--json]` and `status --json` count outbound SMS by status."""
+    queue_messages(engine, settings, sms.at, 3)
+    with Session(engine) as db, db.begin():
+        db.execute(OutboundMessage.__table__.update()
+                   .where(OutboundMessage.key == "bulk:0").values(status="failed"))
+    runner = CliRunner()
+    result = runner.invoke(main, ["campaign", "status", "sdg1662", "--json"], env=env)
+    assert json.loads(result.output)["outbound"] == {"failed": 1, "queued": 2}
+    result = runner.invoke(main, ["campaign", "status", "sdg1662"], env=env)
+    assert "outbound SMS: 1 failed, 2 queued" in result.output
+    result = runner.invoke(main, ["status", "--json"], env=env)
+    assert json.loads(result.output)["campaigns"][0]["outbound"] == {"failed": 1, "queued": 2}
