@@ -56,13 +56,16 @@ def screen_question(body: str, by_label: dict[str, Question],
                     last: Question | None) -> Question | None:
     """The question on screen; after an error line the label may be clipped ('...'),
     and then it is the question just asked, asked again."""
-    for line in body.splitlines()[:2]:
+    for line in body.splitlines()[:3]:  # an error line, the consent screen's parts note
         if line in by_label:
             return by_label[line]
-    second = body.splitlines()[1] if "\n" in body else ""
-    if last is not None and second.endswith("...") and last.labels["English (en)"].startswith(
-            second[:-3]):
-        return last
+    for line in body.splitlines()[1:3]:
+        if not line.endswith("..."):
+            continue
+        if last is not None and last.labels["English (en)"].startswith(line[:-3]):
+            return last
+        if line.startswith("GSS asks adults"):  # the consent screen, after an error
+            return by_label.get(next(k for k in by_label if k.startswith(line[:-3])))
     return None
 
 

@@ -561,7 +561,7 @@ SCRIPTS = [
     # -- the shipped form
     Script("shipped: under 18 is thanked and screened out at once, never completed", (
         Turn(None, "Language / Kasa:"),
-        Turn("1", "Ghana Statistical Service asks about public services"),
+        Turn("1", "GSS asks adults (18+) about public services"),
         Turn("1", "What is your sex?", events=("started", "answer consent=yes")),
         Turn("2", "How old are you?", events=("answer sex=male",)),
         Turn("1", "Thank you. This survey is only for people aged 18 or older. Goodbye.",
@@ -570,7 +570,7 @@ SCRIPTS = [
     ), form=SHIPPED),
     Script("shipped: under 18 in Twi, even when the budget is spent", (
         Turn(None, "Language / Kasa:"),
-        Turn("2", "Ghana Statistical Service bisa"),
+        Turn("2", "GSS bisa mpanimfoo (18+)"),
         Turn("1", "Woye obaa anaa obarima?", events=("started", "answer consent=yes")),
         Turn("2", "Wadi mfee ahe?", events=("answer sex=male",)),
         Turn("1", "Saa nsemmisa yi ye ma nnipa", end=True,

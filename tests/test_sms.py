@@ -311,7 +311,7 @@ def test_keywords_help_lang_and_invalid_hint(client: FlaskClient, sms: SmsChanne
     assert consent.startswith("Please reply with a number from 1 to 2.")
     assert twiml_text(tw_sms(client, sms.tw, "LANG", "S6")[1]).startswith("Language / Kasa")
     twi = twiml_text(tw_sms(client, sms.tw, "2", "S7")[1])
-    assert twi.startswith("Ghana Statistical Service bisa")
+    assert twi.startswith("GSS bisa mpanimfoɔ (18+)")
     assert "ɛ" in twi  # SMS keeps Twi letters (USSD folds them)
     assert twiml_text(tw_sms(client, sms.tw, "aane, mepene so", "S8")[1]).startswith("Woyɛ ɔbaa")
 
