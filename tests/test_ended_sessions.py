@@ -93,7 +93,8 @@ def test_hop_after_end(client: FlaskClient, ussd_url: str, redis_client: redis.R
 
 def test_results_screen_session_is_ended(client: FlaskClient, ussd_url: str,
                                          redis_client: redis.Redis, app: Flask) -> None:
-    """A dial after completing shows the results screen (END); a hop on it is refused."""
+    """After completing, the menu's results screen (END) ends the session; a hop on it is
+    refused."""
     services = app.extensions["civicdial"]
     ch = services.registry.channel(ussd_url.split("/")[3])
     respondent = pseudonym(services.settings.pseudonym_key, "+233241234567")
@@ -103,11 +104,13 @@ def test_results_screen_session_is_ended(client: FlaskClient, ussd_url: str,
         campaign=ch.campaign_id, respondent=respondent, channel=ch.id, session_id="old",
         expected="", state=encode_state(done), state_ttl=600, provider=None,
         provider_ttl=1, events=[])
-    status, end = _post(client, ussd_url, "", "D")
-    assert status == 200 and end.startswith("END You have already completed")
+    status, menu = _post(client, ussd_url, "", "D")
+    assert status == 200 and menu.startswith("CON You have already completed")
+    status, end = _post(client, ussd_url, "1", "D")
+    assert status == 200 and end.startswith("END ")
     before = _redis_snapshot(redis_client)
-    assert _post(client, ussd_url, "1", "D")[0] == 409
-    assert _post(client, ussd_url, "", "D") == (200, end)
+    assert _post(client, ussd_url, "1*2", "D")[0] == 409
+    assert _post(client, ussd_url, "1", "D") == (200, end)
     assert _redis_snapshot(redis_client) == before
 
 

@@ -702,11 +702,17 @@ def test_results_opt_in_and_results_keyword(client: FlaskClient, sms: SmsChannel
     assert reply == "Health care, Ashanti: 62% satisfied (n=412). Ghana: 58%."
     other = twiml_text(tw_sms(client, sms.tw, "RESULTS", "R100", phone="+233209999999")[1])
     assert other == "Health care, Ghana: 58% satisfied (n=4012)."
-    ussd = client.post(f"/webhooks/africastalking/{channel.key}/ussd", content_type=FORM,
-                       data={"sessionId": "U9", "serviceCode": "*920*16#", "phoneNumber": PHONE,
-                             "networkCode": "62001", "text": ""}).get_data(as_text=True)
-    assert ussd.startswith("END You have already completed this survey")
-    assert "Ashanti: 62% satisfied" in ussd and len(ussd) <= 160
+    def dial(text: str) -> str:
+        return client.post(f"/webhooks/africastalking/{channel.key}/ussd", content_type=FORM,
+                           data={"sessionId": "U9", "serviceCode": "*920*16#",
+                                 "phoneNumber": PHONE, "networkCode": "62001",
+                                 "text": text}).get_data(as_text=True)
+
+    menu = dial("")
+    assert menu.startswith("CON You have already completed this survey")
+    assert "1 See the results\n2 Delete my answers" in menu
+    ussd = dial("1")
+    assert ussd.startswith("END ") and "Ashanti: 62% satisfied" in ussd and len(ussd) <= 160
 
 
 def test_rate_limit_token_bucket(redis_client: redis.Redis) -> None:

@@ -24,6 +24,7 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from gateway.channels.after_completion import done_menu
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
 from gateway.channels.sms import (
     FEEDBACK_QUESTION,
@@ -32,6 +33,7 @@ from gateway.channels.sms import (
     attach_subscription,
     converse,
     delivery_event,
+    forget_in_redis,
     send_event,
     track,
 )
@@ -43,7 +45,6 @@ from gateway.channels.webhook import (
     parse_form_or_json,
     phone_number,
 )
-from gateway.interview import render
 from gateway.interview.engine import Input, SessionState, Stage, hand_over, step
 from gateway.interview.messages import message
 from gateway.money import minor_to_text
@@ -140,15 +141,22 @@ def ussd(channel_key: str) -> Response:
                 raise WebhookError(409, "text does not extend this session's inputs")
             inp = Input.answer(new, now, secrets.token_hex(8))
         state = loaded.state
-        if state is not None and state.stage is Stage.DONE and record is None:
-            # A new dial after completing: the published results, if any.
-            done_reply = _results_screen(services, ch, state)
+        if state is not None and state.stage is Stage.DONE:
+            # A dial after completing: the results, or erasing their answers.
+            menu = done_menu(services, ch, state, respondent,
+                             text.split("*") if record else [], f"{ch.id}:{session_id}")
+            done_reply = ("END " if menu.end else "CON ") + menu.text
             if store.commit(campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
                             session_id=session_id, expected=loaded.state_raw,
-                            state=loaded.state_raw, state_ttl=settings.completed_ttl,
+                            state="" if menu.erase else loaded.state_raw,
+                            state_ttl=settings.completed_ttl,
                             provider=ProviderSession(text, done_reply, ch.campaign_id,
-                                                     respondent, ended=True),
-                            provider_ttl=ENDED_SESSION_TTL, events=[]):
+                                                     respondent, ended=menu.end),
+                            provider_ttl=ENDED_SESSION_TTL if menu.end
+                            else settings.ussd_session_ttl,
+                            events=[menu.event] if menu.event else []):
+                if menu.erase:
+                    forget_in_redis(services, respondent)
                 return _text(done_reply)
             continue
         form_version = state.version if state else ch.questionnaire_version
@@ -187,13 +195,6 @@ def ussd(channel_key: str) -> Response:
             return _text(reply)
     log.warning("ussd %s %s: state kept changing under us", ch.id, mask_phone(phone))
     raise WebhookError(409, "concurrent requests for this session; retry")
-
-
-def _results_screen(services: Any, ch: ChannelInfo, state: SessionState) -> str:
-    code = services.registry.questionnaire(state.version).language(state.lang).code
-    summary = services.store.results(ch.campaign_id, code, state.answer_map().get("region"))
-    body = message(code, "already_done") + "\n" + (summary or message(code, "results_none"))
-    return "END " + render.clip(render.fold(body), ch.rules.body_limit)
 
 
 @bp.post("/<channel_key>/ussd/events")

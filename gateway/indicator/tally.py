@@ -52,7 +52,7 @@ OUTCOMES = tuple(q for _label, attrs, overall in AREAS.values() for q in (*attrs
 # Answers that say nothing about the respondent's group: they fall in the "unknown" group.
 NOT_STATED = frozenset({"refuse", "dk"})
 # Interviews that never got to the questions: refused, withdrawn, or turned away by a quota.
-NOT_INTERVIEWED = ("declined", "withdrawn", "screened_out")
+NOT_INTERVIEWED = ("declined", "withdrawn", "screened_out", "erased")
 RESULTS_KIND = "results"
 DEFAULT_PARAMS = Params()
 

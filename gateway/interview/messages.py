@@ -42,7 +42,19 @@ MESSAGES: dict[str, dict[str, str]] = {
                    "Text START to take part again.",
         "help": "Ghana Statistical Service survey on public services (SDG 16.6.2). Free, "
                 "voluntary, no names. Text {keyword} to answer, LANG to change language, "
-                "STOP to opt out.",
+                "STOP to opt out, DELETE to erase your answers.",
+        "erase_confirm": "Erase all your answers to every survey, your number and your "
+                         "results request? Results already published are not changed. "
+                         "Reply YES to erase.",
+        "erase_confirm_ussd": "Erase all your answers, your number and results request? "
+                              "Published results are not changed.",
+        "erase_yes": "Yes, erase",
+        "erase_no": "No",
+        "erased": "Your answers, number and results request are erased. Results already "
+                  "published are not changed. Thank you.",
+        "erase_kept": "Nothing was erased.",
+        "done_menu_results": "See the results",
+        "done_menu_erase": "Delete my answers",
         "handover": "Your survey call was cut. You can finish here by SMS (free): reply to "
                     "this message.",
         "invitation": "Ghana Statistical Service asks about your experience of public services "
@@ -93,7 +105,18 @@ MESSAGES: dict[str, dict[str, str]] = {
         "closed": "Nsɛmmisa yi nnim mu. Meda wo ase.",
         "stopped": "Wonnya nkrasɛm biara bio. Kyerɛw START na fa wo ho hyɛ mu bio.",
         "help": "Ghana Statistical Service nsɛmmisa fa aban nnwuma ho (SDG 16.6.2). Ɛyɛ kwa. "
-                "Kyerɛw {keyword} bua, KASA sesa kasa, GYAE gyae.",
+                "Kyerɛw {keyword} bua, KASA sesa kasa, GYAE gyae, PEPA pepa wo mmuae.",
+        "erase_confirm": "Yɛmpepa wo mmuae nyinaa, wo nɔma ne nea wopɛ sɛ yɛde mena wo? "
+                         "Nea yɛatintim dada no rensesa. Kyerɛw AANE na yɛapepa.",
+        "erase_confirm_ussd": "Yɛmpepa wo mmuae nyinaa ne wo nɔma? Nea yɛatintim dada no "
+                              "rensesa.",
+        "erase_yes": "Aane, pepa",
+        "erase_no": "Daabi",
+        "erased": "Yɛapepa wo mmuae, wo nɔma ne nea wopɛ sɛ yɛde mena wo. Nea yɛatintim "
+                  "dada no rensesa. Meda wo ase.",
+        "erase_kept": "Yɛmpepaa hwee.",
+        "done_menu_results": "Hwɛ nea aba",
+        "done_menu_erase": "Pepa me mmuae",
         "handover": "Wo frɛ no twae. Wobɛtumi awie ha wɔ SMS so (kwa): bua nkrasɛm yi.",
         "invitation": "Ghana Statistical Service pɛ sɛ wote wo nsusuwii fa aban nnwuma ho. "
                       "Ɛyɛ kwa. Kyerɛw {keyword} fa wo ho hyɛ mu, GYAE gyae.",
@@ -116,7 +139,11 @@ KEYWORDS: dict[str, frozenset[str]] = {
     "lang": frozenset({"LANG", "LANGUAGE", "KASA"}),
     "start": frozenset({"START", "SURVEY", "FI ASE", "HYE ASE"}),
     "results": frozenset({"RESULTS", "RESULT", "NEA ABA"}),
+    # Erase my answers (Copenhagen Framework): asks to confirm first.
+    "delete": frozenset({"DELETE", "ERASE", "REMOVE", "WITHDRAW", "PEPA"}),
 }
+# What confirms an erasure, in every language.
+CONFIRM_WORDS = frozenset({"YES", "Y", "AANE"})
 
 
 def message(code: str, key: str, **values: object) -> str:

@@ -177,6 +177,7 @@ class Loaded:
     provider: ProviderSession | None
     opted_out: bool = False
     full_cells: frozenset[str] = frozenset()  # the campaign's full quota cells
+    extra: tuple[str, ...] = ()  # the values of the extra keys asked for ('' if unset)
 
     @property
     def state(self) -> SessionState | None:
@@ -246,19 +247,22 @@ class SessionStore:
         return f"{self.prefix}optout:{respondent}"
 
     def load(self, campaign: int, respondent: str, channel: int, session_id: str,
-             quotas: bool = False) -> Loaded:
-        """State, provider session (or message) record, opt-out flag and, for a campaign
-        with quotas, its full cells: one round trip."""
+             quotas: bool = False, extra: tuple[str, ...] = ()) -> Loaded:
+        """State, provider session (or message) record, opt-out flag, for a campaign with
+        quotas its full cells, and any `extra` keys (e.g. a pending erasure): one round
+        trip."""
         keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
-                self.optout_key(respondent)]
+                self.optout_key(respondent), *extra]
         if quotas:
             keys.append(quota_key(self.prefix, campaign))
-        state_raw, provider_raw, optout, *full = self._execute("MGET", *keys)
+        state_raw, provider_raw, optout, *rest = self._execute("MGET", *keys)
+        more, full = rest[:len(extra)], rest[len(extra):]
         return Loaded(
             state_raw=_text(state_raw),
             provider=ProviderSession.decode(_text(provider_raw)) if provider_raw else None,
             opted_out=optout is not None,
             full_cells=frozenset(json.loads(full[0])) if full and full[0] else frozenset(),
+            extra=tuple(_text(v) for v in more),
         )
 
     def commit(self, *, campaign: int, respondent: str, channel: int, session_id: str,
