@@ -222,15 +222,24 @@ def test_twilio_signature_uses_public_url_behind_proxy(
                        base="https://gw.example.org")[0] == 200
 
 
-def test_twilio_tampered_body_is_refused(client: FlaskClient, sms: SmsChannels) -> None:
-    """A signature over one body does not cover another."""
+def test_twilio_tampered_body_is_refused(client: FlaskClient, sms: SmsChannels,
+                                        redis_client: redis.Redis, engine: Engine) -> None:
+    """A signature over one body does not cover another, and nothing is written."""
     path = f"/webhooks/twilio/{sms.tw.key}/sms"
     form = twilio_form("SURVEY", "SM1")
     signature = RequestValidator(TWILIO_TOKEN).compute_signature("http://localhost" + path, form)
     form["Body"] = "STOP"
+    before = {k: redis_client.dump(k) for k in redis_client.keys("cd:*")}
     resp = client.post(path, data=urlencode(form), content_type=FORM,
                        headers={"X-Twilio-Signature": signature})
     assert resp.status_code == 403
+    # Nothing was written: no opt-out flag, no state, no stream entry, no reply record.
+    assert {k: redis_client.dump(k) for k in redis_client.keys("cd:*")} == before
+    assert redis_client.xlen("cd:events") == 0
+    work(engine, redis_client)
+    with Session(engine) as db:
+        for model in (OptOut, Interview, Answer, OutboundMessage):
+            assert db.scalar(select(func.count()).select_from(model)) == 0, model
 
 
 # -- conversations ----------------------------------------------------------------------
