@@ -118,10 +118,32 @@ def test_provider_session_record() -> None:
     """The ended flag survives encoding; records written before it read as open."""
     record = ProviderSession("1*2", "END bye", 1, "r", ended=True)
     assert ProviderSession.decode(record.encode()) == record
-    assert record.replay("1*2") == "END bye"
+    assert record.answer_to(retry=True) == "END bye"
     with pytest.raises(SessionEnded):
-        record.replay("1*2*1")
-    open_record = ProviderSession("1*2", "CON next", 1, "r")
+        record.answer_to(retry=False)
+    open_record = ProviderSession("1*2", "CON next", 1, "r", menu="2")
     assert ProviderSession.decode(open_record.encode()) == open_record
-    assert open_record.replay("1*2*1") is None
-    assert ProviderSession.decode('["1","CON x",1,"r"]').ended is False
+    assert open_record.answer_to(retry=False) is None
+    assert ProviderSession.decode('["1","CON x",1,"r"]') == ProviderSession("1", "CON x", 1,
+                                                                            "r")
+
+
+def test_hubtel_hop_after_release(client: FlaskClient, engine: Engine,
+                                  redis_client: redis.Redis, app: Flask) -> None:
+    """The same rule on Hubtel: after the Release, the same Sequence gets the same body;
+    the next Sequence gets 409 and changes nothing."""
+    from test_hubtel import add_hubtel_channel, request_json
+
+    ch = add_hubtel_channel(engine)
+    app.extensions["civicdial"].registry.refresh()
+    url = f"/webhooks/hubtel/{ch.key}/ussd"
+    client.post(url, json=request_json())
+    client.post(url, json=request_json(type_="Response", message="1", sequence=2))
+    last = client.post(url, json=request_json(type_="Response", message="2", sequence=3))
+    assert last.status_code == 200 and last.get_json()["Type"].lower() == "release"
+    before = _redis_snapshot(redis_client)
+    again = client.post(url, json=request_json(type_="Response", message="2", sequence=3))
+    assert again.get_data() == last.get_data()
+    after = client.post(url, json=request_json(type_="Response", message="1", sequence=4))
+    assert after.status_code == 409
+    assert _redis_snapshot(redis_client) == before

@@ -147,24 +147,27 @@ class ProviderSession:
     # hop may follow. Kept as a flag, not read from the reply, so it holds whatever
     # shape a provider's replies take.
     ended: bool = False
+    # The entries so far in the menu after completion ('2' = chose to erase), if any.
+    menu: str = ""
 
     def encode(self) -> str:
         fields: list[Any] = [self.history, self.reply, self.campaign, self.respondent]
-        if self.ended:
-            fields.append(1)
+        if self.ended or self.menu:
+            fields += [int(self.ended), self.menu]
         return _dumps(fields)
 
     @classmethod
     def decode(cls, raw: str) -> ProviderSession:
         history, reply, campaign, respondent, *rest = json.loads(raw)
-        return cls(history, reply, campaign, respondent, bool(rest and rest[0]))
+        return cls(history, reply, campaign, respondent, bool(rest and rest[0]),
+                   rest[1] if len(rest) > 1 else "")
 
-    def replay(self, history: str) -> str | None:
-        """The rule for every provider's hop on a session we know: the stored reply if
-        `history` repeats the last hop (a provider retry); None if it is a new hop to
-        process; SessionEnded if the session has ended and this is not that retry (hops
-        after END once stored answers for questions nobody saw)."""
-        if history == self.history:
+    def answer_to(self, retry: bool) -> str | None:
+        """The rule for every provider's hop on a session we know: a retry of the last hop
+        gets the stored reply; once the session has ended, anything else raises
+        SessionEnded (hops after END once stored answers for questions nobody saw);
+        None: a new hop to process."""
+        if retry:
             return self.reply
         if self.ended:
             raise SessionEnded("this session has ended")
