@@ -136,8 +136,8 @@ class Dialler:
         return self.send("1")
 
     def finish(self) -> str:
-        """Answer the first option everywhere (any text to open questions), redialling
-        after each part break, until the interview completes."""
+        """Answer the first option everywhere (18-24 for age; any text to open
+        questions), redialling after each part break, until the interview completes."""
         screen = self.inputs and self._post() or self.dial()
         for _ in range(300):
             if screen.startswith("END"):
@@ -145,7 +145,9 @@ class Dialler:
                     return screen
                 screen = self.dial()
                 continue
-            screen = self.send("1")
+            # An adult (option 1 is "Under 18", which ends the survey at once).
+            adult = "How old are you?" in screen or "Wadi mfee ahe?" in screen
+            screen = self.send("2" if adult else "1")
         raise AssertionError("the interview never ended")
 
 
