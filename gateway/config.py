@@ -54,6 +54,9 @@ class Settings:
     # Past this many queued messages on a channel, bulk sends (invitations) are held.
     outbox_backlog: int
     send_backoff_seconds: float
+    # Contact numbers and outbound message bodies older than this are purged daily
+    # (answers stay, pseudonymous); 0 keeps them.
+    retention_days: int = 365
 
     @property
     def redis_db_file(self) -> Path:
@@ -107,5 +110,6 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         send_retries=_int(env, "CIVICDIAL_SEND_RETRIES", 5),
         outbox_backlog=_int(env, "CIVICDIAL_OUTBOX_BACKLOG", 10_000),
         send_backoff_seconds=float(env.get("CIVICDIAL_SEND_BACKOFF_SECONDS") or 2.0),
+        retention_days=_int(env, "CIVICDIAL_RETENTION_DAYS", 365),
     )
     return settings.with_(**overrides) if overrides else settings

@@ -141,7 +141,7 @@ def test_new_questionnaire_version_for_a_paused_campaign(
     version = json.loads(out)["version"]
     under_way = Dialler(client, ussd_url, "+233240009001")
     assert "Language" in under_way.dial()
-    assert "Ghana Statistical Service asks" in under_way.send("1")  # shipped consent
+    assert "GSS asks adults (18+)" in under_way.send("1")  # shipped consent
 
     code, out = run(env, "campaign", "set", "sdg1662", "--questionnaire", version)
     assert code != 0 and "is open: pause it" in out
@@ -182,7 +182,7 @@ def test_languages_offered(env: dict[str, str], engine: Engine, client,  # type:
     client.application.extensions["civicdial"].registry.refresh()
     twi = Dialler(client, ussd_url, "+233240008001")
     first = twi.dial()
-    assert "Language" not in first and "Ghana Statistical Service bisa" in first
+    assert "Language" not in first and "GSS bisa mpanimfo" in first
     assert run(env, "campaign", "set", "sdg1662", "--languages", "all")[0] == 0
     client.application.extensions["civicdial"].registry.refresh()
     assert "Language / Kasa" in Dialler(client, ussd_url, "+233240008002").dial()

@@ -189,6 +189,18 @@ def test_worker_killed_mid_batch_loses_nothing(engine: Engine, channel: Channel,
     rows = answers(engine)
     assert len(rows) == 20 * 24
     assert len({(i, q) for i, q, _ in rows}) == len(rows)
+    # Each stored answer is the one the event carried (the newest per question), not just
+    # the right number of rows.
+    sent: dict[tuple[str, str], tuple[int, str | None]] = {}
+    for e in events:
+        if e["k"] == "answer":
+            seq = int(e["id"].rsplit("-", 1)[1])
+            if (e["i"], e["q"]) not in sent or sent[(e["i"], e["q"])][0] < seq:
+                sent[(e["i"], e["q"])] = (seq, e["v"])
+    assert rows == sorted((i, q, v) for (i, q), (_, v) in sent.items() if v is not None)
+    with Session(engine) as db:
+        owners = dict(db.execute(select(Interview.id, Interview.respondent)).all())
+    assert owners == {f"iv{n}": f"r{n}" for n in range(20)}
     assert pending(redis_client) == 0
     assert redis_client.xlen(STREAM) == 0
 

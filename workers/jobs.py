@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings, load_settings
 from gateway.coordination.quotas import refresh as refresh_quotas
+from gateway.coordination.retention import purge_daily
 from gateway.store.db import make_engine, shared_engine
 from gateway.store.outbox import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
 from gateway.store.redis_conn import connect
@@ -74,6 +75,9 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
                 # Quotas changed by a coordinator take effect without a completion.
                 refresh_quotas(engine, client, settings.redis_prefix)
                 sweep_airtime(engine, client)
+                # Contact numbers and message bodies past CIVICDIAL_RETENTION_DAYS: once
+                # a day, by whichever worker gets there first.
+                purge_daily(settings, engine, client)
         except (redis.RedisError, SQLAlchemyError) as exc:
             log.warning("pump: %s", exc)
 

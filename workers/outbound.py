@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from gateway.channels import africastalking, twilio
 from gateway.channels.sending import SendError, Sent, after_failure
 from gateway.config import Settings, load_settings
+from gateway.coordination.channels import channel_urls
 from gateway.store.crypto import NumberBox
 from gateway.store.db import set_status, shared_engine
 from gateway.store.models import Campaign, Channel, OutboundMessage
@@ -182,6 +183,11 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
         return "taken"
     attempts += 1
     to = NumberBox(settings.encryption_key).open(row.recipient)
+    if channel.provider == "twilio" and not config.get("status_callback") \
+            and settings.public_base_url:
+        # The status URL holds the channel's key: it comes from the channel itself, so
+        # nobody has to copy it into the config (which no command could edit).
+        config["status_callback"] = channel_urls(channel, settings.public_base_url)["status"]
     try:
         sent = SENDERS[channel.provider](config, to, row.body)
     except SendError as exc:

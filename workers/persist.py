@@ -20,14 +20,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, case, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, case, delete, func, insert, select, text, update
 
 from gateway.channels.sms import FEEDBACK_QUESTION
 from gateway.coordination.quotas import refresh as refresh_quotas
+from gateway.interview.questionnaire import INELIGIBLE
 from gateway.store.db import upsert_insert
 from gateway.store.models import (
     AirtimePayment,
     Answer,
+    AuditEntry,
+    CampaignContact,
+    Contact,
     FeedbackSubscriber,
     Interview,
     OptOut,
@@ -114,6 +118,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
     completions: list[dict[str, Any]] = []  # completed interviews owed an airtime thank-you
     completed_campaigns: set[int] = set()
     airtime_reports: list[dict[str, Any]] = []
+    erased: set[str] = set()  # respondents who asked for their answers to be erased
     for e in events:
         kind = e.get("k")
         if kind == "send":
@@ -135,6 +140,9 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
         if kind == "airtime_status":
             airtime_reports.append(e)
             continue
+        if kind == "erased":
+            erased.add(e["r"])
+            continue
         if kind == "ussd_end":
             ends[e["id"]] = {
                 "event_id": e["id"], "channel_id": e["ch"], "session_id": e["s"],
@@ -149,7 +157,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
             "id": iid, "campaign_id": e["c"], "channel_id": e.get("ch"),
             "respondent": e.get("r"), "questionnaire_version": e.get("ver"),
             "lang": None, "status": "started", "started_at": None, "completed_at": None,
-            "last_seq": 0,
+            "last_seq": 0, "reason": None,
         })
         seq = int(e["id"].rsplit("-", 1)[1])
         if kind == "answer" and e["q"] == FEEDBACK_QUESTION:
@@ -173,7 +181,11 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
                     completions.append({"campaign_id": e["c"], "respondent": e["r"],
                                         "interview_id": iid, "channel_id": e.get("ch"),
                                         "recipient": e["to"], "at": _ts(e["t"])})
-            if kind == "withdrawn":
+            if kind == "screened_out":
+                row["reason"] = e.get("why") or "quota"  # before 'why': quotas only
+            if kind == "withdrawn" or (kind == "screened_out" and e.get("why") == INELIGIBLE):
+                # Someone outside the population (under 18) leaves only a count, as a
+                # withdrawal does: their answers so far are erased.
                 withdrawn.add(iid)
             if seq > row["last_seq"]:
                 row["status"], row["last_seq"] = _STATUS[kind], seq
@@ -190,6 +202,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
                     "lang": func.coalesce(t.lang, excluded.lang),
                     "completed_at": func.coalesce(t.completed_at, excluded.completed_at),
                     "respondent": func.coalesce(t.respondent, excluded.respondent),
+                    "reason": func.coalesce(excluded.reason, t.reason),
                     "status": case((newer, excluded.status), else_=t.status),
                     "last_seq": case((newer, excluded.last_seq), else_=t.last_seq),
                 },
@@ -237,6 +250,10 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
             stmt = upsert_insert(engine, OptOut.__table__)
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["respondent"]),
                          list(optouts.values()))
+        if erased:
+            # After this batch's answers and before its sends: the confirmation queued in
+            # the same batch must still go out.
+            erase_respondents(conn, erased)
         created = Written(completed=completed_campaigns)
         if completions:
             created.airtime = reserve_airtime(conn, engine, completions)
@@ -262,6 +279,45 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
             ).values(status=report["st"], error=report.get("err") or "",
                      updated_at=datetime.now(UTC)))
     return created
+
+
+# Outbound rows a worker may be sending right now: left for it to finish.
+_IN_FLIGHT = ("sending", "unknown")
+
+
+def erase_respondents(conn: Connection, respondents: set[str]) -> None:
+    """Erase everything SQL holds of these respondents, in every campaign: answers, the
+    link from their interviews (kept as anonymous counts with status 'erased', which
+    tallies and exports leave out), results subscription, contact rows, and the numbers
+    and bodies of messages to them. The audit log records that it happened, with counts
+    and no identity. Published snapshots are not rewritten."""
+    who = sorted(respondents)
+    answers = conn.execute(delete(Answer).where(Answer.respondent.in_(who))).rowcount
+    interviews = conn.execute(update(Interview).where(Interview.respondent.in_(who))
+                              .values(respondent=None, status="erased")).rowcount
+    conn.execute(delete(FeedbackSubscriber).where(FeedbackSubscriber.respondent.in_(who)))
+    contact_ids = select(Contact.id).where(Contact.respondent.in_(who))
+    conn.execute(delete(CampaignContact).where(CampaignContact.contact_id.in_(contact_ids)))
+    contacts = conn.execute(delete(Contact).where(Contact.respondent.in_(who))).rowcount
+    now = datetime.now(UTC)
+    conn.execute(update(OutboundMessage).where(
+        OutboundMessage.respondent.in_(who), OutboundMessage.status.in_(("queued", "held")))
+        .values(status="stopped", error="erased on request", updated_at=now))
+    conn.execute(update(OutboundMessage).where(
+        OutboundMessage.respondent.in_(who), OutboundMessage.status.not_in(_IN_FLIGHT))
+        .values(recipient="", body="", updated_at=now))
+    conn.execute(update(AirtimePayment).where(
+        AirtimePayment.respondent.in_(who),
+        AirtimePayment.status.in_(("success", "failed", "skipped")))
+        .values(recipient=""))
+    conn.execute(update(UssdSessionEnd).where(UssdSessionEnd.respondent.in_(who))
+                 .values(respondent=None))
+    conn.execute(insert(AuditEntry).values(
+        at=now, actor="citizen", action="respondent.erase", target="respondent",
+        before="", after=json.dumps({"respondents": len(who), "interviews": interviews,
+                                     "answers": answers, "contacts": contacts})))
+    log.info("erased %d respondent(s) on request: %d interviews, %d answers",
+             len(who), interviews, answers)
 
 
 def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000,

@@ -137,7 +137,11 @@ def sms_delivery(channel_key: str) -> Response:
     message_id = field(form, "id", max_len=100)
     status = field(form, "status", max_len=30)
     if status not in DELIVERY_STATUS:
-        raise WebhookError(400, f"unknown status {status}")
+        # Accepted, not refused: a 4xx makes Africa's Talking retry the report for days,
+        # and a status we cannot place must not move the message anywhere.
+        log.warning("africastalking %s: unknown delivery status %r for message %s; ignored",
+                    ch.id, status, message_id)
+        return _text("OK")
     _services().store.append([delivery_event(
         ch.id, message_id, DELIVERY_STATUS[status],
         field(form, "failureReason", max_len=100, required=False))])
@@ -200,10 +204,12 @@ def _int_or_none(raw: str | None) -> int | None:
 
 # -- outbound SMS ---------------------------------------------------------------------
 
-# Delivery report status -> our message status.
+# Delivery report status -> our message status: every status Africa's Talking documents,
+# and the ones it sends without documenting them (courier maps Expired to failed too).
 DELIVERY_STATUS = {
-    "Sent": "sent", "Submitted": "sent", "Buffered": "sent",
+    "Sent": "sent", "Submitted": "sent", "Buffered": "sent", "Queued": "sent",
     "Success": "delivered", "Failed": "failed", "Rejected": "rejected",
+    "Expired": "failed", "AbsentSubscriber": "failed",
 }
 # Per-recipient statusCode in the send response.
 ACCEPTED_CODES = {100, 101, 102}

@@ -194,8 +194,12 @@ def campaign_status_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
     target = f" of {c['target_size']}" if c.get("target_size") else ""
     lines = [f"{slug} ({c['state']}): {c['interviews_started']} started, "
              f"{c['interviews_completed']}{target} completed, {c['declined']} declined, "
-             f"{c['screened_out']} screened out by quotas, "
+             f"{c['screened_out'] - c['ineligible']} screened out by quotas, "
+             f"{c['ineligible']} ineligible (under 18), "
              f"{c['answers_stored']} answers stored, {c['events_waiting']} waiting"]
+    sms = c.get("outbound") or {}
+    lines.append("outbound SMS: " + (", ".join(f"{n} {status}" for status, n in sms.items())
+                                     if sms else "none"))
     airtime = c.get("airtime")
     if airtime:
         paid = airtime["payments"]

@@ -103,3 +103,52 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
     click.echo(f"channel #{channel.id}: {provider} {kind} {address} -> campaign {slug}")
     for name, url in urls.items():
         click.echo(f"    {name:<9} {url}")
+
+
+# -- channels set: edit a channel's config after `channels add` ---------------------------
+
+@channels.command("set")
+@click.argument("channel_ref", metavar="KEY")
+@click.option("--config", "config_json", required=True,
+              help='JSON object merged into the channel\'s config, key by key: '
+                   '{"reply": "queue"} changes one setting and keeps the rest; a key set '
+                   'to null is removed.')
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def channels_set(ctx: click.Context, channel_ref: str, config_json: str,
+                 as_json: bool) -> None:
+    """Change a channel's provider config (KEY: its key, as in its URLs, or its #id)."""
+    try:
+        changes = json.loads(config_json)
+        if not isinstance(changes, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise click.BadParameter(f"must be a JSON object ({exc})",
+                                 param_hint="--config") from None
+    settings = settings_of(ctx)
+    engine = open_engine(settings)
+    ref = channel_ref.lstrip("#")
+    with Session(engine) as db, db.begin():
+        channel = db.scalar(select(Channel).where(Channel.key == channel_ref))
+        if channel is None and ref.isdecimal():
+            channel = db.get(Channel, int(ref))
+        if channel is None:
+            raise click.ClickException(f"no channel {channel_ref!r} (give its key or #id; "
+                                       "`civicdial channels` lists them)")
+        before = json.loads(channel.config or "{}")
+        after = {k: v for k, v in {**before, **changes}.items() if v is not None}
+        channel.config = json.dumps(after)
+        # The config holds provider secrets: the audit names keys, never values.
+        audit(db, cli_actor(), "channel.set",
+              f"{channel.provider}/{channel.kind}/{channel.address}",
+              before={"config_keys": sorted(before)},
+              after={"config_keys": sorted(after),
+                     "changed": sorted(k for k in changes if before.get(k) != changes[k])})
+        view = {"id": channel.id, "provider": channel.provider, "kind": channel.kind,
+                "address": channel.address, "config_keys": sorted(after)}
+    if as_json:
+        click.echo(json.dumps(view))
+        return
+    click.echo(f"channel #{view['id']} {view['provider']} {view['kind']} {view['address']}: "
+               f"config keys {', '.join(view['config_keys']) or '(none)'} "
+               "(web processes pick it up within 10 s)")

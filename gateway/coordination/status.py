@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 from gateway.coordination.airtime import summary as airtime_summary
 from gateway.coordination.quotas import report as quota_report
 from gateway.interview.engine import Rules, longest_path_screens
+from gateway.interview.questionnaire import INELIGIBLE
 from gateway.interview.segments import interview_cost
-from gateway.store.models import Answer, Campaign, Interview
+from gateway.store.models import Answer, Campaign, Channel, Interview, OutboundMessage
 from gateway.store.registry import Registry
 from gateway.store.sessions import SessionStore
 
@@ -28,9 +29,21 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
                 select(Interview.campaign_id, Interview.status, func.count())
                 .group_by(Interview.campaign_id, Interview.status))
         }
+        # Outside the survey's population (under 18): only this count is kept of them.
+        ineligible: dict[int, int] = dict(db.execute(
+            select(Interview.campaign_id, func.count())
+            .where(Interview.status == "screened_out", Interview.reason == INELIGIBLE)
+            .group_by(Interview.campaign_id)).all())
         started: dict[int, int] = dict(db.execute(
             select(Interview.campaign_id, func.count()).where(Interview.started_at.is_not(None))
             .group_by(Interview.campaign_id)).all())
+        outbound: dict[int, dict[str, int]] = {}
+        for cid, status, n in db.execute(
+                select(Channel.campaign_id, OutboundMessage.status, func.count())
+                .join(Channel, Channel.id == OutboundMessage.channel_id)
+                .group_by(Channel.campaign_id, OutboundMessage.status)
+                .order_by(OutboundMessage.status)):
+            outbound.setdefault(cid, {})[status] = n
         answers: dict[int, int] = dict(db.execute(
             select(Answer.campaign_id, func.count()).where(Answer.value.is_not(None))
             .group_by(Answer.campaign_id)).all())
@@ -45,7 +58,11 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
             "interviews_completed": counts.get((c.id, "completed"), 0),
             "declined": counts.get((c.id, "declined"), 0),
             "screened_out": counts.get((c.id, "screened_out"), 0),
+            "ineligible": ineligible.get(c.id, 0),
             "answers_stored": answers.get(c.id, 0),
+            # Outbound SMS of the campaign's channels by status (queued, sent, delivered,
+            # failed, ...): where a stuck or failing send shows.
+            "outbound": outbound.get(c.id, {}),
             "events_waiting": waiting.get(c.id, 0),
             "sms_segments_per_interview": costs[c.questionnaire_version],
             "target_size": c.target_size,

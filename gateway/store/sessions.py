@@ -20,6 +20,8 @@ from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.interview.engine import Event, SessionState, Stage
+from gateway.interview.messages import message
+from gateway.interview.questionnaire import INELIGIBLE
 
 STREAM = "events"
 GROUP = "persist"
@@ -57,6 +59,11 @@ return 1
 """
 
 
+# A field of the results hash that `publish` always writes (the snapshot's version), so
+# RESULTS can tell "published, too few answers for a figure" from "not published".
+RESULTS_PUBLISHED = "_published"
+
+
 def quota_key(prefix: str, campaign: int) -> str:
     """Where the worker publishes a campaign's full quota cells (a JSON list)."""
     return f"{prefix}quota:{campaign}:full"
@@ -77,8 +84,10 @@ def mask_phone(phone: str) -> str:
 
 def stream_event(e: Event, campaign: int, channel: int, respondent: str,
                  version: str) -> dict[str, Any]:
-    """An engine event as a stream entry. Declining and withdrawing carry no pseudonym."""
-    anonymous = e.kind in ("declined", "withdrawn")
+    """An engine event as a stream entry. Declining, withdrawing and being ineligible
+    (under 18) carry no pseudonym: nothing links them to a person."""
+    anonymous = e.kind in ("declined", "withdrawn") or (
+        e.kind == "screened_out" and e.value == INELIGIBLE)
     record: dict[str, Any] = {"id": e.id, "k": e.kind, "c": campaign, "ch": channel,
                               "i": e.interview, "r": None if anonymous else respondent,
                               "ver": version, "t": e.at}
@@ -86,6 +95,8 @@ def stream_event(e: Event, campaign: int, channel: int, respondent: str,
         record["q"], record["v"] = e.question, e.value
     if e.kind == "started":
         record["l"] = e.lang
+    if e.kind == "screened_out" and e.value:
+        record["why"] = e.value
     return record
 
 
@@ -118,6 +129,12 @@ def decode_state(raw: str) -> SessionState:
     )
 
 
+class SessionEnded(Exception):
+    """A hop on a provider session that has already ended, and not a retry of its last
+    hop: the provider (or someone replaying its requests) must get 409, and nothing may
+    change."""
+
+
 @dataclass(frozen=True)
 class ProviderSession:
     """What we remember of one provider session (e.g. one USSD dial)."""
@@ -128,14 +145,35 @@ class ProviderSession:
     reply: str  # the last reply, returned as-is to a replayed request
     campaign: int
     respondent: str
+    # The last reply closed the session (END, Hubtel "Release"): only a retry of that
+    # hop may follow. Kept as a flag, not read from the reply, so it holds whatever
+    # shape a provider's replies take.
+    ended: bool = False
+    # The entries so far in the menu after completion ('2' = chose to erase), if any.
+    menu: str = ""
 
     def encode(self) -> str:
-        return _dumps([self.history, self.reply, self.campaign, self.respondent])
+        fields: list[Any] = [self.history, self.reply, self.campaign, self.respondent]
+        if self.ended or self.menu:
+            fields += [int(self.ended), self.menu]
+        return _dumps(fields)
 
     @classmethod
     def decode(cls, raw: str) -> ProviderSession:
-        history, reply, campaign, respondent = json.loads(raw)
-        return cls(history, reply, campaign, respondent)
+        history, reply, campaign, respondent, *rest = json.loads(raw)
+        return cls(history, reply, campaign, respondent, bool(rest and rest[0]),
+                   rest[1] if len(rest) > 1 else "")
+
+    def answer_to(self, retry: bool) -> str | None:
+        """The rule for every provider's hop on a session we know: a retry of the last hop
+        gets the stored reply; once the session has ended, anything else raises
+        SessionEnded (hops after END once stored answers for questions nobody saw);
+        None: a new hop to process."""
+        if retry:
+            return self.reply
+        if self.ended:
+            raise SessionEnded("this session has ended")
+        return None
 
 
 @dataclass(frozen=True)
@@ -144,6 +182,7 @@ class Loaded:
     provider: ProviderSession | None
     opted_out: bool = False
     full_cells: frozenset[str] = frozenset()  # the campaign's full quota cells
+    extra: tuple[str, ...] = ()  # the values of the extra keys asked for ('' if unset)
 
     @property
     def state(self) -> SessionState | None:
@@ -213,19 +252,22 @@ class SessionStore:
         return f"{self.prefix}optout:{respondent}"
 
     def load(self, campaign: int, respondent: str, channel: int, session_id: str,
-             quotas: bool = False) -> Loaded:
-        """State, provider session (or message) record, opt-out flag and, for a campaign
-        with quotas, its full cells: one round trip."""
+             quotas: bool = False, extra: tuple[str, ...] = ()) -> Loaded:
+        """State, provider session (or message) record, opt-out flag, for a campaign with
+        quotas its full cells, and any `extra` keys (e.g. a pending erasure): one round
+        trip."""
         keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
-                self.optout_key(respondent)]
+                self.optout_key(respondent), *extra]
         if quotas:
             keys.append(quota_key(self.prefix, campaign))
-        state_raw, provider_raw, optout, *full = self._execute("MGET", *keys)
+        state_raw, provider_raw, optout, *rest = self._execute("MGET", *keys)
+        more, full = rest[:len(extra)], rest[len(extra):]
         return Loaded(
             state_raw=_text(state_raw),
             provider=ProviderSession.decode(_text(provider_raw)) if provider_raw else None,
             opted_out=optout is not None,
             full_cells=frozenset(json.loads(full[0])) if full and full[0] else frozenset(),
+            extra=tuple(_text(v) for v in more),
         )
 
     def commit(self, *, campaign: int, respondent: str, channel: int, session_id: str,
@@ -249,14 +291,26 @@ class SessionStore:
             return bool(self._commit(keys=keys, args=args))
 
     def results(self, campaign: int, lang_code: str, region: str | None) -> str | None:
-        """The published summary for a region (else the nation), in the language asked
-        (else English); written by `civicdial publish`."""
-        fields = [f"{code}:{place}" for code in dict.fromkeys((lang_code, "en"))
-                  for place in ((region,) if region else ()) + ("_national",)]
-        for value in self.r.hmget(f"{self.prefix}results:{campaign}", fields):
-            if value:
-                return _text(value)
-        return None
+        """What RESULTS answers: the published summary for a region (else the nation), in
+        the language asked (else English), written by `civicdial publish`; when a tally is
+        published but too few answered for a figure (every cell suppressed), says so, for
+        the region and for the nation. None: nothing is published yet."""
+        codes = tuple(dict.fromkeys((lang_code, "en")))
+        known_region = bool(region) and region != "refuse"
+        regional = [f"{code}:{region}" for code in codes] if known_region else []
+        national = [f"{code}:_national" for code in codes]
+        values = [_text(v) for v in self.r.hmget(f"{self.prefix}results:{campaign}",
+                                                 [*regional, *national, RESULTS_PUBLISHED])]
+        mine = next((v for v in values[:len(regional)] if v), "")
+        nation = next((v for v in values[len(regional):-1] if v), "")
+        if mine:
+            return mine
+        if not values[-1]:  # not published (or published before the marker existed)
+            return nation or None
+        if nation:
+            return (message(lang_code, "results_region_too_few") + " " + nation
+                    if known_region else nation)
+        return message(lang_code, "results_too_few")
 
     def opted_out(self, respondent: str) -> bool:
         return bool(self.r.exists(self.optout_key(respondent)))
