@@ -10,6 +10,7 @@ for; a retried hop (same sessionId and text) gets the stored reply and changes n
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -206,8 +207,8 @@ def ussd_events(channel_key: str) -> Response:
         "id": f"ussd_end:{ch.id}:{session_id}", "k": "ussd_end", "ch": ch.id, "s": session_id,
         "r": respondent, "st": status,
         "n": field(form, "networkCode", max_len=10, required=False),
-        "d": _int_or_none(form.get("durationInMillis")),
-        "h": _int_or_none(form.get("hopsCount")),
+        "d": _count(form, "durationInMillis"),
+        "h": _count(form, "hopsCount"),
         "cost": field(form, "cost", max_len=40, required=False),
         "err": field(form, "errorMessage", max_len=2000, required=False),
         "t": time.time(),
@@ -349,11 +350,22 @@ def airtime_validation(channel_key: str) -> Response:
                     mimetype="application/json")
 
 
-def _int_or_none(raw: str | None) -> int | None:
-    try:
-        return int(raw) if raw not in (None, "") else None
-    except ValueError:
+# The columns are SQL INTEGER: a bigger count would fail in the worker, not here.
+MAX_COUNT = 2**31 - 1
+_WHOLE = re.compile(r"^[+-]?\d+$")
+
+
+def _count(form: dict[str, str], name: str) -> int | None:
+    """A whole number from 0 to MAX_COUNT, or None if absent or not a number (recorded as
+    unknown, as before); a number out of that range is refused (400) before it reaches
+    the stream."""
+    raw = field(form, name, max_len=20, required=False).strip()
+    if not _WHOLE.match(raw):
         return None
+    value = int(raw)
+    if not 0 <= value <= MAX_COUNT:
+        raise WebhookError(400, f"field {name} must be a whole number from 0 to {MAX_COUNT}")
+    return value
 
 
 # -- outbound SMS ---------------------------------------------------------------------
