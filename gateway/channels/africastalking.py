@@ -334,9 +334,13 @@ def airtime_validation(channel_key: str) -> Response:
     currency = field(form, "currencyCode", max_len=3)
     try:
         amount = Decimal(field(form, "amount", max_len=20))
-        minor = int((amount * 100).to_integral_value())
-    except (InvalidOperation, ValueError):
+    except InvalidOperation:
         raise WebhookError(400, "amount is not a number") from None
+    # Infinity, NaN and amounts no payment column holds (1e18, 1e999999) are refused
+    # here: int() of Infinity raises OverflowError, and SQL cannot compare a huge int.
+    if not amount.is_finite() or not 0 <= amount <= MAX_AMOUNT:
+        raise WebhookError(400, f"amount must be a number from 0 to {MAX_AMOUNT}")
+    minor = int((amount * 100).to_integral_value())
     services = _services()
     respondent = pseudonym(services.settings.pseudonym_key, phone)
     with Session(services.engine) as db:
@@ -350,6 +354,8 @@ def airtime_validation(channel_key: str) -> Response:
                     mimetype="application/json")
 
 
+# AirtimePayment.amount is SQL INTEGER minor units.
+MAX_AMOUNT = Decimal(2**31 - 1) / 100
 # The columns are SQL INTEGER: a bigger count would fail in the worker, not here.
 MAX_COUNT = 2**31 - 1
 _WHOLE = re.compile(r"^[+-]?\d+$")
