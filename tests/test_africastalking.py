@@ -93,6 +93,13 @@ INCOMING = [
            path="ussd/events")
       for name in ("durationInMillis", "hopsCount")
       for value in (str(2**63), str(2**64 + 1), str(2**31), "-1", "9" * 25)],
+    *[Case(f"{path}: JSON nested {levels} deep",
+           '{"requestId": "R1", "status": "Success", "x": %s}' % ("[" * levels + "]" * levels),
+           400, contains="nested", path=path, content_type="application/json")
+      for path in ("airtime/status", "airtime/validation") for levels in (33, 1000, 5000)],
+    Case("airtime validation: NaN is not JSON", '{"transactionId": "T1", "phoneNumber": '
+         '"+233241234567", "currencyCode": "GHS", "amount": NaN}', 400, contains="JSON",
+         path="airtime/validation", content_type="application/json"),
     Case("events: largest counts", events_body(durationInMillis=str(2**31 - 1),
                                                hopsCount="0"), 200, contains="OK",
          path="ussd/events"),
