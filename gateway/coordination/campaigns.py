@@ -283,14 +283,29 @@ def _check_codes_free(db: Session, campaign: Campaign) -> None:
     """A USSD code or SMS number can serve one open campaign at a time."""
     mine = db.scalars(select(Channel).where(Channel.campaign_id == campaign.id)).all()
     for ch in mine:
-        clash = db.scalar(
-            select(Campaign.slug).join(Channel, Channel.campaign_id == Campaign.id).where(
-                Campaign.state == "open", Campaign.id != campaign.id,
-                Channel.kind == ch.kind, Channel.provider == ch.provider,
-                Channel.address == ch.address))
+        clash = open_campaign_holding(db, ch.provider, ch.kind, ch.address, campaign.id)
         if clash:
             raise CampaignError(f"{ch.kind} {ch.address} is bound to open campaign {clash}: "
                                 "close or pause it first")
+
+
+def same_address(kind: str, a: str, b: str) -> bool:
+    """Whether two channel addresses are one: operators differ on a USSD code's '#'."""
+    if kind == "ussd":
+        return a.strip().rstrip("#") == b.strip().rstrip("#")
+    return a.strip() == b.strip()
+
+
+def open_campaign_holding(db: Session, provider: str, kind: str, address: str,
+                          other_than: int | None) -> str | None:
+    """The slug of an open campaign (other than `other_than`) with a channel on this
+    provider, kind and address, or None."""
+    rows = db.execute(
+        select(Campaign.slug, Channel.address).join(Channel, Channel.campaign_id == Campaign.id)
+        .where(Campaign.state == "open", Channel.kind == kind, Channel.provider == provider,
+               Campaign.id != (other_than if other_than is not None else -1))
+        .order_by(Campaign.id)).all()
+    return next((slug for slug, held in rows if same_address(kind, held, address)), None)
 
 
 def hash_token(token: str) -> str:
