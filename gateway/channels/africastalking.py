@@ -278,7 +278,10 @@ def sms(channel_key: str) -> Response:
     form = parse_form(request)
     message_id = field(form, "id", max_len=100)
     try:
-        phone = to_e164(field(form, "from", max_len=32), _services().settings.default_region)
+        # The provider carried this message: a real number, even one phonenumbers
+        # does not know yet.
+        phone = to_e164(field(form, "from", max_len=32), _services().settings.default_region,
+                        require_valid=False)
     except BadPhoneNumber as exc:
         raise WebhookError(400, f"from: {exc}") from None
     for optional in ("to", "date", "linkId", "networkCode"):
