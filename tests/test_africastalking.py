@@ -100,6 +100,10 @@ INCOMING = [
     Case("airtime validation: NaN is not JSON", '{"transactionId": "T1", "phoneNumber": '
          '"+233241234567", "currencyCode": "GHS", "amount": NaN}', 400, contains="JSON",
          path="airtime/validation", content_type="application/json"),
+    *[Case(f"{path}: lone surrogate in JSON text", '{"requestId": "R\\ud800", '
+           '"status": "Failed", "transactionId": "T1"}', 400, contains="surrogate",
+           path=path, content_type="application/json")
+      for path in ("airtime/status", "airtime/validation")],
     Case("events: largest counts", events_body(durationInMillis=str(2**31 - 1),
                                                hopsCount="0"), 200, contains="OK",
          path="ussd/events"),

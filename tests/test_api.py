@@ -321,7 +321,8 @@ def test_deeply_nested_json_is_400(client: FlaskClient, tokens: dict[str, str],
 
 
 def test_json_limits_and_constants(client: FlaskClient, tokens: dict[str, str]) -> None:
-    """Nesting up to the limit is fine; NaN/Infinity are not JSON; over 1 MiB is 413."""
+    """Nesting up to the limit is fine; NaN/Infinity and lone surrogates are refused (400);
+    over 1 MiB is 413."""
     admin = auth(tokens, "admin")
     ok = client.post("/api/v1/tokens", headers=admin, content_type="application/json",
                      data='{"name": "n", "role": "viewer", "x": ' + deep(31) + '}')
@@ -330,6 +331,10 @@ def test_json_limits_and_constants(client: FlaskClient, tokens: dict[str, str]) 
         resp = client.post("/api/v1/campaigns/sdg1662/invitations", headers=admin,
                            content_type="application/json", data='{"limit": ' + constant + '}')
         assert resp.status_code == 400 and "not valid JSON" in resp.get_json()["error"]
+    for text in ('"\\ud800"', '"a\\udfffb"'):  # valid JSON, but no character
+        resp = client.post("/api/v1/tokens", headers=admin, content_type="application/json",
+                           data='{"name": ' + text + ', "role": "viewer"}')
+        assert resp.status_code == 400 and "surrogate" in resp.get_json()["error"]
     big = client.post("/api/v1/tokens", headers=admin, content_type="application/json",
                       data=json.dumps({"name": "x" * (1024 * 1024), "role": "viewer"}))
     assert big.status_code == 413

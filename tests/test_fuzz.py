@@ -124,8 +124,10 @@ def test_webhook_fuzz_finds_no_server_error(client: FlaskClient, keys: dict[str,
     @hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None,
                          suppress_health_check=list(hypothesis.HealthCheck))
     @hypothesis.given(form=forms(hook), as_json=st.booleans() if hook.json
-                      else st.just(False))
-    def check(form: dict[str, str], as_json: bool) -> None:
+                      else st.just(False), surrogate=st.one_of(st.none(), SURROGATES))
+    def check(form: dict[str, str], as_json: bool, surrogate: str | None) -> None:
+        if as_json and surrogate is not None:
+            form = {**form, hook.fields[0]: surrogate}
         headers = {}
         if hook.twilio:
             headers["X-Twilio-Signature"] = RequestValidator(TWILIO_TOKEN).compute_signature(
@@ -153,9 +155,11 @@ JSON_ENDPOINTS = [
                                                        "attributes": dict, "limit": int}),
     ("POST", "/api/v1/tokens", {"name": str, "role": str}),
 ]
+# Only JSON can carry a lone surrogate ("\ud800"): no character, unencodable as UTF-8.
+SURROGATES = st.sampled_from(["\ud800", "a\udfffb", "\udc80\ud800"])
 JSON_VALUES = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
-              HOSTILE, st.text(max_size=20)),
+              HOSTILE, SURROGATES, st.text(max_size=20)),
     lambda inner: st.one_of(st.lists(inner, max_size=4),
                             st.dictionaries(st.one_of(HOSTILE, st.text(max_size=8)), inner,
                                             max_size=4)),

@@ -59,8 +59,9 @@ def parse_json_body(request: Request, *, max_bytes: int | None = None,
                     max_depth: int = MAX_JSON_DEPTH) -> Any:
     """The request's JSON body, strictly, for every JSON endpoint (webhooks and the API):
     Content-Type application/json (else 415), at most `max_bytes` (413; default the
-    webhook limit, CIVICDIAL_MAX_BODY_BYTES), UTF-8, valid JSON without NaN or Infinity,
-    arrays and objects nested at most `max_depth` deep (else 400)."""
+    webhook limit, CIVICDIAL_MAX_BODY_BYTES), UTF-8, valid JSON without NaN or Infinity
+    or unpaired surrogates, arrays and objects nested at most `max_depth` deep (else 400).
+    Returns what json.loads returns; checking its shape is the caller's."""
     if not request.is_json:
         raise WebhookError(415, f"expected application/json, got {request.mimetype or 'none'}")
     if max_bytes is None:
@@ -75,8 +76,7 @@ def parse_json_body(request: Request, *, max_bytes: int | None = None,
         raise WebhookError(400, f"JSON nested more than {max_depth} levels deep") from None
     except ValueError:
         raise WebhookError(400, "body is not valid JSON") from None
-    if _nesting(data) > max_depth:
-        raise WebhookError(400, f"JSON nested more than {max_depth} levels deep")
+    _check_values(data, max_depth)
     return data
 
 
@@ -84,18 +84,28 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _nesting(data: Any) -> int:
-    """How deep arrays and objects nest (a scalar is 0), without recursion."""
-    deepest = 0
+# "\ud800" is valid JSON but no character: it cannot be encoded as UTF-8 (Redis, SQL).
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _check_values(data: Any, max_depth: int) -> None:
+    """Arrays and objects nested at most max_depth deep (a scalar is depth 0), and no text
+    (values or keys) with lone surrogates; iterative, so depth cannot exhaust the stack."""
     stack = [(data, 1)]
     while stack:
         value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise WebhookError(400, "JSON text holds an unpaired surrogate (\\ud800-"
+                                        "\\udfff), which is not a character")
+            continue
         if isinstance(value, dict):
-            value = list(value.values())
-        if isinstance(value, list):
-            deepest = max(deepest, depth)
-            stack.extend((item, depth + 1) for item in value)
-    return deepest
+            value = [*value.keys(), *value.values()]
+        elif not isinstance(value, list):
+            continue
+        if depth > max_depth:
+            raise WebhookError(400, f"JSON nested more than {max_depth} levels deep")
+        stack.extend((item, depth + 1) for item in value)
 
 
 def parse_pairs(request: Request) -> list[tuple[str, str]]:
