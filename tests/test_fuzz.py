@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode
 
 import hypothesis
@@ -40,6 +41,17 @@ VALUES = st.one_of(HOSTILE, st.text(max_size=40), st.integers().map(str),
                    st.floats(allow_nan=True, allow_infinity=True).map(repr))
 
 
+# Only JSON can carry a lone surrogate ("\ud800"): no character, unencodable as UTF-8.
+SURROGATES = st.sampled_from(["\ud800", "a\udfffb", "\udc80\ud800"])
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+              HOSTILE, SURROGATES, st.text(max_size=20)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.one_of(HOSTILE, st.text(max_size=8)), inner,
+                                            max_size=4)),
+    max_leaves=12)
+
+
 @dataclass(frozen=True)
 class Hook:
     label: str
@@ -48,6 +60,7 @@ class Hook:
     extra: tuple[str, ...] = ()  # optional fields the provider may add
     json: bool = False  # also fuzzed as a JSON body
     twilio: bool = False
+    json_only: bool = False  # the provider posts JSON with typed values (Hubtel, Arkesel)
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -84,6 +97,14 @@ HOOKS = [
     Hook("Twilio status", "/webhooks/twilio/{tw}/status",
          {"MessageSid": "SMf2", "MessageStatus": "delivered", "AccountSid": "AC" + "0" * 32,
           "From": "+15005550006", "To": PHONE}, extra=("ErrorCode",), twilio=True),
+    Hook("Hubtel USSD", "/webhooks/hubtel/{hubtel}/ussd",
+         {"Type": "Initiation", "Mobile": "233246912184", "SessionId": "3c4e0e1b9a2f4d6e",
+          "ServiceCode": "713*20", "Message": "*713*20#", "Operator": "mtn", "Sequence": 1,
+          "ClientState": "", "Platform": "USSD", "ExtraData": {}}, json_only=True),
+    Hook("Arkesel USSD", "/webhooks/arkesel/{arkesel}/ussd",
+         {"sessionID": "1700000000123", "userID": "GSS_USSD", "newSession": True,
+          "msisdn": "233246912184", "userData": "*928*311#", "network": "MTN"},
+         json_only=True),
 ]
 
 
@@ -102,14 +123,19 @@ def keys(engine: Engine, channel: Channel, app: Flask) -> dict[str, str]:
                        config=json.dumps({"account_sid": "AC" + "0" * 32,
                                           "auth_token": TWILIO_TOKEN, "from": "+15005550006",
                                           "reply": "inline", "rate_per_second": 0})))
+        for provider, code in (("hubtel", "*713*20#"), ("arkesel", "*928*311#")):
+            db.add(Channel(key=f"fuzz-{provider}", provider=provider, kind="ussd",
+                           address=code, campaign_id=campaign.id, config="{}"))
     app.extensions["civicdial"].registry.refresh()
-    return {"ussd": channel.key, "at": "fuzz-at", "tw": "fuzz-tw"}
+    return {"ussd": channel.key, "at": "fuzz-at", "tw": "fuzz-tw", "hubtel": "fuzz-hubtel",
+            "arkesel": "fuzz-arkesel"}
 
 
-def forms(hook: Hook) -> st.SearchStrategy[dict[str, str]]:
+def forms(hook: Hook) -> st.SearchStrategy[dict[str, Any]]:
     """The real payload with some fields replaced by hostile values and some dropped."""
     names = st.sampled_from(hook.fields)
-    return st.tuples(st.dictionaries(names, VALUES, max_size=4),
+    values = st.one_of(VALUES, JSON_VALUES) if hook.json_only else VALUES
+    return st.tuples(st.dictionaries(names, values, max_size=4),
                      st.sets(st.sampled_from(list(hook.valid)), max_size=2)).map(
         lambda t: {**{k: v for k, v in hook.valid.items() if k not in t[1]}, **t[0]})
 
@@ -123,9 +149,10 @@ def test_webhook_fuzz_finds_no_server_error(client: FlaskClient, keys: dict[str,
 
     @hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None,
                          suppress_health_check=list(hypothesis.HealthCheck))
-    @hypothesis.given(form=forms(hook), as_json=st.booleans() if hook.json
-                      else st.just(False), surrogate=st.one_of(st.none(), SURROGATES))
-    def check(form: dict[str, str], as_json: bool, surrogate: str | None) -> None:
+    @hypothesis.given(form=forms(hook), as_json=st.just(True) if hook.json_only
+                      else st.booleans() if hook.json else st.just(False),
+                      surrogate=st.one_of(st.none(), SURROGATES))
+    def check(form: dict[str, Any], as_json: bool, surrogate: str | None) -> None:
         if as_json and surrogate is not None:
             form = {**form, hook.fields[0]: surrogate}
         headers = {}
@@ -155,15 +182,6 @@ JSON_ENDPOINTS = [
                                                        "attributes": dict, "limit": int}),
     ("POST", "/api/v1/tokens", {"name": str, "role": str}),
 ]
-# Only JSON can carry a lone surrogate ("\ud800"): no character, unencodable as UTF-8.
-SURROGATES = st.sampled_from(["\ud800", "a\udfffb", "\udc80\ud800"])
-JSON_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
-              HOSTILE, SURROGATES, st.text(max_size=20)),
-    lambda inner: st.one_of(st.lists(inner, max_size=4),
-                            st.dictionaries(st.one_of(HOSTILE, st.text(max_size=8)), inner,
-                                            max_size=4)),
-    max_leaves=12)
 
 
 @pytest.mark.parametrize("method,path,fields", JSON_ENDPOINTS,

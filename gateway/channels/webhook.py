@@ -69,7 +69,8 @@ def parse_json_body(request: Request, *, max_bytes: int | None = None,
     request.max_content_length = max_bytes
     raw = request.get_data(cache=False)
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        # utf-8-sig: a leading byte-order mark is harmless, not a reason to refuse.
+        data = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise WebhookError(400, "body is not valid UTF-8") from None
     except RecursionError:  # nested deeper than the parser can follow

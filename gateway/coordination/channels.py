@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 from gateway.coordination.campaigns import CampaignError, audit, open_campaign_holding
 from gateway.store.models import Campaign, Channel
 
-PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twilio", "sms")}
+PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twilio", "sms"),
+                  ("hubtel", "ussd"), ("arkesel", "ussd")}
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ def bind_channel(db: Session, actor: str, *, provider: str, kind: str, address: 
 
 def channel_urls(channel: Channel, base_url: str) -> dict[str, str]:
     root = f"{base_url.rstrip('/')}/webhooks/{channel.provider}/{channel.key}"
+    if channel.kind == "ussd" and channel.provider == "hubtel":
+        # Hubtel's Service Interaction URL, and the fulfilment URL it requires (a stub).
+        return {"ussd": f"{root}/ussd", "fulfilment": f"{root}/ussd/fulfilment"}
+    if channel.kind == "ussd" and channel.provider == "arkesel":
+        return {"ussd": f"{root}/ussd"}
     if channel.kind == "ussd":
         return {"ussd": f"{root}/ussd", "events": f"{root}/ussd/events"}
     if channel.provider == "twilio":
