@@ -343,3 +343,20 @@ def test_json_limits_and_constants(client: FlaskClient, tokens: dict[str, str]) 
 def _audit_count(engine: Engine) -> int:
     with Session(engine) as db:
         return db.scalar(select(func.count()).select_from(AuditEntry)) or 0
+
+
+@pytest.mark.parametrize("amount", ["1e999999", "9" * 30, "Infinity", "NaN", "1e18", "-2",
+                                    "0.001"])
+def test_absurd_airtime_amounts_are_422(client: FlaskClient, tokens: dict[str, str],
+                                        amount: str) -> None:
+    """An airtime amount or budget no payment could have is 422 with what to give, never a
+    500 (Decimal.quantize of 1e999999 raised InvalidOperation), and changes nothing."""
+    url = "/api/v1/campaigns/sdg1662"
+    coord = auth(tokens, "coordinator")
+    for airtime in ({"currency": "GHS", "amount": amount, "budget": "300"},
+                    {"currency": "GHS", "amount": "2", "budget": amount}):
+        resp = client.patch(url, headers=coord, json={"airtime": airtime})
+        assert resp.status_code == 422, (airtime, resp.status_code)
+        assert "positive amount" in resp.get_json()["error"] or "not an amount" in \
+            resp.get_json()["error"]
+    assert client.get(url, headers=coord).get_json()["airtime"] is None

@@ -77,8 +77,9 @@ def parse_money(text: str, what: str) -> int:
         value = Decimal(str(text).strip())
     except InvalidOperation:
         raise CampaignError(f"{what}: {text!r} is not an amount like 2.50") from None
-    if not value.is_finite() or value <= 0 or value != value.quantize(Decimal("0.01")) \
-            or value > 10**7:
+    # The range first: quantize() of a huge value (1e999999) raises InvalidOperation.
+    if not value.is_finite() or value <= 0 or value > 10**7 \
+            or value != value.quantize(Decimal("0.01")):
         raise CampaignError(f"{what}: give a positive amount with at most 2 decimals")
     return int(value * 100)
 
