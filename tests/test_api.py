@@ -360,3 +360,14 @@ def test_absurd_airtime_amounts_are_422(client: FlaskClient, tokens: dict[str, s
         assert "positive amount" in resp.get_json()["error"] or "not an amount" in \
             resp.get_json()["error"]
     assert client.get(url, headers=coord).get_json()["airtime"] is None
+
+
+@pytest.mark.parametrize("snapshot", ["\u00b2", "1\u00b9", "\u0663", "-1", "1.0", "9" * 20, ""])
+def test_export_snapshot_must_be_a_plain_number(client: FlaskClient,
+                                                tokens: dict[str, str],
+                                                snapshot: str) -> None:
+    """?snapshot= takes ASCII digits only: "²" (isdigit, yet not int()-able) was a 500."""
+    resp = client.get("/api/v1/campaigns/sdg1662/export",
+                      query_string={"format": "csv", "snapshot": snapshot},
+                      headers=auth(tokens, "viewer"))
+    assert resp.status_code == 422 and "version number" in resp.get_json()["error"]

@@ -448,7 +448,9 @@ def export(slug: str) -> Response:
     if fmt == "microdata" and RANK[g.role] < RANK["coordinator"]:
         raise ApiError(403, "microdata needs the coordinator role")
     version = request.args.get("snapshot")
-    if version is not None and (not version.isdigit() or int(version) > MAX_INT):
+    # isdigit() alone lets "²" through, which int() refuses.
+    if version is not None and (not (version.isascii() and version.isdigit())
+                                or int(version) > MAX_INT):
         raise ApiError(422, "snapshot must be a version number")
     engine = _engine()
     with Session(engine) as db:
