@@ -20,6 +20,7 @@ from gateway.store.redis_conn import connect
 from gateway.store.registry import Registry
 from gateway.store.sessions import SessionStore
 from gateway.web import api, dashboard
+from gateway.web.framing import BodyGuard
 
 log = logging.getLogger("civicdial.webhooks")
 
@@ -55,6 +56,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(twilio.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
+    # A body the server cannot decode, or shorter than announced: 400, never a 500 or a
+    # truncated form processed as if complete.
+    app.wsgi_app = BodyGuard(app.wsgi_app)  # type: ignore[method-assign]
     if settings.trust_proxy:
         # Behind a reverse proxy: request.url must be the public URL a provider signed.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
