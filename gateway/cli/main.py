@@ -33,7 +33,7 @@ def worker(ctx: click.Context, burst: bool) -> None:
 @click.pass_context
 def init(ctx: click.Context) -> None:
     """Schema, shipped questionnaire, default campaign and USSD channel (idempotent)."""
-    settings = settings_of(ctx)
+    settings = settings_of(ctx, create=True)
     channel = bootstrap(make_engine(settings))
     click.echo(f"ready: campaign {DEFAULT_CAMPAIGN}, USSD {channel.address} "
                f"(`civicdial channels` shows the callback URLs)")
