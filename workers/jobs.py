@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings, load_settings
 from gateway.coordination.quotas import refresh as refresh_quotas
+from gateway.logformat import configure_logging
 from gateway.store.db import make_engine, shared_engine
 from gateway.store.outbox import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
 from gateway.store.redis_conn import connect
@@ -139,6 +140,7 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
 def run_worker(settings: Settings, burst: bool = False) -> None:
     """An RQ worker on the civicdial queues, plus a pump that schedules stream drains and
     re-enqueues outbound messages whose job was lost."""
+    configure_logging(settings)
     client = connect(settings)
     ensure_group(client, f"{settings.redis_prefix}events")
     stop = threading.Event()

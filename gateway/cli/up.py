@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import shlex
 import shutil
@@ -26,8 +27,10 @@ from gateway.cli.context import settings_of
 from gateway.config import Settings
 from gateway.coordination.bootstrap import bootstrap
 from gateway.coordination.channels import channel_urls
+from gateway.logformat import configure_logging
 from gateway.store.db import make_engine
 from gateway.store.redis_conn import EmbeddedRedis, die_with_parent
+from gateway.web.metrics import RESTARTS_KEY
 
 # Restart delays double from FIRST_BACKOFF up to MAX_BACKOFF; a process that stayed up
 # STABLE_SECONDS is healthy again (its next death waits FIRST_BACKOFF). Dying CRASH_LOOP
@@ -38,8 +41,7 @@ MAX_BACKOFF = 30.0
 STABLE_SECONDS = 30.0
 CRASH_LOOP = 5
 POLL_SECONDS = 0.2
-# The Redis hash where `up` counts restarts per process, read by /metrics.
-RESTARTS_KEY = "up:restarts"
+log = logging.getLogger("civicdial.up")
 
 
 def demo_curl(url: str, address: str, text: str = "") -> str:
@@ -107,6 +109,7 @@ def port_in_use(host: str, port: int) -> bool:
 def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
     """Run everything: web app, one RQ worker, embedded Redis and SQLite."""
     settings = settings_of(ctx, create=True)
+    configure_logging(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Two `up`s on one data dir would share (and then stop) one embedded Redis.
     lock = open(settings.data_dir / "up.lock", "w")  # noqa: SIM115 - held until exit
@@ -128,8 +131,10 @@ def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
                PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     children: list[Child] = []
     embedded: EmbeddedRedis | None = None
-    # A service manager stops us with SIGTERM: clean up exactly as for Ctrl-C.
+    # A service manager stops us with SIGTERM: clean up exactly as for Ctrl-C (which is
+    # handled even where a shell started us with SIGINT ignored).
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     code = 0
     try:
         if not settings.redis_url:
@@ -258,11 +263,11 @@ def _count_restart(settings: Settings, name: str) -> None:
 
 
 def _log(message: str) -> None:
-    click.echo(f"{time.strftime('%Y-%m-%d %H:%M:%S')} up: {message}", err=True)
+    log.warning("%s", message)
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise KeyboardInterrupt("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
