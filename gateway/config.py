@@ -73,6 +73,8 @@ class Settings:
     limit_window_seconds: int = 10
     limit_per_respondent: int = 30
     limit_per_channel: int = 0
+    # A message still queued this long past its due time counts as overdue (stuck).
+    outbound_overdue_seconds: int = 300
 
     @property
     def redis_db_file(self) -> Path:
@@ -145,5 +147,6 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         limit_window_seconds=max(1, _int(env, "CIVICDIAL_LIMIT_WINDOW_SECONDS", 10)),
         limit_per_respondent=_int(env, "CIVICDIAL_LIMIT_PER_RESPONDENT", 30),
         limit_per_channel=_int(env, "CIVICDIAL_LIMIT_PER_CHANNEL", 0),
+        outbound_overdue_seconds=_int(env, "CIVICDIAL_OUTBOUND_OVERDUE_SECONDS", 300),
     )
     return settings.with_(**overrides) if overrides else settings

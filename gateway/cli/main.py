@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import click
 
 from gateway.cli.context import emit, open_engine, session_store, settings_of
@@ -54,7 +56,8 @@ def migrate_cmd(ctx: click.Context) -> None:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Per campaign: interviews started and completed, answers in SQL, events waiting."""
     settings = settings_of(ctx)
-    report = campaign_status(open_engine(settings), session_store(settings))
+    report = campaign_status(open_engine(settings), session_store(settings),
+                             timedelta(seconds=settings.outbound_overdue_seconds))
     if as_json:
         emit(True, report, "")
         return
