@@ -121,6 +121,11 @@ def ussd(channel_key: str) -> Response:
     for _ in range(COMMIT_ATTEMPTS):
         loaded = store.load(ch.campaign_id, respondent, ch.id, session_id,
                             quotas=bool(ch.rules.quota_on))
+        if loaded.limited:
+            # One number flooding the channel: answered, nothing stored or streamed.
+            if loaded.first_limited:
+                log.warning("ussd %s %s: over the per-number limit", ch.id, mask_phone(phone))
+            return _text("END " + message("en", "rate_limited"))
         record = loaded.provider
         now = time.time()
         if record is None:

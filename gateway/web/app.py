@@ -19,7 +19,7 @@ from gateway.store.crypto import NumberBox
 from gateway.store.db import make_engine
 from gateway.store.redis_conn import connect
 from gateway.store.registry import Registry
-from gateway.store.sessions import SessionStore
+from gateway.store.sessions import HopLimits, SessionStore
 from gateway.web import api, dashboard, metrics
 
 log = logging.getLogger("civicdial.webhooks")
@@ -46,7 +46,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     client = connect(settings)
     app.extensions["civicdial"] = Services(
         settings=settings, engine=engine, redis=client,
-        store=SessionStore(client, settings.redis_prefix), registry=Registry(engine),
+        store=SessionStore(client, settings.redis_prefix, HopLimits(
+            settings.limit_window_seconds, settings.limit_per_respondent,
+            settings.limit_per_channel)), registry=Registry(engine),
         box=NumberBox(settings.encryption_key),
     )
     app.register_blueprint(africastalking.bp)
