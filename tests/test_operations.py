@@ -10,19 +10,24 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import redis
 from click.testing import CliRunner
+from fake_providers import fake_provider
 from flask.testing import FlaskClient
 from node import embedded_env
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from gateway.cli import main
-from gateway.config import Settings
+from gateway.config import Settings, load_settings
 from gateway.coordination.campaigns import create_token
 from gateway.logformat import mask_channel_keys
+from gateway.store.crypto import NumberBox
 from gateway.store.models import Campaign, Channel, OutboundMessage
+from gateway.store.redis_conn import EmbeddedRedis
 from gateway.web.app import create_app
+from workers.outbound import send_message
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -170,3 +175,59 @@ def test_channel_keys_are_masked_in_urls() -> None:
         '127.0.0.1 - - "POST /webhooks/africastalking/3kqA***/ussd/events?x=1 HTTP/1.1"'
         ' 200 "https://h/webhooks/twilio/TwKe***/sms"')
     assert mask_channel_keys("GET /dashboard/ 200") == "GET /dashboard/ 200"
+
+
+def test_redis_fsync_setting_reaches_the_embedded_server(tmp_path: Path) -> None:
+    """CIVICDIAL_REDIS_FSYNC=always is the embedded server's appendfsync (AOF on); other
+    values are refused when the settings are read."""
+    settings = load_settings({"CIVICDIAL_DATA_DIR": str(tmp_path / "data"),
+                              "CIVICDIAL_REDIS_FSYNC": "always"})
+    server = EmbeddedRedis(settings, tmp_path)
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+    finally:
+        server.stop()
+    try:
+        load_settings({"CIVICDIAL_DATA_DIR": str(tmp_path), "CIVICDIAL_REDIS_FSYNC": "never"})
+    except ValueError as exc:
+        assert "CIVICDIAL_REDIS_FSYNC must be one of everysec, always" in str(exc)
+    else:
+        raise AssertionError("an unknown fsync policy was accepted")
+
+
+def test_metrics_count_sends_by_result(client: FlaskClient, engine: Engine, channel: Channel,
+                                       settings: Settings, env: dict[str, str],
+                                       redis_client: redis.Redis,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each send job counts its result: sent (the provider took it) and stopped (the
+    recipient had opted out)."""
+    with fake_provider() as fake:
+        with Session(engine) as db, db.begin():
+            campaign = db.scalar(select(Campaign))
+            assert campaign is not None
+            sms = Channel(key="at-sends-key", provider="africastalking", kind="sms",
+                          address="1662", campaign_id=campaign.id, config=json.dumps({
+                              "username": "sandbox", "api_key": "at-key",
+                              "base_url": fake.base_url, "rate_per_second": 0}))
+            db.add(sms)
+            db.flush()
+            box = NumberBox(settings.encryption_key)
+            sent = OutboundMessage(key="s:1", channel_id=sms.id, respondent="r-ok",
+                                   recipient=box.seal("+233200000011"), body="b")
+            stopped = OutboundMessage(key="s:2", channel_id=sms.id, respondent="r-stop",
+                                      recipient=box.seal("+233200000012"), body="b")
+            db.add_all([sent, stopped])
+            db.flush()
+            ids = (sent.id, stopped.id)
+        redis_client.set("cd:optout:r-stop", "1")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        before = client.get("/metrics").get_data(as_text=True)
+        assert [send_message(i) for i in ids] == ["sent", "stopped"]
+        after = client.get("/metrics").get_data(as_text=True)
+    for result in ("sent", "stopped"):
+        assert (_sample(after, "civicdial_sends_total", result=result)
+                - _sample(before, "civicdial_sends_total", result=result)) == 1
