@@ -70,8 +70,8 @@ class Settings:
     metrics_dir: str | None = None
     # Per-number limits on webhook hops: at most this many per window from one respondent
     # on one channel, and from everyone on one channel (0 = no limit).
-    limit_window_seconds: int = 10
-    limit_per_respondent: int = 30
+    limit_window_seconds: int = 60
+    limit_per_respondent: int = 200
     limit_per_channel: int = 0
     # A message still queued this long past its due time counts as overdue (stuck).
     outbound_overdue_seconds: int = 300
@@ -144,8 +144,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         redis_fsync=_choice(env, "CIVICDIAL_REDIS_FSYNC", ("everysec", "always"), "everysec"),
         log_format=_choice(env, "CIVICDIAL_LOG_FORMAT", ("text", "json"), "text"),
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
-        limit_window_seconds=max(1, _int(env, "CIVICDIAL_LIMIT_WINDOW_SECONDS", 10)),
-        limit_per_respondent=_int(env, "CIVICDIAL_LIMIT_PER_RESPONDENT", 30),
+        limit_window_seconds=max(1, _int(env, "CIVICDIAL_LIMIT_WINDOW_SECONDS", 60)),
+        limit_per_respondent=_int(env, "CIVICDIAL_LIMIT_PER_RESPONDENT", 200),
         limit_per_channel=_int(env, "CIVICDIAL_LIMIT_PER_CHANNEL", 0),
         outbound_overdue_seconds=_int(env, "CIVICDIAL_OUTBOUND_OVERDUE_SECONDS", 300),
     )
