@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from gateway.cli.context import open_engine, settings_of
 from gateway.coordination.bootstrap import DEFAULT_CAMPAIGN
-from gateway.coordination.campaigns import CampaignError, cli_actor
+from gateway.coordination.campaigns import CampaignError, audit, cli_actor
 from gateway.coordination.channels import PROVIDER_KINDS, bind_channel, channel_urls
 from gateway.store.models import Campaign, Channel
 

@@ -12,7 +12,7 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -338,7 +338,8 @@ def move_campaign(slug: str, verb: str) -> Response:
 @requires("viewer")
 def campaign_stats(slug: str) -> Response:
     services = current_app.extensions["civicdial"]
-    report = campaign_status(services.engine, services.store)
+    report = campaign_status(services.engine, services.store, timedelta(
+        seconds=services.settings.outbound_overdue_seconds))
     match = [c for c in report["campaigns"] if c["slug"] == slug]
     if not match:
         raise ApiError(404, f"no campaign {slug!r}")
