@@ -9,6 +9,9 @@ def channel_urls(channel: Channel, base_url: str) -> dict[str, str]:
     root = f"{base_url.rstrip('/')}/webhooks/{channel.provider}/{channel.key}"
     if channel.kind == "ussd":
         return {"ussd": f"{root}/ussd", "events": f"{root}/ussd/events"}
+    if channel.provider == "android":
+        # One URL for every event the phone reports (registered by `channels add`).
+        return {"events": f"{root}/events"}
     if channel.provider == "twilio":
         return {"sms": f"{root}/sms", "status": f"{root}/status"}
     # The account's airtime callbacks are set once; any Africa's Talking channel serves.
