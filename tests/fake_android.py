@@ -357,9 +357,7 @@ def _handler(phone: FakePhone) -> type[BaseHTTPRequestHandler]:
         def _reply(self, status: int, payload: Any = None,
                    headers: dict[str, str] | None = None) -> None:
             data = b"" if payload is None else gson(payload)
-            self.send_response(status)
-            # Ktor's DateHeader plugin: the phone's clock.
-            self.send_header("Date", formatdate(phone.now(), usegmt=True))
+            self.send_response(status)  # with a Date header: date_time_string below
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             if payload is not None:
@@ -367,6 +365,10 @@ def _handler(phone: FakePhone) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def date_time_string(self, timestamp: float | None = None) -> str:
+            # The Date header, as the app's DateHeader plugin sends it: the phone's clock.
+            return formatdate(phone.now(), usegmt=True)
 
         def _authorised(self) -> bool:
             expected = "Basic " + base64.b64encode(
