@@ -273,7 +273,8 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
                                       settings.send_backoff_seconds)
         if status == "unknown" and idempotent:
             status = "failed"  # cannot happen (its sender never says "maybe"), but never
-        if not _set(engine, message_id, if_status="sending", status=status, error=str(exc)):
+        if not _set(engine, message_id, if_status="sending" if idempotent else None,
+                    status=status, error=str(exc)):
             return "sent"  # a webhook said it went (the answer we missed was a 202)
         if status == "queued":
             enqueue_send(client, message_id, priority, delay, settings.redis_prefix)

@@ -15,9 +15,12 @@ status is non-zero only when setup fails.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import secrets
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from harness import (
     BENCH_DIR,
     BUSY_CORES,
     CPU_LEGEND,
+    NO_PROXY,
     PG_AT,
     Backends,
     BaseRun,
@@ -159,6 +163,25 @@ def load_config(run: Run, url: str, traces: Path, phone_base: int,
             "traces_in": str(traces), "phone_base": phone_base, "watch": watch}
 
 
+def warm(url: str) -> None:
+    """A few first texts, so that every gunicorn worker has read the channels and parsed
+    the questionnaire (seconds on a busy machine) before the load generator's warm-up."""
+    for n in range(12):
+        number = f"+23320999{n:04d}"
+        body = json.dumps({"id": f"warm{n}", "webhookId": "w", "event": "sms:received",
+                           "deviceId": "bench", "payload": {
+                               "message": "SURVEY", "receivedAt": "2026-12-01T00:00:00.000Z",
+                               "messageId": "0", "sender": number, "phoneNumber": number}},
+                          separators=(",", ":")).encode()
+        stamp = str(int(time.time()))
+        sig = hmac.new(SIGNING_KEY.encode(), body + stamp.encode(), hashlib.sha256).hexdigest()
+        request = urllib.request.Request(url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "X-Timestamp": stamp, "X-Signature": sig})
+        with NO_PROXY.open(request, timeout=60) as resp:
+            if resp.status != 200:
+                raise SetupError(f"warm-up text answered {resp.status}")
+
+
 def hops(run: Run, results: dict[str, Any], attempt: Any) -> None:
     args = run.args
     traces = run.tmp / "android-traces.json"
@@ -167,6 +190,7 @@ def hops(run: Run, results: dict[str, Any], attempt: Any) -> None:
     server = redis_pid(run.client)
     with gunicorn("gateway.web.app:create_app()", args, run.env, run.tmp / "real.log") as (
             base, pid):
+        warm(base + path)
         say(f"real app up at {base}: {args.warmup:g} s warm-up + {args.duration:g} s load")
         attempt("real", lambda: run_loadgen("sms_loadgen.py", "real", load_config(
             run, base + path, traces, REAL_PHONES,
