@@ -53,12 +53,12 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
 
 
 PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twilio", "sms"),
-                  ("android", "sms")}
+                  ("hubtel", "ussd"), ("arkesel", "ussd"), ("android", "sms")}
 
 
 @channels.command("add")
-@click.option("--provider", type=click.Choice(["africastalking", "twilio", "android"]),
-              required=True)
+@click.option("--provider", required=True,
+              type=click.Choice(["africastalking", "twilio", "hubtel", "arkesel", "android"]))
 @click.option("--kind", type=click.Choice(["ussd", "sms"]), required=True)
 @click.option("--address", required=True,
               help="USSD service code, or the SMS short code / number people text.")
@@ -69,8 +69,9 @@ PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twili
                    '"auth_token": "...", "from": "+1..."} (Twilio) or {"url": '
                    '"http://PHONE:8080", "username": "...", "password": "...", '
                    '"signing_key": "..."} (SMS Gateway for Android). Optional: base_url, '
-                   'rate_per_second, reply ("inline"/"queue", Twilio); rate_per_hour, '
-                   'sim_number, burst (Android).')
+                   'rate_per_second, reply ("inline"/"queue", Twilio), label (the screen '
+                   'title Hubtel shows in its app); rate_per_hour, sim_number, burst '
+                   '(Android).')
 @click.option("--screen-limit", default=160, show_default=True, type=click.IntRange(64, 182))
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--base-url", default=None,

@@ -73,7 +73,7 @@ from gateway.coordination.channels import channel_urls
 from gateway.store.models import Campaign, Channel
 
 BENCH_DATABASE = "civicdial_androidbench"  # created fresh on the PostgreSQL server
-DEFAULT_REDIS = "redis://127.0.0.1:6379/14"  # flushed before and after
+DEFAULT_REDIS = "redis://127.0.0.1:6379/12"  # flushed before and after
 SIGNING_KEY = "b3nchK3y"
 SIM_NUMBER = "+233201112222"
 REAL_PHONES = 0
