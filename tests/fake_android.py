@@ -35,7 +35,18 @@ second a retry with the same envelope id); `reemit(envelope)` emits an old event
 with a fresh envelope id (inbox export on versions before 1.66.2). After a message is
 accepted the phone "sends" it: sms:sent, then sms:delivered, are emitted for it (unless
 `auto_send=False`; `fail_numbers` get sms:failed instead). `transport` replaces the HTTP
-POST (e.g. with a Flask test client) when no web server runs.
+POST (e.g. `flask_transport(app.test_client())`) when no web server runs; `serve_app(app)`
+serves a node's create_app() on 127.0.0.1 over real HTTP instead (what `adb reverse` gives
+the phone), so a test can run several nodes, each with a phone of its own:
+
+    with fake_phone() as phone, serve_app(create_app(settings)) as base:
+        # civicdial channels add --provider android ... --config json.dumps(
+        #     phone.channel_config(rate_per_hour=0)) --base-url base
+        phone.start_delivering()      # webhooks flow while the test runs workers
+
+Faults: `fail_sends` (503s), `hang_after_accept` (the phone keeps the message but answers
+after the client's timeout: the retry gets 409), `clock_skew`, `legacy_payloads`,
+`insecure`, and 401 for wrong credentials.
 """
 
 from __future__ import annotations
