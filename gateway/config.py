@@ -54,6 +54,11 @@ class Settings:
     # Past this many queued messages on a channel, bulk sends (invitations) are held.
     outbox_backlog: int
     send_backoff_seconds: float
+    # On an edge node: how often the worker syncs with central when nothing is waiting
+    # (pending events are pushed within seconds; failures back off up to 10 minutes).
+    sync_interval_seconds: int = 60
+    # The passphrase of an edge bundle (`edge create` / `edge join`), else it is asked.
+    bundle_passphrase: str | None = None
 
     @property
     def redis_db_file(self) -> Path:
@@ -107,5 +112,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         send_retries=_int(env, "CIVICDIAL_SEND_RETRIES", 5),
         outbox_backlog=_int(env, "CIVICDIAL_OUTBOX_BACKLOG", 10_000),
         send_backoff_seconds=float(env.get("CIVICDIAL_SEND_BACKOFF_SECONDS") or 2.0),
+        sync_interval_seconds=_int(env, "CIVICDIAL_SYNC_INTERVAL_SECONDS", 60),
+        bundle_passphrase=env.get("CIVICDIAL_BUNDLE_PASSPHRASE") or None,
     )
     return settings.with_(**overrides) if overrides else settings

@@ -11,6 +11,7 @@ import time
 
 import redis
 from rq import Queue, SimpleWorker
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings, load_settings
@@ -24,11 +25,14 @@ from workers.airtime import sweep as sweep_airtime
 from workers.outbound import release_held
 from workers.persist import drain, ensure_group
 from workers.reminders import remind_idle
+from workers.sync_edge import due as sync_due
+from workers.sync_edge import sync_job
 
 log = logging.getLogger(__name__)
 
 QUEUE = "civicdial"
 SWEEP_SECONDS = 60
+SYNC_CHECK_SECONDS = 5
 
 
 def _queued_flag(settings: Settings) -> str:
@@ -57,15 +61,30 @@ def pump_once(client: redis.Redis, settings: Settings, queue: Queue) -> bool:
     return True
 
 
+def pump_sync(client: redis.Redis, settings: Settings, engine: Engine, queue: Queue) -> bool:
+    """On an edge node: enqueue a sync job when one is due (see workers/sync_edge.due)
+    and none is queued or running."""
+    if not sync_due(engine, settings.sync_interval_seconds):
+        return False
+    # The flag expires so a job lost with a dead worker is replaced.
+    if not client.set(f"{settings.redis_prefix}sync:queued", "1", nx=True, ex=900):
+        return False
+    queue.enqueue(sync_job, result_ttl=0, failure_ttl=7 * 86400, job_timeout=840)
+    return True
+
+
 def _pump(settings: Settings, stop: threading.Event) -> None:
     client = connect(settings)
     queue = Queue(QUEUE, connection=client)
     engine = make_engine(settings)
     registry = Registry(engine)
-    last_sweep = 0.0
+    last_sweep = last_sync = 0.0
     while not stop.wait(settings.drain_interval_ms / 1000):
         try:
             pump_once(client, settings, queue)
+            if time.monotonic() - last_sync > SYNC_CHECK_SECONDS:
+                last_sync = time.monotonic()
+                pump_sync(client, settings, engine, queue)
             if time.monotonic() - last_sweep > SWEEP_SECONDS:
                 last_sweep = time.monotonic()
                 sweep(settings, engine, client)
