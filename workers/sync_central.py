@@ -72,6 +72,10 @@ MAX_EVENTS = 1000
 MAX_BATCH_BYTES = 1024 * 1024  # what the edge sends: at most 1 MiB of JSON, gzipped
 MAX_BODY_BYTES = MAX_BATCH_BYTES + 64 * 1024  # gzip of incompressible data grows a little
 CHANGES_PAGE = 500
+# An edge clock further off than this (central's minus the edge's, measured as the batch
+# arrives) is wrong, not late: its events' times are moved by the skew so answers are not
+# misdated. Within it, times are kept as the edge wrote them.
+CLOCK_TOLERANCE = 300.0
 _NONCE = re.compile(r"[0-9a-f]{16,64}")
 _MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError)
 
@@ -105,7 +109,7 @@ def digest(body: Mapping[str, Any]) -> str:
 
 
 def authenticate(db: Session, settings: Settings, headers: Mapping[str, str], method: str,
-                 path: str, body: bytes) -> EdgeNode:
+                 path: str, body: bytes, *, live: bool = True) -> EdgeNode:
     """The edge a request comes from, if it is enrolled, active, signed and not a replay.
     Its clock is not checked: an edge without a time source still syncs; the nonce (kept
     for good) and the sequence numbers are what stop a replay."""
@@ -129,10 +133,14 @@ def authenticate(db: Session, settings: Settings, headers: Mapping[str, str], me
         raise SyncRefused(401, f"replayed nonce from edge {edge.name}", replay=True)
     db.add(SyncNonce(edge_id=edge.id, nonce=nonce))
     try:
-        edge.skew_seconds = round(time.time() - float(timestamp), 3)
+        sent = float(timestamp)
     except ValueError:
         raise SyncRefused(400, "the timestamp must be a number of seconds") from None
-    edge.last_contact_at = datetime.now(UTC)
+    if live:
+        # Over a link the request is seconds old, so this is the edge's clock error. A
+        # file from a USB stick is as old as the trip: the last live measure stands.
+        edge.skew_seconds = round(time.time() - sent, 3)
+        edge.last_contact_at = datetime.now(UTC)
     return edge
 
 
@@ -157,13 +165,14 @@ def decode_batch(body: bytes) -> dict[str, Any]:
 
 
 def receive_batch(engine: Engine, client: redis.Redis | None, settings: Settings,
-                  headers: Mapping[str, str], body: bytes,
-                  path: str = BATCHES_PATH) -> BatchResult:
-    """Check and apply one batch in one transaction; SyncRefused if refused whole."""
+                  headers: Mapping[str, str], body: bytes, path: str = BATCHES_PATH,
+                  *, live: bool = True) -> BatchResult:
+    """Check and apply one batch in one transaction; SyncRefused if refused whole.
+    live=False for a batch read from a file (`sync import`)."""
     if len(body) > MAX_BODY_BYTES:
         raise SyncRefused(413, f"batch over {MAX_BODY_BYTES} bytes")
     with Session(engine, expire_on_commit=False) as db, db.begin():
-        edge = authenticate(db, settings, headers, "POST", path, body)
+        edge = authenticate(db, settings, headers, "POST", path, body, live=live)
         payload = decode_batch(body)
         slug = db.scalar(select(Campaign.slug).where(Campaign.id == edge.campaign_id))
         if payload.get("edge") != edge.id:
@@ -231,6 +240,8 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
         erased.update(conn.scalars(select(Interview.id).where(
             Interview.id.in_(chunk), Interview.status == "withdrawn")))
     out = _Applied(counts={"accepted": 0, "duplicate": 0, "conflict": 0, "rejected": 0})
+    skew = edge.skew_seconds or 0.0
+    shift = skew if abs(skew) > CLOCK_TOLERANCE else 0.0
     received: list[dict[str, Any]] = []
     conflicts: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
@@ -257,6 +268,8 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
                     edge.sms_counts_seq = seq
             else:
                 event = {k: v for k, v in body.items() if k != "cs"}
+                if shift and isinstance(event.get("t"), int | float):
+                    event["t"] = event["t"] + shift
                 if kind in INTERVIEW_KINDS:
                     event["c"] = edge.campaign_id
                     if kind == "withdrawn":

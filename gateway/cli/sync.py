@@ -92,7 +92,7 @@ def import_cmd(ctx: click.Context, path: Path, as_json: bool) -> None:
               "already_imported": 0}
     for headers, body in batches:
         try:
-            result = receive_batch(engine, client, settings, headers, body)
+            result = receive_batch(engine, client, settings, headers, body, live=False)
         except SyncRefused as exc:
             if exc.replay:  # this very batch was imported (or sent) before
                 totals["already_imported"] += 1
