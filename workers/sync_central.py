@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from gateway.config import Settings
@@ -210,7 +210,7 @@ class _Applied:
     completed: set[int] = field(default_factory=set)
 
 
-def _chunks(items: list[str], size: int = 500) -> list[list[str]]:
+def _chunks(items: list[str], size: int = 1000) -> list[list[str]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
@@ -288,7 +288,11 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
         out.results.append({"seq": seq, "id": gid, "result": result})
     if events:
         write_events(engine, events, conn=conn)
-    if received:
+    if received and engine.dialect.name == "postgresql":
+        # One statement for the whole batch (the rows as arrays), as persist does answers.
+        conn.execute(_PG_RECEIVED, {column: [row[column] for row in received]
+                                    for column in _RECEIVED_COLUMNS})
+    elif received:
         conn.execute(upsert_insert(engine, SyncReceived.__table__).on_conflict_do_nothing(
             index_elements=["event_id"]), received)
     if conflicts:
@@ -300,6 +304,14 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
                         max((item["seq"] for item in items), default=0))
     edge.acked_seq = _contiguous(conn, edge)
     return out
+
+
+_RECEIVED_COLUMNS = ("event_id", "edge_id", "seq", "digest", "result", "received_at")
+_PG_RECEIVED = text(
+    "INSERT INTO sync_received (" + ", ".join(_RECEIVED_COLUMNS) + ") "
+    "SELECT * FROM unnest(CAST(:event_id AS varchar[]), CAST(:edge_id AS varchar[]), "
+    "CAST(:seq AS bigint[]), CAST(:digest AS varchar[]), CAST(:result AS varchar[]), "
+    "CAST(:received_at AS timestamptz[])) ON CONFLICT (event_id) DO NOTHING")
 
 
 def _contiguous(conn: Connection, edge: EdgeNode) -> int:
