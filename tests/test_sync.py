@@ -28,6 +28,7 @@ import requests
 from click.testing import CliRunner, Result
 from flask.testing import FlaskClient
 from node import free_port
+from rq import Queue, SimpleWorker
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 from twilio.request_validator import RequestValidator
@@ -59,6 +60,7 @@ from gateway.store.models import (
 )
 from gateway.store.sessions import SessionStore, pseudonym
 from gateway.web.app import create_app
+from workers.jobs import QUEUE, pump_sync
 from workers.persist import drain, write_events
 from workers.sync_central import BATCHES_PATH
 from workers.sync_edge import (
@@ -703,8 +705,9 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=lambda c: c.label)
 def test_bad_batches_are_refused_whole(kit: Kit, case: Bad,
                                        caplog: pytest.LogCaptureFixture) -> None:
-    """Each refusal: its status, one WARNING line, nothing applied, nonce not spent."""
-    kit.complete(0)
+    """Each refusal: its status, one WARNING line, nothing applied."""
+    for k, answer in enumerate(["SURVEY", "1", "1", "Female", "3"]):
+        kit.text(citizen(1), answer, f"SMb{k}")
     kit.persist_edge()
     rows = next(pending_batches(kit.edge_engine))
     headers, body = case.build(BadCtx(kit, rows))
@@ -810,3 +813,25 @@ def test_outbox_is_written_in_the_persist_transaction(kit: Kit) -> None:
         e.pop("cs")
     write_events(kit.edge_engine, replay)
     assert _all_rows(kit.edge_engine) == rows
+
+
+def test_the_edge_worker_runs_the_sync_job(kit: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's pump enqueues one sync job when events wait (never two at once); the
+    RQ worker runs it and the events reach central; with none waiting, nothing is due."""
+    for name, value in kit.edge_env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    kit.complete(0)
+    kit.persist_edge()
+    queue = Queue(QUEUE, connection=kit.edge_redis)
+    with kit.central_up():
+        assert pump_sync(kit.edge_redis, kit.edge, kit.edge_engine, queue)
+        assert not pump_sync(kit.edge_redis, kit.edge, kit.edge_engine, queue)  # one at a time
+        assert len(queue) == 1
+        SimpleWorker([queue], connection=kit.edge_redis).work(burst=True,
+                                                              logging_level="WARNING")
+    assert status(kit.edge_engine)["events_waiting"] == 0
+    assert central_rows(kit.central_engine) == central_rows(kit.edge_engine) != set()
+    assert not pump_sync(kit.edge_redis, kit.edge, kit.edge_engine, queue)  # nothing due

@@ -83,24 +83,19 @@ def week(rng: random.Random, version: str, campaign: int, target: int) -> list[d
     while answers < target:
         iid, respondent = secrets.token_hex(8), secrets.token_hex(16)
         t = start + rng.random() * 7 * 86400
-        seq = 1
-
-        def event(kind: str, **extra: Any) -> dict[str, Any]:
-            nonlocal seq, t
-            seq += 1
-            t += rng.uniform(5, 40)
-            return {"id": f"{iid}-{seq}", "k": kind, "c": campaign, "ch": 1, "i": iid,
-                    "r": respondent, "ver": version, "t": t, **extra}
-
-        events.append(event("started", l="English (en)"))
+        base = {"c": campaign, "ch": 1, "i": iid, "r": respondent, "ver": version}
+        steps: list[dict[str, Any]] = [{"k": "started", "l": "English (en)"}]
         for q in asked:
             if answers >= target:
                 break
             value = (rng.choice(q.choices).name if q.choices else
                      str(rng.randint(1, 5)) if q.type in ("integer", "decimal") else "queues")
-            events.append(event("answer", q=q.name, v=value))
+            steps.append({"k": "answer", "q": q.name, "v": value})
             answers += 1
-        events.append(event("completed"))
+        steps.append({"k": "completed"})
+        for seq, step_ in enumerate(steps, start=2):
+            t += rng.uniform(5, 40)
+            events.append({"id": f"{iid}-{seq}", **base, **step_, "t": t})
     return events
 
 
