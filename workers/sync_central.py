@@ -118,7 +118,9 @@ def authenticate(db: Session, settings: Settings, headers: Mapping[str, str], me
     if not (edge_id and timestamp and nonce and given):
         raise SyncRefused(401, "unsigned request (edge, timestamp, nonce and signature "
                                "headers are required)")
-    edge = db.get(EdgeNode, edge_id[:32])
+    # Locked (PostgreSQL) until the transaction ends: one edge's batches are applied one
+    # at a time, so a resend racing its original finds its events already received.
+    edge = db.get(EdgeNode, edge_id[:32], with_for_update=True)
     if edge is None:
         raise SyncRefused(403, "unknown edge")
     if edge.revoked_at is not None:
