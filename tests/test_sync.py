@@ -54,6 +54,7 @@ from gateway.store.models import (
     EdgeNode,
     Interview,
     OptOut,
+    OutboundMessage,
     SyncConflict,
     SyncOutbox,
     SyncReceived,
@@ -497,6 +498,13 @@ def test_stop_on_central_reaches_the_edge_before_its_next_invitation(kit: Kit) -
     with Session(kit.central_engine) as db:
         assert db.get(OptOut, gone) is not None
     assert SessionStore(kit.central_redis, kit.central.redis_prefix).opted_out(gone)
+    # The edge's outbound SMS reach central as counts by status, nothing more.
+    with Session(kit.edge_engine) as db:
+        outcomes = dict(db.execute(select(OutboundMessage.status, func.count())
+                                   .group_by(OutboundMessage.status)).all())
+    assert sum(outcomes.values()) == 2
+    listed = json.loads(kit.cli("central", "edge", "list", "--json").output)["edges"]
+    assert listed[0]["sms"] == outcomes
 
 
 def test_erasure_at_the_edge_reaches_central(kit: Kit) -> None:
