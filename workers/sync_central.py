@@ -291,9 +291,7 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
     if events:
         write_events(engine, events, conn=conn)
     if received and engine.dialect.name == "postgresql":
-        # One statement for the whole batch (the rows as arrays), as persist does answers.
-        conn.execute(_PG_RECEIVED, {column: [row[column] for row in received]
-                                    for column in _RECEIVED_COLUMNS})
+        conn.execute(_PG_RECEIVED, {"rows": json.dumps(received, default=datetime.isoformat)})
     elif received:
         conn.execute(upsert_insert(engine, SyncReceived.__table__).on_conflict_do_nothing(
             index_elements=["event_id"]), received)
@@ -308,12 +306,14 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
     return out
 
 
-_RECEIVED_COLUMNS = ("event_id", "edge_id", "seq", "digest", "result", "received_at")
+# One statement for a whole batch on PostgreSQL: the rows travel as one JSON text, which
+# costs the driver one parameter instead of six arrays of a thousand quoted strings each.
 _PG_RECEIVED = text(
-    "INSERT INTO sync_received (" + ", ".join(_RECEIVED_COLUMNS) + ") "
-    "SELECT * FROM unnest(CAST(:event_id AS varchar[]), CAST(:edge_id AS varchar[]), "
-    "CAST(:seq AS bigint[]), CAST(:digest AS varchar[]), CAST(:result AS varchar[]), "
-    "CAST(:received_at AS timestamptz[])) ON CONFLICT (event_id) DO NOTHING")
+    "INSERT INTO sync_received (event_id, edge_id, seq, digest, result, received_at) "
+    "SELECT event_id, edge_id, seq, digest, result, received_at "
+    "FROM json_to_recordset(CAST(:rows AS json)) AS r(event_id varchar, edge_id varchar, "
+    "seq bigint, digest varchar, result varchar, received_at timestamptz) "
+    "ON CONFLICT (event_id) DO NOTHING")
 
 
 def _contiguous(conn: Connection, edge: EdgeNode) -> int:
