@@ -78,6 +78,11 @@ class Settings:
     limit_per_channel: int = 0
     # A message still queued this long past its due time counts as overdue (stuck).
     outbound_overdue_seconds: int = 300
+    # On an edge node: how often the worker syncs with central when nothing is waiting
+    # (pending events are pushed within seconds; failures back off up to 10 minutes).
+    sync_interval_seconds: int = 60
+    # The passphrase of an edge bundle (`edge create` / `edge join`), else it is asked.
+    bundle_passphrase: str | None = None
 
     @property
     def redis_db_file(self) -> Path:
@@ -152,5 +157,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         limit_per_respondent=_int(env, "CIVICDIAL_LIMIT_PER_RESPONDENT", 200),
         limit_per_channel=_int(env, "CIVICDIAL_LIMIT_PER_CHANNEL", 0),
         outbound_overdue_seconds=_int(env, "CIVICDIAL_OUTBOUND_OVERDUE_SECONDS", 300),
+        sync_interval_seconds=_int(env, "CIVICDIAL_SYNC_INTERVAL_SECONDS", 60),
+        bundle_passphrase=env.get("CIVICDIAL_BUNDLE_PASSPHRASE") or None,
     )
     return settings.with_(**overrides) if overrides else settings

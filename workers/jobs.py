@@ -13,6 +13,7 @@ import uuid
 import redis
 from rq import Queue, SimpleWorker
 from rq.scheduler import RQScheduler
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings, load_settings
@@ -28,6 +29,8 @@ from workers.airtime import sweep as sweep_airtime
 from workers.outbound import IDEMPOTENT_PROVIDERS, release_held
 from workers.persist import drain, ensure_group
 from workers.reminders import remind_idle
+from workers.sync_edge import due as sync_due
+from workers.sync_edge import sync_job
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ if cur == ARGV[1] then
 end
 return 0
 """
+
+SYNC_CHECK_SECONDS = 5
 
 
 def _queued_flag(settings: Settings) -> str:
@@ -108,13 +113,25 @@ class DueJobs:
             self.client.delete(self.key)
 
 
+def pump_sync(client: redis.Redis, settings: Settings, engine: Engine, queue: Queue) -> bool:
+    """On an edge node: enqueue a sync job when one is due (see workers/sync_edge.due)
+    and none is queued or running."""
+    if not sync_due(engine, settings.sync_interval_seconds):
+        return False
+    # The flag expires so a job lost with a dead worker is replaced.
+    if not client.set(f"{settings.redis_prefix}sync:queued", "1", nx=True, ex=900):
+        return False
+    queue.enqueue(sync_job, result_ttl=0, failure_ttl=7 * 86400, job_timeout=840)
+    return True
+
+
 def _pump(settings: Settings, stop: threading.Event) -> None:
     client = connect(settings)
     queue = Queue(QUEUE, connection=client)
     engine = make_engine(settings)
     registry = Registry(engine)
     due = DueJobs(client, settings)
-    last_sweep = 0.0
+    last_sweep = last_sync = 0.0
     last_schedule = 0.0
     while not stop.wait(settings.drain_interval_ms / 1000):
         try:
@@ -122,6 +139,9 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
             if time.monotonic() - last_schedule >= SCHEDULE_SECONDS:
                 last_schedule = time.monotonic()
                 due.run_once()
+            if time.monotonic() - last_sync > SYNC_CHECK_SECONDS:
+                last_sync = time.monotonic()
+                pump_sync(client, settings, engine, queue)
             if time.monotonic() - last_sweep > SWEEP_SECONDS:
                 last_sweep = time.monotonic()
                 sweep(settings, engine, client, resend_providers=IDEMPOTENT_PROVIDERS)

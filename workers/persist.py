@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +42,7 @@ from gateway.store.models import (
 )
 from gateway.store.outbox import enqueue_send
 from gateway.store.sessions import GROUP, STREAM
+from gateway.store.syncbox import record_outbox
 from workers.airtime import enqueue as enqueue_airtime
 from workers.airtime import reserve as reserve_airtime
 
@@ -105,8 +107,16 @@ class Written:
         return self
 
 
-def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
-    """Write a batch of events in one transaction; repeating a batch changes nothing."""
+def write_events(engine: Engine, events: Iterable[dict[str, Any]],
+                 conn: Connection | None = None) -> Written:
+    """Write a batch of events in one transaction; repeating a batch changes nothing.
+
+    On an edge node the events central needs also go to the sync outbox, in the same
+    transaction, so an event is in both or in neither. With conn, the work joins the
+    caller's transaction and records nothing for sync: central applying an edge's batch
+    (workers/sync_central.py) goes through these same upserts, not a copy of them."""
+    events = list(events)
+    own_transaction = conn is None
     answers: dict[tuple[str, str], dict[str, Any]] = {}
     sends: dict[str, dict[str, Any]] = {}
     reports: list[dict[str, Any]] = []
@@ -190,7 +200,9 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
                 withdrawn.add(iid)
             if seq > row["last_seq"]:
                 row["status"], row["last_seq"] = _STATUS[kind], seq
-    with engine.begin() as conn:
+    with _transaction(engine, conn) as conn:
+        if own_transaction:
+            record_outbox(conn, engine, events)
         if interviews:
             stmt = upsert_insert(engine, Interview.__table__)
             excluded = stmt.excluded
@@ -319,6 +331,15 @@ def erase_respondents(conn: Connection, respondents: set[str]) -> None:
                                      "answers": answers, "contacts": contacts})))
     log.info("erased %d respondent(s) on request: %d interviews, %d answers",
              len(who), interviews, answers)
+
+
+@contextmanager
+def _transaction(engine: Engine, conn: Connection | None) -> Iterator[Connection]:
+    if conn is not None:
+        yield conn
+        return
+    with engine.begin() as own:
+        yield own
 
 
 def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000,

@@ -1,6 +1,6 @@
 """The `civicdial` command: the group in main.py, one module per command family."""
 
-from gateway.cli import campaigns, channels, contacts, indicator, up
+from gateway.cli import campaigns, channels, contacts, edge, indicator, sync, up
 from gateway.cli.main import main
 
 main.add_command(up.up)
@@ -11,6 +11,8 @@ main.add_command(campaigns.token)
 main.add_command(campaigns.audit_cmd)
 main.add_command(contacts.contacts)
 main.add_command(contacts.invite_cmd)
+main.add_command(edge.edge)
+main.add_command(sync.sync)
 for command in indicator.COMMANDS:  # tally, export, publish
     main.add_command(command)
 

@@ -296,3 +296,140 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(200))
     before: Mapped[str] = mapped_column(Text, default="")  # JSON, or '' when not meaningful
     after: Mapped[str] = mapped_column(Text, default="")
+
+
+# -- Edge nodes and sync (an office with no internet collects, then syncs to central) ----
+
+
+class EdgeNode(Base):
+    """On central: an edge node enrolled for one campaign (`civicdial edge create`)."""
+
+    __tablename__ = "edge_nodes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # random hex
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    campaign_id: Mapped[int] = mapped_column(Integer)
+    region: Mapped[str] = mapped_column(String(100), default="")
+    # The sync secret, sealed with central's encryption key: verifying an HMAC needs it.
+    secret: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_contact_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                             nullable=True)
+    events_received: Mapped[int] = mapped_column(Integer, default=0)
+    # Highest sequence number such that every event up to it has been received.
+    acked_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # The edge's own newest sequence number, as it said in its last batch.
+    edge_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Central's clock minus the edge's, in seconds, at the last batch.
+    skew_seconds: Mapped[float | None] = mapped_column(nullable=True)
+    # JSON {status: n}: the edge's outbound SMS by delivery outcome (counts, no numbers).
+    sms_counts: Mapped[str] = mapped_column(Text, default="{}")
+    sms_counts_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SyncReceived(Base):
+    """On central: one event received from an edge, by its globally unique id, with a
+    digest of its content (the same id with other content is a conflict)."""
+
+    __tablename__ = "sync_received"
+    __table_args__ = (Index("ix_sync_received_seq", "edge_id", "seq"),)
+
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    edge_id: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    digest: Mapped[str] = mapped_column(String(64))
+    result: Mapped[str] = mapped_column(String(20))  # accepted | rejected
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SyncConflict(Base):
+    """On central: an event whose id was already received with other content: kept aside,
+    never applied, listed by `civicdial edge list`."""
+
+    __tablename__ = "sync_conflicts"
+    __table_args__ = (UniqueConstraint("event_id", "digest", name="uq_sync_conflict"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    edge_id: Mapped[str] = mapped_column(String(32), index=True)
+    event_id: Mapped[str] = mapped_column(String(200))
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    digest: Mapped[str] = mapped_column(String(64))
+    content: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SyncNonce(Base):
+    """On central: every request nonce an edge used; a second use is a replay."""
+
+    __tablename__ = "sync_nonces"
+
+    edge_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SyncChange(Base):
+    """On central: the feed edges pull (`GET /api/v1/sync/changes?since=`). The cursor is
+    this table's id, assigned by central, never a clock. (kind, key, digest) is unique:
+    the same state is logged once, a changed one again."""
+
+    __tablename__ = "sync_changes"
+    __table_args__ = (UniqueConstraint("kind", "key", "digest", name="uq_sync_change"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(30))
+    key: Mapped[str] = mapped_column(String(200))
+    digest: Mapped[str] = mapped_column(String(64))
+    campaign_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    region: Mapped[str] = mapped_column(String(100), default="")
+    payload: Mapped[str] = mapped_column(Text)  # JSON
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EdgeEnrolment(Base):
+    """On an edge: its enrolment (one row), the sync cursor and what the last attempts
+    did. The sync secret is sealed with the edge's encryption key."""
+
+    __tablename__ = "edge_enrolment"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    edge_id: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(100))
+    campaign_slug: Mapped[str] = mapped_column(String(100))
+    region: Mapped[str] = mapped_column(String(100), default="")
+    central_url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(Text)
+    cursor: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), default=0)
+    acked_seq: Mapped[int] = mapped_column(Integer, default=0)  # what central said it holds
+    last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                             nullable=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                             nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    last_error_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                           nullable=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                             nullable=True)
+    skew_seconds: Mapped[float | None] = mapped_column(nullable=True)
+    conflicts: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    sms_counts: Mapped[str] = mapped_column(Text, default="{}")  # as last queued for central
+
+
+class SyncOutbox(Base):
+    """On an edge: every event its persist worker wrote, in the same transaction, waiting
+    for central. seq is the per-edge sequence number."""
+
+    __tablename__ = "sync_outbox"
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                     primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(200), unique=True)
+    body: Mapped[str] = mapped_column(Text)  # the event as central applies it (JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    acked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                      index=True)
+    result: Mapped[str] = mapped_column(String(20), default="")

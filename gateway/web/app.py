@@ -20,7 +20,7 @@ from gateway.store.db import make_engine
 from gateway.store.redis_conn import connect
 from gateway.store.registry import Registry
 from gateway.store.sessions import HopLimits, SessionStore
-from gateway.web import api, dashboard, metrics
+from gateway.web import api, dashboard, metrics, sync
 from gateway.web.framing import BodyGuard
 
 log = logging.getLogger("civicdial.webhooks")
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(android.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
+    app.register_blueprint(sync.bp)
     # A body the server cannot decode, or shorter than announced: 400, never a 500 or a
     # truncated form processed as if complete.
     app.wsgi_app = BodyGuard(app.wsgi_app)  # type: ignore[method-assign]
