@@ -26,14 +26,24 @@ def demo_curl(url: str, address: str, text: str = "") -> str:
             f"--data-urlencode text={shlex.quote(text)}")
 
 
+# (web workers, threads per worker) per --profile. The edge's come from the one-core bench
+# (tests/bench/README.md, "An edge on one small core").
+PROFILES = {"default": (2, 4), "edge": (1, 4)}
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--web-workers", default=2, show_default=True, type=int,
-              help="gunicorn worker processes.")
+@click.option("--web-workers", default=None, type=int,
+              help="gunicorn worker processes [2; --profile edge: 1].")
+@click.option("--profile", type=click.Choice(sorted(PROFILES)), default="default",
+              show_default=True,
+              help="edge: the offline field kit on one small core (fewer web workers).")
 @click.pass_context
-def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
+def up(ctx: click.Context, host: str, port: int, web_workers: int | None,
+       profile: str) -> None:
     """Run everything: web app, one RQ worker, embedded Redis and SQLite."""
+    web_workers, threads = web_workers or PROFILES[profile][0], PROFILES[profile][1]
     settings = settings_of(ctx)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Two `up`s on one data dir would share (and then stop) one embedded Redis.
@@ -71,7 +81,7 @@ def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
         procs.append(subprocess.Popen(
             # Threads keep a worker answering while another request waits on Redis.
             [sys.executable, "-m", "gunicorn", "--workers", str(web_workers),
-             "--worker-class", "gthread", "--threads", "4", "--bind",
+             "--worker-class", "gthread", "--threads", str(threads), "--bind",
              f"{host}:{port}", "--access-logfile", "-", "--log-level", "warning",
              "gateway.web.app:create_app()"], env=env, start_new_session=True))
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
