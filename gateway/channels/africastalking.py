@@ -102,8 +102,15 @@ def _same_service(dialled: str, bound: str) -> bool:
 @bp.post("/<channel_key>/ussd")
 def ussd(channel_key: str) -> Response:
     """A USSD hop: one input in, one screen out."""
+    return _text(ussd_hop(channel_key, lambda: parse_form(request)))
+
+
+def ussd_hop(channel_key: str, read_form: Callable[[], dict[str, str]]) -> str:
+    """The hop itself: the reply screen for one request, or a WebhookError. The form is
+    read (`read_form`) after the channel key is checked, as for every route. Also called
+    without Flask's request layers by gateway.web.app's fast path (in an app context)."""
     ch = _channel(channel_key)
-    form = parse_form(request)
+    form = read_form()
     session_id = field(form, "sessionId", max_len=128)
     phone = phone_number(form, "phoneNumber")
     service_code = field(form, "serviceCode", max_len=40)
@@ -113,7 +120,7 @@ def ussd(channel_key: str) -> Response:
         raise WebhookError(400, f"serviceCode {service_code} is not this channel's "
                                 f"{ch.address}")
     if not ch.campaign_open:
-        return _text("END " + message("en", "closed"))
+        return "END " + message("en", "closed")
     services = _services()
     settings = services.settings
     respondent = pseudonym(settings.pseudonym_key, phone)
@@ -129,7 +136,7 @@ def ussd(channel_key: str) -> Response:
             if record.respondent != respondent or record.campaign != ch.campaign_id:
                 raise WebhookError(409, "sessionId belongs to another phone number")
             if text == record.history:
-                return _text(record.reply)
+                return record.reply
             new = _new_input(record.history, text)
             if new is None:
                 raise WebhookError(409, "text does not extend this session's inputs")
@@ -144,7 +151,7 @@ def ussd(channel_key: str) -> Response:
                             provider=ProviderSession(text, done_reply, ch.campaign_id,
                                                      respondent),
                             provider_ttl=ENDED_SESSION_TTL, events=[]):
-                return _text(done_reply)
+                return done_reply
             continue
         form_version = state.version if state else ch.questionnaire_version
         result = step(services.registry.questionnaire(form_version), state, inp,
@@ -178,7 +185,7 @@ def ussd(channel_key: str) -> Response:
                 # A part break or too many invalid entries: a reminder if they do not
                 # dial again (rare, so the extra round trip does not weigh on the hop).
                 _track_for_reminders(ch, phone, respondent, result.state)
-            return _text(reply)
+            return reply
     log.warning("ussd %s %s: state kept changing under us", ch.id, mask_phone(phone))
     raise WebhookError(409, "concurrent requests for this session; retry")
 

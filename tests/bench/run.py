@@ -29,15 +29,14 @@ from unittest import mock
 from urllib.parse import urlsplit
 
 import redis
-from loadkit import children
 from harness import (
     BENCH_DIR,
     BUSY_CORES,
-    NO_PROXY,
-    SERVERS,
     CPU_LEGEND,
     DEFAULT_PG,
+    NO_PROXY,
     PG_AT,
+    SERVERS,
     Backends,
     BaseRun,
     SetupError,
@@ -72,6 +71,7 @@ from harness import (
     timing_defaults,
     verdict,
 )
+from loadkit import children
 from sqlalchemy import Engine, event, func, select
 
 from gateway.coordination.bootstrap import bootstrap, shipped_questionnaire
@@ -127,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-memory", action="store_true",
                    help="also measure the PSS of the whole `civicdial up` tree (default "
                         "and --profile edge)")
+    p.add_argument("--py-spy", default="", metavar="DIR",
+                   help="profile every server worker with py-spy (folded stacks in DIR)")
     add_run_options(p)
     args = p.parse_args(argv)
     quick = args.quick
@@ -452,9 +454,12 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
                       else BENCH_DIR, server=server, **cpus) as (base, pid):
             say(f"{key} up at {base} ({server}); {args.warmup:g} s warm-up + "
                 f"{args.duration:g} s load")
+            spies = profile(args, key, pid)
             attempt(key, lambda: loadgen(key.replace("@", "-"), hop_config(
                 args, base + run.path, mode, watch={"server": [pid], "redis": [redis_server]},
                 **extra), run.tmp, run.load_limit, args.pin_client))
+            for spy in spies:
+                stop(spy, 30)
             if target == "real" and server == servers[0]:
                 attempt("load_drain", lambda: drain_the_load(run))
                 say(f"parking {args.sessions:,} citizens mid-interview")
@@ -472,8 +477,9 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
         for target, _, app in TARGETS:
             if target == "real" and server == servers[0]:
                 continue
-            if target == "real":  # the same walk, recorded traces are not needed again
-                window(target, server, app, "walk")
+            if target == "real":  # another walk, by other citizens (numbers, sessions)
+                window(target, server, app, "walk", seed=args.seed + 1 + servers.index(server),
+                       phone_base=REPLAY_PHONES // 2 * (1 + servers.index(server)))
             else:
                 window(target, server, app, "replay", **replay)
     if args.tree_memory:
@@ -483,6 +489,21 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
     say(f"persistence: {args.events:,} answers through workers.persist.drain")
     attempt("persist", lambda: persistence(run))
     return results, notes
+
+
+def profile(args: argparse.Namespace, key: str, master: int) -> list[subprocess.Popen[bytes]]:
+    """--py-spy DIR: sample every server worker (py-spy record, raw folded stacks, with
+    idle threads left out) through the warm-up and the measured window."""
+    if not args.py_spy:
+        return []
+    out = Path(args.py_spy)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = str(int(args.warmup + args.duration))
+    return [subprocess.Popen(["py-spy", "record", "--pid", str(worker), "--rate", "250", "--gil",
+                              "--format", "raw", "--duration", seconds, "--output",
+                              str(out / f"{key.replace('@', '-')}-{worker}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for worker in children(master) or [master]]
 
 
 def drain_the_load(run: Run) -> dict[str, Any]:
