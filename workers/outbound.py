@@ -257,7 +257,13 @@ def _claim_batch(engine: Engine, row: OutboundMessage, size: int) -> list[Any]:
         _OUTBOX.c.priority == row.priority, _OUTBOX.c.attempts == 0,
         _OUTBOX.c.id != row.id, unblocked)
         .order_by(_OUTBOX.c.id).limit(size - 1).with_for_update(skip_locked=True))
+    mine = (select(_OUTBOX.c.id).where(_OUTBOX.c.id == row.id, _OUTBOX.c.status == "queued")
+            .with_for_update(skip_locked=True))
     with engine.begin() as conn:
+        # The job's own row first, and only rows nobody else holds: a claim never waits
+        # for another worker's claim, so two claims cannot deadlock.
+        if conn.scalar(mine) is None:
+            return []
         ids = [row.id, *conn.scalars(siblings)] if size > 1 else [row.id]
         return list(conn.execute(
             update(_OUTBOX).where(_OUTBOX.c.id.in_(ids), _OUTBOX.c.status == "queued",
@@ -298,7 +304,7 @@ def _attempt_batch(settings: Settings, engine: Engine, client: redis.Redis,
     claimed = _claim_batch(engine, row, size)
     if rate > 0 and len(claimed) < size:
         wait_for_token(client, prefix, channel.id, rate, count=len(claimed) - size)
-    if not any(c.id == row.id for c in claimed):
+    if not claimed:
         return "taken"
     others = [c.id for c in claimed if c.id != row.id]
     if others:
@@ -345,7 +351,8 @@ def _attempt_batch(settings: Settings, engine: Engine, client: redis.Redis,
     done = {o["b_id"] for o in outcomes if o["b_status"] != "queued"}
     _kick_next_of(settings, engine, client, channel.id,
                   [c.respondent for c in claimed if c.id in done and c.id != row.id])
-    return next(o["b_status"] for o in outcomes if o["b_id"] == row.id)
+    # Whatever was claimed is sent; the row itself is claimed first or not at all.
+    return next((o["b_status"] for o in outcomes if o["b_id"] == row.id), "taken")
 
 
 def _kick_next_of(settings: Settings, engine: Engine, client: redis.Redis, channel_id: int,
