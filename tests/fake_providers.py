@@ -38,6 +38,8 @@ class FakeProvider:
     recipient_fail: dict[str, int] = field(default_factory=dict)
     # Africa's Talking SMS requests: how many recipients each had.
     calls: list[int] = field(default_factory=list)
+    # Requests received, counted before the delay (so also those still waiting on it).
+    posts: int = 0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -94,6 +96,8 @@ def _handler(fake: FakeProvider) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            with fake.lock:
+                fake.posts += 1  # before the delay: a request in flight shows here
             if fake.delay:
                 time.sleep(fake.delay)
             length = int(self.headers.get("Content-Length") or 0)
