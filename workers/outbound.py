@@ -6,6 +6,11 @@ cannot both send. Timeouts, 5xx and 429 are retried with exponential backoff; 4x
 final. A worker killed during the provider call leaves the row in 'sending': it is marked
 'unknown' rather than sent again, because neither Africa's Talking nor Twilio can tell us
 whether it went out and a duplicate survey question is worse than a visible gap.
+
+Invitations and reminders of one text on a channel whose provider has a bulk sender
+(BULK_SENDERS: Africa's Talking) go in batches: the job of one claims it and its queued
+siblings in one UPDATE, takes their send jobs off the queue, and sends them in one call; each
+recipient's outcome is recorded on its own row (see _attempt_batch).
 """
 
 from __future__ import annotations
