@@ -49,11 +49,13 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
             click.echo(f"    {name:<9} {url}")
 
 
-PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twilio", "sms")}
+PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twilio", "sms"),
+                  ("hubtel", "ussd"), ("arkesel", "ussd")}
 
 
 @channels.command("add")
-@click.option("--provider", type=click.Choice(["africastalking", "twilio"]), required=True)
+@click.option("--provider", required=True,
+              type=click.Choice(["africastalking", "twilio", "hubtel", "arkesel"]))
 @click.option("--kind", type=click.Choice(["ussd", "sms"]), required=True)
 @click.option("--address", required=True,
               help="USSD service code, or the SMS short code / number people text.")
@@ -62,7 +64,8 @@ PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twili
               help='Provider settings as JSON, e.g. {"username": "...", "api_key": "...", '
                    '"sender_id": "..."} (Africa\'s Talking) or {"account_sid": "...", '
                    '"auth_token": "...", "from": "+1..."} (Twilio). Optional: base_url, '
-                   'rate_per_second, reply ("inline"/"queue", Twilio).')
+                   'rate_per_second, reply ("inline"/"queue", Twilio), label (the screen '
+                   'title Hubtel shows in its app).')
 @click.option("--screen-limit", default=160, show_default=True, type=click.IntRange(64, 182))
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
