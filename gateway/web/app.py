@@ -88,8 +88,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # the garbage collector's generations, so that its full collections, which scan every
     # tracked object, stop walking them during hops.
     try:
-        for info in app.extensions["civicdial"].registry.channels():
-            app.extensions["civicdial"].registry.questionnaire(info.questionnaire_version)
+        app.extensions["civicdial"].registry.preload()
     except (SQLAlchemyError, LookupError) as exc:  # not migrated yet: the first hop loads it
         log.warning("questionnaires not preloaded: %s", exc)
     gc.collect()
