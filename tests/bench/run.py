@@ -468,14 +468,16 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
 
     # The real hop first: its completed interviews are what the other targets replay.
     window("real", servers[0], TARGETS[0][2], "walk", traces_out=str(traces))
-    if not (traces.exists() and json.loads(traces.read_text())):
+    replayable = traces.exists() and bool(json.loads(traces.read_text()))
+    if not replayable:
         notes.append("no interview completed in the real run: nothing to replay, naive and "
                      "bare runs skipped")
-        return results, notes
     replay = {"traces_in": str(traces), "phone_base": REPLAY_PHONES}
     for server in servers:
         for target, _, app in TARGETS:
             if target == "real" and server == servers[0]:
+                continue
+            if target != "real" and not replayable:
                 continue
             if target == "real":  # another walk, by other citizens (numbers, sessions)
                 window(target, server, app, "walk", seed=args.seed + 1 + servers.index(server),
