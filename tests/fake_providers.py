@@ -75,10 +75,11 @@ class FakeProvider:
                 self.recipient_fail[to] = left - 1
             return bool(left)
 
-    def record(self, to: str, body: str, sender: str) -> str:
+    def record(self, to: str, body: str, sender: str, **extra: str) -> str:
         with self.lock:
             message_id = f"{next(self._ids):06d}"
-            self.accepted.append({"to": to, "body": body, "from": sender, "id": message_id})
+            self.accepted.append({"to": to, "body": body, "from": sender, "id": message_id,
+                                  **extra})
             return message_id
 
 
@@ -190,7 +191,8 @@ def _handler(fake: FakeProvider) -> type[BaseHTTPRequestHandler]:
                 self._reply(400, {"code": 21211, "message": f"Invalid 'To' Phone Number: {to}",
                                   "status": 400})
                 return
-            message_id = fake.record(to, form.get("Body", ""), form.get("From", ""))
+            message_id = fake.record(to, form.get("Body", ""), form.get("From", ""),
+                                     status_callback=form.get("StatusCallback", ""))
             self._reply(201, {"sid": f"SM{message_id:0>32}", "status": "queued", "to": to,
                               "from": form.get("From"), "body": form.get("Body"),
                               "num_segments": "1", "direction": "outbound-api"})

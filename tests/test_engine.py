@@ -116,6 +116,8 @@ class Script:
 
 
 def event_text(e: Event) -> str:
+    if e.kind == "screened_out":
+        return f"screened_out={e.value}"
     return f"answer {e.question}={e.value}" if e.kind == "answer" else e.kind
 
 
@@ -557,15 +559,24 @@ SCRIPTS = [
         Turn("x", ("Too many invalid entries.", "Dial *384*7#"), end=True),
     ), rules=replace(UNLIMITED, dial="*384*7#")),
     # -- the shipped form
-    Script("shipped: under 18 is thanked and completes", (
+    Script("shipped: under 18 is thanked and screened out at once, never completed", (
         Turn(None, "Language / Kasa:"),
-        Turn("1", "Ghana Statistical Service asks about public services"),
+        Turn("1", "GSS asks adults (18+) about public services"),
         Turn("1", "What is your sex?", events=("started", "answer consent=yes")),
         Turn("2", "How old are you?", events=("answer sex=male",)),
-        Turn("1", "only for people aged 18 or older", events=("answer age=u18",),
-             question="u18_end"),
-        Turn("1", "Thank you!", end=True, events=("completed",), stage=Stage.DONE),
+        Turn("1", "Thank you. This survey is only for people aged 18 or older. Goodbye.",
+             end=True, events=("answer age=u18", "screened_out=ineligible"),
+             absent=("1 OK", "Yoo"), gone=True),
     ), form=SHIPPED),
+    Script("shipped: under 18 in Twi, even when the budget is spent", (
+        Turn(None, "Language / Kasa:"),
+        Turn("2", "GSS bisa mpanimfoo (18+)"),
+        Turn("1", "Woye obaa anaa obarima?", events=("started", "answer consent=yes")),
+        Turn("2", "Wadi mfee ahe?", events=("answer sex=male",)),
+        Turn("1", "Saa nsemmisa yi ye ma nnipa", end=True,
+             events=("answer age=u18", "screened_out=ineligible"), absent=("Yoo", "Part"),
+             gone=True),
+    ), form=SHIPPED, rules=Rules(budget_screens=4)),
     Script("shipped: region paging and a service skipped", (
         Turn(None, "Language / Kasa:"),
         Turn("1", "Join?"),

@@ -32,14 +32,14 @@ RED_YES = replace(UNLIMITED, quota_on=("color", "used"), full_cells=frozenset({"
 @pytest.mark.parametrize("script", [
     Script("a full cell is thanked and ended at its last quota question", (
         *TO_USED,
-        Turn("1", FULL, end=True, events=("answer used=yes", "screened_out"), gone=True),
+        Turn("1", FULL, end=True, events=("answer used=yes", "screened_out=quota"), gone=True),
     ), rules=RED_YES),
     Script("an open cell goes on to the substantive questions", (
         *TO_USED, Turn("2", "Nearly done.", events=("answer used=no",), question="info"),
     ), rules=RED_YES),
     Script("a one-variable quota screens at that question", (
         *TO_USED[:3],
-        Turn("1", FULL, end=True, events=("answer color=red", "screened_out"), gone=True),
+        Turn("1", FULL, end=True, events=("answer color=red", "screened_out=quota"), gone=True),
     ), rules=replace(UNLIMITED, quota_on=("color",), full_cells=frozenset({"red"}))),
     Script("without quotas nobody is screened", (
         *TO_USED, Turn("1", "Well treated?", events=("answer used=yes",)),
@@ -136,8 +136,8 @@ class Dialler:
         return self.send("1")
 
     def finish(self) -> str:
-        """Answer the first option everywhere (any text to open questions), redialling
-        after each part break, until the interview completes."""
+        """Answer the first option everywhere (18-24 for age; any text to open
+        questions), redialling after each part break, until the interview completes."""
         screen = self.inputs and self._post() or self.dial()
         for _ in range(300):
             if screen.startswith("END"):
@@ -145,7 +145,9 @@ class Dialler:
                     return screen
                 screen = self.dial()
                 continue
-            screen = self.send("1")
+            # An adult (option 1 is "Under 18", which ends the survey at once).
+            adult = "How old are you?" in screen or "Wadi mfee ahe?" in screen
+            screen = self.send("2" if adult else "1")
         raise AssertionError("the interview never ended")
 
 

@@ -147,6 +147,13 @@ AT_CASES = [
                                                      "text": " survey ", "id": "m2"}), 200, "OK"),
     Case("local number format", urlencode({"from": "0241234567", "text": "HELP", "id": "m3"}),
          200, "OK"),
+    # Real senders phonenumbers calls invalid (a range its metadata does not list yet) are
+    # still people: the provider carried their message.
+    Case("sender in a range phonenumbers does not list", urlencode({
+        "from": "+233590000000", "to": "1662", "text": "SURVEY", "id": "m8"}), 200, "OK"),
+    Case("sandbox simulator sender (Kenyan number, no plus)", urlencode({
+        "from": "254711082000", "to": "1662", "text": "SURVEY", "id": "m9",
+        "networkCode": "99999"}), 200, "OK"),
     Case("missing id", urlencode({"from": PHONE, "text": "SURVEY"}), 400, "missing field id"),
     Case("missing from", urlencode({"id": "m4", "text": "SURVEY"}), 400, "missing field from"),
     Case("sender not a number", urlencode({"from": "MTN-PROMO", "text": "x", "id": "m5"}), 400,
@@ -161,8 +168,11 @@ AT_CASES = [
                                               "phoneNumber": PHONE, "failureReason":
                                               "UserInBlackList", "retryCount": "1"}),
          200, "OK", "sms/delivery"),
-    Case("delivery report, unknown status", urlencode({"id": "ATXid_3", "status": "Lost"}), 400,
-         "unknown status", "sms/delivery"),
+    Case("delivery report, expired", urlencode({"id": "ATXid_4", "status": "Expired",
+                                                "phoneNumber": PHONE, "networkCode": "62001",
+                                                "retryCount": "2"}), 200, "OK", "sms/delivery"),
+    Case("delivery report, unknown status is logged and accepted",
+         urlencode({"id": "ATXid_3", "status": "Lost"}), 200, "OK", "sms/delivery"),
 ]
 
 
@@ -219,15 +229,24 @@ def test_twilio_signature_uses_public_url_behind_proxy(
                        base="https://gw.example.org")[0] == 200
 
 
-def test_twilio_tampered_body_is_refused(client: FlaskClient, sms: SmsChannels) -> None:
-    """A signature over one body does not cover another."""
+def test_twilio_tampered_body_is_refused(client: FlaskClient, sms: SmsChannels,
+                                        redis_client: redis.Redis, engine: Engine) -> None:
+    """A signature over one body does not cover another, and nothing is written."""
     path = f"/webhooks/twilio/{sms.tw.key}/sms"
     form = twilio_form("SURVEY", "SM1")
     signature = RequestValidator(TWILIO_TOKEN).compute_signature("http://localhost" + path, form)
     form["Body"] = "STOP"
+    before = {k: redis_client.dump(k) for k in redis_client.keys("cd:*")}
     resp = client.post(path, data=urlencode(form), content_type=FORM,
                        headers={"X-Twilio-Signature": signature})
     assert resp.status_code == 403
+    # Nothing was written: no opt-out flag, no state, no stream entry, no reply record.
+    assert {k: redis_client.dump(k) for k in redis_client.keys("cd:*")} == before
+    assert redis_client.xlen("cd:events") == 0
+    work(engine, redis_client)
+    with Session(engine) as db:
+        for model in (OptOut, Interview, Answer, OutboundMessage):
+            assert db.scalar(select(func.count()).select_from(model)) == 0, model
 
 
 # -- conversations ----------------------------------------------------------------------
@@ -308,7 +327,7 @@ def test_keywords_help_lang_and_invalid_hint(client: FlaskClient, sms: SmsChanne
     assert consent.startswith("Please reply with a number from 1 to 2.")
     assert twiml_text(tw_sms(client, sms.tw, "LANG", "S6")[1]).startswith("Language / Kasa")
     twi = twiml_text(tw_sms(client, sms.tw, "2", "S7")[1])
-    assert twi.startswith("Ghana Statistical Service bisa")
+    assert twi.startswith("GSS bisa mpanimfoɔ (18+)")
     assert "ɛ" in twi  # SMS keeps Twi letters (USSD folds them)
     assert twiml_text(tw_sms(client, sms.tw, "aane, mepene so", "S8")[1]).startswith("Woyɛ ɔbaa")
 
@@ -699,11 +718,17 @@ def test_results_opt_in_and_results_keyword(client: FlaskClient, sms: SmsChannel
     assert reply == "Health care, Ashanti: 62% satisfied (n=412). Ghana: 58%."
     other = twiml_text(tw_sms(client, sms.tw, "RESULTS", "R100", phone="+233209999999")[1])
     assert other == "Health care, Ghana: 58% satisfied (n=4012)."
-    ussd = client.post(f"/webhooks/africastalking/{channel.key}/ussd", content_type=FORM,
-                       data={"sessionId": "U9", "serviceCode": "*920*16#", "phoneNumber": PHONE,
-                             "networkCode": "62001", "text": ""}).get_data(as_text=True)
-    assert ussd.startswith("END You have already completed this survey")
-    assert "Ashanti: 62% satisfied" in ussd and len(ussd) <= 160
+    def dial(text: str) -> str:
+        return client.post(f"/webhooks/africastalking/{channel.key}/ussd", content_type=FORM,
+                           data={"sessionId": "U9", "serviceCode": "*920*16#",
+                                 "phoneNumber": PHONE, "networkCode": "62001",
+                                 "text": text}).get_data(as_text=True)
+
+    menu = dial("")
+    assert menu.startswith("CON You have already completed this survey")
+    assert "1 See the results\n2 Delete my answers" in menu
+    ussd = dial("1")
+    assert ussd.startswith("END ") and "Ashanti: 62% satisfied" in ussd and len(ussd) <= 160
 
 
 def test_rate_limit_token_bucket(redis_client: redis.Redis) -> None:

@@ -23,12 +23,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
+from prometheus_client import Counter
 from sqlalchemy import Engine, Exists, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from gateway.channels import africastalking, twilio
 from gateway.channels.sending import SendError, Sent, after_failure
 from gateway.config import Settings, load_settings
+from gateway.coordination.channels import channel_urls
 from gateway.store.crypto import NumberBox
 from gateway.store.db import set_status, shared_engine
 from gateway.store.models import Campaign, Channel, OutboundMessage
@@ -42,6 +44,12 @@ from gateway.store.redis_conn import shared_redis
 from gateway.store.sessions import SessionStore
 
 log = logging.getLogger(__name__)
+
+# Per send job, what became of the message (in the worker's process; /metrics adds up every
+# process's under prometheus_client's multiprocess mode).
+SENDS = Counter("civicdial_sends_total", "Outbound SMS send jobs by result: sent, retry, "
+                "failed, unknown, stopped, held, waiting (behind an earlier message), taken",
+                ["result"])
 
 SENDERS: dict[str, Callable[[dict[str, Any], str, str], Sent]] = {
     "africastalking": africastalking.send_sms,
@@ -115,7 +123,10 @@ def send_message(message_id: int) -> str:
     settings = load_settings()
     client = shared_redis(settings)
     client.delete(pending_key(settings.redis_prefix, message_id))
-    return _send(settings, shared_engine(settings), client, message_id)
+    status = _send(settings, shared_engine(settings), client, message_id)
+    # Back in the queue after a failure means a retry is scheduled.
+    SENDS.labels("retry" if status == "queued" else status).inc()
+    return status
 
 
 def _earlier_pending(row: OutboundMessage) -> Exists:
@@ -205,6 +216,11 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
         return "taken"
     attempts += 1
     to = NumberBox(settings.encryption_key).open(row.recipient)
+    if channel.provider == "twilio" and not config.get("status_callback") \
+            and settings.public_base_url:
+        # The status URL holds the channel's key: it comes from the channel itself, so
+        # nobody has to copy it into the config (which no command could edit).
+        config["status_callback"] = channel_urls(channel, settings.public_base_url)["status"]
     try:
         sent = SENDERS[channel.provider](config, to, row.body)
     except SendError as exc:
@@ -353,6 +369,9 @@ def _attempt_batch(settings: Settings, engine: Engine, client: redis.Redis,
     for o in outcomes:
         if o["b_status"] == "queued":
             enqueue_send(client, o["b_id"], o["priority"], o["retry"], prefix)
+    for o in outcomes:  # the job's own row is counted by send_message
+        if o["b_id"] != row.id:
+            SENDS.labels("retry" if o["b_status"] == "queued" else o["b_status"]).inc()
     done = {o["b_id"] for o in outcomes if o["b_status"] != "queued"}
     _kick_next_of(settings, engine, client, channel.id,
                   [c.respondent for c in claimed if c.id in done and c.id != row.id])

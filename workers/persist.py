@@ -20,14 +20,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, case, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, case, delete, func, insert, select, text, update
+from sqlalchemy import exc as sa_exc
 
 from gateway.channels.sms import FEEDBACK_QUESTION
 from gateway.coordination.quotas import refresh as refresh_quotas
+from gateway.interview.questionnaire import INELIGIBLE
 from gateway.store.db import upsert_insert
 from gateway.store.models import (
     AirtimePayment,
     Answer,
+    AuditEntry,
+    CampaignContact,
+    Contact,
     FeedbackSubscriber,
     Interview,
     OptOut,
@@ -114,6 +119,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
     completions: list[dict[str, Any]] = []  # completed interviews owed an airtime thank-you
     completed_campaigns: set[int] = set()
     airtime_reports: list[dict[str, Any]] = []
+    erased: set[str] = set()  # respondents who asked for their answers to be erased
     for e in events:
         kind = e.get("k")
         if kind == "send":
@@ -135,6 +141,9 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
         if kind == "airtime_status":
             airtime_reports.append(e)
             continue
+        if kind == "erased":
+            erased.add(e["r"])
+            continue
         if kind == "ussd_end":
             ends[e["id"]] = {
                 "event_id": e["id"], "channel_id": e["ch"], "session_id": e["s"],
@@ -149,7 +158,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
             "id": iid, "campaign_id": e["c"], "channel_id": e.get("ch"),
             "respondent": e.get("r"), "questionnaire_version": e.get("ver"),
             "lang": None, "status": "started", "started_at": None, "completed_at": None,
-            "last_seq": 0,
+            "last_seq": 0, "reason": None,
         })
         seq = int(e["id"].rsplit("-", 1)[1])
         if kind == "answer" and e["q"] == FEEDBACK_QUESTION:
@@ -173,7 +182,11 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
                     completions.append({"campaign_id": e["c"], "respondent": e["r"],
                                         "interview_id": iid, "channel_id": e.get("ch"),
                                         "recipient": e["to"], "at": _ts(e["t"])})
-            if kind == "withdrawn":
+            if kind == "screened_out":
+                row["reason"] = e.get("why") or "quota"  # before 'why': quotas only
+            if kind == "withdrawn" or (kind == "screened_out" and e.get("why") == INELIGIBLE):
+                # Someone outside the population (under 18) leaves only a count, as a
+                # withdrawal does: their answers so far are erased.
                 withdrawn.add(iid)
             if seq > row["last_seq"]:
                 row["status"], row["last_seq"] = _STATUS[kind], seq
@@ -190,6 +203,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
                     "lang": func.coalesce(t.lang, excluded.lang),
                     "completed_at": func.coalesce(t.completed_at, excluded.completed_at),
                     "respondent": func.coalesce(t.respondent, excluded.respondent),
+                    "reason": func.coalesce(excluded.reason, t.reason),
                     "status": case((newer, excluded.status), else_=t.status),
                     "last_seq": case((newer, excluded.last_seq), else_=t.last_seq),
                 },
@@ -237,6 +251,10 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
             stmt = upsert_insert(engine, OptOut.__table__)
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["respondent"]),
                          list(optouts.values()))
+        if erased:
+            # After this batch's answers and before its sends: the confirmation queued in
+            # the same batch must still go out.
+            erase_respondents(conn, erased)
         created = Written(completed=completed_campaigns)
         if completions:
             created.airtime = reserve_airtime(conn, engine, completions)
@@ -262,6 +280,45 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]]) -> Written:
             ).values(status=report["st"], error=report.get("err") or "",
                      updated_at=datetime.now(UTC)))
     return created
+
+
+# Outbound rows a worker may be sending right now: left for it to finish.
+_IN_FLIGHT = ("sending", "unknown")
+
+
+def erase_respondents(conn: Connection, respondents: set[str]) -> None:
+    """Erase everything SQL holds of these respondents, in every campaign: answers, the
+    link from their interviews (kept as anonymous counts with status 'erased', which
+    tallies and exports leave out), results subscription, contact rows, and the numbers
+    and bodies of messages to them. The audit log records that it happened, with counts
+    and no identity. Published snapshots are not rewritten."""
+    who = sorted(respondents)
+    answers = conn.execute(delete(Answer).where(Answer.respondent.in_(who))).rowcount
+    interviews = conn.execute(update(Interview).where(Interview.respondent.in_(who))
+                              .values(respondent=None, status="erased")).rowcount
+    conn.execute(delete(FeedbackSubscriber).where(FeedbackSubscriber.respondent.in_(who)))
+    contact_ids = select(Contact.id).where(Contact.respondent.in_(who))
+    conn.execute(delete(CampaignContact).where(CampaignContact.contact_id.in_(contact_ids)))
+    contacts = conn.execute(delete(Contact).where(Contact.respondent.in_(who))).rowcount
+    now = datetime.now(UTC)
+    conn.execute(update(OutboundMessage).where(
+        OutboundMessage.respondent.in_(who), OutboundMessage.status.in_(("queued", "held")))
+        .values(status="stopped", error="erased on request", updated_at=now))
+    conn.execute(update(OutboundMessage).where(
+        OutboundMessage.respondent.in_(who), OutboundMessage.status.not_in(_IN_FLIGHT))
+        .values(recipient="", body="", updated_at=now))
+    conn.execute(update(AirtimePayment).where(
+        AirtimePayment.respondent.in_(who),
+        AirtimePayment.status.in_(("success", "failed", "skipped")))
+        .values(recipient=""))
+    conn.execute(update(UssdSessionEnd).where(UssdSessionEnd.respondent.in_(who))
+                 .values(respondent=None))
+    conn.execute(insert(AuditEntry).values(
+        at=now, actor="citizen", action="respondent.erase", target="respondent",
+        before="", after=json.dumps({"respondents": len(who), "interviews": interviews,
+                                     "answers": answers, "contacts": contacts})))
+    log.info("erased %d respondent(s) on request: %d interviews, %d answers",
+             len(who), interviews, answers)
 
 
 def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000,
@@ -300,27 +357,50 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
     return total
 
 
-_MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError)
+# Errors that say the database (or Redis), not the entry, is in trouble: the batch is
+# retried as it is, never split and parked.
+_TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
+              sa_exc.TimeoutError, redis.RedisError)
 
 
 def _write_batch(client: redis.Redis, engine: Engine, stream: str,
                  entries: list[tuple[bytes, dict[bytes, bytes]]]) -> Written:
-    """Write a batch; if one entry is malformed, write the others one by one and park
-    the bad ones in `<stream>:dead` (with the error), so one poison entry cannot stall
-    every batch after it. Database errors are not caught: the batch is retried."""
+    """Write a batch; if it fails, split it in halves until each entry the worker cannot
+    write (whatever the exception: malformed, out of range for a column, a bug) is alone,
+    park it in `<stream>:dead` with the error and write the rest, so one poison entry
+    cannot stall every batch after it. Errors of the database itself (connection lost,
+    lock timeout) are not caught: the batch is retried."""
     try:
         return write_events(engine, [json.loads(fields[b"e"]) for _, fields in entries])
-    except _MALFORMED:
-        log.exception("malformed entry in a batch of %d; writing them one by one", len(entries))
-    created = Written()
-    for entry_id, fields in entries:
-        try:
-            created += write_events(engine, [json.loads(fields[b"e"])])
-        except _MALFORMED as exc:
+    except _TRANSIENT:
+        raise
+    except Exception as exc:
+        if not _database_answers(engine):
+            raise
+        if len(entries) == 1:
+            entry_id, fields = entries[0]
             client.xadd(f"{stream}:dead", {"id": entry_id, "e": fields.get(b"e", b""),
                                            "error": repr(exc)[:500]})
-            log.error("parked malformed stream entry %s: %r", entry_id, exc)
+            log.error("parked a stream entry the worker cannot write, %s: %r", entry_id,
+                      exc)
+            return Written()
+        log.warning("a batch of %d entries cannot be written (%s); splitting it to find "
+                    "the entries at fault", len(entries), type(exc).__name__)
+    half = len(entries) // 2
+    created = _write_batch(client, engine, stream, entries[:half])
+    created += _write_batch(client, engine, stream, entries[half:])
     return created
+
+
+def _database_answers(engine: Engine) -> bool:
+    """Whether the database takes a trivial query: if it does not, a failed write is its
+    fault, not the entry's, and nothing may be parked."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except sa_exc.SQLAlchemyError:
+        return False
 
 
 def _reclaim(client: redis.Redis, stream: str, consumer: str, idle_ms: int,

@@ -18,7 +18,7 @@ import redis
 
 from gateway.channels.webhook import WebhookError, log
 from gateway.interview.engine import Input, Stage, step
-from gateway.interview.messages import KEYWORDS, message
+from gateway.interview.messages import CONFIRM_WORDS, KEYWORDS, message
 from gateway.interview.segments import count_segments
 from gateway.store.crypto import NumberBox
 from gateway.store.registry import ChannelInfo
@@ -50,7 +50,8 @@ class Outcome:
 
 
 def keyword(text: str, campaign_keyword: str) -> str | None:
-    """'stop' | 'help' | 'lang' | 'start' for a keyword in any shipped language."""
+    """'stop' | 'help' | 'lang' | 'start' | 'results' | 'delete' for a keyword in any
+    shipped language."""
     word = unicodedata.normalize("NFKC", text).strip().strip(".!").upper()
     if word == campaign_keyword.upper():
         return "start"
@@ -138,6 +139,43 @@ def attach_subscription(events: list[dict[str, Any]], phone: str, box: NumberBox
             e["to"], e["sch"] = box.seal(phone), sms_channel
 
 
+# -- erasure on request (DELETE by SMS, or the USSD menu after completing) ---------------
+# After a confirmation step, one `erased` event with the respondent's pseudonym goes through
+# the event stream like every other event (an edge node forwards it as it forwards
+# answers); the worker then erases in SQL every answer of that respondent in every
+# campaign, their contact number and results subscription, and records in the audit log
+# that an erasure happened (no identity). Here, at once: the interview state in every
+# campaign and the reminder tracking (which holds the sealed number). A published tally
+# snapshot is not rewritten.
+
+PENDING_TTL = 15 * 60  # how long a DELETE waits for its YES
+
+
+def pending_key(prefix: str, respondent: str) -> str:
+    return f"{prefix}erase:{respondent}"
+
+
+def erased_event(respondent: str, key: str, channel: int) -> dict[str, Any]:
+    """The stream entry that erases a respondent everywhere (kind `erased`)."""
+    return {"id": f"erased:{key}", "k": "erased", "r": respondent, "ch": channel,
+            "t": time.time()}
+
+
+def forget_in_redis(services: Any, respondent: str) -> None:
+    """Drop the respondent's interview state in every campaign and the reminder tracking
+    on every channel. The opt-out flag stays: erasing must not let anyone contact them."""
+    store = services.store
+    prefix = services.settings.redis_prefix
+    channels = services.registry.channels()
+    pipe = store.r.pipeline(transaction=True)
+    for campaign in {ch.campaign_id for ch in channels}:
+        pipe.delete(store.state_key(campaign, respondent))
+    pipe.delete(pending_key(prefix, respondent))
+    pipe.execute()
+    for ch in channels:
+        untrack(store.r, prefix, member(ch.campaign_id, respondent, ch.id))
+
+
 def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
              reply_by_queue: bool, provider_stop: bool = False) -> Outcome:
     """Run one inbound SMS through keywords and the engine, commit, return the reply.
@@ -155,10 +193,15 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
     msg = Inbound(msg.phone, "".join(c for c in msg.text if c >= " " or c in "\n\t"),
                   msg.message_id)
     word = "stop" if provider_stop else keyword(msg.text, ch.keyword)
+    confirms = unicodedata.normalize("NFKC", msg.text).strip().strip(".!").upper() \
+        in CONFIRM_WORDS
+    pending = pending_key(settings.redis_prefix, respondent)
 
     for _ in range(COMMIT_ATTEMPTS):
         loaded = store.load(ch.campaign_id, respondent, ch.id, f"m:{msg.message_id}",
-                            quotas=bool(ch.rules.quota_on))
+                            quotas=bool(ch.rules.quota_on), extra=(pending,))
+        erase_pending = bool(loaded.extra[0])
+        erase = False
         if loaded.provider is not None:
             return Outcome(loaded.provider.reply or None, duplicate=True)
         state = loaded.state
@@ -176,6 +219,17 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
             reply = None if (loaded.opted_out or provider_stop) else message(lang_code, "stopped")
             events.append({"id": f"optout:{respondent}:{msg.message_id}", "k": "optout",
                            "ch": ch.id, "r": respondent, "t": now})
+        elif loaded.limited:
+            # One number flooding the channel: told once per window, nothing streamed.
+            reply = message(lang_code, "rate_limited") if loaded.first_limited else None
+        elif word == "delete":
+            # Erasure asks first; the YES must be the next message, within PENDING_TTL.
+            reply = message(lang_code, "erase_confirm")
+        elif erase_pending and confirms:
+            erase = True
+            reply = message(lang_code, "erased")
+            events.append(erased_event(respondent, f"{ch.id}:{msg.message_id}", ch.id))
+            new_state_raw = ""
         elif loaded.opted_out and word != "start":
             reply = None  # no further messages after STOP, until they text START
         elif word == "help":
@@ -217,6 +271,12 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
             state_ttl=ttl, provider=ProviderSession("", reply or "", ch.campaign_id, respondent),
             provider_ttl=MESSAGE_TTL, events=events, optout=optout)
         if committed:
+            if word == "delete":
+                store.r.set(pending, "1", ex=PENDING_TTL)
+            elif erase:
+                forget_in_redis(services, respondent)
+            elif erase_pending:
+                store.r.delete(pending)  # anything but YES keeps the answers
             waiting = bool(new_state_raw) and decode_state(new_state_raw).stage in (
                 Stage.QUESTION, Stage.RESUME, Stage.LANGUAGE) and word != "stop"
             if waiting:

@@ -25,7 +25,7 @@ from werkzeug.datastructures import MultiDict
 
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
 from gateway.channels.sms import Inbound, converse, delivery_event
-from gateway.channels.webhook import WebhookError, field, parse_pairs
+from gateway.channels.webhook import WebhookError, field, log, parse_pairs
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.registry import ChannelInfo
 
@@ -34,10 +34,12 @@ bp = Blueprint("twilio", __name__, url_prefix="/webhooks/twilio")
 SIGNATURE_HEADER = "X-Twilio-Signature"
 SETTINGS_HEADER = "X-Twilio-Webhooks-Signature-Settings"
 
-# MessageStatus -> our message status.
+# MessageStatus -> our message status: every status Twilio documents for an outbound
+# message (receiving/received are inbound only).
 DELIVERY_STATUS = {
-    "accepted": "sent", "queued": "sent", "sending": "sent", "sent": "sent",
-    "delivered": "delivered", "read": "delivered", "undelivered": "undelivered",
+    "accepted": "sent", "scheduled": "sent", "queued": "sent", "sending": "sent",
+    "sent": "sent", "delivered": "delivered", "read": "delivered",
+    "partially_delivered": "undelivered", "undelivered": "undelivered",
     "failed": "failed", "canceled": "failed",
 }
 
@@ -94,8 +96,10 @@ def sms(channel_key: str) -> Response:
     form = _verified_form(ch)
     sid = field(form, "MessageSid", max_len=64)
     try:
+        # Twilio carried this message: a real number, even one phonenumbers does not
+        # know yet.
         phone = to_e164(field(form, "From", max_len=32),
-                        _services().settings.default_region)
+                        _services().settings.default_region, require_valid=False)
     except BadPhoneNumber as exc:
         raise WebhookError(400, f"From: {exc}") from None
     body = form.get("Body", "")
@@ -113,7 +117,9 @@ def status(channel_key: str) -> Response:
     sid = field(form, "MessageSid", max_len=64)
     state = field(form, "MessageStatus", max_len=30)
     if state not in DELIVERY_STATUS:
-        raise WebhookError(400, f"unknown MessageStatus {state}")
+        # Accepted, not refused: Twilio would retry, and the message keeps its status.
+        log.warning("twilio %s: unknown MessageStatus %r for %s; ignored", ch.id, state, sid)
+        return Response("", status=200)
     _services().store.append([delivery_event(
         ch.id, sid, DELIVERY_STATUS[state], field(form, "ErrorCode", max_len=20, required=False))])
     return Response("", status=204)

@@ -21,21 +21,23 @@ from typing import Any, TypeGuard
 
 from flask import current_app
 
+from gateway.channels.after_completion import done_menu
 from gateway.channels.sms import (
     FEEDBACK_QUESTION,
     attach_airtime,
     attach_subscription,
+    forget_in_redis,
     send_event,
     track,
 )
 from gateway.channels.webhook import WebhookError, log
-from gateway.interview import render
 from gateway.interview.engine import Input, SessionState, Stage, hand_over, step
 from gateway.interview.messages import message
 from gateway.interview.questionnaire import Questionnaire
 from gateway.store.registry import ChannelInfo
 from gateway.store.sessions import (
     ProviderSession,
+    SessionEnded,
     decode_state,
     encode_state,
     mask_phone,
@@ -167,6 +169,11 @@ def hop(ch: ChannelInfo, inp: UssdInput, draw: Render) -> str:
     for _ in range(COMMIT_ATTEMPTS):
         loaded = store.load(ch.campaign_id, respondent, ch.id, session_id,
                             quotas=bool(ch.rules.quota_on))
+        if loaded.limited:
+            # One number flooding the channel: answered, nothing stored or streamed.
+            if loaded.first_limited:
+                log.warning("ussd %s %s: over the per-number limit", ch.id, mask_phone(phone))
+            return draw(Screen(message("en", "rate_limited"), end=True))
         record = loaded.provider
         now = time.time()
         if record is None:
@@ -178,20 +185,33 @@ def hop(ch: ChannelInfo, inp: UssdInput, draw: Render) -> str:
             if record.respondent != respondent or record.campaign != ch.campaign_id:
                 raise WebhookError(409, "sessionId belongs to another phone number")
             follows = _follow(record.history, inp)
-            if follows is None:
-                return record.reply
+            try:
+                replayed = record.answer_to(retry=follows is None)
+            except SessionEnded:
+                raise WebhookError(409, "this session has ended") from None
+            if replayed is not None:
+                return replayed
+            assert follows is not None
             new, position = follows
             engine_input = Input.answer(new, now, secrets.token_hex(8))
         state = loaded.state
-        if state is not None and state.stage is Stage.DONE and record is None:
-            # A new dial after completing: the published results, if any.
-            done_reply = draw(_results_screen(svc, ch, state))
+        if state is not None and state.stage is Stage.DONE:
+            # A dial after completing: a menu with the results and erasing their answers.
+            path = [] if record is None else [*filter(None, record.menu.split("*")), new]
+            menu = done_menu(svc, ch, state, respondent, path, f"{ch.id}:{session_id}")
+            done_reply = draw(Screen(menu.text, menu.end, numeric=not menu.end))
             if store.commit(campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
                             session_id=session_id, expected=loaded.state_raw,
-                            state=loaded.state_raw, state_ttl=settings.completed_ttl,
+                            state="" if menu.erase else loaded.state_raw,
+                            state_ttl=settings.completed_ttl,
                             provider=ProviderSession(position, done_reply, ch.campaign_id,
-                                                     respondent),
-                            provider_ttl=ENDED_SESSION_TTL, events=[]):
+                                                     respondent, ended=menu.end,
+                                                     menu="*".join(path)),
+                            provider_ttl=ENDED_SESSION_TTL if menu.end
+                            else settings.ussd_session_ttl,
+                            events=[menu.event] if menu.event else []):
+                if menu.erase:
+                    forget_in_redis(svc, respondent)
                 return done_reply
             continue
         form_version = state.version if state else ch.questionnaire_version
@@ -215,7 +235,7 @@ def hop(ch: ChannelInfo, inp: UssdInput, draw: Render) -> str:
         committed = store.commit(
             campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
             session_id=session_id, expected=loaded.state_raw, state=new_state, state_ttl=ttl,
-            provider=ProviderSession(position, reply, ch.campaign_id, respondent),
+            provider=ProviderSession(position, reply, ch.campaign_id, respondent, ended=end),
             # After END the operator closes the session: only quick retries can follow.
             provider_ttl=ENDED_SESSION_TTL if end else settings.ussd_session_ttl,
             events=events,
@@ -230,13 +250,6 @@ def hop(ch: ChannelInfo, inp: UssdInput, draw: Render) -> str:
             return reply
     log.warning("ussd %s %s: state kept changing under us", ch.id, mask_phone(phone))
     raise WebhookError(409, "concurrent requests for this session; retry")
-
-
-def _results_screen(svc: Any, ch: ChannelInfo, state: SessionState) -> Screen:
-    code = svc.registry.questionnaire(state.version).language(state.lang).code
-    summary = svc.store.results(ch.campaign_id, code, state.answer_map().get("region"))
-    body = message(code, "already_done") + "\n" + (summary or message(code, "results_none"))
-    return Screen(render.clip(render.fold(body), ch.rules.body_limit), end=True)
 
 
 # -- the end of a session ---------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 
 import click
 from sqlalchemy import select
@@ -11,8 +10,8 @@ from sqlalchemy.orm import Session
 
 from gateway.cli.context import open_engine, settings_of
 from gateway.coordination.bootstrap import DEFAULT_CAMPAIGN
-from gateway.coordination.campaigns import audit, cli_actor
-from gateway.coordination.channels import channel_urls
+from gateway.coordination.campaigns import CampaignError, audit, cli_actor
+from gateway.coordination.channels import PROVIDER_KINDS, bind_channel, channel_urls
 from gateway.store.models import Campaign, Channel
 
 
@@ -49,10 +48,6 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
             click.echo(f"    {name:<9} {url}")
 
 
-PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twilio", "sms"),
-                  ("hubtel", "ussd"), ("arkesel", "ussd")}
-
-
 @channels.command("add")
 @click.option("--provider", required=True,
               type=click.Choice(["africastalking", "twilio", "hubtel", "arkesel"]))
@@ -84,18 +79,16 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
     settings = settings_of(ctx)
     engine = open_engine(settings, with_defaults=True)
     with Session(engine) as db, db.begin():
-        campaign = db.scalar(select(Campaign).where(Campaign.slug == slug))
-        if campaign is None:
-            raise click.ClickException(f"no campaign {slug!r}")
-        channel = Channel(key=secrets.token_urlsafe(18), provider=provider, kind=kind,
-                          address=address, campaign_id=campaign.id, screen_limit=screen_limit,
-                          config=json.dumps(config))
-        db.add(channel)
-        db.flush()
-        # The config holds provider secrets: the audit names its keys, not their values.
-        audit(db, cli_actor(), "channel.add", f"{provider}/{kind}/{address}",
-              after={"campaign": slug, "config_keys": sorted(config)})
+        try:
+            bound = bind_channel(db, cli_actor(), provider=provider, kind=kind,
+                                 address=address, slug=slug, config=config,
+                                 screen_limit=screen_limit)
+        except CampaignError as exc:
+            raise click.ClickException(str(exc)) from None
+        channel = bound.channel
         db.expunge(channel)
+    if bound.note:
+        click.echo(f"note: {bound.note}", err=True)
     urls = channel_urls(channel, settings.public_base_url or "http://127.0.0.1:8000")
     if as_json:
         click.echo(json.dumps({"id": channel.id, "urls": urls}))
@@ -103,3 +96,52 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
     click.echo(f"channel #{channel.id}: {provider} {kind} {address} -> campaign {slug}")
     for name, url in urls.items():
         click.echo(f"    {name:<9} {url}")
+
+
+# -- channels set: edit a channel's config after `channels add` ---------------------------
+
+@channels.command("set")
+@click.argument("channel_ref", metavar="KEY")
+@click.option("--config", "config_json", required=True,
+              help='JSON object merged into the channel\'s config, key by key: '
+                   '{"reply": "queue"} changes one setting and keeps the rest; a key set '
+                   'to null is removed.')
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def channels_set(ctx: click.Context, channel_ref: str, config_json: str,
+                 as_json: bool) -> None:
+    """Change a channel's provider config (KEY: its key, as in its URLs, or its #id)."""
+    try:
+        changes = json.loads(config_json)
+        if not isinstance(changes, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise click.BadParameter(f"must be a JSON object ({exc})",
+                                 param_hint="--config") from None
+    settings = settings_of(ctx)
+    engine = open_engine(settings)
+    ref = channel_ref.lstrip("#")
+    with Session(engine) as db, db.begin():
+        channel = db.scalar(select(Channel).where(Channel.key == channel_ref))
+        if channel is None and ref.isdecimal():
+            channel = db.get(Channel, int(ref))
+        if channel is None:
+            raise click.ClickException(f"no channel {channel_ref!r} (give its key or #id; "
+                                       "`civicdial channels` lists them)")
+        before = json.loads(channel.config or "{}")
+        after = {k: v for k, v in {**before, **changes}.items() if v is not None}
+        channel.config = json.dumps(after)
+        # The config holds provider secrets: the audit names keys, never values.
+        audit(db, cli_actor(), "channel.set",
+              f"{channel.provider}/{channel.kind}/{channel.address}",
+              before={"config_keys": sorted(before)},
+              after={"config_keys": sorted(after),
+                     "changed": sorted(k for k in changes if before.get(k) != changes[k])})
+        view = {"id": channel.id, "provider": channel.provider, "kind": channel.kind,
+                "address": channel.address, "config_keys": sorted(after)}
+    if as_json:
+        click.echo(json.dumps(view))
+        return
+    click.echo(f"channel #{view['id']} {view['provider']} {view['kind']} {view['address']}: "
+               f"config keys {', '.join(view['config_keys']) or '(none)'} "
+               "(web processes pick it up within 10 s)")

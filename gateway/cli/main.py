@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import click
 
 from gateway.cli.context import emit, open_engine, session_store, settings_of
 from gateway.coordination.bootstrap import DEFAULT_CAMPAIGN, bootstrap
+from gateway.coordination.retention import oldest_kept
 from gateway.coordination.status import campaign_status
 from gateway.store.db import make_engine, migrate
 from workers.jobs import run_worker
@@ -33,7 +36,7 @@ def worker(ctx: click.Context, burst: bool) -> None:
 @click.pass_context
 def init(ctx: click.Context) -> None:
     """Schema, shipped questionnaire, default campaign and USSD channel (idempotent)."""
-    settings = settings_of(ctx)
+    settings = settings_of(ctx, create=True)
     channel = bootstrap(make_engine(settings))
     click.echo(f"ready: campaign {DEFAULT_CAMPAIGN}, USSD {channel.address} "
                f"(`civicdial channels` shows the callback URLs)")
@@ -54,15 +57,22 @@ def migrate_cmd(ctx: click.Context) -> None:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Per campaign: interviews started and completed, answers in SQL, events waiting."""
     settings = settings_of(ctx)
-    report = campaign_status(open_engine(settings), session_store(settings))
+    engine = open_engine(settings)
+    report = campaign_status(engine, session_store(settings),
+                             timedelta(seconds=settings.outbound_overdue_seconds))
+    report["retention"] = oldest_kept(settings, engine)
     if as_json:
         emit(True, report, "")
         return
     header = f"{'campaign':<20} {'state':<8} {'started':>8} {'completed':>9} " \
-             f"{'declined':>8} {'answers':>8} {'waiting':>8}"
+             f"{'declined':>8} {'ineligible':>10} {'answers':>8} {'waiting':>8}"
     click.echo(header)
     for c in report["campaigns"]:
         click.echo(f"{c['slug']:<20} {c['state']:<8} {c['interviews_started']:>8} "
-                   f"{c['interviews_completed']:>9} {c['declined']:>8} "
+                   f"{c['interviews_completed']:>9} {c['declined']:>8} {c['ineligible']:>10} "
                    f"{c['answers_stored']:>8} {c['events_waiting']:>8}")
     click.echo(f"events waiting in the stream (all campaigns): {report['events_waiting']}")
+    kept = report["retention"]
+    click.echo(f"retention {kept['retention_days'] or 'off'} days: oldest contact number "
+               f"{kept['oldest_contact_number'] or 'none'}, oldest message body "
+               f"{kept['oldest_message_body'] or 'none'}")

@@ -45,13 +45,14 @@ from gateway.store.models import (
     TallySnapshot,
 )
 from gateway.store.outbox import sweep
+from gateway.store.sessions import RESULTS_PUBLISHED
 
 PROFILE = ("sex", "age", "region", "urban", "income")
 OUTCOMES = tuple(q for _label, attrs, overall in AREAS.values() for q in (*attrs, overall))
 # Answers that say nothing about the respondent's group: they fall in the "unknown" group.
 NOT_STATED = frozenset({"refuse", "dk"})
 # Interviews that never got to the questions: refused, withdrawn, or turned away by a quota.
-NOT_INTERVIEWED = ("declined", "withdrawn", "screened_out")
+NOT_INTERVIEWED = ("declined", "withdrawn", "screened_out", "erased")
 RESULTS_KIND = "results"
 DEFAULT_PARAMS = Params()
 
@@ -308,8 +309,9 @@ def publish(settings: Settings, engine: Engine, client: redis.Redis, campaign_id
     key = f"{settings.redis_prefix}results:{campaign_id}"
     pipe = client.pipeline(transaction=True)
     pipe.delete(key)  # an earlier publication's regions must not linger
-    if texts:
-        pipe.hset(key, mapping=texts)
+    # Written even when every cell is suppressed: RESULTS then says it is published but
+    # too few have answered, not that nothing is published.
+    pipe.hset(key, mapping={**texts, RESULTS_PUBLISHED: str(snap.version)})
     pipe.execute()
     queued = _queue_results(engine, snap, texts)
     enqueued = sweep(settings, engine, client, older_than=timedelta(0)) if queued else 0

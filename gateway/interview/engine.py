@@ -18,7 +18,13 @@ from enum import StrEnum
 
 from gateway.interview import render
 from gateway.interview.messages import message
-from gateway.interview.questionnaire import CONSENT, Language, Question, Questionnaire
+from gateway.interview.questionnaire import (
+    CONSENT,
+    INELIGIBLE,
+    Language,
+    Question,
+    Questionnaire,
+)
 
 
 class Stage(StrEnum):
@@ -74,6 +80,8 @@ class Rules:
     full_cells: frozenset[str] = frozenset()
     # The form's languages this campaign offers (language keys); empty: all of them.
     languages: tuple[str, ...] = ()
+    # The campaign has an SMS channel, so RESULTS can be texted (SMS rules always can).
+    results_by_sms: bool = False
 
     @property
     def body_limit(self) -> int:
@@ -88,7 +96,7 @@ class Rules:
         of 160), which roughly doubles the cost of a Twi interview."""
         return cls(kind="sms", screen_limit=1600, budget_seconds=10**9, budget_screens=10**9,
                    resume_window=resume_window, max_invalid=max_invalid, dial=keyword,
-                   fold=fold, quota_on=quota_on, languages=languages)
+                   fold=fold, quota_on=quota_on, languages=languages, results_by_sms=True)
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,7 @@ class Reply:
 class Event:
     id: str
     # started | answer | completed | declined | withdrawn | abandoned | screened_out
+    # (value: why, 'quota' or 'ineligible')
     kind: str
     interview: str
     at: float
@@ -190,6 +199,25 @@ class _Turn:
         if self.rules.kind == "sms":  # room for a hint; a USSD screen has none
             return self.msg("invalid_choice_range", n=options)
         return self.msg("invalid_choice")
+
+    def results_hint(self) -> str:
+        """How this respondent can see the results: only what the campaign can deliver
+        (text the RESULTS keyword of their language, else dial again), never a promise of
+        an SMS channel that does not exist."""
+        if self.rules.results_by_sms:
+            return self.msg("results_hint_sms", keyword=self.msg("results_keyword"))
+        return self.msg("results_hint_dial", target=self.rules.dial)
+
+    def optional(self, question: Question) -> bool:
+        """A question the respondent may skip (the screen says how)."""
+        return (not question.required and question.name != CONSENT
+                and question.type not in ("note", "calculate"))
+
+    def parts(self, pos: int) -> int:
+        """Parts an interview from `pos` takes on this channel's budget, counting the
+        screens this session has shown: what the consent screen announces."""
+        screens = self.state.session_screens + self.remaining(pos)
+        return max(1, math.ceil(screens / self.rules.budget_screens))
 
     def again(self) -> str:
         """How to come back: 'Dial *920*16#' or 'Text SURVEY'."""
@@ -265,6 +293,14 @@ class _Turn:
         question = self.q.questions[self.state.pos]
         label, options = self._texts(question)
         limit = self.rules.body_limit
+        skippable = self.optional(question)
+        numeric = question.type in ("integer", "decimal")
+        if question.name == CONSENT and self.rules.kind == "ussd":
+            parts = self.parts(question.index)
+            if parts > 1:  # before consenting, how long this will take
+                label = self._shown(self.msg("parts_note", parts=parts)) + "\n" + label
+        if skippable and question.is_select and len(question.choices) < int(render.SKIP):
+            label = f"{label} ({self._shown(self.msg('skip_inline', skip=render.SKIP))})"
         if question.is_select and self.rules.kind == "sms":
             lines = "\n".join(f"{i + 1} {option}" for i, option in enumerate(options))
             text = render.compose(error, label, lines, limit)
@@ -273,9 +309,15 @@ class _Turn:
                                         self.msg("more"), self.msg("back"), error)
         elif question.type == "note":
             text = render.compose(error, label, f"1 {self.msg('ok')}", limit)
+        elif skippable:
+            hint = self.msg("skip_empty") if numeric else f"{render.SKIP} {self.msg('skip')}"
+            text = render.compose(error, label, self._shown(hint), limit)
         else:
             text = render.compose(error, label, "", limit)
         return self.screen(text)
+
+    def _shown(self, text: str) -> str:
+        return render.fold(text) if self.rules.fold else text
 
     def pages(self, question: Question) -> int:
         if self.rules.kind == "sms":
@@ -321,6 +363,12 @@ class _Turn:
     def go_to(self, pos: int | None) -> Step:
         if pos is None:
             return self.complete()
+        question = self.q.questions[pos]
+        if question.screens_out:
+            # Not in the survey's population (under 18): say goodbye and keep nothing,
+            # before any budget check could turn it into a part break.
+            label, _ = self._texts(question)
+            return self.screen_out(INELIGIBLE, label)
         self.state = _evolve(self.state, stage=Stage.QUESTION, pos=pos, page=0, invalid=0)
         budget_spent = (
             self.state.session_screens >= self.rules.budget_screens
@@ -340,7 +388,7 @@ class _Turn:
         self.answers = {k: v for k, v in self.answers.items() if k in KEEP_AFTER_COMPLETION}
         self.state = _evolve(self.state, stage=Stage.DONE, pos=0, page=0, invalid=0,
                              part_break=False)
-        return self.end(self.msg("completed"))
+        return self.end(self.msg("completed") + " " + self.results_hint())
 
     def invalid(self, reason: str) -> Step:
         count = self.state.invalid + 1
@@ -437,6 +485,9 @@ class _Turn:
             return self.back(question)
         if question.type == "note":
             return self.go_to(self.next_position(question.index + 1))
+        if (text == render.SKIP and not numeric and self.optional(question)
+                and len(question.choices) < int(render.SKIP)):
+            text = ""  # the skip key the screen offers
         if text == "":
             # Consent is always required: skipping it must not lead into the questionnaire.
             if question.required or question.name == CONSENT:
@@ -458,9 +509,14 @@ class _Turn:
         if question.name in self.rules.quota_on and self.cell() in self.rules.full_cells:
             # Checked only as a quota question is answered: someone already past them
             # finishes even if their cell fills meanwhile.
-            self.emit("screened_out")
-            return self.end(self.msg("quota_full"), forget=True)
+            return self.screen_out("quota", self.msg("quota_full", results=self.results_hint()))
         return self.go_to(self.next_position(question.index + 1))
+
+    def screen_out(self, reason: str, text: str) -> Step:
+        """End an interview that must not count: screened out (reason 'quota' or
+        'ineligible'), the session forgotten."""
+        self.emit("screened_out", value=reason)
+        return self.end(text, forget=True)
 
     def cell(self) -> str | None:
         """The respondent's quota cell, once every quota question is answered."""
@@ -583,7 +639,7 @@ def longest_path_screens(questionnaire: Questionnaire, lang: str,
                      rules)
         screens.append(turn.question_screen().reply.text)
     turn = _Turn(questionnaire, state, Input.answer("", 0), rules)
-    screens.append(turn.msg("completed"))
+    screens.append(turn.msg("completed") + " " + turn.results_hint())
     return screens
 
 

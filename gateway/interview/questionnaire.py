@@ -29,6 +29,8 @@ TRANSLATABLE = {"label", "hint", "guidance_hint", "required_message", "constrain
 CHOICES_COLUMNS = {"list_name", "name", "label"}
 SETTINGS_COLUMNS = {"form_title", "form_id", "version", "default_language", "instance_name"}
 CONSENT = "consent"
+# The appearance of a note that ends the survey for someone outside its population.
+INELIGIBLE = "ineligible"
 FILE_TYPES = (".md", ".csv", ".xlsx", ".xlsm", ".xls")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _LANG = re.compile(r"^(?P<name>.*?)\s*\((?P<code>[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)*)\)\s*$")
@@ -79,6 +81,7 @@ class Question:
     relevant: tuple[Expression, ...] = ()
     calculation: Expression | None = None
     row: int = 0
+    appearance: str = ""
 
     def label(self, lang: str) -> str:
         return _pick(self.labels, lang) or self.name
@@ -86,6 +89,13 @@ class Question:
     @property
     def is_select(self) -> bool:
         return self.type in ("select_one", "select_multiple")
+
+    @property
+    def screens_out(self) -> bool:
+        """A note with appearance `ineligible`: whoever reaches it is not in the survey's
+        population (the shipped form: under 18). It is the last screen (END), and the
+        interview is screened out, never completed."""
+        return self.type == "note" and self.appearance == INELIGIBLE
 
 
 @dataclass(frozen=True)
@@ -319,6 +329,11 @@ def _read_survey(rows: list[dict[str, str]], lists: dict[str, list[Choice]]
             raise FormError(f"required must be yes or no, got {required_raw!r} "
                             "(expressions are not supported here)", "survey", rownum,
                             "required")
+        appearance = (row.get("appearance") or "").strip()
+        if appearance == INELIGIBLE and qtype != "note":
+            raise FormError(f"appearance {INELIGIBLE!r} is only for a note (the screen that "
+                            "ends the survey for someone outside its population)", "survey",
+                            rownum, "appearance")
         questions.append(Question(
             index=len(questions),
             name=name,
@@ -333,6 +348,7 @@ def _read_survey(rows: list[dict[str, str]], lists: dict[str, list[Choice]]
             + ((relevant,) if relevant else ()),
             calculation=calculation,
             row=rownum,
+            appearance=appearance,
         ))
     if groups:
         name, _, rownum = groups[-1]

@@ -10,6 +10,7 @@ import unicodedata
 from functools import lru_cache
 
 MORE = "98"
+SKIP = "99"  # skips an optional question (not a number question: 99 is a value there)
 MIN_LABEL = 12  # characters of the question kept beside an error line
 SHORT_ERROR = 17  # "Invalid choice.\n" and its translations
 BACK = "0"

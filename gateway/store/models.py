@@ -111,6 +111,8 @@ class Interview(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
                                                           nullable=True)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Why an interview was screened out: 'quota' or 'ineligible' (outside the population).
+    reason: Mapped[str | None] = mapped_column(String(20), nullable=True)
 
 
 class Answer(Base):

@@ -107,6 +107,8 @@ class Registry:
         with self._lock, Session(self.engine) as db:
             rows = db.execute(select(Channel, Campaign).join(
                 Campaign, Channel.campaign_id == Campaign.id)).all()
+            # Campaigns that can answer RESULTS by SMS: the last screen offers it only there.
+            with_sms = {camp.id for ch, camp in rows if ch.kind == "sms"}
             channels = {}
             for ch, camp in rows:
                 config = json.loads(ch.config or "{}")
@@ -124,7 +126,7 @@ class Registry:
                         budget_seconds=camp.budget_seconds,
                         budget_screens=camp.budget_screens, resume_window=camp.resume_window,
                         max_invalid=camp.max_invalid, dial=ch.address, quota_on=quota_on,
-                        languages=languages,
+                        languages=languages, results_by_sms=camp.id in with_sms,
                     )
                 channels[ch.key] = ChannelInfo(
                     id=ch.id, key=ch.key, provider=ch.provider, kind=ch.kind,

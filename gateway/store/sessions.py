@@ -12,6 +12,7 @@ import hmac
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.interview.engine import Event, SessionState, Stage
+from gateway.interview.messages import message
+from gateway.interview.questionnaire import INELIGIBLE
 
 STREAM = "events"
 GROUP = "persist"
@@ -57,6 +60,11 @@ return 1
 """
 
 
+# A field of the results hash that `publish` always writes (the snapshot's version), so
+# RESULTS can tell "published, too few answers for a figure" from "not published".
+RESULTS_PUBLISHED = "_published"
+
+
 def quota_key(prefix: str, campaign: int) -> str:
     """Where the worker publishes a campaign's full quota cells (a JSON list)."""
     return f"{prefix}quota:{campaign}:full"
@@ -77,8 +85,10 @@ def mask_phone(phone: str) -> str:
 
 def stream_event(e: Event, campaign: int, channel: int, respondent: str,
                  version: str) -> dict[str, Any]:
-    """An engine event as a stream entry. Declining and withdrawing carry no pseudonym."""
-    anonymous = e.kind in ("declined", "withdrawn")
+    """An engine event as a stream entry. Declining, withdrawing and being ineligible
+    (under 18) carry no pseudonym: nothing links them to a person."""
+    anonymous = e.kind in ("declined", "withdrawn") or (
+        e.kind == "screened_out" and e.value == INELIGIBLE)
     record: dict[str, Any] = {"id": e.id, "k": e.kind, "c": campaign, "ch": channel,
                               "i": e.interview, "r": None if anonymous else respondent,
                               "ver": version, "t": e.at}
@@ -86,6 +96,8 @@ def stream_event(e: Event, campaign: int, channel: int, respondent: str,
         record["q"], record["v"] = e.question, e.value
     if e.kind == "started":
         record["l"] = e.lang
+    if e.kind == "screened_out" and e.value:
+        record["why"] = e.value
     return record
 
 
@@ -118,22 +130,65 @@ def decode_state(raw: str) -> SessionState:
     )
 
 
+class SessionEnded(Exception):
+    """A hop on a provider session that has already ended, and not a retry of its last
+    hop: the provider (or someone replaying its requests) must get 409, and nothing may
+    change."""
+
+
 @dataclass(frozen=True)
 class ProviderSession:
     """What we remember of one provider session (e.g. one USSD dial)."""
 
-    history: str  # the inputs consumed so far, as the provider sends them (AT: 1*2*3)
+    # Where the session stands, as the provider counts: AT the inputs so far as it sends
+    # them (1*2*3), Hubtel the last Sequence, Arkesel the hops we counted.
+    history: str
     reply: str  # the last reply, returned as-is to a replayed request
     campaign: int
     respondent: str
+    # The last reply closed the session (END, Hubtel "Release"): only a retry of that
+    # hop may follow. Kept as a flag, not read from the reply, so it holds whatever
+    # shape a provider's replies take.
+    ended: bool = False
+    # The entries so far in the menu after completion ('2' = chose to erase), if any.
+    menu: str = ""
 
     def encode(self) -> str:
-        return _dumps([self.history, self.reply, self.campaign, self.respondent])
+        fields: list[Any] = [self.history, self.reply, self.campaign, self.respondent]
+        if self.ended or self.menu:
+            fields += [int(self.ended), self.menu]
+        return _dumps(fields)
 
     @classmethod
     def decode(cls, raw: str) -> ProviderSession:
-        history, reply, campaign, respondent = json.loads(raw)
-        return cls(history, reply, campaign, respondent)
+        history, reply, campaign, respondent, *rest = json.loads(raw)
+        return cls(history, reply, campaign, respondent, bool(rest and rest[0]),
+                   rest[1] if len(rest) > 1 else "")
+
+    def answer_to(self, retry: bool) -> str | None:
+        """The rule for every provider's hop on a session we know: a retry of the last hop
+        gets the stored reply; once the session has ended, anything else raises
+        SessionEnded (hops after END once stored answers for questions nobody saw);
+        None: a new hop to process."""
+        if retry:
+            return self.reply
+        if self.ended:
+            raise SessionEnded("this session has ended")
+        return None
+
+
+@dataclass(frozen=True)
+class HopLimits:
+    """At most `per_respondent` hops per `window` seconds from one respondent on one
+    channel, and `per_channel` from everyone on it (0: no limit)."""
+
+    window: int = 10
+    per_respondent: int = 0
+    per_channel: int = 0
+
+    @property
+    def on(self) -> bool:
+        return bool(self.per_respondent or self.per_channel)
 
 
 @dataclass(frozen=True)
@@ -142,6 +197,11 @@ class Loaded:
     provider: ProviderSession | None
     opted_out: bool = False
     full_cells: frozenset[str] = frozenset()  # the campaign's full quota cells
+    extra: tuple[str, ...] = ()  # the values of the extra keys asked for ('' if unset)
+    # Over a per-number limit (HopLimits) in this window; `first_limited`: this is the
+    # first hop over it (the one that gets told, so a flood gets one answer).
+    limited: bool = False
+    first_limited: bool = False
 
     @property
     def state(self) -> SessionState | None:
@@ -166,9 +226,11 @@ class _ThreadConnection(threading.local):
 
 
 class SessionStore:
-    def __init__(self, client: redis.Redis, prefix: str = "cd:") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "cd:",
+                 limits: HopLimits | None = None) -> None:
         self.r = client
         self.prefix = prefix
+        self.limits = limits or HopLimits()
         self.stream = f"{prefix}{STREAM}"
         self._commit = client.register_script(_COMMIT)
         self._own = _ThreadConnection()
@@ -185,6 +247,20 @@ class SessionStore:
         is replaced before use. As in the client, any failure but an error reply drops
         the connection, under the connection's own retry policy; the reply is the one
         the client returns (no response callback applies to these commands)."""
+        conn = self._connection()
+        return conn.retry.call_with_retry(lambda: _round_trip(conn, args),
+                                          lambda _error: conn.disconnect())
+
+    def _execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Several commands in one round trip (pipelined, not a transaction), on this
+        thread's connection as _execute; the replies in order."""
+        if len(commands) == 1:
+            return [self._execute(*commands[0])]
+        conn = self._connection()
+        return list(conn.retry.call_with_retry(lambda: _round_trips(conn, commands),
+                                               lambda _error: conn.disconnect()))
+
+    def _connection(self) -> AbstractConnection:
         own = self._own
         conn = own.conn
         if conn is None or own.forks != _forks:
@@ -198,8 +274,7 @@ class SessionStore:
         if stale:
             conn.disconnect()
             conn.connect()
-        return conn.retry.call_with_retry(lambda: _round_trip(conn, args),
-                                          lambda _error: conn.disconnect())
+        return conn
 
     def state_key(self, campaign: int, respondent: str) -> str:
         return f"{self.prefix}st:{campaign}:{respondent}"
@@ -211,20 +286,49 @@ class SessionStore:
         return f"{self.prefix}optout:{respondent}"
 
     def load(self, campaign: int, respondent: str, channel: int, session_id: str,
-             quotas: bool = False) -> Loaded:
-        """State, provider session (or message) record, opt-out flag and, for a campaign
-        with quotas, its full cells: one round trip."""
+             quotas: bool = False, extra: tuple[str, ...] = ()) -> Loaded:
+        """State, provider session (or message) record, opt-out flag, for a campaign with
+        quotas its full cells, and any `extra` keys (e.g. a pending erasure): one round
+        trip."""
         keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
-                self.optout_key(respondent)]
+                self.optout_key(respondent), *extra]
         if quotas:
             keys.append(quota_key(self.prefix, campaign))
-        state_raw, provider_raw, optout, *full = self._execute("MGET", *keys)
+        commands: list[tuple[Any, ...]] = [("MGET", *keys)]
+        counted = self._limit_commands(channel, respondent) if self.limits.on else []
+        replies = self._execute_many(commands + counted)
+        state_raw, provider_raw, optout, *rest = replies[0]
+        more, full = rest[:len(extra)], rest[len(extra):]
+        limited = first = False
+        if counted:
+            # Replies: INCR, EXPIRE per counter, respondent's first.
+            limits = [n for n in (self.limits.per_respondent, self.limits.per_channel) if n]
+            for limit, count in zip(limits, replies[1::2], strict=True):
+                if count > limit:
+                    limited = True
+                    first = first or count == limit + 1
         return Loaded(
             state_raw=_text(state_raw),
             provider=ProviderSession.decode(_text(provider_raw)) if provider_raw else None,
             opted_out=optout is not None,
             full_cells=frozenset(json.loads(full[0])) if full and full[0] else frozenset(),
+            extra=tuple(_text(v) for v in more),
+            limited=limited, first_limited=first,
         )
+
+    def _limit_commands(self, channel: int, respondent: str) -> list[tuple[Any, ...]]:
+        """Count this hop in the current window (fixed windows: the key names the window,
+        so counting needs no read-modify-write and old windows expire by themselves)."""
+        window = self.limits.window
+        slot = int(time.time()) // window
+        commands: list[tuple[Any, ...]] = []
+        if self.limits.per_respondent:
+            key = f"{self.prefix}lim:{channel}:{respondent}:{slot}"
+            commands += [("INCR", key), ("EXPIRE", key, 2 * window)]
+        if self.limits.per_channel:
+            key = f"{self.prefix}lim:{channel}:{slot}"
+            commands += [("INCR", key), ("EXPIRE", key, 2 * window)]
+        return commands
 
     def commit(self, *, campaign: int, respondent: str, channel: int, session_id: str,
                expected: str, state: str, state_ttl: int, provider: ProviderSession | None,
@@ -247,14 +351,26 @@ class SessionStore:
             return bool(self._commit(keys=keys, args=args))
 
     def results(self, campaign: int, lang_code: str, region: str | None) -> str | None:
-        """The published summary for a region (else the nation), in the language asked
-        (else English); written by `civicdial publish`."""
-        fields = [f"{code}:{place}" for code in dict.fromkeys((lang_code, "en"))
-                  for place in ((region,) if region else ()) + ("_national",)]
-        for value in self.r.hmget(f"{self.prefix}results:{campaign}", fields):
-            if value:
-                return _text(value)
-        return None
+        """What RESULTS answers: the published summary for a region (else the nation), in
+        the language asked (else English), written by `civicdial publish`; when a tally is
+        published but too few answered for a figure (every cell suppressed), says so, for
+        the region and for the nation. None: nothing is published yet."""
+        codes = tuple(dict.fromkeys((lang_code, "en")))
+        known_region = bool(region) and region != "refuse"
+        regional = [f"{code}:{region}" for code in codes] if known_region else []
+        national = [f"{code}:_national" for code in codes]
+        values = [_text(v) for v in self.r.hmget(f"{self.prefix}results:{campaign}",
+                                                 [*regional, *national, RESULTS_PUBLISHED])]
+        mine = next((v for v in values[:len(regional)] if v), "")
+        nation = next((v for v in values[len(regional):-1] if v), "")
+        if mine:
+            return mine
+        if not values[-1]:  # not published (or published before the marker existed)
+            return nation or None
+        if nation:
+            return (message(lang_code, "results_region_too_few") + " " + nation
+                    if known_region else nation)
+        return message(lang_code, "results_too_few")
 
     def opted_out(self, respondent: str) -> bool:
         return bool(self.r.exists(self.optout_key(respondent)))
@@ -279,6 +395,27 @@ def _round_trip(conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
         raise  # an error reply: read whole, the connection is still in step
     except BaseException:
         conn.disconnect()  # may be mid-reply: never reuse it
+        raise
+
+
+def _round_trips(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
+    try:
+        conn.send_packed_command(conn.pack_commands(commands))
+        replies = []
+        error: ResponseError | None = None
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:  # read every reply: the connection stays in step
+                error = error or exc
+                replies.append(exc)
+        if error is not None:
+            raise error
+        return replies
+    except ResponseError:
+        raise
+    except BaseException:
+        conn.disconnect()
         raise
 
 

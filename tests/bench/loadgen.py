@@ -70,7 +70,7 @@ class Client(loadkit.Client):
 def _question(screen: str, by_label: dict[str, Question]) -> Question | None:
     """The question on a screen: its label is the first line, or the second after an
     error line, and may be clipped with '...' to make room."""
-    for line in screen.splitlines()[:2]:
+    for line in screen.splitlines()[:3]:  # the consent screen opens with its parts note
         if line in by_label:
             return by_label[line]
         if line.endswith("...") and len(line) > 20:
@@ -167,6 +167,8 @@ class Citizen:
                 ok, reply = await self.hop(client, None)
                 continue
             screen = reply[4:]
+            if ALREADY in screen:  # the menu after completing
+                return "already completed"
             if stop_after is not None and (hops >= stop_after or screen.startswith("Optional")):
                 return "parked"
             if self.rng.random() < self.cfg.drop_rate:

@@ -1,0 +1,156 @@
+"""SMS details real providers hit: every delivery status mapped (an unknown one logged and
+accepted), Twilio status callbacks from the channel itself, `channels set`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import urlencode
+
+import pytest
+import redis
+from click.testing import CliRunner
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+from test_sms import (  # noqa: F401 - fixtures
+    FORM,
+    TWILIO_SID,
+    SmsChannels,
+    fake,
+    queue_messages,
+    signed_post,
+    sms,
+    work,
+)
+
+from gateway.cli import main
+from gateway.store.models import AuditEntry, Channel, OutboundMessage
+from gateway.store.outbox import sweep
+
+
+@dataclass(frozen=True)
+class Report:
+    label: str
+    provider: str
+    status: str  # as the provider sends it
+    expected: str  # the message's status afterwards
+    http: int = 200
+
+
+REPORTS = [
+    Report("AT Sent", "africastalking", "Sent", "sent"),
+    Report("AT Submitted", "africastalking", "Submitted", "sent"),
+    Report("AT Buffered", "africastalking", "Buffered", "sent"),
+    Report("AT Success", "africastalking", "Success", "delivered"),
+    Report("AT Failed", "africastalking", "Failed", "failed"),
+    Report("AT Rejected", "africastalking", "Rejected", "rejected"),
+    Report("AT Expired (courier: failed)", "africastalking", "Expired", "failed"),
+    Report("AT AbsentSubscriber", "africastalking", "AbsentSubscriber", "failed"),
+    Report("AT unknown: logged, accepted, message unchanged", "africastalking", "Lost", "sent"),
+    Report("Twilio accepted", "twilio", "accepted", "sent", 204),
+    Report("Twilio scheduled", "twilio", "scheduled", "sent", 204),
+    Report("Twilio delivered", "twilio", "delivered", "delivered", 204),
+    Report("Twilio read", "twilio", "read", "delivered", 204),
+    Report("Twilio undelivered", "twilio", "undelivered", "undelivered", 204),
+    Report("Twilio partially_delivered", "twilio", "partially_delivered", "undelivered", 204),
+    Report("Twilio failed", "twilio", "failed", "failed", 204),
+    Report("Twilio canceled", "twilio", "canceled", "failed", 204),
+    Report("Twilio unknown: logged, accepted, message unchanged", "twilio", "lost", "sent"),
+]
+
+
+@pytest.mark.parametrize("case", REPORTS, ids=lambda c: c.label)
+def test_delivery_status(case: Report, client: FlaskClient, sms: SmsChannels,  # noqa: F811
+                         engine: Engine, redis_client: redis.Redis, settings,  # type: ignore[no-untyped-def]
+                         caplog: pytest.LogCaptureFixture) -> None:
+    """A report for a message we sent moves it to the mapped status."""
+    ch = sms.at if case.provider == "africastalking" else sms.tw
+    queue_messages(engine, settings, ch, 1)
+    sweep(settings, engine, redis_client, older_than=timedelta(0))
+    work(engine, redis_client)
+    with Session(engine) as db:
+        sid = db.scalar(select(OutboundMessage.provider_id))
+        assert db.scalar(select(OutboundMessage.status)) == "sent"
+    caplog.set_level("WARNING", logger="civicdial.webhooks")
+    if case.provider == "africastalking":
+        resp = client.post(f"/webhooks/africastalking/{ch.key}/sms/delivery",
+                           content_type=FORM, data=urlencode({
+                               "id": sid, "status": case.status, "phoneNumber": "+23320000000",
+                               "networkCode": "62001", "retryCount": "0"}))
+        code = resp.status_code
+    else:
+        code, _ = signed_post(client, f"/webhooks/twilio/{ch.key}/status", {
+            "MessageSid": sid, "MessageStatus": case.status, "AccountSid": TWILIO_SID,
+            "From": "+15005550006", "To": "+23320000000", "ApiVersion": "2010-04-01"})
+    assert code == case.http
+    work(engine, redis_client)
+    with Session(engine) as db:
+        assert db.scalar(select(OutboundMessage.status)) == case.expected
+    unknown = "unknown" in case.label
+    assert any("unknown" in r.getMessage() and case.status in r.getMessage()
+               for r in caplog.records) is unknown
+
+
+def test_twilio_status_callback_comes_from_the_channel(
+        sms: SmsChannels, engine: Engine, redis_client: redis.Redis, settings,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """With a public base URL, every Twilio send asks for status callbacks at the
+    channel's own status URL; an explicit config value still wins."""
+    monkeypatch.setenv("CIVICDIAL_PUBLIC_BASE_URL", "https://survey.example.org")
+    queue_messages(engine, settings, sms.tw, 1)
+    sweep(settings, engine, redis_client, older_than=timedelta(0))
+    work(engine, redis_client)
+    assert sms.fake.accepted[-1]["status_callback"] == (
+        f"https://survey.example.org/webhooks/twilio/{sms.tw.key}/status")
+    with Session(engine) as db, db.begin():
+        ch = db.get(Channel, sms.tw.id)
+        assert ch is not None
+        ch.config = json.dumps({**json.loads(ch.config), "status_callback": "https://x/cb"})
+    with Session(engine) as db, db.begin():
+        db.execute(OutboundMessage.__table__.update().values(key="bulk:done"))
+    queue_messages(engine, settings, sms.tw, 1, prefix="+23321")
+    sweep(settings, engine, redis_client, older_than=timedelta(0))
+    work(engine, redis_client)
+    assert sms.fake.accepted[-1]["status_callback"] == "https://x/cb"
+
+
+def test_channels_set_merges_config_and_audits_key_names(
+        env: dict[str, str], engine: Engine, sms: SmsChannels) -> None:  # noqa: F811
+    """`channels set KEY --config` merges keys (null removes one); the audit log names
+    the keys, never their values."""
+    result = CliRunner().invoke(main, ["channels", "set", sms.tw.key, "--config",
+                                       '{"reply": "queue", "auth_token": "new-secret", '
+                                       '"rate_per_second": null}'], env=env)
+    assert result.exit_code == 0, result.output
+    with Session(engine) as db:
+        config = json.loads(db.get(Channel, sms.tw.id).config)  # type: ignore[union-attr]
+        entry = db.scalars(select(AuditEntry).where(AuditEntry.action == "channel.set")).one()
+    assert config["reply"] == "queue" and config["auth_token"] == "new-secret"
+    assert config["account_sid"] == TWILIO_SID and "rate_per_second" not in config
+    assert "new-secret" not in entry.before + entry.after
+    assert json.loads(entry.after)["changed"] == ["auth_token", "rate_per_second", "reply"]
+    result = CliRunner().invoke(main, ["channels", "set", f"#{sms.at.id}", "--config",
+                                       '{"sender_id": "GSS2"}', "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "sender_id" in json.loads(result.output)["config_keys"]
+    for bad in (["nope", "--config", "{}"], [sms.at.key, "--config", "[1]"]):
+        result = CliRunner().invoke(main, ["channels", "set", *bad], env=env)
+        assert result.exit_code != 0
+
+
+def test_outbound_by_status_in_campaign_status_and_status_json(
+        env: dict[str, str], engine: Engine, sms: SmsChannels, settings) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    """`campaign status [--json]` and `status --json` count outbound SMS by status."""
+    queue_messages(engine, settings, sms.at, 3)
+    with Session(engine) as db, db.begin():
+        db.execute(OutboundMessage.__table__.update()
+                   .where(OutboundMessage.key == "bulk:0").values(status="failed"))
+    runner = CliRunner()
+    result = runner.invoke(main, ["campaign", "status", "sdg1662", "--json"], env=env)
+    assert json.loads(result.output)["outbound"] == {"failed": 1, "queued": 2}
+    result = runner.invoke(main, ["campaign", "status", "sdg1662"], env=env)
+    assert "outbound SMS: 1 failed, 2 queued" in result.output
+    result = runner.invoke(main, ["status", "--json"], env=env)
+    assert json.loads(result.output)["campaigns"][0]["outbound"] == {"failed": 1, "queued": 2}
