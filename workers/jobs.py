@@ -25,7 +25,7 @@ from gateway.store.redis_conn import connect
 from gateway.store.registry import Registry
 from gateway.store.sessions import SessionStore
 from workers.airtime import sweep as sweep_airtime
-from workers.outbound import release_held
+from workers.outbound import IDEMPOTENT_PROVIDERS, release_held
 from workers.persist import drain, ensure_group
 from workers.reminders import remind_idle
 
@@ -124,7 +124,7 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
                 due.run_once()
             if time.monotonic() - last_sweep > SWEEP_SECONDS:
                 last_sweep = time.monotonic()
-                sweep(settings, engine, client)
+                sweep(settings, engine, client, resend_providers=IDEMPOTENT_PROVIDERS)
                 release_held(settings, engine, client)
                 remind_idle(settings, client, registry)
                 # Quotas changed by a coordinator take effect without a completion.

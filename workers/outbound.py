@@ -11,12 +11,17 @@ Invitations and reminders of one text on a channel whose provider has a bulk sen
 (BULK_SENDERS: Africa's Talking) go in batches: the job of one claims it and its queued
 siblings in one UPDATE, takes their send jobs off the queue, and sends them in one call; each
 recipient's outcome is recorded on its own row (see _attempt_batch).
+
+SMS Gateway for Android is different: it takes our id for the message and answers 409 to a
+second request with it, so its messages are sent again instead (IDEMPOTENT_SENDERS) and
+never end 'unknown'.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -27,7 +32,7 @@ from prometheus_client import Counter
 from sqlalchemy import Engine, Exists, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from gateway.channels import africastalking, twilio
+from gateway.channels import africastalking, android, twilio
 from gateway.channels.sending import SendError, Sent, after_failure
 from gateway.config import Settings, load_settings
 from gateway.coordination.channels import channel_urls
@@ -66,6 +71,16 @@ BATCHED_KINDS = ("invitation", "reminder")
 # Under a rate limit a batch is at most a tenth of a second's worth, so that the rate
 # stays smooth rather than one burst a second.
 BATCHES_PER_SECOND = 10
+# Providers that take our id for a message and refuse a second message with it: a send
+# whose outcome we did not hear (a timeout, a worker killed mid-call) is simply repeated.
+IDEMPOTENT_SENDERS: dict[str, Callable[[dict[str, Any], android.Outgoing], Sent]] = {
+    "android": android.send_sms,
+}
+IDEMPOTENT_PROVIDERS = frozenset(IDEMPOTENT_SENDERS)
+# A worker holds a message at most this long for a rate-limit token; a longer wait (a
+# phone's SIM allows ~100 SMS/hour) puts the job back with a delay instead, so the
+# worker persists answers and sends other channels' messages meanwhile.
+MAX_TOKEN_WAIT = 1.0
 # Messages asking people to take part, which a paused or closed campaign does not send
 # (replies, opt-out confirmations and published results still go).
 HELD_WHILE_PAUSED = {"invitation", "reminder"}
@@ -93,25 +108,65 @@ else
   wait = math.ceil((count - tokens) * 1000 / rate)
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
-redis.call('PEXPIRE', KEYS[1], 60000)
+-- Kept at least as long as a full refill takes: forgetting the bucket sooner would hand
+-- out a fresh burst early on a slow (per-hour) channel.
+redis.call('PEXPIRE', KEYS[1], math.max(60000, math.ceil(burst * 1000 / rate)))
 return wait
+"""
+
+# Where deferred bulk messages of a throttled channel wake up: one slot per token interval
+# after the last one handed out, so a backlog of invitations wakes once each, in turn,
+# instead of all polling for every token. Replies are not spread: they wait for the next
+# token only, and the worker takes them first.
+_BULK_SLOT = """
+local wait = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local last = tonumber(redis.call('GET', KEYS[1])) or 0
+local slot = math.max(now + wait, last + interval)
+redis.call('SET', KEYS[1], slot, 'PX', slot - now + 60000)
+return slot - now
 """
 
 
 def wait_for_token(client: redis.Redis, prefix: str, channel_id: int, rate: float,
-                   max_wait: float = 60.0, count: int = 1) -> None:
-    """Block until the channel's rate limit lets `count` more messages out (a negative
-    count gives back tokens taken for messages that did not go)."""
+                   max_wait: float = 60.0, burst: float | None = None,
+                   count: int = 1) -> float:
+    """Block until the channel's rate limit lets `count` more messages out (0.0), or, when
+    that would take longer than max_wait, return the seconds still to wait (no token
+    taken: the caller defers the message). A negative count gives back tokens taken for
+    messages of a batch that did not go."""
     if rate <= 0:
-        return
+        return 0.0
     script = client.register_script(_TAKE_TOKEN)
     deadline = time.monotonic() + max_wait
     while True:
         wait_ms = int(script(keys=[f"{prefix}rate:{channel_id}"],
-                             args=[rate, max(1.0, rate), count]))
-        if wait_ms <= 0 or time.monotonic() > deadline:
-            return
+                             args=[rate, burst or max(1.0, rate), count]))
+        if wait_ms <= 0:
+            return 0.0
+        if time.monotonic() + wait_ms / 1000 > deadline:
+            return wait_ms / 1000
         time.sleep(wait_ms / 1000)
+
+
+def defer_delay(client: redis.Redis, prefix: str, channel_id: int, rate: float,
+                wait: float, bulk: bool) -> float:
+    """How long to put a throttled message back for: until the next token (a reply), or
+    until the next free bulk slot (an invitation, a reminder)."""
+    if not bulk:
+        return wait
+    script = client.register_script(_BULK_SLOT)
+    return int(script(keys=[f"{prefix}rate:{channel_id}:bulk"],
+                      args=[int(wait * 1000), int(1000 / rate)])) / 1000
+
+
+def channel_rate(provider: str, config: dict[str, Any]) -> float:
+    """Messages per second a channel may send (0: unthrottled)."""
+    if provider == "android":
+        return android.rate_per_second(config)
+    return float(config.get("rate_per_second", 10))
 
 
 def _set(engine: Engine, message_id: int, **conditions_and_values: Any) -> bool:
@@ -159,6 +214,15 @@ def _send(settings: Settings, engine: Engine, client: redis.Redis, message_id: i
             return "missing"
         channel = db.get(Channel, row.channel_id)
         db.expunge_all()
+    idempotent = channel is not None and channel.provider in IDEMPOTENT_PROVIDERS
+    if row.status == "sending" and idempotent:
+        # The worker died during the call: send it again under the same id (the phone
+        # answers 409 if the first one got through).
+        if not _set(engine, message_id, if_status="sending",
+                    untouched_since=datetime.now(UTC) - IN_FLIGHT, status="queued",
+                    error="a worker died during the provider call; sent again (same id)"):
+            return "taken"
+        row.status = "queued"
     if row.status == "sending":
         # Sending for longer than any provider call takes: the worker died during it.
         if not _set(engine, message_id, if_status="sending",
@@ -190,7 +254,8 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
         _set(engine, message_id, if_status="queued", status="stopped",
              error="recipient opted out (STOP)")
         return "stopped"
-    if channel is None or channel.provider not in SENDERS:
+    if channel is None or (channel.provider not in SENDERS
+                           and channel.provider not in IDEMPOTENT_SENDERS):
         _set(engine, message_id, if_status="queued", status="failed",
              error="channel missing or cannot send")
         return "failed"
@@ -200,19 +265,35 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
              error="campaign not open")
         return "held"
     config = json.loads(channel.config or "{}")
-    rate = float(config.get("rate_per_second", 10))
+    rate = channel_rate(channel.provider, config)
     size = batch_size(settings, config, rate)
     if row.kind in BATCHED_KINDS and channel.provider in BULK_SENDERS and size > 1:
         return _attempt_batch(settings, engine, client, row, channel, config, rate, size)
-    wait_for_token(client, settings.redis_prefix, channel.id, rate)
+    burst = config.get("burst")
+    wait = wait_for_token(client, settings.redis_prefix, channel.id, rate,
+                          max_wait=MAX_TOKEN_WAIT if rate < 1 else 60.0,
+                          burst=float(burst) if isinstance(burst, int | float) else None)
+    if wait > 0:
+        delay = defer_delay(client, settings.redis_prefix, channel.id, rate, wait,
+                            bulk=priority != 0)
+        enqueue_send(client, message_id, priority, delay, settings.redis_prefix)
+        return "queued"
+    idempotent = channel.provider in IDEMPOTENT_SENDERS
+    values: dict[str, Any] = {"status": "sending", "attempts": OutboundMessage.attempts + 1,
+                              "updated_at": datetime.now(UTC)}
+    if idempotent:
+        # Our id for the message, chosen at the first claim and kept for every retry;
+        # random, not the row id, so a node started afresh on a new database cannot
+        # collide with messages the phone still remembers (a 409 would swallow them).
+        values["provider_id"] = func.coalesce(OutboundMessage.provider_id,
+                                              f"cd-{secrets.token_hex(12)}")
     with engine.begin() as conn:
-        claimed = conn.execute(
+        claimed_row = conn.execute(
             update(OutboundMessage)
             .where(OutboundMessage.id == message_id, OutboundMessage.status == "queued",
                    ~_earlier_pending(row))
-            .values(status="sending", attempts=OutboundMessage.attempts + 1,
-                    updated_at=datetime.now(UTC))).rowcount
-    if not claimed:
+            .values(**values).returning(OutboundMessage.provider_id)).first()
+    if claimed_row is None:
         return "taken"
     attempts += 1
     to = NumberBox(settings.encryption_key).open(row.recipient)
@@ -222,16 +303,30 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
         # nobody has to copy it into the config (which no command could edit).
         config["status_callback"] = channel_urls(channel, settings.public_base_url)["status"]
     try:
-        sent = SENDERS[channel.provider](config, to, row.body)
+        if idempotent:
+            sent = IDEMPOTENT_SENDERS[channel.provider](config, android.Outgoing(
+                id=str(claimed_row[0]), to=to, body=row.body, interactive=priority == 0))
+        else:
+            sent = SENDERS[channel.provider](config, to, row.body)
     except SendError as exc:
         status, delay = after_failure(exc, attempts, settings.send_retries,
                                       settings.send_backoff_seconds)
-        _set(engine, message_id, status=status, error=str(exc))
+        if status == "unknown" and idempotent:
+            status = "failed"  # cannot happen (its sender never says "maybe"), but never
+        if not _set(engine, message_id, if_status="sending" if idempotent else None,
+                    status=status, error=str(exc)):
+            return "sent"  # a webhook said it went (the answer we missed was a 202)
         if status == "queued":
             enqueue_send(client, message_id, priority, delay, settings.redis_prefix)
         log.log(logging.INFO if status == "queued" else logging.WARNING,
                 "message %d: %s (now %s, attempt %d)", message_id, exc, status, attempts)
         return status
+    if idempotent:
+        # Its delivery webhooks match on the id set at the claim and may already have
+        # moved the message on (sent, delivered): never pull it back.
+        if not _set(engine, message_id, if_status="sending", status=sent.status, error=""):
+            return "sent"
+        return sent.status
     _set(engine, message_id, status=sent.status, provider_id=sent.provider_id, error="")
     return sent.status
 

@@ -123,19 +123,6 @@ def parse_pairs(request: Request) -> list[tuple[str, str]]:
         raise WebhookError(400, "body is not valid UTF-8") from None
 
 
-def form_from_body(raw: bytes) -> dict[str, str]:
-    """parse_form for a body already read (the web app's fast path reads it itself):
-    the same strict decoding, the same first-value-wins."""
-    try:
-        pairs = _parse_qsl(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise WebhookError(400, "body is not valid UTF-8") from None
-    form: dict[str, str] = {}
-    for name, value in pairs:
-        form.setdefault(name, value)
-    return form
-
-
 def _parse_qsl(body: str) -> list[tuple[str, str]]:
     """urllib.parse.parse_qsl(body, keep_blank_values=True, errors="strict"), the same
     pairs, for every webhook hop: parse_qsl unquotes every name and value through two

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from gateway.channels import android
 from gateway.cli.context import open_engine, settings_of
 from gateway.coordination.bootstrap import DEFAULT_CAMPAIGN
 from gateway.coordination.campaigns import CampaignError, audit, cli_actor
 from gateway.coordination.channels import PROVIDER_KINDS, bind_channel, channel_urls
+from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.models import Campaign, Channel
 
 
@@ -50,7 +53,7 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
 
 @channels.command("add")
 @click.option("--provider", required=True,
-              type=click.Choice(["africastalking", "twilio", "hubtel", "arkesel"]))
+              type=click.Choice(["africastalking", "twilio", "hubtel", "arkesel", "android"]))
 @click.option("--kind", type=click.Choice(["ussd", "sms"]), required=True)
 @click.option("--address", required=True,
               help="USSD service code, or the SMS short code / number people text.")
@@ -58,15 +61,23 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
 @click.option("--config", "config_json", default="{}",
               help='Provider settings as JSON, e.g. {"username": "...", "api_key": "...", '
                    '"sender_id": "..."} (Africa\'s Talking) or {"account_sid": "...", '
-                   '"auth_token": "...", "from": "+1..."} (Twilio). Optional: base_url, '
+                   '"auth_token": "...", "from": "+1..."} (Twilio) or {"url": '
+                   '"http://PHONE:8080", "username": "...", "password": "...", '
+                   '"signing_key": "..."} (SMS Gateway for Android). Optional: base_url, '
                    'rate_per_second, reply ("inline"/"queue", Twilio), label (the screen '
-                   'title Hubtel shows in its app).')
+                   'title Hubtel shows in its app); rate_per_hour, sim_number, burst '
+                   '(Android).')
 @click.option("--screen-limit", default=160, show_default=True, type=click.IntRange(64, 182))
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--base-url", default=None,
+              help="Public base URL the provider calls [env CIVICDIAL_PUBLIC_BASE_URL; "
+                   "default http://127.0.0.1:8000]; for Android, what the phone reaches.")
 @click.pass_context
 def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slug: str,
-                 config_json: str, screen_limit: int, as_json: bool) -> None:
-    """Bind a provider channel to a campaign; prints its secret webhook URLs."""
+                 config_json: str, screen_limit: int, as_json: bool,
+                 base_url: str | None) -> None:
+    """Bind a provider channel to a campaign; prints its secret webhook URLs. An Android
+    phone is checked and its webhooks registered."""
     if (provider, kind) not in PROVIDER_KINDS:
         raise click.BadParameter(f"{provider} has no {kind} channel", param_hint="--kind")
     try:
@@ -77,6 +88,11 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
         raise click.BadParameter(f"must be a JSON object ({exc})",
                                  param_hint="--config") from None
     settings = settings_of(ctx)
+    base = (base_url or (ctx.parent.params.get("base_url") if ctx.parent else None)
+            or settings.public_base_url or "http://127.0.0.1:8000")
+    if provider == "android":
+        address = _android_address(address, settings.default_region)
+        _android_config(config)
     engine = open_engine(settings, with_defaults=True)
     with Session(engine) as db, db.begin():
         try:
@@ -86,16 +102,168 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
         except CampaignError as exc:
             raise click.ClickException(str(exc)) from None
         channel = bound.channel
+        if provider == "android":
+            # Before the commit: a phone that cannot be set up leaves no channel behind.
+            phone = _set_up_phone(config, channel.key, channel_urls(channel, base)["events"])
         db.expunge(channel)
     if bound.note:
         click.echo(f"note: {bound.note}", err=True)
-    urls = channel_urls(channel, settings.public_base_url or "http://127.0.0.1:8000")
+    urls = channel_urls(channel, base)
     if as_json:
-        click.echo(json.dumps({"id": channel.id, "urls": urls}))
+        out: dict[str, Any] = {"id": channel.id, "urls": urls}
+        if phone is not None:
+            out["phone"] = phone
+        click.echo(json.dumps(out))
         return
     click.echo(f"channel #{channel.id}: {provider} {kind} {address} -> campaign {slug}")
     for name, url in urls.items():
         click.echo(f"    {name:<9} {url}")
+    if phone is not None:
+        _print_phone_setup(phone, config)
+
+
+def _android_address(address: str, region: str) -> str:
+    try:
+        return to_e164(address, region)
+    except BadPhoneNumber as exc:
+        raise click.BadParameter(f"the phone's SIM number: {exc}",
+                                 param_hint="--address") from None
+
+
+def _android_config(config: dict[str, Any]) -> None:
+    missing = [k for k in ("url", "username", "password", "signing_key")
+               if not isinstance(config.get(k), str) or not config[k]]
+    if missing:
+        raise click.BadParameter(f"SMS Gateway for Android needs {', '.join(missing)}",
+                                 param_hint="--config")
+    for name in ("rate_per_hour", "sim_number"):
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or value < (1 if name == "sim_number" else 0)):
+            raise click.BadParameter(f"{name} must be a number"
+                                     + (" from 1" if name == "sim_number" else ""),
+                                     param_hint="--config")
+
+
+def _set_up_phone(config: dict[str, Any], key: str, events_url: str) -> dict[str, Any]:
+    """Check the phone, then point its four webhooks at the channel."""
+    try:
+        check = android.check_phone(config)
+        hooks = android.register_webhooks(config, key, events_url)
+    except android.PhoneError as exc:
+        android.unregister_webhooks(config, key)
+        raise click.ClickException(str(exc)) from None
+    ours = {h["id"] for h in hooks}
+    others = [w for w in check.webhooks
+              if w["event"] in android.EVENTS and w["id"] not in ours]
+    return {"status": check.status, "version": check.version,
+            "version_ok": check.version_ok, "clock_skew_seconds": _round(check.clock_skew),
+            "pending": check.pending, "webhooks": hooks, "other_webhooks": others}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _print_phone_setup(phone: dict[str, Any], config: dict[str, Any]) -> None:
+    click.echo(f"phone: SMS Gateway {phone['version'] or '?'} (health {phone['status']}); "
+               f"registered {', '.join(h['event'] for h in phone['webhooks'])}")
+    for w in phone["other_webhooks"]:
+        click.echo(f"  warning: the phone also sends {w['event']} to {w['url']} (id "
+                   f"{w['id']}): remove it in the app if it is an old channel", err=True)
+    for line in _warnings(phone):
+        click.echo(f"  warning: {line}", err=True)
+    click.echo("Set on the phone (SMS Gateway app -> Settings):")
+    click.echo("  Messages -> Processing order: FIFO (the default, LIFO, sends a person's "
+               "questions out of order)")
+    click.echo("  Messages -> leave delivery reports on (each message asks for one)")
+    click.echo("  Webhooks -> Signing Key: the signing_key of this channel's --config")
+    click.echo("  Messages -> Limits: off, or above rate_per_hour "
+               f"({config.get('rate_per_hour', android.DEFAULT_RATE_PER_HOUR)}/hour): "
+               "the node paces sends")
+    click.echo("  App version " + ".".join(map(str, android.MIN_APP_VERSION))
+               + " or newer (1.65.2-1.66.1 drop a repeated answer)")
+
+
+def _warnings(phone: dict[str, Any]) -> list[str]:
+    out = []
+    if not phone["version_ok"]:
+        out.append(f"app version {phone['version'] or 'unknown'} is older than "
+                   + ".".join(map(str, android.MIN_APP_VERSION))
+                   + ": update it (older versions can drop a repeated answer)")
+    skew = phone["clock_skew_seconds"]
+    if skew is not None and abs(skew) > android.CLOCK_WARN_SECONDS:
+        out.append(f"the phone's clock is {skew:+.0f} s from this node's: webhook "
+                   f"signatures more than {android.SIGNATURE_WINDOW} s off are refused; "
+                   "set both clocks")
+    if phone["status"] not in ("pass", "warn"):
+        out.append(f"the phone reports its health as {phone['status']!r}")
+    return out
+
+
+@channels.command("check")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--base-url", default=None,
+              help="Public base URL the phone should call [env CIVICDIAL_PUBLIC_BASE_URL].")
+@click.pass_context
+def channels_check(ctx: click.Context, key: str, as_json: bool,
+                   base_url: str | None) -> None:
+    """Check an Android channel's phone: health, queue, webhooks, clock."""
+    settings = settings_of(ctx)
+    engine = open_engine(settings)
+    with Session(engine) as db:
+        channel = db.scalar(select(Channel).where(Channel.key == key))
+        if channel is None and key.lstrip("#").isdigit():
+            channel = db.get(Channel, int(key.lstrip("#")))
+        if channel is None:
+            raise click.ClickException(f"no channel {key!r} (give its key or #id)")
+        db.expunge(channel)
+    if channel.provider != "android":
+        raise click.ClickException(f"channel #{channel.id} is {channel.provider}: only "
+                                   "Android channels can be checked")
+    config = json.loads(channel.config or "{}")
+    base = (base_url or (ctx.parent.params.get("base_url") if ctx.parent else None)
+            or settings.public_base_url or "http://127.0.0.1:8000")
+    expected = channel_urls(channel, base)["events"]
+    try:
+        check = android.check_phone(config)
+    except android.PhoneError as exc:
+        if as_json:
+            click.echo(json.dumps({"id": channel.id, "ok": False, "error": str(exc)}))
+            ctx.exit(1)
+        raise click.ClickException(str(exc)) from None
+    registered = {w["event"]: w for w in check.webhooks
+                  if w["url"].rstrip("/") == expected}
+    missing = [e for e in android.EVENTS if e not in registered]
+    report: dict[str, Any] = {
+        "id": channel.id, "address": channel.address, "phone_url": config.get("url"),
+        "status": check.status, "version": check.version, "version_ok": check.version_ok,
+        "clock_skew_seconds": _round(check.clock_skew), "pending": check.pending,
+        "webhooks": check.webhooks, "expected_url": expected, "missing_webhooks": missing,
+        "health": check.health,
+    }
+    warnings = _warnings({**report, "status": check.status})
+    if missing:
+        warnings.append(f"no webhook for {', '.join(missing)} to {expected}: run "
+                        "`channels add` again, or check --base-url")
+    report["warnings"] = warnings
+    report["ok"] = not warnings
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    skew = report["clock_skew_seconds"]
+    click.echo(f"channel #{channel.id} android {channel.address} -> {config.get('url')}")
+    click.echo(f"  health    {check.status} (app {check.version or '?'})")
+    click.echo(f"  queue     {check.pending if check.pending is not None else '?'} "
+               "message(s) pending on the phone")
+    click.echo("  clock     " + ("unknown (no Date header)" if skew is None
+                                 else f"phone {skew:+.1f} s from this node"))
+    for w in check.webhooks:
+        mark = "ok " if w["url"].rstrip("/") == expected else "   "
+        click.echo(f"  webhook {mark}{w['event']:<14} {w['url']}")
+    for line in warnings:
+        click.echo(f"  warning: {line}", err=True)
 
 
 # -- channels set: edit a channel's config after `channels add` ---------------------------

@@ -14,7 +14,7 @@ from gateway.coordination.campaigns import CampaignError, audit, open_campaign_h
 from gateway.store.models import Campaign, Channel
 
 PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twilio", "sms"),
-                  ("hubtel", "ussd"), ("arkesel", "ussd")}
+                  ("hubtel", "ussd"), ("arkesel", "ussd"), ("android", "sms")}
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ def channel_urls(channel: Channel, base_url: str) -> dict[str, str]:
         return {"ussd": f"{root}/ussd"}
     if channel.kind == "ussd":
         return {"ussd": f"{root}/ussd", "events": f"{root}/ussd/events"}
+    if channel.provider == "android":
+        # One URL for every event the phone reports (registered by `channels add`).
+        return {"events": f"{root}/events"}
     if channel.provider == "twilio":
         return {"sms": f"{root}/sms", "status": f"{root}/status"}
     # The account's airtime callbacks are set once; any Africa's Talking channel serves.

@@ -19,12 +19,15 @@ from sqlalchemy.orm import Session
 
 from gateway.config import Settings
 from gateway.store.db import set_status
-from gateway.store.models import OutboundMessage
+from gateway.store.models import Channel, OutboundMessage
 
 SEND_JOB = "workers.outbound.send_message"
 INTERACTIVE_QUEUE = "civicdial-sms"  # replies: a person is waiting
 BULK_QUEUE = "civicdial-sms-bulk"  # invitations, reminders, hand-overs
 STALE_SENDING = timedelta(minutes=10)
+# An idempotent send (SMS Gateway for Android) 'sending' this long lost its worker; longer
+# than any provider call.
+RESEND_AFTER = timedelta(minutes=2)
 
 
 def queue_for(client: redis.Redis, priority: int) -> Queue:
@@ -78,11 +81,26 @@ def outbox_size(engine: Engine, channel_id: int) -> int:
 
 def sweep(settings: Settings, engine: Engine, client: redis.Redis,
           older_than: timedelta = timedelta(minutes=5),
-          stuck_after: timedelta = STALE_SENDING) -> int:
+          stuck_after: timedelta = STALE_SENDING,
+          resend_providers: frozenset[str] = frozenset(),
+          resend_after: timedelta = RESEND_AFTER) -> int:
     """Re-enqueue queued messages whose job was lost (a worker died between writing the
-    row and enqueueing), and give up on rows stuck in 'sending'."""
+    row and enqueueing), and give up on rows stuck in 'sending' -- except on channels of
+    resend_providers, whose sends are idempotent (our id, 409 on a repeat): those go
+    again."""
     now = datetime.now(UTC)
     with Session(engine) as db:
+        if resend_providers:
+            again = db.execute(select(OutboundMessage.id, OutboundMessage.priority).join(
+                Channel, Channel.id == OutboundMessage.channel_id).where(
+                OutboundMessage.status == "sending", Channel.provider.in_(resend_providers),
+                OutboundMessage.updated_at < now - resend_after)).all()
+            for message_id, priority in again:
+                if set_status(engine, OutboundMessage, message_id, if_status="sending",
+                              untouched_since=now - resend_after, status="queued",
+                              error="a worker died during the provider call; sent again "
+                                    "(same id)"):
+                    enqueue_send(client, message_id, priority, prefix=settings.redis_prefix)
         stale = db.execute(select(OutboundMessage.id, OutboundMessage.priority).where(
             OutboundMessage.status == "queued",
             OutboundMessage.updated_at < now - older_than)).all()

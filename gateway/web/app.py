@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from gateway.channels import africastalking, arkesel, hubtel, twilio
+from gateway.channels import africastalking, android, arkesel, hubtel, twilio
 from gateway.channels.webhook import WebhookError
 from gateway.config import Settings, load_settings
 from gateway.logformat import configure_logging
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(hubtel.bp)
     app.register_blueprint(arkesel.bp)
     app.register_blueprint(twilio.bp)
+    app.register_blueprint(android.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
     # A body the server cannot decode, or shorter than announced: 400, never a 500 or a

@@ -3,7 +3,8 @@
 Served by gunicorn exactly like the real app (`bare_app:create_app()`), so the benchmarks'
 ratios show what a hop itself costs on top of Flask and gunicorn: the USSD hop (run.py;
 Hubtel's shape too, bench_ussd_providers.py), and the inbound SMS hops of Twilio (a
-constant TwiML reply) and Africa's Talking (`OK`; bench_sms.py).
+constant TwiML reply) and Africa's Talking (`OK`; bench_sms.py), and SMS Gateway for
+Android's webhook (`OK`; bench_android.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def create_app() -> Flask:
     def africastalking_sms(channel_key: str) -> Response:
         """Africa's Talking expects any 200; the real reply goes out by the queue."""
         return Response("OK", status=200, mimetype="text/plain")
+
+    @app.post("/webhooks/android/<channel_key>/events")
+    def android_events(channel_key: str) -> Response:
+        """SMS Gateway for Android wants any 2xx; no signature check, no parsing."""
+        return Response("OK\n", status=200, mimetype="text/plain")
 
     @app.get("/healthz")
     def healthz() -> Response:

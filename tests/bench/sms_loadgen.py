@@ -9,9 +9,12 @@ with which it shares loadkit.py (client, statistics, measured window, CPU marks)
           a fresh MessageSid and an X-Twilio-Signature computed over the URL the server sees.
           The bodies of completed interviews are recorded.
 - replay: the recorded conversations are replayed (fresh numbers and message ids) in one
-          provider's request shape (`shape`: twilio or africastalking); for the bare Flask
-          app, and for the Africa's Talking channel, whose replies go out by the queue (the
-          HTTP answer is just `OK`, so there is nothing to read).
+          provider's request shape (`shape`: twilio, africastalking or android); for the
+          bare Flask app, and for the Africa's Talking and Android channels, whose replies
+          go out by the queue (the HTTP answer is just `OK`, so there is nothing to read).
+          The android shape is SMS Gateway for Android's signed sms:received envelope
+          (Gson-style JSON, X-Signature over body + X-Timestamp, a fresh envelope id and
+          receivedAt per message).
 
 A small share of messages are delivered twice at once with the same message id (a provider
 retry racing the original); both answers must match. Every loop is bounded in count and
@@ -20,6 +23,8 @@ time; only loopback URLs are accepted.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import random
 import sys
@@ -66,6 +71,26 @@ class Config(LoadConfig):
     account_sid: str = "AC" + "0" * 32
     to: str = "+15005550006"
     label_rate: float = 0.25  # answer a choice by its label instead of its number
+    signing_key: str = ""  # android: the phone's webhook signing key
+    device_id: str = "ffffffffceb0b1db0000018e937c815b"
+
+
+GSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "=": "\\u003d",
+                "'": "\\u0027"}
+
+
+def android_envelope(cfg: Config, phone: str, text: str, message_id: str, now: float) -> str:
+    """sms:received as the app's Gson writes it (field order, HTML escapes)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    body = json.dumps({"id": message_id, "webhookId": "bench-hook", "event": "sms:received",
+                       "deviceId": cfg.device_id, "payload": {
+                           "message": text, "receivedAt": stamp,
+                           "messageId": f"{hash((phone, text, now)) & 0xFFFFFFFF:x}",
+                           "sender": phone, "recipient": "+233201112222", "simNumber": 1,
+                           "phoneNumber": phone}}, separators=(",", ":"), ensure_ascii=False)
+    for char, escape in GSON_ESCAPES.items():
+        body = body.replace(char, escape)
+    return body
 
 
 def twiml_message(body: str) -> str | None:
@@ -89,15 +114,27 @@ class Client(loadkit.Client):
         self.cfg = cfg
         self.validator = RequestValidator(cfg.auth_token or "unused")
         self.ids = 0
+        self.received_at: dict[str, float] = {}
 
     def new_id(self, rng: random.Random) -> str:
         self.ids += 1
         if self.cfg.shape == "twilio":
             return f"SM{rng.getrandbits(128):032x}"
+        if self.cfg.shape == "android":  # a NanoId, 21 characters
+            return f"{rng.getrandbits(126):021x}"[:21]
         return f"ATXid_{rng.getrandbits(128):032x}"
 
     def request(self, phone: str, text: str, message_id: str) -> tuple[str, dict[str, str]]:
         """The body and headers the provider would send for this message."""
+        if self.cfg.shape == "android":
+            # A retry is the same body (same receivedAt), signed afresh.
+            received = self.received_at.setdefault(message_id, time.time())
+            body = android_envelope(self.cfg, phone, text, message_id, received)
+            timestamp = str(int(time.time()))
+            signature = hmac.new(self.cfg.signing_key.encode(),
+                                 body.encode() + timestamp.encode(), hashlib.sha256).hexdigest()
+            return body, {"Content-Type": "application/json; charset=UTF-8",
+                          "X-Timestamp": timestamp, "X-Signature": signature}
         if self.cfg.shape == "africastalking":
             form = {"from": phone, "to": SHORT_CODE, "text": text,
                     "date": time.strftime("%Y-%m-%d %H:%M:%S"), "id": message_id,
@@ -115,8 +152,10 @@ class Client(loadkit.Client):
 
     def judge(self, status: str, reply: str) -> tuple[bool, str]:
         """Right answer and what the citizen reads: AT's `OK`, or TwiML's <Message>."""
-        if self.cfg.shape == "africastalking":
-            return status == "200" and reply == "OK", reply
+        if self.cfg.shape in ("africastalking", "android"):
+            # "duplicate": the racing retry of a message already committed.
+            ok = status == "200" and reply.strip() in ("OK", "duplicate")
+            return ok, "OK" if ok else reply
         message = twiml_message(reply) if status == "200" else None
         return message is not None, message if message is not None else reply
 
