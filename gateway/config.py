@@ -61,6 +61,9 @@ class Settings:
     # Past this many queued messages on a channel, bulk sends (invitations) are held.
     outbox_backlog: int
     send_backoff_seconds: float
+    # Invitations and reminders with one text on one channel go to a bulk-capable provider
+    # (Africa's Talking) this many recipients per call; 1 sends each on its own.
+    send_batch: int = 100
     # Contact numbers and outbound message bodies older than this are purged daily
     # (answers stay, pseudonymous); 0 keeps them.
     retention_days: int = 365
@@ -147,6 +150,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         send_retries=_int(env, "CIVICDIAL_SEND_RETRIES", 5),
         outbox_backlog=_int(env, "CIVICDIAL_OUTBOX_BACKLOG", 10_000),
         send_backoff_seconds=float(env.get("CIVICDIAL_SEND_BACKOFF_SECONDS") or 2.0),
+        send_batch=max(1, _int(env, "CIVICDIAL_SEND_BATCH", 100)),
         retention_days=_int(env, "CIVICDIAL_RETENTION_DAYS", 365),
     )
     settings = settings.with_(

@@ -34,6 +34,12 @@ class FakeProvider:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Airtime payments accepted: phoneNumber, amount ("GHS 2.00"), idempotency key.
     airtime: list[dict[str, str]] = field(default_factory=list)
+    # Africa's Talking: numbers answered statusCode 500 (per recipient) that many times.
+    recipient_fail: dict[str, int] = field(default_factory=dict)
+    # Africa's Talking SMS requests: how many recipients each had.
+    calls: list[int] = field(default_factory=list)
+    # Requests received, counted before the delay (so also those still waiting on it).
+    posts: int = 0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -51,6 +57,23 @@ class FakeProvider:
             if self._rng.random() < self.fail_rate:
                 return "fail"
             return "ok"
+
+    def decide_request(self, numbers: list[str]) -> str:
+        """One Africa's Talking request to these numbers: 'fail' (a 503 for all) or 'ok'.
+        A request only to rejected numbers is never failed (as decide())."""
+        with self.lock:
+            self.requests += 1
+            self.calls.append(len(numbers))
+            if all(n in self.reject for n in numbers):
+                return "ok"
+            return "fail" if self._rng.random() < self.fail_rate else "ok"
+
+    def recipient_failure(self, to: str) -> bool:
+        with self.lock:
+            left = self.recipient_fail.get(to, 0)
+            if left:
+                self.recipient_fail[to] = left - 1
+            return bool(left)
 
     def record(self, to: str, body: str, sender: str, **extra: str) -> str:
         with self.lock:
@@ -74,6 +97,8 @@ def _handler(fake: FakeProvider) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            with fake.lock:
+                fake.posts += 1  # before the delay: a request in flight shows here
             if fake.delay:
                 time.sleep(fake.delay)
             length = int(self.headers.get("Content-Length") or 0)
@@ -89,25 +114,35 @@ def _handler(fake: FakeProvider) -> type[BaseHTTPRequestHandler]:
                 self._reply(404, {"error": "no such endpoint"})
 
         def _africastalking(self, form: dict[str, str]) -> None:
+            """SMS.send: `to` is one number or many, comma-separated (bulk mode); one
+            Recipients entry per number. A 503 fails the whole request; a rejected number
+            (403) or one in recipient_fail (500, InternalServerError, that many times)
+            fails on its own while the others are sent."""
             if self.headers.get("apiKey") != "at-key" or form.get("username") != "sandbox":
                 self._reply(401, {"error": "The supplied authentication is invalid"})
                 return
-            to = form.get("to", "")
-            verdict = fake.decide(to)
-            if verdict == "fail":
+            numbers = form.get("to", "").split(",")
+            if fake.decide_request(numbers) == "fail":
                 self._reply(503, {"error": "Service Unavailable"})
                 return
-            if verdict == "reject":
-                self._reply(201, {"SMSMessageData": {"Message": "Sent to 0/1", "Recipients": [
-                    {"statusCode": 403, "number": to, "status": "InvalidPhoneNumber",
-                     "cost": "0", "messageId": "None"}]}})
-                return
-            message_id = fake.record(to, form.get("message", ""), form.get("from", ""))
-            self._reply(201, {"SMSMessageData": {"Message": "Sent to 1/1 Total Cost: GHS 0.03",
-                                                 "Recipients": [{
-                                                     "statusCode": 101, "number": to,
-                                                     "status": "Success", "cost": "GHS 0.03",
-                                                     "messageId": f"ATXid_{message_id}"}]}})
+            entries = []
+            for to in numbers:
+                if to in fake.reject:
+                    entries.append({"statusCode": 403, "number": to,
+                                    "status": "InvalidPhoneNumber", "cost": "0",
+                                    "messageId": "None"})
+                elif fake.recipient_failure(to):
+                    entries.append({"statusCode": 500, "number": to,
+                                    "status": "InternalServerError", "cost": "0",
+                                    "messageId": "None"})
+                else:
+                    message_id = fake.record(to, form.get("message", ""), form.get("from", ""))
+                    entries.append({"statusCode": 101, "number": to, "status": "Success",
+                                    "cost": "GHS 0.03", "messageId": f"ATXid_{message_id}"})
+            sent = sum(1 for e in entries if e["statusCode"] == 101)
+            self._reply(201, {"SMSMessageData": {
+                "Message": f"Sent to {sent}/{len(entries)} Total Cost: GHS {0.03 * sent:.2f}",
+                "Recipients": entries}})
 
         def _airtime(self, form: dict[str, str]) -> None:
             """Africa's Talking Airtime: recipients as a JSON list; a repeated

@@ -6,6 +6,12 @@ cannot both send. Timeouts, 5xx and 429 are retried with exponential backoff; 4x
 final. A worker killed during the provider call leaves the row in 'sending': it is marked
 'unknown' rather than sent again, because neither Africa's Talking nor Twilio can tell us
 whether it went out and a duplicate survey question is worse than a visible gap.
+
+Invitations and reminders of one text on a channel whose provider has a bulk sender
+(BULK_SENDERS: Africa's Talking) go in batches: the job of one claims it and its queued
+siblings in one UPDATE, takes their send jobs off the queue, and sends them in one call; each
+recipient's outcome is recorded on its own row (see _attempt_batch).
+
 SMS Gateway for Android is different: it takes our id for the message and answers 409 to a
 second request with it, so its messages are sent again instead (IDEMPOTENT_SENDERS) and
 never end 'unknown'.
@@ -23,7 +29,7 @@ from typing import Any
 
 import redis
 from prometheus_client import Counter
-from sqlalchemy import Engine, Exists, exists, func, select, update
+from sqlalchemy import Engine, Exists, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from gateway.channels import africastalking, android, twilio
@@ -37,6 +43,7 @@ from gateway.store.outbox import (
     enqueue_send,
     outbox_size,
     pending_key,
+    queue_for,
 )
 from gateway.store.redis_conn import shared_redis
 from gateway.store.sessions import SessionStore
@@ -53,6 +60,17 @@ SENDERS: dict[str, Callable[[dict[str, Any], str, str], Sent]] = {
     "africastalking": africastalking.send_sms,
     "twilio": twilio.send_sms,
 }
+# Optional, per provider: one call for one text to many numbers, returning each
+# recipient's Sent or SendError in order (raising a SendError that applies to all).
+BulkSender = Callable[[dict[str, Any], list[str], str], list[Sent | SendError]]
+BULK_SENDERS: dict[str, BulkSender] = {
+    "africastalking": africastalking.send_sms_bulk,
+}
+# Messages that go out in batches (one text to many people) where the provider can.
+BATCHED_KINDS = ("invitation", "reminder")
+# Under a rate limit a batch is at most a tenth of a second's worth, so that the rate
+# stays smooth rather than one burst a second.
+BATCHES_PER_SECOND = 10
 # Providers that take our id for a message and refuse a second message with it: a send
 # whose outcome we did not hear (a timeout, a worker killed mid-call) is simply repeated.
 IDEMPOTENT_SENDERS: dict[str, Callable[[dict[str, Any], android.Outgoing], Sent]] = {
@@ -82,11 +100,12 @@ local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(b[1]) or burst
 local ts = tonumber(b[2]) or now
 tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+local count = tonumber(ARGV[3]) or 1
 local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
+if tokens >= count then
+  tokens = math.min(burst, tokens - count)
 else
-  wait = math.ceil((1 - tokens) * 1000 / rate)
+  wait = math.ceil((count - tokens) * 1000 / rate)
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
 -- Kept at least as long as a full refill takes: forgetting the bucket sooner would hand
@@ -112,17 +131,19 @@ return slot - now
 
 
 def wait_for_token(client: redis.Redis, prefix: str, channel_id: int, rate: float,
-                   max_wait: float = 60.0, burst: float | None = None) -> float:
-    """Block until the channel's rate limit lets one more message out (0.0), or, when
+                   max_wait: float = 60.0, burst: float | None = None,
+                   count: int = 1) -> float:
+    """Block until the channel's rate limit lets `count` more messages out (0.0), or, when
     that would take longer than max_wait, return the seconds still to wait (no token
-    taken: the caller defers the message)."""
+    taken: the caller defers the message). A negative count gives back tokens taken for
+    messages of a batch that did not go."""
     if rate <= 0:
         return 0.0
     script = client.register_script(_TAKE_TOKEN)
     deadline = time.monotonic() + max_wait
     while True:
         wait_ms = int(script(keys=[f"{prefix}rate:{channel_id}"],
-                             args=[rate, burst or max(1.0, rate)]))
+                             args=[rate, burst or max(1.0, rate), count]))
         if wait_ms <= 0:
             return 0.0
         if time.monotonic() + wait_ms / 1000 > deadline:
@@ -245,6 +266,9 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
         return "held"
     config = json.loads(channel.config or "{}")
     rate = channel_rate(channel.provider, config)
+    size = batch_size(settings, config, rate)
+    if row.kind in BATCHED_KINDS and channel.provider in BULK_SENDERS and size > 1:
+        return _attempt_batch(settings, engine, client, row, channel, config, rate, size)
     burst = config.get("burst")
     wait = wait_for_token(client, settings.redis_prefix, channel.id, rate,
                           max_wait=MAX_TOKEN_WAIT if rate < 1 else 60.0,
@@ -305,6 +329,171 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
         return sent.status
     _set(engine, message_id, status=sent.status, provider_id=sent.provider_id, error="")
     return sent.status
+
+
+def batch_size(settings: Settings, config: dict[str, Any], rate: float) -> int:
+    """Recipients per bulk call on a channel: its config's `batch_size`, else
+    CIVICDIAL_SEND_BATCH; under a rate limit at most a tenth of a second's worth."""
+    size = int(config.get("batch_size") or settings.send_batch)
+    if rate > 0:
+        size = min(size, max(1, int(rate / BATCHES_PER_SECOND)))
+    return max(1, size)
+
+
+_OUTBOX = OutboundMessage.__table__
+# Remove a claimed sibling's send job from its queue, if it still waits there (a worker
+# may have taken it already: it will find the row claimed and stop), with its marker.
+_DROP_JOBS = """
+for i, marker in ipairs(KEYS) do
+  local job = redis.call('GET', marker)
+  if job then
+    if redis.call('LREM', ARGV[1], 1, job) > 0 then
+      redis.call('DEL', ARGV[2] .. job)
+    end
+    redis.call('DEL', marker)
+  end
+end
+return 1
+"""
+
+
+def _claim_batch(engine: Engine, row: OutboundMessage, size: int) -> list[Any]:
+    """Claim `row` and up to size - 1 queued siblings (same channel, text, kind and
+    priority; never tried yet, so no retry skips its backoff; nobody's earlier message
+    still waiting) in one UPDATE: queued -> sending. Another worker's claim skips the
+    rows this one holds (SKIP LOCKED on PostgreSQL; SQLite has one writer at a time)."""
+    earlier = _OUTBOX.alias("earlier")
+    unblocked = ~exists().where(earlier.c.channel_id == _OUTBOX.c.channel_id,
+                                earlier.c.respondent == _OUTBOX.c.respondent,
+                                earlier.c.id < _OUTBOX.c.id,
+                                earlier.c.status.in_(("queued", "sending")))
+    siblings = (select(_OUTBOX.c.id).where(
+        _OUTBOX.c.channel_id == row.channel_id, _OUTBOX.c.status == "queued",
+        _OUTBOX.c.body == row.body, _OUTBOX.c.kind.in_(BATCHED_KINDS),
+        _OUTBOX.c.priority == row.priority, _OUTBOX.c.attempts == 0,
+        _OUTBOX.c.id != row.id, unblocked)
+        .order_by(_OUTBOX.c.id).limit(size - 1).with_for_update(skip_locked=True))
+    mine = (select(_OUTBOX.c.id).where(_OUTBOX.c.id == row.id, _OUTBOX.c.status == "queued")
+            .with_for_update(skip_locked=True))
+    with engine.begin() as conn:
+        # The job's own row first, and only rows nobody else holds: a claim never waits
+        # for another worker's claim, so two claims cannot deadlock.
+        if conn.scalar(mine) is None:
+            return []
+        ids = [row.id, *conn.scalars(siblings)] if size > 1 else [row.id]
+        return list(conn.execute(
+            update(_OUTBOX).where(_OUTBOX.c.id.in_(ids), _OUTBOX.c.status == "queued",
+                                  # The row itself: its own earlier messages, checked
+                                  # again as in the single send's claim.
+                                  (_OUTBOX.c.id != row.id) | ~_earlier_pending(row))
+            .values(status="sending", attempts=_OUTBOX.c.attempts + 1,
+                    updated_at=datetime.now(UTC))
+            .returning(_OUTBOX.c.id, _OUTBOX.c.respondent, _OUTBOX.c.recipient,
+                       _OUTBOX.c.attempts, _OUTBOX.c.priority)).all())
+
+
+def _record(engine: Engine, outcomes: list[dict[str, Any]]) -> None:
+    """Every recipient's outcome of one batch, in one transaction."""
+    if not outcomes:
+        return
+    with engine.begin() as conn:
+        conn.execute(update(_OUTBOX).where(_OUTBOX.c.id == bindparam("b_id"),
+                                           _OUTBOX.c.status == "sending")
+                     .values(status=bindparam("b_status"), error=bindparam("b_error"),
+                             provider_id=bindparam("b_provider"),
+                             updated_at=datetime.now(UTC)), outcomes)
+
+
+def _attempt_batch(settings: Settings, engine: Engine, client: redis.Redis,
+                   row: OutboundMessage, channel: Channel, config: dict[str, Any],
+                   rate: float, size: int) -> str:
+    """Send `row` with up to size - 1 queued messages of the same text in one bulk call.
+
+    The same guarantees as one message at a time: the rate limit (a token per recipient),
+    a person's order (siblings with an earlier message waiting are left for later), the
+    opt-out at send time (checked after the claim, just before the call), and no
+    duplicate under a kill (every row of the batch is 'sending' before the call, so a
+    worker killed during it leaves them all to become 'unknown', never resent). Each
+    recipient's outcome is its own: sent, retried with backoff, or failed."""
+    prefix = settings.redis_prefix
+    wait_for_token(client, prefix, channel.id, rate, count=size)
+    claimed = _claim_batch(engine, row, size)
+    if rate > 0 and len(claimed) < size:
+        wait_for_token(client, prefix, channel.id, rate, count=len(claimed) - size)
+    if not claimed:
+        return "taken"
+    others = [c.id for c in claimed if c.id != row.id]
+    if others:
+        client.register_script(_DROP_JOBS)(
+            keys=[pending_key(prefix, m) for m in others],
+            args=[queue_for(client, row.priority).key, "rq:job:"])
+    box = NumberBox(settings.encryption_key)
+    outcomes: list[dict[str, Any]] = []
+    batch: list[tuple[Any, str]] = []
+    seen: set[str] = set()
+    optouts = client.mget([SessionStore(client, prefix).optout_key(c.respondent)
+                           for c in claimed])
+    for c, opted_out in zip(claimed, optouts, strict=True):
+        to = box.open(c.recipient)
+        if opted_out is not None:
+            outcomes.append({"b_id": c.id, "b_status": "stopped", "b_provider": None,
+                             "b_error": "recipient opted out (STOP)"})
+        elif to in seen:  # one number twice in a call would be one message: next batch
+            outcomes.append({"b_id": c.id, "b_status": "queued", "b_provider": None,
+                             "b_error": "", "retry": 0.0, "priority": c.priority})
+        else:
+            seen.add(to)
+            batch.append((c, to))
+    try:
+        results: list[Sent | SendError] = BULK_SENDERS[channel.provider](
+            config, [to for _, to in batch], row.body) if batch else []
+    except SendError as exc:  # the whole call failed: it applies to every recipient
+        results = [exc] * len(batch)
+    for (c, _), result in zip(batch, results, strict=True):
+        if isinstance(result, Sent):
+            outcomes.append({"b_id": c.id, "b_status": result.status,
+                             "b_provider": result.provider_id, "b_error": ""})
+            continue
+        status, delay = after_failure(result, c.attempts, settings.send_retries,
+                                      settings.send_backoff_seconds)
+        outcomes.append({"b_id": c.id, "b_status": status, "b_provider": None,
+                         "b_error": str(result), "retry": delay, "priority": c.priority})
+        log.log(logging.INFO if status == "queued" else logging.WARNING,
+                "message %d: %s (now %s, attempt %d)", c.id, result, status, c.attempts)
+    _record(engine, [{k: v for k, v in o.items() if k.startswith("b_")} for o in outcomes])
+    for o in outcomes:
+        if o["b_status"] == "queued":
+            enqueue_send(client, o["b_id"], o["priority"], o["retry"], prefix)
+    for o in outcomes:  # the job's own row is counted by send_message
+        if o["b_id"] != row.id:
+            SENDS.labels("retry" if o["b_status"] == "queued" else o["b_status"]).inc()
+    done = {o["b_id"] for o in outcomes if o["b_status"] != "queued"}
+    _kick_next_of(settings, engine, client, channel.id,
+                  [c.respondent for c in claimed if c.id in done and c.id != row.id])
+    # Whatever was claimed is sent; the row itself is claimed first or not at all.
+    return next((o["b_status"] for o in outcomes if o["b_id"] == row.id), "taken")
+
+
+def _kick_next_of(settings: Settings, engine: Engine, client: redis.Redis, channel_id: int,
+                  respondents: list[str]) -> None:
+    """_kick_next for the rest of a batch (the job's own row is kicked by _send): each
+    person's next queued message on the channel, in one query."""
+    if not respondents:
+        return
+    with Session(engine) as db:
+        following = db.execute(
+            select(func.min(OutboundMessage.id), OutboundMessage.respondent)
+            .where(OutboundMessage.channel_id == channel_id,
+                   OutboundMessage.respondent.in_(respondents),
+                   OutboundMessage.status == "queued")
+            .group_by(OutboundMessage.respondent)).all()
+        priorities = dict(db.execute(select(OutboundMessage.id, OutboundMessage.priority)
+                                     .where(OutboundMessage.id.in_(
+                                         [f[0] for f in following])))
+                          .tuples().all()) if following else {}
+    for message_id, _ in following:
+        enqueue_send(client, message_id, priorities[message_id], prefix=settings.redis_prefix,
+                     unless_waiting=True)
 
 
 def _campaign_open(engine: Engine, campaign_id: int) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import requests
 from africastalking.Airtime import AirtimeService
-from africastalking.Service import AfricasTalkingException
+from africastalking.Service import AfricasTalkingException, validate_phone
 from africastalking.SMS import SMSService
 from flask import Blueprint, Response, request
 from sqlalchemy import select
@@ -298,12 +298,57 @@ def send_sms(config: dict[str, Any], to: str, body: str) -> Sent:
         code = int(recipient["statusCode"])
     except (KeyError, IndexError, TypeError, ValueError):
         raise SendError(Failure.BAD_RESPONSE, json.dumps(resp)[:300]) from None
+    outcome = _recipient_outcome(recipient, code)
+    if isinstance(outcome, SendError):
+        raise outcome
+    return outcome
+
+
+def _recipient_outcome(recipient: dict[str, Any], code: int) -> Sent | SendError:
+    """One recipient's entry of a send response: sent, or why not (retry or not)."""
     if code in ACCEPTED_CODES:
         return Sent(provider_id=str(recipient.get("messageId", "")))
     detail = f"{code} {recipient.get('status', '')}"
     if code in RETRY_CODES:
-        raise SendError(Failure.TEMPORARY, detail)
-    raise SendError(Failure.REJECTED, detail)
+        return SendError(Failure.TEMPORARY, detail)
+    return SendError(Failure.REJECTED, detail)
+
+
+def send_sms_bulk(config: dict[str, Any], recipients: list[str],
+                  body: str) -> list[Sent | SendError]:
+    """Send one text to many numbers in one SDK `SMS.send` call (Africa's Talking's bulk
+    mode), and return each recipient's outcome, in order: its message id, or a SendError
+    saying whether that recipient alone may be retried. A failure of the whole call (no
+    answer, 5xx, 429, 401) raises a SendError, which applies to every recipient. A number
+    the SDK would refuse (it refuses the whole list for one) is rejected on its own."""
+    outcomes: list[Sent | SendError | None] = [
+        None if validate_phone(to) else SendError(Failure.REJECTED, f"invalid number {to}")
+        for to in recipients]
+    valid = [to for to, o in zip(recipients, outcomes, strict=True) if o is None]
+    if valid:
+        service = SMSService(*_credentials(config))
+        _recording(service, config.get("base_url"), "/version1")
+        resp = _call(service, lambda: service.send(
+            body, valid, sender_id=config.get("sender_id") or None,
+            timeout=(3.05, float(config.get("timeout", 10)))))
+        try:
+            entries = resp["SMSMessageData"]["Recipients"]
+            by_number = {str(e["number"]): e for e in entries}
+        except (KeyError, TypeError):
+            raise SendError(Failure.BAD_RESPONSE, json.dumps(resp)[:300]) from None
+        for i, to in enumerate(recipients):
+            if outcomes[i] is not None:
+                continue
+            entry = by_number.get(to)
+            try:
+                outcomes[i] = _recipient_outcome(entry, int(entry["statusCode"])) \
+                    if entry is not None else SendError(
+                        Failure.BAD_RESPONSE, "not in Africa's Talking's answer; it may "
+                                              "have been sent")
+            except (KeyError, TypeError, ValueError):
+                outcomes[i] = SendError(Failure.BAD_RESPONSE, json.dumps(entry)[:300])
+    return [o if o is not None else SendError(Failure.BAD_RESPONSE, "no outcome")
+            for o in outcomes]
 
 
 # -- airtime ----------------------------------------------------------------------------

@@ -100,14 +100,24 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+# (web workers, threads per worker) per --profile. The edge's come from the one-core bench
+# (tests/bench/README.md, "An edge on one small core").
+PROFILES = {"default": (2, 4), "edge": (1, 4)}
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--web-workers", default=2, show_default=True, type=int,
-              help="gunicorn worker processes.")
+@click.option("--web-workers", default=None, type=int,
+              help="gunicorn worker processes [2; --profile edge: 1].")
+@click.option("--profile", type=click.Choice(sorted(PROFILES)), default="default",
+              show_default=True,
+              help="edge: the offline field kit on one small core (fewer web workers).")
 @click.pass_context
-def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
+def up(ctx: click.Context, host: str, port: int, web_workers: int | None,
+       profile: str) -> None:
     """Run everything: web app, one RQ worker, embedded Redis and SQLite."""
+    web_workers, threads = web_workers or PROFILES[profile][0], PROFILES[profile][1]
     settings = settings_of(ctx, create=True)
     configure_logging(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +170,7 @@ def up(ctx: click.Context, host: str, port: int, web_workers: int) -> None:
         children.append(Child("web server", lambda: subprocess.Popen(
             # Threads keep a worker answering while another request waits on Redis.
             [sys.executable, "-m", "gunicorn", "--workers", str(web_workers),
-             "--worker-class", "gthread", "--threads", "4", "--bind", f"{host}:{port}",
+             "--worker-class", "gthread", "--threads", str(threads), "--bind", f"{host}:{port}",
              "--config", "python:gateway.web.gunicorn_conf",
              "--access-logfile", "-", "--log-level", "warning",
              "gateway.web.app:create_app()"], env=env, start_new_session=True,

@@ -143,6 +143,14 @@ class Registry:
             self._channels = channels
             self._loaded_at = time.monotonic()
 
+    def preload(self) -> None:
+        """Parse every campaign's questionnaire now (the web app calls this once per
+        process, so that no hop pays for it); the channel cache is left as it was."""
+        with Session(self.engine) as db:
+            versions = db.scalars(select(Campaign.questionnaire_version).distinct()).all()
+        for version in versions:
+            self.questionnaire(version)
+
     def questionnaire(self, version: str) -> Questionnaire:
         form = self._forms.get(version)
         if form is None:

