@@ -29,8 +29,7 @@ from gateway.coordination.bootstrap import bootstrap
 from gateway.coordination.channels import channel_urls
 from gateway.logformat import configure_logging
 from gateway.store.db import make_engine
-from gateway.store.redis_conn import EmbeddedRedis, die_with_parent
-from gateway.web.metrics import RESTARTS_KEY
+from gateway.store.redis_conn import RESTARTS_KEY, EmbeddedRedis, die_with_parent
 
 # Restart delays double from FIRST_BACKOFF up to MAX_BACKOFF; a process that stayed up
 # STABLE_SECONDS is healthy again (its next death waits FIRST_BACKOFF). Dying CRASH_LOOP

@@ -15,6 +15,10 @@ import redis
 from gateway.config import Settings
 
 
+# Restarts of up's children by name (a hash): up counts them, /metrics reports them.
+RESTARTS_KEY = "up:restarts"
+
+
 def connect(settings: Settings) -> redis.Redis:
     if settings.redis_url:
         return redis.Redis.from_url(settings.redis_url)

@@ -32,6 +32,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.store.models import Campaign, OutboundMessage
+from gateway.store.redis_conn import RESTARTS_KEY
 
 log = logging.getLogger("civicdial.metrics")
 
@@ -44,7 +45,6 @@ HOPS = Histogram("civicdial_hop_seconds", "Webhook requests (hops) by channel an
 REPLIES = Counter("civicdial_replies_total", "Webhook replies by kind: con, end (USSD "
                   "screens), ok (other 2xx), refused (4xx), error (5xx)", ["channel", "kind"])
 # Where `civicdial up` counts the restarts of its processes.
-RESTARTS_KEY = "up:restarts"
 
 
 def instrument(app: Flask) -> None:
