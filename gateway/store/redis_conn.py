@@ -14,7 +14,6 @@ import redis
 
 from gateway.config import Settings
 
-
 # Restarts of up's children by name (a hash): up counts them, /metrics reports them.
 RESTARTS_KEY = "up:restarts"
 
