@@ -21,6 +21,13 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _choice(env: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    raw = (env.get(name) or default).strip().lower()
+    if raw not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
@@ -57,6 +64,20 @@ class Settings:
     # Contact numbers and outbound message bodies older than this are purged daily
     # (answers stay, pseudonymous); 0 keeps them.
     retention_days: int = 365
+    # The embedded Redis's appendfsync: "everysec" (may lose ~1 s of answers on a power
+    # cut) or "always" (fsync before every acknowledgement; slower hops).
+    redis_fsync: str = "everysec"
+    # "text" or "json" (one JSON object per log line).
+    log_format: str = "text"
+    # prometheus_client's multiprocess directory (gunicorn); None: one process's metrics.
+    metrics_dir: str | None = None
+    # Per-number limits on webhook hops: at most this many per window from one respondent
+    # on one channel, and from everyone on one channel (0 = no limit).
+    limit_window_seconds: int = 60
+    limit_per_respondent: int = 200
+    limit_per_channel: int = 0
+    # A message still queued this long past its due time counts as overdue (stuck).
+    outbound_overdue_seconds: int = 300
 
     @property
     def redis_db_file(self) -> Path:
@@ -83,10 +104,21 @@ def _secret(data_dir: Path, name: str) -> bytes:
     return value.encode()
 
 
+def data_dir_of(env: dict[str, str] | None = None, data_dir: object = None) -> Path:
+    """The data dir a command would use (without creating it)."""
+    env = dict(os.environ if env is None else env)
+    return Path(str(data_dir or env.get("CIVICDIAL_DATA_DIR") or "civicdial-data")).resolve()
+
+
+def uses_embedded(env: dict[str, str] | None = None) -> bool:
+    """Whether the SQLite file or the embedded Redis (both in the data dir) are used."""
+    env = dict(os.environ if env is None else env)
+    return not env.get("DATABASE_URL") or not env.get("REDIS_URL")
+
+
 def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Settings:
     env = dict(os.environ if env is None else env)
-    data_dir = Path(str(overrides.pop("data_dir", None) or env.get("CIVICDIAL_DATA_DIR")
-                        or "civicdial-data")).resolve()
+    data_dir = data_dir_of(env, overrides.pop("data_dir", None))
     database_url = env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'civicdial.db'}"
     key = env.get("CIVICDIAL_PSEUDONYM_KEY")
     enc = env.get("CIVICDIAL_ENCRYPTION_KEY")
@@ -111,5 +143,14 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         outbox_backlog=_int(env, "CIVICDIAL_OUTBOX_BACKLOG", 10_000),
         send_backoff_seconds=float(env.get("CIVICDIAL_SEND_BACKOFF_SECONDS") or 2.0),
         retention_days=_int(env, "CIVICDIAL_RETENTION_DAYS", 365),
+    )
+    settings = settings.with_(
+        redis_fsync=_choice(env, "CIVICDIAL_REDIS_FSYNC", ("everysec", "always"), "everysec"),
+        log_format=_choice(env, "CIVICDIAL_LOG_FORMAT", ("text", "json"), "text"),
+        metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
+        limit_window_seconds=max(1, _int(env, "CIVICDIAL_LIMIT_WINDOW_SECONDS", 60)),
+        limit_per_respondent=_int(env, "CIVICDIAL_LIMIT_PER_RESPONDENT", 200),
+        limit_per_channel=_int(env, "CIVICDIAL_LIMIT_PER_CHANNEL", 0),
+        outbound_overdue_seconds=_int(env, "CIVICDIAL_OUTBOUND_OVERDUE_SECONDS", 300),
     )
     return settings.with_(**overrides) if overrides else settings

@@ -10,12 +10,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 
 def free_port() -> int:
@@ -46,6 +50,7 @@ class Node:
     proc: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
     ussd_url: str = ""
+    _reader: threading.Thread | None = None
 
     def start(self, *args: str, timeout: float = 60) -> Node:
         self.proc = subprocess.Popen(
@@ -64,7 +69,55 @@ class Node:
                 assert found, line
                 self.ussd_url = found.group(1)
         assert self.ussd_url, "".join(self.output)
+        # Keep reading: the access log goes to the same pipe, and a full pipe would block
+        # the web server.
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def wait_for_output(self, needle: str, timeout: float = 60, after: int = 0) -> str:
+        """The first line (from line `after` on) that contains `needle`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.output[after:]:
+                if needle in line:
+                    return line
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} not in the output of up:\n{self.text()}")
+
+    def child(self, name: str) -> psutil.Process:
+        """A process `up` runs: 'worker', 'web server' (gunicorn's master) or 'redis'."""
+        assert self.proc is not None
+        marks = {"worker": "gateway.cli worker", "web server": "gunicorn",
+                 "redis": "redis-server"}
+        for p in psutil.Process(self.proc.pid).children():
+            try:
+                if marks[name] in " ".join(p.cmdline()):
+                    return p
+            except psutil.NoSuchProcess:
+                continue
+        raise AssertionError(f"no {name} under up (pid {self.proc.pid})")
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.base_url + path, timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:  # not listening (yet, or while it restarts)
+            return 0, str(exc)
 
     def hop(self, fields: dict[str, str], timeout: float = 30) -> str:
         """Post one hop, waiting for the web server to start listening."""
@@ -92,8 +145,12 @@ class Node:
         assert self.proc is not None
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
-        rest, _ = self.proc.communicate(timeout=timeout)
-        self.output.append(rest or "")
+        if self._reader is not None:
+            self.proc.wait(timeout=timeout)
+            self._reader.join(timeout=timeout)
+        else:
+            rest, _ = self.proc.communicate(timeout=timeout)
+            self.output.append(rest or "")
         return self.proc.returncode
 
     def __enter__(self) -> Node:

@@ -23,6 +23,14 @@ def ussd_body(session: str = "ATUid_5d3b4c2b1", text: str = "",
                       "networkCode": network, "text": text})
 
 
+def events_body(**fields: str) -> str:
+    """An end-of-session notification as Africa's Talking posts it."""
+    return urlencode({"sessionId": "ATUid_9", "serviceCode": "*920*16#",
+                      "networkCode": "62001", "phoneNumber": "+233241234567",
+                      "status": "Incomplete", "cost": "GHS 0.05", "durationInMillis": "41234",
+                      "hopsCount": "9", **fields})
+
+
 @dataclass(frozen=True)
 class Case:
     label: str
@@ -81,6 +89,24 @@ INCOMING = [
          400, contains="status", path="ussd/events"),
     Case("events: missing sessionId", urlencode({"status": "Success"}), 400,
          contains="sessionId", path="ussd/events"),
+    *[Case(f"events: {name} {value}", events_body(**{name: value}), 400, contains=name,
+           path="ussd/events")
+      for name in ("durationInMillis", "hopsCount")
+      for value in (str(2**63), str(2**64 + 1), str(2**31), "-1", "9" * 25)],
+    *[Case(f"{path}: JSON nested {levels} deep",
+           '{"requestId": "R1", "status": "Success", "x": %s}' % ("[" * levels + "]" * levels),
+           400, contains="nested", path=path, content_type="application/json")
+      for path in ("airtime/status", "airtime/validation") for levels in (33, 1000, 5000)],
+    Case("airtime validation: NaN is not JSON", '{"transactionId": "T1", "phoneNumber": '
+         '"+233241234567", "currencyCode": "GHS", "amount": NaN}', 400, contains="JSON",
+         path="airtime/validation", content_type="application/json"),
+    *[Case(f"{path}: lone surrogate in JSON text", '{"requestId": "R\\ud800", '
+           '"status": "Failed", "transactionId": "T1"}', 400, contains="surrogate",
+           path=path, content_type="application/json")
+      for path in ("airtime/status", "airtime/validation")],
+    Case("events: largest counts", events_body(durationInMillis=str(2**31 - 1),
+                                               hopsCount="0"), 200, contains="OK",
+         path="ussd/events"),
 ]
 
 
@@ -205,3 +231,18 @@ def test_dropped_session_offers_continue(client: FlaskClient, ussd_url: str,
     assert body.startswith("CON Welcome back.\n1 Continue\n2 Start again")
     assert [k.decode().rsplit(":", 1)[1] for k in redis_client.keys("cd:ps:*")] == ["B"]
     assert post(client, ussd_url, "1", session="B")[1].startswith("CON What is your sex?")
+
+
+def test_out_of_range_counts_never_reach_the_stream(client: FlaskClient, channel: Channel,
+                                                    redis_client: redis.Redis) -> None:
+    """A refused notification leaves nothing for the worker; a sound one is streamed."""
+    url = f"/webhooks/africastalking/{channel.key}/ussd/events"
+    assert client.post(url, data=events_body(durationInMillis=str(2**63)),
+                       content_type=FORM).status_code == 400
+    assert client.post(url, data=events_body(hopsCount=str(2**64)),
+                       content_type=FORM).status_code == 400
+    assert redis_client.xlen("cd:events") == 0
+    assert client.post(url, data=events_body(), content_type=FORM).status_code == 200
+    (_, fields), = redis_client.xrange("cd:events")
+    event = json.loads(fields[b"e"])
+    assert (event["d"], event["h"]) == (41234, 9)

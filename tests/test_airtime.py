@@ -253,4 +253,10 @@ def test_validation_callback_confirms_only_our_payment_in_flight(
     assert payments(engine)[0].status == "sent"
     assert client.post(url, json=ask).json == {"status": "Failed"}  # already paid
     assert client.post(url, json={**ask, "amount": "two"}).status_code == 400
+    for absurd in ("Infinity", "-Infinity", "inf", "NaN", "sNaN", "1e18", "1e999999",
+                   "-2.00", "21474836.48"):
+        for resp in (client.post(url, json={**ask, "amount": absurd}),
+                     client.post(url, data={**ask, "amount": absurd}, content_type=FORM)):
+            assert resp.status_code == 400, (absurd, resp.status_code)
+            assert "amount" in resp.get_data(as_text=True)
     assert client.post(url, json={"phoneNumber": phone}).status_code == 400

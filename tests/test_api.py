@@ -287,3 +287,87 @@ def test_patch_reminders_and_airtime(client: FlaskClient, tokens: dict[str, str]
     assert [e["action"] for e in audit][:5] == ["campaign.languages", "campaign.languages",
                                                 "campaign.airtime", "campaign.airtime",
                                                 "campaign.reminders"]
+
+
+def deep(levels: int) -> str:
+    """A value nested `levels` deep: [[[...]]] (about 2 KB for 1,000 levels)."""
+    return "[" * levels + "]" * levels
+
+
+# Every JSON endpoint, with a body that is right but for one value nested ~1,000 deep.
+DEEP = [
+    ("POST", "/api/v1/campaigns", '{"slug": "x1", "name": %s, "questionnaire_version": "v"}'),
+    ("PUT", "/api/v1/campaigns/sdg1662/quotas", '{"on": ["sex"], "cells": %s}'),
+    ("POST", "/api/v1/campaigns/sdg1662/invitations", '{"attributes": {"a": %s}}'),
+    ("PATCH", "/api/v1/campaigns/sdg1662", '{"airtime": {"currency": %s}}'),
+    ("POST", "/api/v1/tokens", '{"name": %s, "role": "viewer"}'),
+]
+
+
+@pytest.mark.parametrize("method,path,template", DEEP, ids=[f"{m} {p}" for m, p, _ in DEEP])
+@pytest.mark.parametrize("levels", [33, 1000, 100_000])
+def test_deeply_nested_json_is_400(client: FlaskClient, tokens: dict[str, str],
+                                   engine: Engine, method: str, path: str, template: str,
+                                   levels: int) -> None:
+    """JSON nested deeper than any body we take is 400 with a reason, never a 500
+    (RecursionError), and changes nothing."""
+    body = template % deep(levels)
+    before = _audit_count(engine)
+    resp = client.open(path, method=method, data=body, content_type="application/json",
+                       headers=auth(tokens, "admin"))
+    assert resp.status_code == 400, resp.data[:200]
+    assert "nested" in resp.get_json()["error"]
+    assert _audit_count(engine) == before
+
+
+def test_json_limits_and_constants(client: FlaskClient, tokens: dict[str, str]) -> None:
+    """Nesting up to the limit is fine; NaN/Infinity and lone surrogates are refused (400);
+    over 1 MiB is 413."""
+    admin = auth(tokens, "admin")
+    ok = client.post("/api/v1/tokens", headers=admin, content_type="application/json",
+                     data='{"name": "n", "role": "viewer", "x": ' + deep(31) + '}')
+    assert ok.status_code == 422 and "unknown field" in ok.get_json()["error"]
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        resp = client.post("/api/v1/campaigns/sdg1662/invitations", headers=admin,
+                           content_type="application/json", data='{"limit": ' + constant + '}')
+        assert resp.status_code == 400 and "not valid JSON" in resp.get_json()["error"]
+    for text in ('"\\ud800"', '"a\\udfffb"'):  # valid JSON, but no character
+        resp = client.post("/api/v1/tokens", headers=admin, content_type="application/json",
+                           data='{"name": ' + text + ', "role": "viewer"}')
+        assert resp.status_code == 400 and "surrogate" in resp.get_json()["error"]
+    big = client.post("/api/v1/tokens", headers=admin, content_type="application/json",
+                      data=json.dumps({"name": "x" * (1024 * 1024), "role": "viewer"}))
+    assert big.status_code == 413
+
+
+def _audit_count(engine: Engine) -> int:
+    with Session(engine) as db:
+        return db.scalar(select(func.count()).select_from(AuditEntry)) or 0
+
+
+@pytest.mark.parametrize("amount", ["1e999999", "9" * 30, "Infinity", "NaN", "1e18", "-2",
+                                    "0.001"])
+def test_absurd_airtime_amounts_are_422(client: FlaskClient, tokens: dict[str, str],
+                                        amount: str) -> None:
+    """An airtime amount or budget no payment could have is 422 with what to give, never a
+    500 (Decimal.quantize of 1e999999 raised InvalidOperation), and changes nothing."""
+    url = "/api/v1/campaigns/sdg1662"
+    coord = auth(tokens, "coordinator")
+    for airtime in ({"currency": "GHS", "amount": amount, "budget": "300"},
+                    {"currency": "GHS", "amount": "2", "budget": amount}):
+        resp = client.patch(url, headers=coord, json={"airtime": airtime})
+        assert resp.status_code == 422, (airtime, resp.status_code)
+        assert "positive amount" in resp.get_json()["error"] or "not an amount" in \
+            resp.get_json()["error"]
+    assert client.get(url, headers=coord).get_json()["airtime"] is None
+
+
+@pytest.mark.parametrize("snapshot", ["\u00b2", "1\u00b9", "\u0663", "-1", "1.0", "9" * 20, ""])
+def test_export_snapshot_must_be_a_plain_number(client: FlaskClient,
+                                                tokens: dict[str, str],
+                                                snapshot: str) -> None:
+    """?snapshot= takes ASCII digits only: "²" (isdigit, yet not int()-able) was a 500."""
+    resp = client.get("/api/v1/campaigns/sdg1662/export",
+                      query_string={"format": "csv", "snapshot": snapshot},
+                      headers=auth(tokens, "viewer"))
+    assert resp.status_code == 422 and "version number" in resp.get_json()["error"]

@@ -187,3 +187,30 @@ def test_languages_offered(env: dict[str, str], engine: Engine, client,  # type:
     client.application.extensions["civicdial"].registry.refresh()
     assert "Language / Kasa" in Dialler(client, ussd_url, "+233240008002").dial()
     assert "Woye obaa anaa obarima?" in twi.send("1")  # under way: stays in Twi
+
+
+def test_binding_a_code_held_by_an_open_campaign_is_refused(env: dict[str, str],
+                                                           engine: Engine,
+                                                           channel: Channel) -> None:
+    """`channels add` refuses a USSD code for open campaign B while open campaign A holds
+    it (with or without the '#'), and adds nothing; a draft may take it to open later."""
+    version = json.loads(run(env, "questionnaire", "load", str(SHIPPED), "--json")[1])["version"]
+    for slug in ("volta-2027", "draft-2028"):
+        assert run(env, "campaign", "create", slug, "--name", slug, "--questionnaire",
+                   version)[0] == 0
+    assert run(env, "campaign", "open", "volta-2027")[0] == 0  # no channel yet: no clash
+    for code in ("*920*16#", "*920*16"):
+        status, out = run(env, "channels", "add", "--provider", "africastalking", "--kind",
+                          "ussd", "--address", code, "--campaign", "volta-2027")
+        assert status == 1 and "bound to open campaign sdg1662" in out, out
+    with Session(engine) as db:
+        assert [c.address for c in db.scalars(select(Channel))] == ["*920*16#"]
+    log = json.loads(run(env, "audit", "--json", "--limit", "100")[1])
+    assert not [e for e in log if e["action"] == "channel.add"]
+    # Another code is free; a draft campaign may take the held one, told it must wait.
+    assert run(env, "channels", "add", "--provider", "africastalking", "--kind", "ussd",
+               "--address", "*920*17#", "--campaign", "volta-2027")[0] == 0
+    status, out = run(env, "channels", "add", "--provider", "africastalking", "--kind",
+                      "ussd", "--address", "*920*16#", "--campaign", "draft-2028")
+    assert status == 0 and "can open once sdg1662 is closed or paused" in out
+    assert "bound to open campaign sdg1662" in run(env, "campaign", "open", "draft-2028")[1]

@@ -73,6 +73,36 @@ def test_import_reports_bad_rows_and_is_idempotent(env: dict[str, str], engine: 
     assert (again["imported"], again["already_present"]) == (0, 3)
 
 
+INVALID = (
+    "phone,district\n"
+    "0000000,a\n"              # possible, but no such number: was stored as +2330000000
+    "+2330000000,b\n"
+    "0590000000,c\n"           # a Ghana number range not in use
+    "024ABC4567,d\n"           # letters are not keypad digits here
+    "0241234567,e\n"
+)
+
+
+def test_import_requires_valid_numbers_and_names_the_line(env: dict[str, str],
+                                                          engine: Engine,
+                                                          tmp_path: Path) -> None:
+    """Only valid numbers (phonenumbers.is_valid_number) are imported; each other row is
+    reported with its line, in the text and the --json output."""
+    path = tmp_path / "contacts.csv"
+    path.write_text(INVALID)
+    code, out = run(env, "contacts", "import", str(path), "--campaign", "sdg1662", "--json")
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["imported"] == 1
+    assert [(r["line"], "not a" in r["reason"]) for r in result["rejected"]] == [
+        (2, True), (3, True), (4, True), (5, True)]
+    assert "not a valid phone number" in result["rejected"][0]["reason"]
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(Contact)) == 1
+    code, out = run(env, "contacts", "import", str(path), "--campaign", "sdg1662")
+    assert code == 0 and "line 2: not a valid phone number" in out and "'0000000'" in out
+
+
 @pytest.mark.parametrize("content,error", [
     (b"", "empty"),
     (b"name,district\nKofi,Kumasi\n", "no phone number column"),

@@ -20,6 +20,8 @@ from gateway.indicator.estimates import Params
 from gateway.indicator.exports import (
     AGE_CODES,
     DISABILITY_CODES,
+    LABEL,
+    NUMERIC_COLUMNS,
     SDMX_COLUMNS,
     SEX_CODES,
     TABLE_COLUMNS,
@@ -94,7 +96,7 @@ def test_xlsx_has_methodology_and_snapshot(tallied: dict[str, str], tmp_path: Pa
         else:
             assert isinstance(row[est], int | float) and 0 <= row[est] <= 100
     facts = dict(list(book["snapshot"].iter_rows(values_only=True))[1:3])
-    assert "Experimental citizen data" in str(facts["label"])
+    assert str(facts["label"]).startswith(LABEL)
     text = "\n".join(str(r[0]) for r in book["methodology"].iter_rows(values_only=True))
     assert "Partial interviews count for the questions they answered" in text
     assert list(book["margins"].iter_rows(values_only=True))[0][0] == "variable"
@@ -123,7 +125,7 @@ def test_sdmx_structure_and_codes(tallied: dict[str, str], tmp_path: Path) -> No
             assert r[column] in codes, (column, r[column])
         assert r["SERIES"].startswith("NAT_TEST_")
         assert "national series id" in r["COMMENT_TS"].lower()
-        assert "Experimental citizen data" in r["COMMENT_TS"]
+        assert r["COMMENT_TS"].startswith(LABEL + ".")
         assert re.fullmatch(r"\d{4}", r["TIME_PERIOD"])
         if r["OBS_STATUS"] == "M":
             assert r["OBS_VALUE"] == r["LOWER_BOUND"] == r["UPPER_BOUND"] == ""
@@ -199,3 +201,49 @@ def test_publish_cli(tallied: dict[str, str]) -> None:
     assert result.exit_code == 0, result.output
     assert "v1 published" in result.output
     assert "1 result SMS queued" in result.output
+
+
+def test_xlsx_table_is_the_csv_table_exactly(tallied: dict[str, str], tmp_path: Path) -> None:
+    """Every XLSX cell is the CSV's: text stays text (age band 18_24 is "18_24", not
+    1824), numbers are numbers of the same value, empty stays empty."""
+    export(tallied, "csv", tmp_path / "t.csv")
+    export(tallied, "xlsx", tmp_path / "t.xlsx")
+    with open(tmp_path / "t.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    table = list(load_workbook(tmp_path / "t.xlsx")["indicator"].iter_rows(values_only=True))
+    assert len(table) == len(rows) + 1
+    for row, cells in zip(rows, table[1:], strict=True):
+        for column, cell in zip(TABLE_COLUMNS, cells, strict=True):
+            text = row[column]
+            if text == "":
+                assert cell is None, (column, row)
+            elif column in NUMERIC_COLUMNS:
+                assert isinstance(cell, int | float) and cell == float(text), (column, cell)
+            else:
+                assert cell == text, (column, cell, text)
+    ages = {cells[TABLE_COLUMNS.index("group")] for cells in table[1:]
+            if cells[TABLE_COLUMNS.index("breakdown")] == "age"}
+    assert {"18_24", "25_34", "65p"} <= ages
+
+
+def test_every_output_carries_the_label(tallied: dict[str, str], tmp_path: Path) -> None:
+    """'Experimental statistics from citizen-generated data' in the CSV (every row), the
+    XLSX (table, snapshot sheet, methodology) and the SDMX series comments."""
+    assert LABEL == "Experimental statistics from citizen-generated data"
+    export(tallied, "csv", tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["label"] == LABEL for r in rows)
+    export(tallied, "xlsx", tmp_path / "t.xlsx")
+    book = load_workbook(tmp_path / "t.xlsx")
+    labels = [r[TABLE_COLUMNS.index("label")]
+              for r in list(book["indicator"].iter_rows(values_only=True))[1:]]
+    assert labels and set(labels) == {LABEL}
+    facts = dict(list(book["snapshot"].iter_rows(values_only=True))[1:])
+    assert str(facts["label"]).startswith(LABEL)
+    method = "\n".join(str(r[0]) for r in book["methodology"].iter_rows(values_only=True))
+    assert LABEL in method
+    export(tallied, "sdmx", tmp_path / "s.csv")
+    with open(tmp_path / "s.csv", newline="") as fh:
+        series = list(csv.DictReader(fh))
+    assert series and all(r["COMMENT_TS"].startswith(LABEL + ".") for r in series)

@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from gateway.config import Settings
 from gateway.coordination.bootstrap import shipped_questionnaire
+from gateway.coordination.status import campaign_status
 from gateway.interview.engine import Input, step
 from gateway.store.models import Answer, Channel, Interview
 from gateway.store.registry import Registry
@@ -268,3 +270,64 @@ def test_a_malformed_entry_is_parked_not_blocking(engine: Engine, channel: Chann
     (dead,) = redis_client.xrange(f"{STREAM}:dead")
     assert b"broken" in dead[1][b"e"]
     assert redis_client.xlen(STREAM) == 0
+
+
+def poison_end(channel: Channel, session: str, **values: Any) -> dict[str, Any]:
+    """An end-of-session notification as an older webhook (no range check) streamed it."""
+    return {"id": f"ussd_end:{channel.id}:{session}", "k": "ussd_end", "ch": channel.id,
+            "s": session, "r": None, "st": "Failed", "n": "62001", "d": 1000, "h": 3,
+            "cost": "", "err": "", "t": time.time(), **values}
+
+
+@pytest.mark.parametrize("values", [{"d": 2**63}, {"h": 2**64}, {"d": 2**63, "h": -2**70}],
+                         ids=["durationInMillis 2^63", "hopsCount 2^64", "both"])
+def test_an_entry_sql_cannot_take_is_parked_and_the_batch_written(
+        engine: Engine, channel: Channel, redis_client: redis.Redis,
+        settings: Settings, values: dict[str, Any]) -> None:
+    """A value no column can hold raises in the database driver (OverflowError, DataError):
+    that entry alone is parked, every other entry of its batch (answers, an opt-out, a sound
+    notification) is written, and nothing is left waiting."""
+    good = interview(engine, channel, "r1", FULL, "iv1")
+    optout = {"id": "optout:r9:m1", "k": "optout", "r": "r9", "ch": channel.id,
+              "t": time.time()}
+    push(redis_client, good[:10] + [poison_end(channel, "BAD", **values)] + good[10:]
+         + [optout, poison_end(channel, "GOOD")])
+    assert drain(redis_client, engine, STREAM) == len(good) + 3
+    stored = answers(engine)
+    sent = {(e["i"], e["q"], e["v"]) for e in good if e["k"] == "answer"}
+    assert set(stored) == sent and len(stored) == 24
+    with Session(engine) as db:
+        assert db.scalar(text("SELECT session_id FROM ussd_session_ends")) == "GOOD"
+        assert db.scalar(text("SELECT respondent FROM opt_outs")) == "r9"
+    (dead,) = redis_client.xrange(f"{STREAM}:dead")
+    assert json.loads(dead[1][b"e"])["s"] == "BAD"
+    assert redis_client.xlen(STREAM) == 0 and pending(redis_client) == 0
+    assert campaign_status(engine, SessionStore(redis_client, settings.redis_prefix))[
+        "events_waiting"] == 0
+
+
+def test_two_poison_entries_far_apart_are_both_found(engine: Engine, channel: Channel,
+                                                     redis_client: redis.Redis) -> None:
+    """Splitting finds every entry at fault, wherever it sits in the batch."""
+    good = interview(engine, channel, "r1", FULL, "iv1")
+    push(redis_client, [poison_end(channel, "B1", d=2**63)] + good
+         + [poison_end(channel, "B2", h=2**63)])
+    drain(redis_client, engine, STREAM)
+    assert len(answers(engine)) == 24
+    parked = [json.loads(f[b"e"])["s"] for _, f in redis_client.xrange(f"{STREAM}:dead")]
+    assert sorted(parked) == ["B1", "B2"]
+
+
+def test_database_down_parks_nothing(channel: Channel, engine: Engine,
+                                     redis_client: redis.Redis, tmp_path: Any) -> None:
+    """When the database itself fails, the batch stays in the stream to be retried: no
+    entry is blamed and parked."""
+    good = interview(engine, channel, "r1", FULL, "iv1")
+    push(redis_client, good)
+    unreachable = create_engine(f"sqlite:///{tmp_path}/no/such/dir/db.sqlite")
+    with pytest.raises(OperationalError):
+        drain(redis_client, unreachable, STREAM)
+    assert redis_client.xlen(f"{STREAM}:dead") == 0
+    assert redis_client.xlen(STREAM) == len(good)
+    assert drain(redis_client, engine, STREAM, reclaim_idle_ms=0) == len(good)
+    assert len(answers(engine)) == 24

@@ -147,6 +147,13 @@ AT_CASES = [
                                                      "text": " survey ", "id": "m2"}), 200, "OK"),
     Case("local number format", urlencode({"from": "0241234567", "text": "HELP", "id": "m3"}),
          200, "OK"),
+    # Real senders phonenumbers calls invalid (a range its metadata does not list yet) are
+    # still people: the provider carried their message.
+    Case("sender in a range phonenumbers does not list", urlencode({
+        "from": "+233590000000", "to": "1662", "text": "SURVEY", "id": "m8"}), 200, "OK"),
+    Case("sandbox simulator sender (Kenyan number, no plus)", urlencode({
+        "from": "254711082000", "to": "1662", "text": "SURVEY", "id": "m9",
+        "networkCode": "99999"}), 200, "OK"),
     Case("missing id", urlencode({"from": PHONE, "text": "SURVEY"}), 400, "missing field id"),
     Case("missing from", urlencode({"id": "m4", "text": "SURVEY"}), 400, "missing field from"),
     Case("sender not a number", urlencode({"from": "MTN-PROMO", "text": "x", "id": "m5"}), 400,

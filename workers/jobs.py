@@ -8,14 +8,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.scheduler import RQScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings, load_settings
 from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.coordination.retention import purge_daily
+from gateway.logformat import configure_logging
 from gateway.store.db import make_engine, shared_engine
 from gateway.store.outbox import BULK_QUEUE, INTERACTIVE_QUEUE, sweep
 from gateway.store.redis_conn import connect
@@ -30,6 +33,27 @@ log = logging.getLogger(__name__)
 
 QUEUE = "civicdial"
 SWEEP_SECONDS = 60
+QUEUES = [INTERACTIVE_QUEUE, QUEUE, BULK_QUEUE]
+# RQ's own scheduler holds a lock per queue for 61 s and a worker that finds it taken
+# tries again only at its 10-minute maintenance: after a worker was killed, retries due
+# in the meantime waited that long. Ours is a short lease the pump renews every second,
+# so a dead holder's lease runs out within seconds and any live worker takes over.
+SCHEDULER_LEASE_MS = 5000
+SCHEDULE_SECONDS = 1.0
+
+# Take the lease if free, renew it if ours; 1 when we hold it.
+_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
 
 
 def _queued_flag(settings: Settings) -> str:
@@ -58,15 +82,46 @@ def pump_once(client: redis.Redis, settings: Settings, queue: Queue) -> bool:
     return True
 
 
+class DueJobs:
+    """Moves scheduled jobs (retries with a delay) onto their queues once due, in one
+    worker at a time: the one holding the scheduler lease."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.key = f"{settings.redis_prefix}scheduler:lease"
+        self.token = uuid.uuid4().hex
+        self._lease = client.register_script(_LEASE)
+        # RQ's scheduler does the moving (its registries, rate-limited jobs); only its
+        # locking is replaced.
+        self._scheduler = RQScheduler(QUEUES, connection=client)
+        self._scheduler.prepare_registries(QUEUES)
+
+    def run_once(self) -> bool:
+        """Enqueue what is due if we hold (or can take) the lease."""
+        if not self._lease(keys=[self.key], args=[self.token, SCHEDULER_LEASE_MS]):
+            return False
+        self._scheduler.enqueue_scheduled_jobs()
+        return True
+
+    def release(self) -> None:
+        if self.client.get(self.key) == self.token.encode():
+            self.client.delete(self.key)
+
+
 def _pump(settings: Settings, stop: threading.Event) -> None:
     client = connect(settings)
     queue = Queue(QUEUE, connection=client)
     engine = make_engine(settings)
     registry = Registry(engine)
+    due = DueJobs(client, settings)
     last_sweep = 0.0
+    last_schedule = 0.0
     while not stop.wait(settings.drain_interval_ms / 1000):
         try:
             pump_once(client, settings, queue)
+            if time.monotonic() - last_schedule >= SCHEDULE_SECONDS:
+                last_schedule = time.monotonic()
+                due.run_once()
             if time.monotonic() - last_sweep > SWEEP_SECONDS:
                 last_sweep = time.monotonic()
                 sweep(settings, engine, client)
@@ -80,11 +135,16 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
                 purge_daily(settings, engine, client)
         except (redis.RedisError, SQLAlchemyError) as exc:
             log.warning("pump: %s", exc)
+    try:
+        due.release()
+    except redis.RedisError:
+        pass  # the lease runs out by itself
 
 
 def run_worker(settings: Settings, burst: bool = False) -> None:
     """An RQ worker on the civicdial queues, plus a pump that schedules stream drains and
     re-enqueues outbound messages whose job was lost."""
+    configure_logging(settings)
     client = connect(settings)
     ensure_group(client, f"{settings.redis_prefix}events")
     stop = threading.Event()
@@ -98,7 +158,8 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
         # Replies to people waiting first, then persistence, then bulk sends. Jobs run in
         # this process: forking a work horse while the pump thread holds a lock (an
         # import, a connection pool) can deadlock the child, and forks cost per job.
-        SimpleWorker([INTERACTIVE_QUEUE, QUEUE, BULK_QUEUE], connection=client).work(
-            burst=burst, logging_level=settings.log_level, with_scheduler=not burst)
+        # Due retries are moved by the pump (DueJobs), not by RQ's scheduler process.
+        SimpleWorker(QUEUES, connection=client).work(
+            burst=burst, logging_level=settings.log_level, with_scheduler=False)
     finally:
         stop.set()

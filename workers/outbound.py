@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
+from prometheus_client import Counter
 from sqlalchemy import Engine, Exists, exists, select, update
 from sqlalchemy.orm import Session
 
@@ -37,6 +38,12 @@ from gateway.store.redis_conn import shared_redis
 from gateway.store.sessions import SessionStore
 
 log = logging.getLogger(__name__)
+
+# Per send job, what became of the message (in the worker's process; /metrics adds up every
+# process's under prometheus_client's multiprocess mode).
+SENDS = Counter("civicdial_sends_total", "Outbound SMS send jobs by result: sent, retry, "
+                "failed, unknown, stopped, held, waiting (behind an earlier message), taken",
+                ["result"])
 
 SENDERS: dict[str, Callable[[dict[str, Any], str, str], Sent]] = {
     "africastalking": africastalking.send_sms,
@@ -96,7 +103,10 @@ def send_message(message_id: int) -> str:
     settings = load_settings()
     client = shared_redis(settings)
     client.delete(pending_key(settings.redis_prefix, message_id))
-    return _send(settings, shared_engine(settings), client, message_id)
+    status = _send(settings, shared_engine(settings), client, message_id)
+    # Back in the queue after a failure means a retry is scheduled.
+    SENDS.labels("retry" if status == "queued" else status).inc()
+    return status
 
 
 def _earlier_pending(row: OutboundMessage) -> Exists:

@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 from sqlalchemy import Connection, Engine, case, delete, func, insert, select, text, update
+from sqlalchemy import exc as sa_exc
 
 from gateway.channels.sms import FEEDBACK_QUESTION
 from gateway.coordination.quotas import refresh as refresh_quotas
@@ -356,27 +357,50 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
     return total
 
 
-_MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError)
+# Errors that say the database (or Redis), not the entry, is in trouble: the batch is
+# retried as it is, never split and parked.
+_TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
+              sa_exc.TimeoutError, redis.RedisError)
 
 
 def _write_batch(client: redis.Redis, engine: Engine, stream: str,
                  entries: list[tuple[bytes, dict[bytes, bytes]]]) -> Written:
-    """Write a batch; if one entry is malformed, write the others one by one and park
-    the bad ones in `<stream>:dead` (with the error), so one poison entry cannot stall
-    every batch after it. Database errors are not caught: the batch is retried."""
+    """Write a batch; if it fails, split it in halves until each entry the worker cannot
+    write (whatever the exception: malformed, out of range for a column, a bug) is alone,
+    park it in `<stream>:dead` with the error and write the rest, so one poison entry
+    cannot stall every batch after it. Errors of the database itself (connection lost,
+    lock timeout) are not caught: the batch is retried."""
     try:
         return write_events(engine, [json.loads(fields[b"e"]) for _, fields in entries])
-    except _MALFORMED:
-        log.exception("malformed entry in a batch of %d; writing them one by one", len(entries))
-    created = Written()
-    for entry_id, fields in entries:
-        try:
-            created += write_events(engine, [json.loads(fields[b"e"])])
-        except _MALFORMED as exc:
+    except _TRANSIENT:
+        raise
+    except Exception as exc:
+        if not _database_answers(engine):
+            raise
+        if len(entries) == 1:
+            entry_id, fields = entries[0]
             client.xadd(f"{stream}:dead", {"id": entry_id, "e": fields.get(b"e", b""),
                                            "error": repr(exc)[:500]})
-            log.error("parked malformed stream entry %s: %r", entry_id, exc)
+            log.error("parked a stream entry the worker cannot write, %s: %r", entry_id,
+                      exc)
+            return Written()
+        log.warning("a batch of %d entries cannot be written (%s); splitting it to find "
+                    "the entries at fault", len(entries), type(exc).__name__)
+    half = len(entries) // 2
+    created = _write_batch(client, engine, stream, entries[:half])
+    created += _write_batch(client, engine, stream, entries[half:])
     return created
+
+
+def _database_answers(engine: Engine) -> bool:
+    """Whether the database takes a trivial query: if it does not, a failed write is its
+    fault, not the entry's, and nothing may be parked."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except sa_exc.SQLAlchemyError:
+        return False
 
 
 def _reclaim(client: redis.Redis, stream: str, consumer: str, idle_ms: int,

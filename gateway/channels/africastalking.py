@@ -12,6 +12,7 @@ text) gets the stored reply and changes nothing.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -74,16 +75,22 @@ def _render(screen: Screen) -> str:
 @bp.post("/<channel_key>/ussd")
 def ussd(channel_key: str) -> Response:
     """A USSD hop: one input in, one screen out."""
+    return _text(ussd_hop(channel_key, lambda: parse_form(request)))
+
+
+def ussd_hop(channel_key: str, read_form: Callable[[], dict[str, str]]) -> str:
+    """The reply screen for one request, or a WebhookError. The form is read (`read_form`)
+    after the channel key is checked, as for every route."""
     ch = _channel(channel_key)
-    form = parse_form(request)
+    form = read_form()
     session_id = field(form, "sessionId", max_len=128)
     phone = phone_number(form, "phoneNumber")
     service_code = field(form, "serviceCode", max_len=40)
     text = field(form, "text", max_len=1000, allow_empty=True)
     field(form, "networkCode", max_len=10, required=False)
     # AT sends every input so far as `text`, so the hop can tell a retry from the next input.
-    return _text(hop(ch, UssdInput(session_id, phone, text, cumulative=True,
-                                   service_code=service_code), _render))
+    return hop(ch, UssdInput(session_id, phone, text, cumulative=True,
+                             service_code=service_code), _render)
 
 
 @bp.post("/<channel_key>/ussd/events")
@@ -99,8 +106,8 @@ def ussd_events(channel_key: str) -> Response:
     session_ended(ch, SessionEnd(
         session_id, phone, status, dropped=status != "Success",
         network=field(form, "networkCode", max_len=10, required=False),
-        duration_ms=_int_or_none(form.get("durationInMillis")),
-        hops=_int_or_none(form.get("hopsCount")),
+        duration_ms=_count(form, "durationInMillis"),
+        hops=_count(form, "hopsCount"),
         cost=field(form, "cost", max_len=40, required=False),
         error=field(form, "errorMessage", max_len=2000, required=False)))
     return _text("OK")
@@ -113,7 +120,10 @@ def sms(channel_key: str) -> Response:
     form = parse_form(request)
     message_id = field(form, "id", max_len=100)
     try:
-        phone = to_e164(field(form, "from", max_len=32), _services().settings.default_region)
+        # The provider carried this message: a real number, even one phonenumbers
+        # does not know yet.
+        phone = to_e164(field(form, "from", max_len=32), _services().settings.default_region,
+                        require_valid=False)
     except BadPhoneNumber as exc:
         raise WebhookError(400, f"from: {exc}") from None
     for optional in ("to", "date", "linkId", "networkCode"):
@@ -173,9 +183,13 @@ def airtime_validation(channel_key: str) -> Response:
     currency = field(form, "currencyCode", max_len=3)
     try:
         amount = Decimal(field(form, "amount", max_len=20))
-        minor = int((amount * 100).to_integral_value())
-    except (InvalidOperation, ValueError):
+    except InvalidOperation:
         raise WebhookError(400, "amount is not a number") from None
+    # Infinity, NaN and amounts no payment column holds (1e18, 1e999999) are refused
+    # here: int() of Infinity raises OverflowError, and SQL cannot compare a huge int.
+    if not amount.is_finite() or not 0 <= amount <= MAX_AMOUNT:
+        raise WebhookError(400, f"amount must be a number from 0 to {MAX_AMOUNT}")
+    minor = int((amount * 100).to_integral_value())
     services = _services()
     respondent = pseudonym(services.settings.pseudonym_key, phone)
     with Session(services.engine) as db:
@@ -189,11 +203,24 @@ def airtime_validation(channel_key: str) -> Response:
                     mimetype="application/json")
 
 
-def _int_or_none(raw: str | None) -> int | None:
-    try:
-        return int(raw) if raw not in (None, "") else None
-    except ValueError:
+# AirtimePayment.amount is SQL INTEGER minor units.
+MAX_AMOUNT = Decimal(2**31 - 1) / 100
+# The columns are SQL INTEGER: a bigger count would fail in the worker, not here.
+MAX_COUNT = 2**31 - 1
+_WHOLE = re.compile(r"^[+-]?\d+$")
+
+
+def _count(form: dict[str, str], name: str) -> int | None:
+    """A whole number from 0 to MAX_COUNT, or None if absent or not a number (recorded as
+    unknown, as before); a number out of that range is refused (400) before it reaches
+    the stream."""
+    raw = field(form, name, max_len=20, required=False).strip()
+    if not _WHOLE.match(raw):
         return None
+    value = int(raw)
+    if not 0 <= value <= MAX_COUNT:
+        raise WebhookError(400, f"field {name} must be a whole number from 0 to {MAX_COUNT}")
+    return value
 
 
 # -- outbound SMS ---------------------------------------------------------------------

@@ -7,30 +7,23 @@ field of the wrong type is refused by name (400) rather than coerced.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from flask import Request, current_app
+from flask import Request
 
-from gateway.channels.webhook import WebhookError, field
+from gateway.channels.webhook import WebhookError, field, parse_json_body
 
 MAX_DIGITS = 9  # a numeric field sent as text: '1', '12'; never anything like a long id
 
 
 def parse_json(request: Request) -> dict[str, Any]:
-    """The body as a JSON object."""
+    """The body as a JSON object, by the strict rules every JSON endpoint shares
+    (gateway.channels.webhook.parse_json_body: size, UTF-8, depth, no NaN, no unpaired
+    surrogates)."""
     mimetype = request.mimetype or ""
     if mimetype != "application/json":
         raise WebhookError(415, f"expected application/json, got {mimetype or 'no type'}")
-    request.max_content_length = current_app.extensions["civicdial"].settings.max_body_bytes
-    raw = request.get_data(cache=False)
-    try:
-        # utf-8-sig: a leading byte-order mark is harmless, not a reason to refuse.
-        data = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise WebhookError(400, "body is not valid UTF-8") from None
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise WebhookError(400, "body is not valid JSON") from None
+    data = parse_json_body(request)
     if not isinstance(data, dict):
         raise WebhookError(400, "expected a JSON object")
     return data

@@ -219,6 +219,9 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
             reply = None if (loaded.opted_out or provider_stop) else message(lang_code, "stopped")
             events.append({"id": f"optout:{respondent}:{msg.message_id}", "k": "optout",
                            "ch": ch.id, "r": respondent, "t": now})
+        elif loaded.limited:
+            # One number flooding the channel: told once per window, nothing streamed.
+            reply = message(lang_code, "rate_limited") if loaded.first_limited else None
         elif word == "delete":
             # Erasure asks first; the YES must be the next message, within PENDING_TTL.
             reply = message(lang_code, "erase_confirm")

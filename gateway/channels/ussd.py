@@ -169,6 +169,11 @@ def hop(ch: ChannelInfo, inp: UssdInput, draw: Render) -> str:
     for _ in range(COMMIT_ATTEMPTS):
         loaded = store.load(ch.campaign_id, respondent, ch.id, session_id,
                             quotas=bool(ch.rules.quota_on))
+        if loaded.limited:
+            # One number flooding the channel: answered, nothing stored or streamed.
+            if loaded.first_limited:
+                log.warning("ussd %s %s: over the per-number limit", ch.id, mask_phone(phone))
+            return draw(Screen(message("en", "rate_limited"), end=True))
         record = loaded.provider
         now = time.time()
         if record is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 from urllib.parse import unquote
 
 from flask import Request, Response, current_app
@@ -40,17 +41,72 @@ def parse_form(request: Request) -> dict[str, str]:
 def parse_form_or_json(request: Request) -> dict[str, str]:
     """A callback whose provider documents form fields but shows JSON samples: either body,
     as flat text fields (a JSON body must be an object of strings and numbers)."""
-    if request.mimetype != "application/json":
+    if not request.is_json:
         return parse_form(request)
-    request.max_content_length = current_app.extensions["civicdial"].settings.max_body_bytes
-    try:
-        data = json.loads(request.get_data(cache=False).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise WebhookError(400, "body is not valid JSON") from None
+    data = parse_json_body(request)
     if not isinstance(data, dict) or not all(
             isinstance(v, str | int | float) and not isinstance(v, bool) for v in data.values()):
         raise WebhookError(400, "expected a JSON object of text and number fields")
     return {str(k): str(v) for k, v in data.items()}
+
+
+# Deeper than any body we accept; far below where the parser (or code walking the result)
+# would hit Python's recursion limit.
+MAX_JSON_DEPTH = 32
+
+
+def parse_json_body(request: Request, *, max_bytes: int | None = None,
+                    max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The request's JSON body, strictly, for every JSON endpoint (webhooks and the API):
+    Content-Type application/json (else 415), at most `max_bytes` (413; default the
+    webhook limit, CIVICDIAL_MAX_BODY_BYTES), UTF-8, valid JSON without NaN or Infinity
+    or unpaired surrogates, arrays and objects nested at most `max_depth` deep (else 400).
+    Returns what json.loads returns; checking its shape is the caller's."""
+    if not request.is_json:
+        raise WebhookError(415, f"expected application/json, got {request.mimetype or 'none'}")
+    if max_bytes is None:
+        max_bytes = current_app.extensions["civicdial"].settings.max_body_bytes
+    request.max_content_length = max_bytes
+    raw = request.get_data(cache=False)
+    try:
+        # utf-8-sig: a leading byte-order mark is harmless, not a reason to refuse.
+        data = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise WebhookError(400, "body is not valid UTF-8") from None
+    except RecursionError:  # nested deeper than the parser can follow
+        raise WebhookError(400, f"JSON nested more than {max_depth} levels deep") from None
+    except ValueError:
+        raise WebhookError(400, "body is not valid JSON") from None
+    _check_values(data, max_depth)
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# "\ud800" is valid JSON but no character: it cannot be encoded as UTF-8 (Redis, SQL).
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _check_values(data: Any, max_depth: int) -> None:
+    """Arrays and objects nested at most max_depth deep (a scalar is depth 0), and no text
+    (values or keys) with lone surrogates; iterative, so depth cannot exhaust the stack."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise WebhookError(400, "JSON text holds an unpaired surrogate (\\ud800-"
+                                        "\\udfff), which is not a character")
+            continue
+        if isinstance(value, dict):
+            value = [*value.keys(), *value.values()]
+        elif not isinstance(value, list):
+            continue
+        if depth > max_depth:
+            raise WebhookError(400, f"JSON nested more than {max_depth} levels deep")
+        stack.extend((item, depth + 1) for item in value)
 
 
 def parse_pairs(request: Request) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,8 @@ def campaign_schedule(ctx: click.Context, slug: str, opens_at: datetime | None,
 def campaign_status_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
     """One campaign's counts (as `civicdial status`)."""
     settings = settings_of(ctx)
-    report = campaign_status(open_engine(settings), session_store(settings))
+    report = campaign_status(open_engine(settings), session_store(settings),
+                             timedelta(seconds=settings.outbound_overdue_seconds))
     match = [c for c in report["campaigns"] if c["slug"] == slug]
     if not match:
         raise click.ClickException(f"no campaign {slug!r}")
@@ -208,6 +209,11 @@ def campaign_status_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
                      f"{airtime['budget']} budget ({paid['sent']} sent, {paid['pending']} "
                      f"pending, {paid['failed']} failed, {paid['unknown']} unknown, "
                      f"{paid['skipped_over_budget']} over budget)")
+    overdue = c["outbound_overdue"]
+    if overdue["count"]:
+        lines.append(f"{overdue['count']} outbound messages overdue (queued over "
+                     f"{overdue['after_seconds'] // 60} min past due; oldest due "
+                     f"{overdue['oldest_due_at']})")
     if c.get("quotas"):
         lines += ["", quota_table(c["quotas"])]
     emit(as_json, c, "\n".join(lines))

@@ -11,7 +11,7 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from gateway.config import Settings, load_settings
+from gateway.config import Settings, data_dir_of, load_settings, uses_embedded
 from gateway.coordination.bootstrap import bootstrap
 from gateway.coordination.campaigns import CampaignError
 from gateway.store.db import make_engine, migrate
@@ -19,9 +19,15 @@ from gateway.store.redis_conn import connect
 from gateway.store.sessions import SessionStore
 
 
-def settings_of(ctx: click.Context) -> Settings:
+def settings_of(ctx: click.Context, *, create: bool = False) -> Settings:
+    """The settings; only `create` (up, init) may make a data dir that is not there: any
+    other command run from the wrong folder would otherwise start on an empty one."""
     root = ctx.find_root()
     data_dir = root.obj.get("data_dir") if root.obj else None
+    if not create and uses_embedded() and not data_dir_of(data_dir=data_dir).is_dir():
+        raise click.ClickException(
+            f"no data dir at {data_dir_of(data_dir=data_dir)}: run this where `civicdial up` "
+            "runs, or pass --data-dir (or CIVICDIAL_DATA_DIR); `civicdial init` makes a new one")
     return load_settings(data_dir=data_dir) if data_dir else load_settings()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import click
 
 from gateway.cli.context import emit, open_engine, session_store, settings_of
@@ -34,7 +36,7 @@ def worker(ctx: click.Context, burst: bool) -> None:
 @click.pass_context
 def init(ctx: click.Context) -> None:
     """Schema, shipped questionnaire, default campaign and USSD channel (idempotent)."""
-    settings = settings_of(ctx)
+    settings = settings_of(ctx, create=True)
     channel = bootstrap(make_engine(settings))
     click.echo(f"ready: campaign {DEFAULT_CAMPAIGN}, USSD {channel.address} "
                f"(`civicdial channels` shows the callback URLs)")
@@ -56,7 +58,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Per campaign: interviews started and completed, answers in SQL, events waiting."""
     settings = settings_of(ctx)
     engine = open_engine(settings)
-    report = campaign_status(engine, session_store(settings))
+    report = campaign_status(engine, session_store(settings),
+                             timedelta(seconds=settings.outbound_overdue_seconds))
     report["retention"] = oldest_kept(settings, engine)
     if as_json:
         emit(True, report, "")

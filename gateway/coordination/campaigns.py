@@ -77,8 +77,9 @@ def parse_money(text: str, what: str) -> int:
         value = Decimal(str(text).strip())
     except InvalidOperation:
         raise CampaignError(f"{what}: {text!r} is not an amount like 2.50") from None
-    if not value.is_finite() or value <= 0 or value != value.quantize(Decimal("0.01")) \
-            or value > 10**7:
+    # The range first: quantize() of a huge value (1e999999) raises InvalidOperation.
+    if not value.is_finite() or value <= 0 or value > 10**7 \
+            or value != value.quantize(Decimal("0.01")):
         raise CampaignError(f"{what}: give a positive amount with at most 2 decimals")
     return int(value * 100)
 
@@ -283,14 +284,29 @@ def _check_codes_free(db: Session, campaign: Campaign) -> None:
     """A USSD code or SMS number can serve one open campaign at a time."""
     mine = db.scalars(select(Channel).where(Channel.campaign_id == campaign.id)).all()
     for ch in mine:
-        clash = db.scalar(
-            select(Campaign.slug).join(Channel, Channel.campaign_id == Campaign.id).where(
-                Campaign.state == "open", Campaign.id != campaign.id,
-                Channel.kind == ch.kind, Channel.provider == ch.provider,
-                Channel.address == ch.address))
+        clash = open_campaign_holding(db, ch.provider, ch.kind, ch.address, campaign.id)
         if clash:
             raise CampaignError(f"{ch.kind} {ch.address} is bound to open campaign {clash}: "
                                 "close or pause it first")
+
+
+def same_address(kind: str, a: str, b: str) -> bool:
+    """Whether two channel addresses are one: operators differ on a USSD code's '#'."""
+    if kind == "ussd":
+        return a.strip().rstrip("#") == b.strip().rstrip("#")
+    return a.strip() == b.strip()
+
+
+def open_campaign_holding(db: Session, provider: str, kind: str, address: str,
+                          other_than: int | None) -> str | None:
+    """The slug of an open campaign (other than `other_than`) with a channel on this
+    provider, kind and address, or None."""
+    rows = db.execute(
+        select(Campaign.slug, Channel.address).join(Channel, Channel.campaign_id == Campaign.id)
+        .where(Campaign.state == "open", Channel.kind == kind, Channel.provider == provider,
+               Campaign.id != (other_than if other_than is not None else -1))
+        .order_by(Campaign.id)).all()
+    return next((slug for slug, held in rows if same_address(kind, held, address)), None)
 
 
 def hash_token(token: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -20,8 +21,16 @@ from gateway.store.models import Answer, Campaign, Channel, Interview, OutboundM
 from gateway.store.registry import Registry
 from gateway.store.sessions import SessionStore
 
+# A message is queued or sending this long after its due time (its last change: queued,
+# or failed and scheduled for a retry that is due within seconds): stuck, not waiting.
+OVERDUE_AFTER = timedelta(minutes=5)
+# Kinds a paused or closed campaign holds back on purpose (workers.outbound): not stuck.
+HELD_WHILE_PAUSED = ("invitation", "reminder")
 
-def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
+
+def campaign_status(engine: Engine, store: SessionStore,
+                    overdue_after: timedelta = OVERDUE_AFTER) -> dict[str, Any]:
+    outbound = _outbound(engine, overdue_after)
     with Session(engine) as db:
         campaigns = db.scalars(select(Campaign).order_by(Campaign.id)).all()
         counts: dict[tuple[int, str], int] = {
@@ -68,11 +77,52 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
             "target_size": c.target_size,
             "quotas": quota_report(engine, c),
             "airtime": airtime_summary(engine, c),
+            **outbound.get(c.id, _no_outbound(overdue_after)),
         } for c in campaigns],
         "events_waiting": store.waiting(),
         # Malformed entries the worker set aside (see workers/persist.py); should stay 0.
         "events_parked": int(store.r.xlen(f"{store.stream}:dead")),
     }
+
+
+def _no_outbound(overdue_after: timedelta) -> dict[str, Any]:
+    return {"invitations_by_status": {}, "outbound_by_status": {},
+            "outbound_overdue": {"count": 0, "oldest_due_at": None,
+                                 "after_seconds": int(overdue_after.total_seconds())}}
+
+
+def _outbound(engine: Engine, overdue_after: timedelta) -> dict[int, dict[str, Any]]:
+    """Per campaign: invitations and all outbound SMS by status, and the messages still
+    queued (or sending) long past their due time, with the oldest one's due time."""
+    cutoff = datetime.now(UTC) - overdue_after
+    report: dict[int, dict[str, Any]] = {}
+    with Session(engine) as db:
+        for cid, kind, status, n in db.execute(
+                select(Channel.campaign_id, OutboundMessage.kind, OutboundMessage.status,
+                       func.count())
+                .join(Channel, Channel.id == OutboundMessage.channel_id)
+                .group_by(Channel.campaign_id, OutboundMessage.kind, OutboundMessage.status)):
+            entry = report.setdefault(cid, _no_outbound(overdue_after))
+            by_status = entry["outbound_by_status"]
+            by_status[status] = by_status.get(status, 0) + n
+            if kind == "invitation":
+                entry["invitations_by_status"][status] = n
+        for cid, n, oldest in db.execute(
+                select(Channel.campaign_id, func.count(), func.min(OutboundMessage.updated_at))
+                .join(Channel, Channel.id == OutboundMessage.channel_id)
+                .join(Campaign, Campaign.id == Channel.campaign_id)
+                .where(OutboundMessage.status.in_(("queued", "sending")),
+                       OutboundMessage.updated_at < cutoff,
+                       (Campaign.state == "open")
+                       | OutboundMessage.kind.not_in(HELD_WHILE_PAUSED))
+                .group_by(Channel.campaign_id)):
+            entry = report.setdefault(cid, _no_outbound(overdue_after))
+            if oldest is not None and oldest.tzinfo is None:
+                oldest = oldest.replace(tzinfo=UTC)  # SQLite keeps no time zone
+            entry["outbound_overdue"] = {
+                "count": n, "oldest_due_at": oldest.isoformat() if oldest else None,
+                "after_seconds": int(overdue_after.total_seconds())}
+    return report
 
 
 def _sms_cost(engine: Engine, version: str) -> dict[str, dict[str, int]]:

@@ -759,9 +759,13 @@ def suppress(cells: list[Cell], params: Params) -> None:
 def relations(cells: Sequence[Cell]) -> list[list[tuple[str, str, str, str]]]:
     """Sets of cells any one of which follows from the others (see suppress)."""
     keys = {c.key for c in cells}
+    # Sorted, never in set order: suppression is greedy, so the order relations are
+    # visited in decides which cells hide, and a set of strings iterates in an order that
+    # changes with the process's hash seed (PYTHONHASHSEED). Same data, same snapshot.
+    ordered = sorted(keys)
     rels: list[list[tuple[str, str, str, str]]] = []
     by_measure: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {}
-    for k in keys:
+    for k in ordered:
         by_measure.setdefault((k[0], k[1]), []).append(k)
     for (area, measure), ks in by_measure.items():
         total = (area, measure, "total", "_T")
@@ -784,7 +788,7 @@ def relations(cells: Sequence[Cell]) -> list[list[tuple[str, str, str, str]]]:
                 if parent in keys:
                     rels.append([parent, *sorted(part)])
     for area, (_label, attrs, _overall) in AREAS.items():
-        for k in keys:
+        for k in ordered:
             if k[0] == area and k[1] == "index":
                 rels.append([k, *[(area, q, k[2], k[3]) for q in attrs
                                   if (area, q, k[2], k[3]) in keys]])

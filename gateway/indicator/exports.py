@@ -20,9 +20,15 @@ from gateway.indicator.estimates import AREAS, UNKNOWN, read_margins
 from gateway.indicator.tally import cells_of, region_names
 from gateway.store.models import Answer, Campaign, Interview, TallySnapshot
 
+# What the method requires every output to say it is.
+LABEL = "Experimental statistics from citizen-generated data"
 TABLE_COLUMNS = ["area", "measure", "breakdown", "group", "estimate_pct", "ci_low_pct",
                  "ci_high_pct", "ci_method", "n", "n_dk", "n_eff", "deff",
-                 "unweighted_pct", "status"]
+                 "unweighted_pct", "status", "label"]
+# The table's numeric columns; every other column is text and stays text in XLSX
+# (float() would read the age band "18_24" as 1824).
+NUMERIC_COLUMNS = frozenset({"estimate_pct", "ci_low_pct", "ci_high_pct", "n", "n_dk",
+                             "n_eff", "deff", "unweighted_pct"})
 
 SDMX_COLUMNS = (
     "DATAFLOW,FREQ,REPORTING_TYPE,SERIES,REF_AREA,SEX,AGE,URBANISATION,"
@@ -69,7 +75,7 @@ def table_rows(snap: TallySnapshot) -> list[dict[str, Any]]:
             "ci_method": "" if hidden else c["ci_method"], "n": c["n"], "n_dk": c["n_dk"],
             "n_eff": "" if hidden else _num(c["n_eff"]),
             "deff": "" if hidden else _num(c["deff"], 3),
-            "unweighted_pct": _pct(c["unweighted"]), "status": c["status"],
+            "unweighted_pct": _pct(c["unweighted"]), "status": c["status"], "label": LABEL,
         })
     return rows
 
@@ -82,7 +88,7 @@ def methodology_text() -> str:
 def snapshot_header(snap: TallySnapshot, campaign: Campaign) -> list[tuple[str, str]]:
     result = json.loads(snap.result)
     return [
-        ("label", "Experimental citizen data (SDG 16.6.2, opt-in SMS/USSD survey)"),
+        ("label", f"{LABEL} (SDG 16.6.2, opt-in SMS/USSD survey)"),
         ("campaign", campaign.slug),
         ("snapshot", f"version {snap.version}, {snap.created_at:%Y-%m-%d %H:%M} UTC"),
         ("published", f"{snap.published_at:%Y-%m-%d %H:%M} UTC" if snap.published_at
@@ -116,7 +122,7 @@ def write_xlsx(snap: TallySnapshot, campaign: Campaign, path: Path) -> int:
     rows = table_rows(snap)
     for row in rows:
         # Numbers as numbers, suppressed cells empty (never 0).
-        sheet.append([_cell_value(row[c]) for c in TABLE_COLUMNS])
+        sheet.append([_cell_value(c, row[c]) for c in TABLE_COLUMNS])
     about = book.create_sheet("snapshot")
     about.append(["item", "value"])
     for item, value in snapshot_header(snap, campaign):
@@ -131,13 +137,14 @@ def write_xlsx(snap: TallySnapshot, campaign: Campaign, path: Path) -> int:
     return len(rows)
 
 
-def _cell_value(value: Any) -> Any:
-    if isinstance(value, str) and value:
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return None if value == "" else value
+def _cell_value(column: str, value: Any) -> Any:
+    """A table value as an XLSX cell: numeric columns as numbers, text as text, empty as
+    an empty cell."""
+    if value == "" or value is None:
+        return None
+    if column in NUMERIC_COLUMNS and isinstance(value, str):
+        return float(value)
+    return value
 
 
 def sdmx_rows(snap: TallySnapshot, campaign: Campaign, *,
@@ -180,7 +187,7 @@ def sdmx_rows(snap: TallySnapshot, campaign: Campaign, *,
             "LOWER_BOUND": "" if hidden else _pct(c["ci_low"]),
             "SOURCE_DETAIL": (f"CivicDial opt-in SMS/USSD survey, campaign {campaign.slug}, "
                               f"tally snapshot {snap.version}"),
-            "COMMENT_TS": (f"Experimental citizen data. {AREAS[area][0]}. National series id "
+            "COMMENT_TS": (f"{LABEL}. {AREAS[area][0]}. National series id "
                            "(no SDG global series code exists for 16.6.2); "
                            "income is a self-reported proxy, not quintiles."),
             "DATA_LAST_UPDATE": updated,

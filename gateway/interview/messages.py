@@ -38,6 +38,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "back": "Back",
         "ok": "OK",
         "closed": "This survey is not open. Thank you.",
+        "rate_limited": "Too many requests from your number. Please try again in a few "
+                        "minutes.",
         "stopped": "You will get no more messages from this survey service. "
                    "Text START to take part again.",
         "help": "Ghana Statistical Service survey on public services (SDG 16.6.2). Free, "
@@ -103,6 +105,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "back": "San w'akyi",
         "ok": "Yoo",
         "closed": "Nsɛmmisa yi nnim mu. Meda wo ase.",
+        "rate_limited": "Wo nɔma no abisa pii dodo. Yɛsrɛ wo, san bɛka bio simma kakra akyi.",
         "stopped": "Wonnya nkrasɛm biara bio. Kyerɛw START na fa wo ho hyɛ mu bio.",
         "help": "Ghana Statistical Service nsɛmmisa fa aban nnwuma ho (SDG 16.6.2). Ɛyɛ kwa. "
                 "Kyerɛw {keyword} bua, KASA sesa kasa, GYAE gyae, PEPA pepa wo mmuae.",

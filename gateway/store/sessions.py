@@ -12,6 +12,7 @@ import hmac
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +140,9 @@ class SessionEnded(Exception):
 class ProviderSession:
     """What we remember of one provider session (e.g. one USSD dial)."""
 
-    history: str  # the inputs consumed so far, as the provider sends them (AT: 1*2*3)
+    # Where the session stands, as the provider counts: AT the inputs so far as it sends
+    # them (1*2*3), Hubtel the last Sequence, Arkesel the hops we counted.
+    history: str
     reply: str  # the last reply, returned as-is to a replayed request
     campaign: int
     respondent: str
@@ -175,12 +178,30 @@ class ProviderSession:
 
 
 @dataclass(frozen=True)
+class HopLimits:
+    """At most `per_respondent` hops per `window` seconds from one respondent on one
+    channel, and `per_channel` from everyone on it (0: no limit)."""
+
+    window: int = 10
+    per_respondent: int = 0
+    per_channel: int = 0
+
+    @property
+    def on(self) -> bool:
+        return bool(self.per_respondent or self.per_channel)
+
+
+@dataclass(frozen=True)
 class Loaded:
     state_raw: str  # '' when there is no state
     provider: ProviderSession | None
     opted_out: bool = False
     full_cells: frozenset[str] = frozenset()  # the campaign's full quota cells
     extra: tuple[str, ...] = ()  # the values of the extra keys asked for ('' if unset)
+    # Over a per-number limit (HopLimits) in this window; `first_limited`: this is the
+    # first hop over it (the one that gets told, so a flood gets one answer).
+    limited: bool = False
+    first_limited: bool = False
 
     @property
     def state(self) -> SessionState | None:
@@ -205,9 +226,11 @@ class _ThreadConnection(threading.local):
 
 
 class SessionStore:
-    def __init__(self, client: redis.Redis, prefix: str = "cd:") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "cd:",
+                 limits: HopLimits | None = None) -> None:
         self.r = client
         self.prefix = prefix
+        self.limits = limits or HopLimits()
         self.stream = f"{prefix}{STREAM}"
         self._commit = client.register_script(_COMMIT)
         self._own = _ThreadConnection()
@@ -224,6 +247,20 @@ class SessionStore:
         is replaced before use. As in the client, any failure but an error reply drops
         the connection, under the connection's own retry policy; the reply is the one
         the client returns (no response callback applies to these commands)."""
+        conn = self._connection()
+        return conn.retry.call_with_retry(lambda: _round_trip(conn, args),
+                                          lambda _error: conn.disconnect())
+
+    def _execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Several commands in one round trip (pipelined, not a transaction), on this
+        thread's connection as _execute; the replies in order."""
+        if len(commands) == 1:
+            return [self._execute(*commands[0])]
+        conn = self._connection()
+        return list(conn.retry.call_with_retry(lambda: _round_trips(conn, commands),
+                                               lambda _error: conn.disconnect()))
+
+    def _connection(self) -> AbstractConnection:
         own = self._own
         conn = own.conn
         if conn is None or own.forks != _forks:
@@ -237,8 +274,7 @@ class SessionStore:
         if stale:
             conn.disconnect()
             conn.connect()
-        return conn.retry.call_with_retry(lambda: _round_trip(conn, args),
-                                          lambda _error: conn.disconnect())
+        return conn
 
     def state_key(self, campaign: int, respondent: str) -> str:
         return f"{self.prefix}st:{campaign}:{respondent}"
@@ -258,15 +294,41 @@ class SessionStore:
                 self.optout_key(respondent), *extra]
         if quotas:
             keys.append(quota_key(self.prefix, campaign))
-        state_raw, provider_raw, optout, *rest = self._execute("MGET", *keys)
+        commands: list[tuple[Any, ...]] = [("MGET", *keys)]
+        counted = self._limit_commands(channel, respondent) if self.limits.on else []
+        replies = self._execute_many(commands + counted)
+        state_raw, provider_raw, optout, *rest = replies[0]
         more, full = rest[:len(extra)], rest[len(extra):]
+        limited = first = False
+        if counted:
+            # Replies: INCR, EXPIRE per counter, respondent's first.
+            limits = [n for n in (self.limits.per_respondent, self.limits.per_channel) if n]
+            for limit, count in zip(limits, replies[1::2], strict=True):
+                if count > limit:
+                    limited = True
+                    first = first or count == limit + 1
         return Loaded(
             state_raw=_text(state_raw),
             provider=ProviderSession.decode(_text(provider_raw)) if provider_raw else None,
             opted_out=optout is not None,
             full_cells=frozenset(json.loads(full[0])) if full and full[0] else frozenset(),
             extra=tuple(_text(v) for v in more),
+            limited=limited, first_limited=first,
         )
+
+    def _limit_commands(self, channel: int, respondent: str) -> list[tuple[Any, ...]]:
+        """Count this hop in the current window (fixed windows: the key names the window,
+        so counting needs no read-modify-write and old windows expire by themselves)."""
+        window = self.limits.window
+        slot = int(time.time()) // window
+        commands: list[tuple[Any, ...]] = []
+        if self.limits.per_respondent:
+            key = f"{self.prefix}lim:{channel}:{respondent}:{slot}"
+            commands += [("INCR", key), ("EXPIRE", key, 2 * window)]
+        if self.limits.per_channel:
+            key = f"{self.prefix}lim:{channel}:{slot}"
+            commands += [("INCR", key), ("EXPIRE", key, 2 * window)]
+        return commands
 
     def commit(self, *, campaign: int, respondent: str, channel: int, session_id: str,
                expected: str, state: str, state_ttl: int, provider: ProviderSession | None,
@@ -333,6 +395,27 @@ def _round_trip(conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
         raise  # an error reply: read whole, the connection is still in step
     except BaseException:
         conn.disconnect()  # may be mid-reply: never reuse it
+        raise
+
+
+def _round_trips(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
+    try:
+        conn.send_packed_command(conn.pack_commands(commands))
+        replies = []
+        error: ResponseError | None = None
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:  # read every reply: the connection stays in step
+                error = error or exc
+                replies.append(exc)
+        if error is not None:
+            raise error
+        return replies
+    except ResponseError:
+        raise
+    except BaseException:
+        conn.disconnect()
         raise
 
 

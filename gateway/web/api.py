@@ -12,7 +12,7 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
+from gateway.channels.webhook import WebhookError, parse_json_body
 from gateway.coordination.campaigns import (
     CampaignError,
     audit,
@@ -62,6 +63,7 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 RANK = {"viewer": 0, "coordinator": 1, "admin": 2}
 MAX_UPLOAD = 50 * 1024 * 1024  # a 100k-row contact CSV is ~5 MB
 MAX_INT = 2**31 - 1  # SQL INTEGER
+MAX_JSON = 1024 * 1024  # a JSON request body (the largest, a quota table, is a few KB)
 
 
 class ApiError(Exception):
@@ -119,7 +121,12 @@ def requires(role: str) -> Callable[[Callable[..., Response]], Callable[..., Res
 
 def _body(fields: dict[str, type | tuple[type, ...]], required: set[str]) -> dict[str, Any]:
     """A JSON object with only these fields, of these types."""
-    data = request.get_json(silent=True)
+    if not request.is_json:
+        raise ApiError(400, "send a JSON object with Content-Type: application/json")
+    try:
+        data = parse_json_body(request, max_bytes=MAX_JSON)
+    except WebhookError as exc:
+        raise ApiError(exc.status, exc.reason) from None
     if not isinstance(data, dict):
         raise ApiError(400, "send a JSON object with Content-Type: application/json")
     unknown = set(data) - set(fields)
@@ -331,7 +338,8 @@ def move_campaign(slug: str, verb: str) -> Response:
 @requires("viewer")
 def campaign_stats(slug: str) -> Response:
     services = current_app.extensions["civicdial"]
-    report = campaign_status(services.engine, services.store)
+    report = campaign_status(services.engine, services.store, timedelta(
+        seconds=services.settings.outbound_overdue_seconds))
     match = [c for c in report["campaigns"] if c["slug"] == slug]
     if not match:
         raise ApiError(404, f"no campaign {slug!r}")
@@ -441,7 +449,9 @@ def export(slug: str) -> Response:
     if fmt == "microdata" and RANK[g.role] < RANK["coordinator"]:
         raise ApiError(403, "microdata needs the coordinator role")
     version = request.args.get("snapshot")
-    if version is not None and (not version.isdigit() or int(version) > MAX_INT):
+    # isdigit() alone lets "²" through, which int() refuses.
+    if version is not None and (not (version.isascii() and version.isdigit())
+                                or int(version) > MAX_INT):
         raise ApiError(422, "snapshot must be a version number")
     engine = _engine()
     with Session(engine) as db:

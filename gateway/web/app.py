@@ -14,12 +14,14 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from gateway.channels import africastalking, arkesel, hubtel, twilio
 from gateway.channels.webhook import WebhookError
 from gateway.config import Settings, load_settings
+from gateway.logformat import configure_logging
 from gateway.store.crypto import NumberBox
 from gateway.store.db import make_engine
 from gateway.store.redis_conn import connect
 from gateway.store.registry import Registry
-from gateway.store.sessions import SessionStore
-from gateway.web import api, dashboard
+from gateway.store.sessions import HopLimits, SessionStore
+from gateway.web import api, dashboard, metrics
+from gateway.web.framing import BodyGuard
 
 log = logging.getLogger("civicdial.webhooks")
 
@@ -36,8 +38,7 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     app = Flask(__name__)
     # Webhooks are tiny; only the admin API's uploads may be large (checked per route).
     app.config["MAX_CONTENT_LENGTH"] = api.MAX_UPLOAD
@@ -46,7 +47,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     client = connect(settings)
     app.extensions["civicdial"] = Services(
         settings=settings, engine=engine, redis=client,
-        store=SessionStore(client, settings.redis_prefix), registry=Registry(engine),
+        store=SessionStore(client, settings.redis_prefix, HopLimits(
+            settings.limit_window_seconds, settings.limit_per_respondent,
+            settings.limit_per_channel)), registry=Registry(engine),
         box=NumberBox(settings.encryption_key),
     )
     app.register_blueprint(africastalking.bp)
@@ -55,6 +58,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(twilio.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
+    # A body the server cannot decode, or shorter than announced: 400, never a 500 or a
+    # truncated form processed as if complete.
+    app.wsgi_app = BodyGuard(app.wsgi_app)  # type: ignore[method-assign]
+    app.register_blueprint(metrics.bp)
+    metrics.instrument(app)
     if settings.trust_proxy:
         # Behind a reverse proxy: request.url must be the public URL a provider signed.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
@@ -69,10 +77,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         log.warning("%s %s -> %d %s", request.method, _safe_path(), exc.code, exc.name)
         return Response(f"{exc.name}\n", status=exc.code or 400, mimetype="text/plain")
 
-    @app.get("/healthz")
-    def healthz() -> Response:
-        client.ping()
-        return Response("ok\n", mimetype="text/plain")
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    def _redis_down(exc: redis.RedisError) -> Response:
+        # Redis restarting (or unreachable): not a 500. The provider retries the hop and
+        # gets it processed once (or, if the commit landed, the stored reply).
+        log.warning("%s %s -> 503 redis unavailable: %s", request.method, _safe_path(), exc)
+        return Response("temporarily unavailable\n", status=503, mimetype="text/plain",
+                        headers={"Retry-After": "1"})
 
     return app
 

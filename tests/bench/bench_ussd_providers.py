@@ -158,7 +158,7 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> tuple[Base
 def config(args: argparse.Namespace, url: str, mode: str, **extra: Any) -> dict[str, Any]:
     return {"url": url, "mode": mode, "connections": args.connections, "warmup": args.warmup,
             "duration": args.duration, "seed": args.seed, "retry_rate": args.retry_rate,
-            "drop_rate": args.drop_rate, "typo_rate": args.typo_rate, **extra}
+            "drop_rate": args.drop_rate, "typo_rate": args.typo_rate} | extra
 
 
 def drain_check(run: BaseRun) -> dict[str, Any]:
@@ -193,7 +193,9 @@ def bench(run: BaseRun, paths: dict[str, str]) -> tuple[dict[str, Any], list[str
                 attempt(f"{provider}:{r}", lambda p=provider, t=traces, r=r: run_loadgen(
                     SCRIPTS[p], f"{p}-{r}", config(
                         args, base + paths[p], "walk",
-                        phone_base=WALK_PHONES[p] + r * ROUND_PHONES, watch=watch, **t),
+                        phone_base=WALK_PHONES[p] + r * ROUND_PHONES, watch=watch,
+                        # A round's own seed: its session ids must not be the last round's.
+                        seed=args.seed + r, **t),
                     tmp, run.load_limit))
                 attempt(f"{provider}:{r}:drain", lambda: drain_check(run))
     results["real_log"] = server_log_summary(tmp / "real.log")

@@ -1,0 +1,233 @@
+"""What an operator reads: health, metrics, stuck messages, and commands that refuse to
+start on a data dir that is not there."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner
+from fake_providers import fake_provider
+from flask.testing import FlaskClient
+from node import embedded_env
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from gateway.cli import main
+from gateway.config import Settings, load_settings
+from gateway.coordination.campaigns import create_token
+from gateway.logformat import mask_channel_keys
+from gateway.store.crypto import NumberBox
+from gateway.store.models import Campaign, Channel, OutboundMessage
+from gateway.store.redis_conn import EmbeddedRedis
+from gateway.web.app import create_app
+from workers.outbound import send_message
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def _hop(client: FlaskClient, url: str, text: str, session: str = "M1") -> int:
+    return client.post(url, content_type=FORM, data={
+        "sessionId": session, "serviceCode": "*920*16#", "phoneNumber": "+233241234567",
+        "networkCode": "62001", "text": text}).status_code
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in metrics.splitlines():
+        found = re.match(r"^(\w+)(?:\{(.*)\})? ([\d.e+-]+)$", line)
+        if found and found.group(1) == name:
+            have = ",".join(sorted((found.group(2) or "").split(","))) if found.group(2) else ""
+            if have == wanted:
+                return float(found.group(3))
+    return 0.0
+
+
+def test_healthz_and_readyz(client: FlaskClient) -> None:
+    """/healthz: the process answers; /readyz: Redis and SQL answer too."""
+    assert client.get("/healthz").get_data(as_text=True) == "ok\n"
+    resp = client.get("/readyz")
+    assert (resp.status_code, resp.get_data(as_text=True)) == (200, "ready\n")
+
+
+def test_readyz_and_hops_when_redis_is_down(settings: Settings, engine: Engine,
+                                            channel: Channel, tmp_path: Path) -> None:
+    """Redis unreachable: /readyz says 503 and why, /healthz still 200, and a hop gets
+    503 with Retry-After (the provider retries), never a 500."""
+    app = create_app(settings.with_(redis_url=f"unix://{tmp_path}/no-redis.socket"))
+    client = app.test_client()
+    resp = client.get("/readyz")
+    assert resp.status_code == 503
+    assert resp.get_data(as_text=True) == "not ready: redis: ConnectionError\n"
+    assert client.get("/healthz").status_code == 200
+    hop = client.post(f"/webhooks/africastalking/{channel.key}/ussd", content_type=FORM, data={
+        "sessionId": "R1", "serviceCode": "*920*16#", "phoneNumber": "+233241234567",
+        "networkCode": "62001", "text": ""})
+    assert hop.status_code == 503 and hop.headers["Retry-After"] == "1"
+
+
+def test_metrics_count_hops_and_replies_per_channel(client: FlaskClient, ussd_url: str,
+                                                    channel: Channel,
+                                                    redis_client: redis.Redis) -> None:
+    """Each hop is one observation of the latency histogram of its channel and one reply
+    of its kind; waiting events and restarts are read from Redis at scrape time."""
+    before = client.get("/metrics").get_data(as_text=True)
+    ch = str(channel.id)
+    assert _hop(client, ussd_url, "") == 200
+    assert _hop(client, ussd_url, "1") == 200
+    assert _hop(client, ussd_url, "1*2") == 200  # declines: END
+    client.post(ussd_url, content_type=FORM, data={"text": ""})  # refused: 400
+    redis_client.hset("cd:up:restarts", "worker", 2)
+    resp = client.get("/metrics")
+    assert resp.status_code == 200 and resp.mimetype == "text/plain"
+    after = resp.get_data(as_text=True)
+
+    def delta(name: str, **labels: str) -> float:
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    assert delta("civicdial_replies_total", channel=ch, kind="con") == 2
+    assert delta("civicdial_replies_total", channel=ch, kind="end") == 1
+    assert delta("civicdial_replies_total", channel=ch, kind="refused") == 1
+    assert delta("civicdial_hop_seconds_count", channel=ch) == 4  # the refused one too
+    assert delta("civicdial_hop_seconds_count", channel="unknown") == 0
+    assert _sample(after, "civicdial_events_waiting") == redis_client.xlen("cd:events") > 0
+    assert _sample(after, "civicdial_restarts_total", process="worker") == 2
+    assert _sample(after, "civicdial_campaigns", state="open") == 1
+    assert channel.key not in after
+
+
+def test_status_shows_outbound_by_status_and_overdue(env: dict[str, str], engine: Engine,
+                                                     channel: Channel, client: FlaskClient,
+                                                     settings: Settings) -> None:
+    """`campaign status --json` and /stats: invitations and outbound SMS by status, and
+    the messages still queued long past their due time (the oldest one's due time)."""
+    now = datetime.now(UTC)
+    long_ago = now - timedelta(hours=2)
+    with Session(engine) as db, db.begin():
+        campaign = db.scalar(select(Campaign))
+        assert campaign is not None
+        sms = Channel(key="at-ops-key", provider="africastalking", kind="sms", address="1662",
+                      campaign_id=campaign.id, config="{}")
+        db.add(sms)
+        db.flush()
+        rows = [("invitation", "queued", now), ("invitation", "queued", long_ago),
+                ("invitation", "sent", long_ago), ("reply", "delivered", now),
+                ("reply", "sending", now - timedelta(minutes=10)), ("reply", "queued", now)]
+        for i, (kind, status, at) in enumerate(rows):
+            db.add(OutboundMessage(key=f"ops:{i}", channel_id=sms.id, respondent=f"r{i}",
+                                   recipient="x", body="b", kind=kind, status=status,
+                                   created_at=at, updated_at=at))
+        token = create_token(db, "test", "viewer", "viewer")
+    result = CliRunner().invoke(main, ["campaign", "status", "sdg1662", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    stats = client.get("/api/v1/campaigns/sdg1662/stats",
+                       headers={"Authorization": f"Bearer {token}"}).get_json()
+    for shown in (report, stats):
+        assert shown["invitations_by_status"] == {"queued": 2, "sent": 1}
+        assert shown["outbound_by_status"] == {"queued": 3, "sent": 1, "delivered": 1,
+                                               "sending": 1}
+        overdue = shown["outbound_overdue"]
+        assert (overdue["count"], overdue["after_seconds"]) == (2, 300)
+        assert datetime.fromisoformat(overdue["oldest_due_at"]) == long_ago
+    text = CliRunner().invoke(main, ["campaign", "status", "sdg1662"], env=env).output
+    assert "2 outbound messages overdue (queued over 5 min past due; oldest due " in text
+    # A paused campaign holds its invitations on purpose: those are not stuck.
+    with engine.begin() as conn:
+        conn.execute(Campaign.__table__.update().values(state="paused"))
+    paused = json.loads(CliRunner().invoke(
+        main, ["campaign", "status", "sdg1662", "--json"], env=env).output)
+    assert paused["outbound_overdue"]["count"] == 1
+
+
+def test_commands_refuse_to_create_a_data_dir(tmp_path: Path) -> None:
+    """`status` from the wrong folder (embedded SQLite/Redis) names the data dir it
+    looked for and creates nothing; `init` makes one."""
+    missing = tmp_path / "nowhere" / "civicdial-data"
+    for args in (["status"], ["--data-dir", str(missing), "status", "--json"],
+                 ["--data-dir", str(missing), "campaign", "list"],
+                 ["--data-dir", str(missing), "worker", "--burst"]):
+        out = subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=tmp_path,
+                             env={**embedded_env(), "CIVICDIAL_DATA_DIR": str(missing)},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert out.stderr.startswith(f"Error: no data dir at {missing}: "), out.stderr
+        assert "Traceback" not in out.stderr
+    assert not missing.exists() and not (tmp_path / "civicdial-data").exists()
+    made = subprocess.run([sys.executable, "-m", "gateway.cli", "--data-dir", str(missing),
+                           "init"], env=embedded_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert (missing / "civicdial.db").exists()
+
+
+def test_channel_keys_are_masked_in_urls() -> None:
+    """Every webhook URL in a log line loses its key but for 4 characters."""
+    line = ('127.0.0.1 - - "POST /webhooks/africastalking/3kqAbCdEfGh/ussd/events?x=1 HTTP/1.1"'
+            ' 200 "https://h/webhooks/twilio/TwKey123/sms"')
+    assert mask_channel_keys(line) == (
+        '127.0.0.1 - - "POST /webhooks/africastalking/3kqA***/ussd/events?x=1 HTTP/1.1"'
+        ' 200 "https://h/webhooks/twilio/TwKe***/sms"')
+    assert mask_channel_keys("GET /dashboard/ 200") == "GET /dashboard/ 200"
+
+
+def test_redis_fsync_setting_reaches_the_embedded_server(tmp_path: Path) -> None:
+    """CIVICDIAL_REDIS_FSYNC=always is the embedded server's appendfsync (AOF on); other
+    values are refused when the settings are read."""
+    settings = load_settings({"CIVICDIAL_DATA_DIR": str(tmp_path / "data"),
+                              "CIVICDIAL_REDIS_FSYNC": "always"})
+    server = EmbeddedRedis(settings, tmp_path)
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+    finally:
+        server.stop()
+    try:
+        load_settings({"CIVICDIAL_DATA_DIR": str(tmp_path), "CIVICDIAL_REDIS_FSYNC": "never"})
+    except ValueError as exc:
+        assert "CIVICDIAL_REDIS_FSYNC must be one of everysec, always" in str(exc)
+    else:
+        raise AssertionError("an unknown fsync policy was accepted")
+
+
+def test_metrics_count_sends_by_result(client: FlaskClient, engine: Engine, channel: Channel,
+                                       settings: Settings, env: dict[str, str],
+                                       redis_client: redis.Redis,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each send job counts its result: sent (the provider took it) and stopped (the
+    recipient had opted out)."""
+    with fake_provider() as fake:
+        with Session(engine) as db, db.begin():
+            campaign = db.scalar(select(Campaign))
+            assert campaign is not None
+            sms = Channel(key="at-sends-key", provider="africastalking", kind="sms",
+                          address="1662", campaign_id=campaign.id, config=json.dumps({
+                              "username": "sandbox", "api_key": "at-key",
+                              "base_url": fake.base_url, "rate_per_second": 0}))
+            db.add(sms)
+            db.flush()
+            box = NumberBox(settings.encryption_key)
+            sent = OutboundMessage(key="s:1", channel_id=sms.id, respondent="r-ok",
+                                   recipient=box.seal("+233200000011"), body="b")
+            stopped = OutboundMessage(key="s:2", channel_id=sms.id, respondent="r-stop",
+                                      recipient=box.seal("+233200000012"), body="b")
+            db.add_all([sent, stopped])
+            db.flush()
+            ids = (sent.id, stopped.id)
+        redis_client.set("cd:optout:r-stop", "1")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        before = client.get("/metrics").get_data(as_text=True)
+        assert [send_message(i) for i in ids] == ["sent", "stopped"]
+        after = client.get("/metrics").get_data(as_text=True)
+    for result in ("sent", "stopped"):
+        assert (_sample(after, "civicdial_sends_total", result=result)
+                - _sample(before, "civicdial_sends_total", result=result)) == 1
