@@ -4,7 +4,10 @@ purged by a daily job the worker schedules; `status` shows the oldest kept."""
 from __future__ import annotations
 
 import json
-import threading
+import os
+import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -17,7 +20,6 @@ from gateway.cli import main
 from gateway.config import Settings
 from gateway.coordination.retention import purge, purge_daily
 from gateway.store.models import Channel, Contact, OutboundMessage
-from workers import jobs
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -60,25 +62,33 @@ def test_purge_runs_once_a_day(settings: Settings, engine: Engine,
     assert 0 < redis_client.ttl("cd:retention:last") <= 86400
 
 
-def test_the_worker_schedules_the_purge(settings: Settings, engine: Engine,
+def test_the_worker_schedules_the_purge(settings: Settings, engine: Engine, env: dict[str, str],
                                         redis_client: redis.Redis, channel: Channel) -> None:
-    """The worker's pump runs the daily purge (its first sweep is at start)."""
+    """A real `civicdial worker` process runs the daily purge (its first sweep is at
+    start)."""
     with Session(engine) as db, db.begin():
         db.execute(insert(Contact).values(respondent="ancient", recipient="x",
                                           created_at=datetime.now(UTC) - timedelta(days=4000)))
-    stop = threading.Event()
-    pump = threading.Thread(target=jobs._pump, args=(settings, stop), daemon=True)
-    pump.start()
+    proc = subprocess.Popen([sys.executable, "-c", WORKER], env={**os.environ, **env})
     try:
-        for _ in range(200):  # bounded wait for the first sweep, not a timing assertion
+        for _ in range(600):  # bounded wait for the first sweep, not a timing assertion
             if redis_client.exists("cd:retention:last"):
                 break
             time.sleep(0.1)
     finally:
-        stop.set()
-        pump.join(timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert redis_client.exists("cd:retention:last")
     with Session(engine) as db:
         assert db.scalars(select(Contact.respondent)).all() == []
+
+
+WORKER = "from gateway.config import load_settings; from workers.jobs import run_worker; " \
+         "run_worker(load_settings())"
 
 
 def test_status_shows_the_oldest_kept(env: dict[str, str], engine: Engine,

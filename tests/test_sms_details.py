@@ -149,8 +149,9 @@ def test_outbound_by_status_in_campaign_status_and_status_json(
                    .where(OutboundMessage.key == "bulk:0").values(status="failed"))
     runner = CliRunner()
     result = runner.invoke(main, ["campaign", "status", "sdg1662", "--json"], env=env)
-    assert json.loads(result.output)["outbound"] == {"failed": 1, "queued": 2}
+    assert json.loads(result.output)["outbound_by_status"] == {"failed": 1, "queued": 2}
     result = runner.invoke(main, ["campaign", "status", "sdg1662"], env=env)
     assert "outbound SMS: 1 failed, 2 queued" in result.output
     result = runner.invoke(main, ["status", "--json"], env=env)
-    assert json.loads(result.output)["campaigns"][0]["outbound"] == {"failed": 1, "queued": 2}
+    assert json.loads(result.output)["campaigns"][0]["outbound_by_status"] == {
+        "failed": 1, "queued": 2}

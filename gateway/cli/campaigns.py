@@ -198,8 +198,9 @@ def campaign_status_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
              f"{c['screened_out'] - c['ineligible']} screened out by quotas, "
              f"{c['ineligible']} ineligible (under 18), "
              f"{c['answers_stored']} answers stored, {c['events_waiting']} waiting"]
-    sms = c.get("outbound") or {}
-    lines.append("outbound SMS: " + (", ".join(f"{n} {status}" for status, n in sms.items())
+    sms = c.get("outbound_by_status") or {}
+    lines.append("outbound SMS: " + (", ".join(f"{n} {status}"
+                                               for status, n in sorted(sms.items()))
                                      if sms else "none"))
     airtime = c.get("airtime")
     if airtime:

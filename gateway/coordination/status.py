@@ -46,13 +46,6 @@ def campaign_status(engine: Engine, store: SessionStore,
         started: dict[int, int] = dict(db.execute(
             select(Interview.campaign_id, func.count()).where(Interview.started_at.is_not(None))
             .group_by(Interview.campaign_id)).all())
-        outbound: dict[int, dict[str, int]] = {}
-        for cid, status, n in db.execute(
-                select(Channel.campaign_id, OutboundMessage.status, func.count())
-                .join(Channel, Channel.id == OutboundMessage.channel_id)
-                .group_by(Channel.campaign_id, OutboundMessage.status)
-                .order_by(OutboundMessage.status)):
-            outbound.setdefault(cid, {})[status] = n
         answers: dict[int, int] = dict(db.execute(
             select(Answer.campaign_id, func.count()).where(Answer.value.is_not(None))
             .group_by(Answer.campaign_id)).all())
@@ -69,9 +62,6 @@ def campaign_status(engine: Engine, store: SessionStore,
             "screened_out": counts.get((c.id, "screened_out"), 0),
             "ineligible": ineligible.get(c.id, 0),
             "answers_stored": answers.get(c.id, 0),
-            # Outbound SMS of the campaign's channels by status (queued, sent, delivered,
-            # failed, ...): where a stuck or failing send shows.
-            "outbound": outbound.get(c.id, {}),
             "events_waiting": waiting.get(c.id, 0),
             "sms_segments_per_interview": costs[c.questionnaire_version],
             "target_size": c.target_size,
