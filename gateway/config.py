@@ -54,6 +54,8 @@ class Settings:
     # Past this many queued messages on a channel, bulk sends (invitations) are held.
     outbox_backlog: int
     send_backoff_seconds: float
+    # A dashboard sign-in lasts this long, then the browser signs in again.
+    console_session_hours: int = 12
 
     @property
     def redis_db_file(self) -> Path:
@@ -107,5 +109,6 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         send_retries=_int(env, "CIVICDIAL_SEND_RETRIES", 5),
         outbox_backlog=_int(env, "CIVICDIAL_OUTBOX_BACKLOG", 10_000),
         send_backoff_seconds=float(env.get("CIVICDIAL_SEND_BACKOFF_SECONDS") or 2.0),
+        console_session_hours=_int(env, "CIVICDIAL_CONSOLE_SESSION_HOURS", 12),
     )
     return settings.with_(**overrides) if overrides else settings

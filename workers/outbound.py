@@ -33,7 +33,7 @@ from gateway.store.outbox import (
     pending_key,
 )
 from gateway.store.redis_conn import shared_redis
-from gateway.store.sessions import SessionStore
+from gateway.store.sessions import SessionStore, is_simulated
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,12 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
         _set(engine, message_id, if_status="queued", status="stopped",
              error="recipient opted out (STOP)")
         return "stopped"
+    if is_simulated(row.respondent):
+        # The console's phone simulator: its number is fictional, and the panel shows
+        # the message from this row.
+        _set(engine, message_id, if_status="queued", status="simulated",
+             error="phone simulator: shown in the console, not sent")
+        return "simulated"
     if channel is None or channel.provider not in SENDERS:
         _set(engine, message_id, if_status="queued", status="failed",
              error="channel missing or cannot send")

@@ -17,7 +17,7 @@ from gateway.interview.engine import Rules, longest_path_screens
 from gateway.interview.segments import interview_cost
 from gateway.store.models import Answer, Campaign, Interview
 from gateway.store.registry import Registry
-from gateway.store.sessions import SessionStore
+from gateway.store.sessions import SessionStore, real_respondent
 
 
 def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
@@ -26,13 +26,16 @@ def campaign_status(engine: Engine, store: SessionStore) -> dict[str, Any]:
         counts: dict[tuple[int, str], int] = {
             (cid, status): n for cid, status, n in db.execute(
                 select(Interview.campaign_id, Interview.status, func.count())
+                .where(real_respondent(Interview.respondent))
                 .group_by(Interview.campaign_id, Interview.status))
         }
         started: dict[int, int] = dict(db.execute(
-            select(Interview.campaign_id, func.count()).where(Interview.started_at.is_not(None))
+            select(Interview.campaign_id, func.count()).where(Interview.started_at.is_not(None),
+                                                       real_respondent(Interview.respondent))
             .group_by(Interview.campaign_id)).all())
         answers: dict[int, int] = dict(db.execute(
-            select(Answer.campaign_id, func.count()).where(Answer.value.is_not(None))
+            select(Answer.campaign_id, func.count()).where(Answer.value.is_not(None),
+                                                          real_respondent(Answer.respondent))
             .group_by(Answer.campaign_id)).all())
     waiting = _waiting_by_campaign(store)
     costs = {c.questionnaire_version: _sms_cost(engine, c.questionnaire_version)
