@@ -19,7 +19,7 @@ from gateway.store.db import make_engine
 from gateway.store.redis_conn import connect
 from gateway.store.registry import Registry
 from gateway.store.sessions import SessionStore
-from gateway.web import api, dashboard
+from gateway.web import api, console, dashboard
 
 log = logging.getLogger("civicdial.webhooks")
 
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(twilio.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
+    app.register_blueprint(console.bp)
     if settings.trust_proxy:
         # Behind a reverse proxy: request.url must be the public URL a provider signed.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]

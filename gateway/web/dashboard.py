@@ -44,7 +44,8 @@ from gateway.coordination.signin import (
     token_row,
 )
 from gateway.coordination.status import campaign_status
-from gateway.store.models import Channel, OutboundMessage
+from gateway.store.models import Channel, OutboundMessage, QuestionnaireVersion
+from gateway.store.sessions import real_respondent
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates",
                static_folder="static")
@@ -244,7 +245,10 @@ def index() -> str:
     report = _report()
     rows = [{**entry, "pct": percent(entry["interviews_completed"], entry["target_size"])}
             for entry in report["campaigns"]]
-    return render_template("dashboard_index.html", campaigns=rows,
+    with Session(_engine()) as db:
+        versions = db.scalars(select(QuestionnaireVersion)
+                              .order_by(QuestionnaireVersion.created_at.desc())).all()
+    return render_template("dashboard_index.html", campaigns=rows, versions=versions,
                            waiting=report["events_waiting"],
                            parked=report["events_parked"], now=_now())
 
@@ -265,7 +269,7 @@ def campaign(slug: str) -> tuple[str, int] | str:
         outbound = db.execute(
             select(OutboundMessage.status, func.count())
             .join(Channel, Channel.id == OutboundMessage.channel_id)
-            .where(Channel.campaign_id == row.id)
+            .where(Channel.campaign_id == row.id, real_respondent(OutboundMessage.respondent))
             .group_by(OutboundMessage.status).order_by(OutboundMessage.status)).all()
     target = entry["target_size"]
     completed = entry["interviews_completed"]
