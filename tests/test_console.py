@@ -40,3 +40,308 @@ def test_every_page_answers_a_coordinator(client: FlaskClient,
                                           tokens: dict[str, str], path: str) -> None:  # noqa: F811
     resp = signed_in_client(client, tokens["coordinator"]).get(path)
     assert resp.status_code == 200, resp.get_data(as_text=True)[:2000]
+
+
+# -- the whole journey in a real browser ---------------------------------------------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import redis  # noqa: E402
+from flask import Flask  # noqa: E402
+from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+from sqlalchemy import Engine, func, select  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+from test_sms import work  # noqa: E402
+from test_tally import load  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
+
+from fake_providers import FakeProvider, fake_provider  # noqa: E402
+from gateway.store.models import (  # noqa: E402
+    Answer,
+    AuditEntry,
+    Campaign,
+    Channel,
+    Interview,
+    OutboundMessage,
+)
+
+CHROMIUM = shutil.which("chromium")
+SHIPPED = Path(__file__).resolve().parents[1] / "questionnaires" / "sdg1662.md"
+BAD_FORM = """\
+| survey | type | name | label::English (en) |
+| | select_one yesno | consent | Join? |
+| | select_one nolist | q1 | First |
+| | integer | | Second |
+| | select_one yesno | q1 | Third |
+
+| choices | list_name | name | label::English (en) |
+| | yesno | yes | Yes |
+| | yesno | yes | Yes again |
+"""
+CONTACTS = """phone,language,region,district
+0241234001,en,Ashanti,Kumasi
++233241234002,tw,Ashanti,Kumasi
+024 123 4003,en,Volta,Ho
+not-a-number,en,Ashanti,Kumasi
+0241234004,en,Ashanti,Kumasi,extra
+"""
+XSS = "<script>alert('x')</script>"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as pw:
+        # Never a downloaded browser: offline machines have only the distribution's.
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def live(app: Flask, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The app on a real port; jobs read their settings from the environment, as a worker
+    process does."""
+    for name, value in {**env, "CIVICDIAL_SEND_BACKOFF_SECONDS": "0"}.items():
+        monkeypatch.setenv(name, value)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=10)
+    server.server_close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProvider]:
+    with fake_provider() as provider:
+        yield provider
+
+
+@pytest.fixture
+def page(browser: Browser, live: str) -> Iterator[Page]:
+    context = browser.new_context(base_url=live, accept_downloads=True)
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.dialogs = dialogs  # type: ignore[attr-defined]
+    yield page
+    assert not dialogs, f"a script ran: {dialogs}"  # nothing user-written ever executes
+    context.close()
+
+
+def sign_in(page: Page, token: str) -> None:
+    page.goto("/dashboard/login")
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_text("Signed in as")).to_be_visible()
+
+
+class Shots:
+    def __init__(self, page: Page, folder: Path) -> None:
+        self.page, self.folder, self.n = page, folder, 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, name: str) -> None:
+        self.n += 1
+        self.page.screenshot(path=str(self.folder / f"{self.n:02d}-{name}.png"), full_page=True)
+
+
+def finish_job(page: Page, engine: Engine, client: redis.Redis) -> None:
+    """The job page shows progress; the worker runs it; the page reloads by itself."""
+    expect(page.locator("progress")).to_be_visible()
+    work(engine, client)
+    expect(page.locator("#job-status")).to_have_text("finished")
+
+
+def phone_screen(page: Page) -> str:
+    return page.locator("#phone pre.screen").last.inner_text()
+
+
+def test_a_coordinator_runs_a_campaign_end_to_end(
+        page: Page, live: str, engine: Engine, redis_client: redis.Redis, fake: FakeProvider,
+        tokens: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """Upload the form -> create -> bind -> import (bad rows) -> invite (fake provider) ->
+    simulator interview -> tally -> chart with intervals -> publish -> SDMX read back."""
+    shot = Shots(page, tmp_path / "screens")
+    sign_in(page, tokens["coordinator"])
+    shot("signed-in")
+
+    # 1. Questionnaires: a broken form lists every problem; the shipped one previews.
+    page.get_by_role("link", name="Questionnaires").click()
+    bad = tmp_path / "broken.md"
+    bad.write_text(BAD_FORM)
+    page.set_input_files("#file", str(bad))
+    page.get_by_role("button", name="Upload and check").click()
+    rows = page.locator("#form-error-table tbody tr")
+    expect(rows).to_have_count(4)  # all of them, not only the first
+    text = page.locator("#form-error-table").inner_text()
+    assert "appears twice" in text and "nolist" in text and "has no name" in text
+    assert "already used" in text
+    shot("form-errors")
+    page.set_input_files("#file", str(SHIPPED))
+    page.get_by_role("button", name="Upload and check").click()
+    expect(page.locator("section.lang")).to_have_count(2)
+    expect(page.locator("section.lang").first.locator(".sms-cost")).to_contain_text("segments")
+    assert "/ 160 characters" in page.locator("section.lang").first.inner_text()
+    shot("preview")
+
+    # 2. A new campaign, from the campaign list.
+    page.goto("/dashboard/")
+    page.fill("#slug", "journey")
+    page.fill("#name", "Journey pilot")
+    page.fill("#target_size", "300")
+    page.get_by_role("button", name="Create campaign").click()
+    expect(page).to_have_url(f"{live}/dashboard/campaigns/journey")
+    # A refused move says why.
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator("#refused")).to_contain_text("it can go to open, closed, not paused")
+    shot("refused")
+
+    # 3. Channels: a USSD code and an SMS number (to the stand-in provider).
+    page.goto("/dashboard/campaigns/journey/channels")
+    page.select_option("#provider", "africastalking")
+    page.select_option("#kind", "ussd")
+    page.fill("#address", "*920*77#")
+    page.get_by_role("button", name="Bind channel").click()
+    page.select_option("#kind", "sms")
+    page.fill("#address", "1663")
+    page.fill("#config", json.dumps({"username": "sandbox", "api_key": "at-key",
+                                     "base_url": fake.base_url, "rate_per_second": 0}))
+    page.get_by_role("button", name="Bind channel").click()
+    expect(page.locator("section.channel")).to_have_count(2)
+    assert "/webhooks/africastalking/" in page.locator("section.channel").first.inner_text()
+    shot("channels")
+    page.goto("/dashboard/campaigns/journey")
+    page.get_by_role("button", name="Open").click()
+    expect(page.locator("#state")).to_have_text("open")
+
+    # Real citizens' interviews (written as the worker writes them) for the tally.
+    with Session(engine) as db:
+        ussd = db.scalar(select(Channel).join(Campaign).where(
+            Campaign.slug == "journey", Channel.kind == "ussd"))
+        assert ussd is not None
+        db.expunge(ussd)
+    specs = load(engine, ussd, 300, seed=7)
+    real_completed = sum(1 for s in specs if s["status"] == "completed")
+
+    # 4. Contacts: two bad rows reported, downloadable.
+    page.goto("/dashboard/campaigns/journey/contacts")
+    csv_file = tmp_path / "contacts.csv"
+    csv_file.write_text(CONTACTS)
+    page.set_input_files("#contacts-file", str(csv_file))
+    page.get_by_role("button", name="Import").click()
+    finish_job(page, engine, redis_client)
+    expect(page.locator("#rejected-count")).to_have_text("2")
+    expect(page.locator("#rejected tbody tr")).to_have_count(2)
+    with page.expect_download() as download:
+        page.locator("#rejected-report").click()
+    report = Path(download.value.path()).read_text().splitlines()
+    assert report[0] == "line,reason" and len(report) == 3
+    shot("import")
+
+    # 5. Invitations: filters, a preview count, then the sends.
+    page.goto("/dashboard/campaigns/journey/contacts")
+    assert page.locator("#contacts tbody tr").count() == 3
+    page.fill("#region", "ashanti")
+    page.get_by_role("button", name="Preview how many").click()
+    expect(page.locator("#preview-count")).to_contain_text("Would send 2 invitations")
+    shot("invite-preview")
+    page.get_by_role("button", name="Send 2 invitations").click()
+    finish_job(page, engine, redis_client)
+    assert sorted(m["to"] for m in fake.accepted) == ["+233241234001", "+233241234002"]
+    page.goto("/dashboard/campaigns/journey/contacts")
+    expect(page.locator("#invitation-status")).to_contain_text("sent")
+
+    # 6. The phone simulator: a whole USSD interview, as a citizen sees it.
+    page.goto("/dashboard/campaigns/journey/simulator")
+    page.select_option("#sim-channel", label="Africa's Talking USSD *920*77#")
+    page.get_by_role("button", name="Send").click()  # dial
+    expect(page.locator("#phone pre.screen").first).to_contain_text("CON ")
+    saw_part_break = False
+    for _ in range(200):
+        screen = phone_screen(page)
+        if screen.startswith("END"):
+            if "Thank you" in screen and "Part" not in screen:
+                break
+            saw_part_break = saw_part_break or "Part" in screen
+            page.get_by_role("button", name="Send").click()  # dial again
+            continue
+        assert len(screen) <= 160, screen
+        if "How old" in screen:
+            key = "2"
+        elif "improve" in screen:
+            key = XSS
+        else:
+            key = "1"
+        page.fill("#sim-input", key)
+        page.get_by_role("button", name="Send").click()
+    else:
+        raise AssertionError("the simulated interview did not finish")
+    assert saw_part_break  # the part budget cut the interview into parts
+    shot("simulator-done")
+    work(engine, redis_client)
+    page.reload()
+    expect(page.locator("#sim-interview")).to_have_text("completed")
+    expect(page.locator("#sim-answers")).to_contain_text(XSS)  # shown as text
+    shot("simulator-answers")
+    # Test data: not counted, not sent.
+    with Session(engine) as db:
+        sim = db.scalar(select(Interview).where(Interview.respondent.startswith("sim-")))
+        assert sim is not None and sim.status == "completed"
+        assert db.scalar(select(func.count()).select_from(Answer).where(
+            Answer.respondent == sim.respondent)) > 20
+        assert not db.scalar(select(func.count()).select_from(OutboundMessage).where(
+            OutboundMessage.respondent == sim.respondent, OutboundMessage.status == "sent"))
+
+    # 7. Fieldwork counts real completions only, live.
+    page.goto("/dashboard/campaigns/journey/fieldwork")
+    expect(page.locator("#fw-completed")).to_have_text(str(real_completed))
+    shot("fieldwork")
+
+    # 8. Results: the tally as a job, charts with intervals, the numbers in a table.
+    page.goto("/dashboard/campaigns/journey/results")
+    expect(page.locator("#no-tally")).to_be_visible()
+    page.get_by_role("button", name="Run the tally").click()
+    finish_job(page, engine, redis_client)
+    page.get_by_role("link", name="See the results").click()
+    chart = page.locator("#chart-health")
+    expect(chart).to_be_visible()
+    assert chart.locator("line.ci").count() >= 3 * 7  # a whisker and two ends per bar
+    expect(page.locator("#table-health tbody tr")).to_have_count(7)
+    assert page.locator("svg.chart .na").count() >= 1  # some small groups are suppressed
+    assert "not enough answers" in page.locator("svg.chart").nth(1).inner_html() or \
+        page.locator("g.suppressed").count() >= 1
+    shot("results")
+    page.get_by_role("button", name="Publish snapshot 1").click()
+    expect(page.locator("#published")).to_have_text("Published: snapshot 1.")
+    shot("published")
+
+    # 9. SDMX download, read back with pysdmx.
+    from pysdmx.io.csv.sdmx10.reader import read
+
+    with page.expect_download() as download:
+        page.locator("#download-sdmx").click()
+    text = Path(download.value.path()).read_text()
+    (dataset,) = read(text)
+    assert len(dataset.data) == len(text.strip().splitlines()) - 1 > 50
+
+    # Every action is in the audit log, which the admin reads.
+    with Session(engine) as db:
+        actions = set(db.scalars(select(AuditEntry.action).where(
+            AuditEntry.actor == "token:coordinator person")))
+    assert {"questionnaire.load", "campaign.create", "channel.add", "campaign.open",
+            "contacts.import", "campaign.invite", "campaign.tally", "campaign.publish",
+            "campaign.export"} <= actions, actions
+    page.get_by_role("button", name="Sign out").click()
+    sign_in(page, tokens["admin"])
+    page.get_by_role("link", name="Audit log").click()
+    expect(page.locator("#audit")).to_contain_text("campaign.publish")
+    shot("audit")

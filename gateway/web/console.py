@@ -154,7 +154,10 @@ def upload_questionnaire() -> BaseResponse | tuple[str, int]:
             return render_template("console_questionnaires.html", forms=rows, errors=errors,
                                    filename=filename), 422
     with Session(_services().engine) as db, db.begin():
-        load_version(db, form, actor())
+        _, new = load_version(db, form, actor())
+        if not new:  # the same bytes again: nothing stored, but the upload is recorded
+            audit(db, actor(), "questionnaire.load", form.version,
+                  after={"filename": form.filename, "already_loaded": True})
     return redirect(url_for("console.questionnaire", version=form.version), 303)
 
 
