@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import redis
+from fake_providers import FakeProvider, fake_provider
+from flask import Flask
 from flask.testing import FlaskClient
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
 from test_dashboard import signed_in_client, tokens  # noqa: F401 - the role tokens fixture
+from test_sms import work
+from test_tally import load
+from werkzeug.serving import make_server
+
+from gateway.store.models import (
+    Answer,
+    AuditEntry,
+    Campaign,
+    Channel,
+    Interview,
+    OutboundMessage,
+)
 
 PAGES = ["/dashboard/", "/dashboard/questionnaires", "/dashboard/campaigns/sdg1662",
          "/dashboard/campaigns/sdg1662/settings", "/dashboard/campaigns/sdg1662/channels",
@@ -43,31 +66,6 @@ def test_every_page_answers_a_coordinator(client: FlaskClient,
 
 
 # -- the whole journey in a real browser ---------------------------------------------------
-
-import json  # noqa: E402
-import shutil  # noqa: E402
-import threading  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import redis  # noqa: E402
-from flask import Flask  # noqa: E402
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
-from sqlalchemy import Engine, func, select  # noqa: E402
-from sqlalchemy.orm import Session  # noqa: E402
-from test_sms import work  # noqa: E402
-from test_tally import load  # noqa: E402
-from werkzeug.serving import make_server  # noqa: E402
-
-from fake_providers import FakeProvider, fake_provider  # noqa: E402
-from gateway.store.models import (  # noqa: E402
-    Answer,
-    AuditEntry,
-    Campaign,
-    Channel,
-    Interview,
-    OutboundMessage,
-)
 
 CHROMIUM = shutil.which("chromium")
 SHIPPED = Path(__file__).resolve().parents[1] / "questionnaires" / "sdg1662.md"
@@ -345,3 +343,152 @@ def test_a_coordinator_runs_a_campaign_end_to_end(
     page.get_by_role("link", name="Audit log").click()
     expect(page.locator("#audit")).to_contain_text("campaign.publish")
     shot("audit")
+
+
+# -- roles, CSRF, XSS, small screens -------------------------------------------------------
+
+ACTIONS = [("/dashboard/campaigns", {"slug": "forged", "name": "F",
+                                     "questionnaire_version": "x"}),
+           ("/dashboard/campaigns/sdg1662/close", {}),
+           ("/dashboard/campaigns/sdg1662/settings", {"reminder_hours": "2"}),
+           ("/dashboard/campaigns/sdg1662/channels", {"provider": "twilio", "kind": "sms",
+                                                      "address": "+15005550006"}),
+           ("/dashboard/campaigns/sdg1662/tally", {}),
+           ("/dashboard/campaigns/sdg1662/publish", {}),
+           ("/dashboard/campaigns/sdg1662/invitations", {}),
+           ("/dashboard/campaigns/sdg1662/simulator", {"reset": "1"})]
+
+
+def _audit_count(engine: Engine) -> int:
+    with Session(engine) as db:
+        return db.scalar(select(func.count()).select_from(AuditEntry)) or 0
+
+
+@pytest.mark.parametrize(("path", "form"), ACTIONS, ids=[a[0] for a in ACTIONS])
+def test_a_viewer_forged_post_is_refused(client: FlaskClient, engine: Engine,
+                                         tokens: dict[str, str],  # noqa: F811
+                                         path: str, form: dict[str, str]) -> None:
+    """A viewer who posts a form anyway (with their own valid CSRF token) gets 403 and
+    nothing changes."""
+    signed_in_client(client, tokens["viewer"])
+    csrf = csrf_of(client.get("/dashboard/").get_data(as_text=True))
+    before = _audit_count(engine)
+    resp = client.post(path, data={**form, "csrf": csrf})
+    assert resp.status_code == 403, resp.get_data(as_text=True)[:500]
+    assert "needs the coordinator role" in resp.get_data(as_text=True)
+    assert _audit_count(engine) == before
+    with Session(engine) as db:
+        campaign = db.scalar(select(Campaign).where(Campaign.slug == "sdg1662"))
+        assert campaign is not None and campaign.state == "open"
+        assert campaign.reminder_hours == 12
+
+
+@pytest.mark.parametrize("csrf", [None, "", "0" * 64, "other-session"])
+def test_a_post_without_this_sessions_csrf_token_is_refused(
+        app: Flask, client: FlaskClient, engine: Engine, tokens: dict[str, str],  # noqa: F811
+        csrf: str | None) -> None:
+    """A coordinator's browser tricked into posting (no token, a guessed one, another
+    session's) gets 400 and nothing changes."""
+    signed_in_client(client, tokens["coordinator"])
+    if csrf == "other-session":
+        other = signed_in_client(app.test_client(), tokens["coordinator"])
+        csrf = csrf_of(other.get("/dashboard/").get_data(as_text=True))
+    before = _audit_count(engine)
+    data = {} if csrf is None else {"csrf": csrf}
+    resp = client.post("/dashboard/campaigns/sdg1662/close", data=data)
+    assert resp.status_code == 400
+    assert "form had expired" in resp.get_data(as_text=True)
+    assert _audit_count(engine) == before
+    # With the page's own token the same post works.
+    csrf = csrf_of(client.get("/dashboard/campaigns/sdg1662").get_data(as_text=True))
+    assert client.post("/dashboard/campaigns/sdg1662/close",
+                       data={"csrf": csrf}).status_code == 303
+    with Session(engine) as db:
+        assert db.scalar(select(Campaign.state).where(Campaign.slug == "sdg1662")) == "closed"
+
+
+def test_microdata_and_audit_need_their_roles(client: FlaskClient,
+                                              tokens: dict[str, str]) -> None:  # noqa: F811
+    signed_in_client(client, tokens["viewer"])
+    assert client.get("/dashboard/campaigns/sdg1662/export.microdata").status_code == 403
+    assert client.get("/dashboard/audit").status_code == 403
+    html = client.get("/dashboard/").get_data(as_text=True)
+    assert "Audit log" not in html
+
+
+def test_a_viewer_sees_no_control_in_the_browser(page: Page, tokens: dict[str, str],  # noqa: F811
+                                                 tmp_path: Path) -> None:
+    """Every page, as a viewer: no button but Sign out, and no number."""
+    sign_in(page, tokens["viewer"])
+    for path in PAGES:
+        page.goto(path)
+        buttons = page.locator("button:visible").all_inner_texts()
+        assert [b.strip() for b in buttons if b.strip() not in (
+            "Preview how many", "Search", "Preview at this limit")] == ["Sign out"], (
+            path, buttons)
+        assert not re.search(r"\+?233\d{9}", page.content())
+    page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+
+
+def test_script_in_a_campaign_name_and_an_open_answer_is_text(
+        page: Page, engine: Engine, redis_client: redis.Redis,
+        tokens: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """<script> typed as a campaign name and as an open answer (through the simulator)
+    shows as text on every page, and never runs (the page fixture fails on any dialog)."""
+    sign_in(page, tokens["coordinator"])
+    page.fill("#slug", "xss")
+    page.fill("#name", XSS)
+    page.get_by_role("button", name="Create campaign").click()
+    expect(page.get_by_role("heading", level=1)).to_contain_text(XSS)
+    page.goto("/dashboard/")
+    expect(page.locator('#campaigns tr[data-slug="xss"] td').nth(1)).to_have_text(XSS)
+    for path in ("/dashboard/campaigns/xss/results", "/dashboard/campaigns/xss/contacts",
+                 "/dashboard/campaigns/xss/channels"):
+        page.goto(path)
+        assert XSS not in page.content()  # escaped in the markup
+    # An open answer, typed on the simulated phone of the shipped campaign.
+    page.goto("/dashboard/campaigns/sdg1662/simulator")
+    page.get_by_role("button", name="Send").click()
+    for _ in range(120):
+        screen = phone_screen(page)
+        if "improve" in screen:
+            page.fill("#sim-input", XSS)
+            page.get_by_role("button", name="Send").click()
+            break
+        if screen.startswith("END"):
+            page.get_by_role("button", name="Send").click()
+            continue
+        page.fill("#sim-input", "2" if "How old" in screen else "1")
+        page.get_by_role("button", name="Send").click()
+    else:
+        raise AssertionError("never reached the open question")
+    work(engine, redis_client)
+    page.reload()
+    expect(page.locator("#sim-answers")).to_contain_text(XSS)
+    expect(page.locator("#phone")).to_contain_text(XSS)
+    assert page.locator("#sim-answers script").count() == 0
+    page.goto("/dashboard/audit")  # coordinator: refused, the message escaped too
+    page.screenshot(path=str(tmp_path / "xss.png"), full_page=True)
+
+
+def test_every_page_fits_a_phone(browser: Browser, live: str,
+                                 tokens: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """At 360 pixels nothing runs off the side (charts scale, tables become cards)."""
+    context = browser.new_context(base_url=live, viewport={"width": 360, "height": 740})
+    try:
+        page = context.new_page()
+        sign_in(page, tokens["admin"])
+        for n, path in enumerate([*PAGES, "/dashboard/audit",
+                                  "/dashboard/questionnaires/" + _shipped_version()]):
+            page.goto(path)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            page.screenshot(path=str(tmp_path / f"phone-{n:02d}.png"), full_page=True)
+            assert width <= 360, (path, width)
+    finally:
+        context.close()
+
+
+def _shipped_version() -> str:
+    from gateway.coordination.bootstrap import shipped_questionnaire
+
+    return shipped_questionnaire().version

@@ -34,6 +34,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from gateway.coordination.campaigns import (
@@ -87,10 +88,11 @@ from gateway.store.sessions import (
     real_respondent,
 )
 from gateway.web.charts import bar_chart, bar_of
-from gateway.web.dashboard import actor, acts, signed_in
+from gateway.web.dashboard import actor, acts, refused_page, signed_in
 from workers import console_jobs
 
 bp = Blueprint("console", __name__, url_prefix="/dashboard", template_folder="templates")
+bp.register_error_handler(HTTPException, refused_page)
 MAX_FIELD = 300
 EXPORTS = {"csv": ("text/csv", "csv"), "xlsx": (
     "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "xlsx"),

@@ -145,7 +145,7 @@ def actor() -> str:
 
 
 @bp.errorhandler(HTTPException)
-def _refused(exc: HTTPException) -> tuple[str, int]:
+def refused_page(exc: HTTPException) -> tuple[str, int]:
     return render_template("dashboard_refused.html", code=exc.code,
                            message=exc.description), exc.code or 400
 
