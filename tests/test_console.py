@@ -8,6 +8,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -492,3 +493,165 @@ def _shipped_version() -> str:
     from gateway.coordination.bootstrap import shipped_questionnaire
 
     return shipped_questionnaire().version
+
+
+# -- every form error at once --------------------------------------------------------------
+
+def test_every_form_error_is_collected_and_the_first_is_still_raised() -> None:
+    from gateway.interview.questionnaire import FormError, collect_form_errors, load_questionnaire
+
+    form, errors = collect_form_errors(BAD_FORM.encode(), "broken.md")
+    assert form is None
+    found = [(e.sheet, e.row, e.column) for e in errors]
+    assert found == [("choices", 3, "name"), ("survey", 3, "type"), ("survey", 4, "name"),
+                     ("survey", 5, "name")], [str(e) for e in errors]
+    with pytest.raises(FormError) as first:
+        load_questionnaire(BAD_FORM.encode(), "broken.md")
+    assert (first.value.sheet, first.value.row) == ("choices", 3)
+    shipped, none = collect_form_errors(SHIPPED.read_bytes(), SHIPPED.name)
+    assert shipped is not None and none == []
+
+
+# -- the simulator's respondents are test data ---------------------------------------------
+
+def test_simulator_interviews_are_left_out_everywhere(
+        app: Flask, engine: Engine, channel: Channel, tmp_path: Path,
+        redis_client: redis.Redis, settings: Any) -> None:
+    """One real and one simulated completed interview with the same answers: status,
+    quotas, the tally's patterns, microdata and airtime see only the real one."""
+    from test_dashboard import interview_events
+
+    from gateway.coordination.campaigns import set_airtime, set_quotas
+    from gateway.coordination.quotas import counts
+    from gateway.coordination.status import campaign_status
+    from gateway.indicator.exports import write_microdata
+    from gateway.indicator.tally import fetch_patterns
+    from gateway.interview.quota import define as define_quota
+    from gateway.store.crypto import NumberBox
+    from gateway.store.models import AirtimePayment
+    from gateway.store.sessions import SessionStore, is_simulated, pseudonym
+    from workers.persist import write_events
+
+    sim = pseudonym(settings.pseudonym_key, "+447700900123")
+    real = pseudonym(settings.pseudonym_key, "+233241234567")
+    assert is_simulated(sim) and not is_simulated(real) and len(sim) == len(real) == 32
+    with Session(engine) as db, db.begin():
+        set_quotas(db, "test", "sdg1662", lambda form: define_quota(
+            form, ["region", "sex"], [({"region": "ashanti", "sex": "female"}, 5)]))
+        set_airtime(db, "test", "sdg1662", "GHS", "2.00", "50.00")
+    box = NumberBox(settings.encryption_key)
+    events = []
+    for name, respondent in (("real", real), ("sim", sim)):
+        for e in interview_events(channel, name, "ashanti", "female", "completed",
+                                  box.seal("+233240000001")):
+            events.append({**e, "r": respondent})
+    write_events(engine, events)
+
+    entry = campaign_status(engine, SessionStore(redis_client))["campaigns"][0]
+    assert entry["interviews_started"] == entry["interviews_completed"] == 1
+    assert entry["answers_stored"] == 2
+    with Session(engine) as db:
+        campaign = db.scalar(select(Campaign))
+        assert campaign is not None
+        from gateway.interview.quota import Quota
+
+        quota = Quota.decode(campaign.quotas)
+        assert quota is not None
+        assert sum(counts(engine, campaign.id, quota).values()) == 1
+        payments = db.scalars(select(AirtimePayment.respondent)).all()
+    assert payments == [real]
+    assert int(fetch_patterns(engine, channel.campaign_id).count.sum()) == 1
+    write_microdata(engine, channel.campaign_id, tmp_path / "m.csv")
+    text = (tmp_path / "m.csv").read_text()
+    assert real in text and sim not in text
+
+
+# -- settings, channels, opt-outs, live fieldwork ------------------------------------------
+
+def test_settings_are_saved_all_or_nothing(client: FlaskClient, engine: Engine,
+                                           tokens: dict[str, str]) -> None:  # noqa: F811
+    signed_in_client(client, tokens["coordinator"])
+    csrf = csrf_of(client.get("/dashboard/campaigns/sdg1662/settings").get_data(as_text=True))
+    good = {"csrf": csrf, "languages": "en", "reminder_hours": "6", "reminder_max": "3",
+            "budget_seconds": "100", "budget_screens": "12", "airtime": "on",
+            "airtime_currency": "GHS", "airtime_amount": "2.00", "airtime_budget": "100.00",
+            "opens_at": "2026-03-01T08:00", "closes_at": ""}
+    assert client.post("/dashboard/campaigns/sdg1662/settings", data=good).status_code == 303
+    with Session(engine) as db:
+        c = db.scalar(select(Campaign).where(Campaign.slug == "sdg1662"))
+        assert c is not None
+        assert (c.languages, c.reminder_hours, c.reminder_max, c.budget_seconds,
+                c.budget_screens, c.airtime_amount) == ("English (en)", 6, 3, 100, 12, 200)
+    bad = {**good, "reminder_hours": "2", "airtime_budget": "1.00"}  # budget < one payment
+    resp = client.post("/dashboard/campaigns/sdg1662/settings", data=bad)
+    assert resp.status_code == 422
+    assert "smaller than one payment" in resp.get_data(as_text=True)
+    with Session(engine) as db:
+        assert db.scalar(select(Campaign.reminder_hours).where(Campaign.slug == "sdg1662")) == 6
+
+
+def test_bind_and_unbind_a_channel(client: FlaskClient, engine: Engine,
+                                   tokens: dict[str, str]) -> None:  # noqa: F811
+    signed_in_client(client, tokens["coordinator"])
+    csrf = csrf_of(client.get("/dashboard/campaigns/sdg1662/channels").get_data(as_text=True))
+    resp = client.post("/dashboard/campaigns/sdg1662/channels", data={
+        "csrf": csrf, "provider": "twilio", "kind": "ussd", "address": "*1#"})
+    assert resp.status_code == 422 and "twilio has no ussd channel" in resp.get_data(
+        as_text=True)
+    resp = client.post("/dashboard/campaigns/sdg1662/channels", data={
+        "csrf": csrf, "provider": "twilio", "kind": "sms", "address": "+15005550006",
+        "config": '{"account_sid": "AC1", "auth_token": "secret-token", "from": "+1500"}'})
+    assert resp.status_code == 303
+    html = client.get("/dashboard/campaigns/sdg1662/channels").get_data(as_text=True)
+    assert "/webhooks/twilio/" in html and "secret-token" not in html
+    with Session(engine) as db:
+        tw = db.scalar(select(Channel).where(Channel.provider == "twilio"))
+        assert tw is not None
+        tw_id, key = tw.id, tw.key
+        entry = db.scalar(select(AuditEntry).where(AuditEntry.action == "channel.add"))
+        assert entry is not None and "secret-token" not in entry.after
+    assert client.post(f"/dashboard/campaigns/sdg1662/channels/{tw_id}/unbind",
+                       data={"csrf": csrf}).status_code == 303
+    assert key not in client.get("/dashboard/campaigns/sdg1662/channels").get_data(as_text=True)
+
+
+def test_opt_out_from_the_contact_list(client: FlaskClient, engine: Engine,
+                                       redis_client: redis.Redis, settings: Any,
+                                       tokens: dict[str, str]) -> None:  # noqa: F811
+    from gateway.coordination.contacts import import_contacts
+    from gateway.store.crypto import NumberBox
+
+    with Session(engine) as db:
+        campaign_id = db.scalar(select(Campaign.id))
+    import_contacts(engine, campaign_id, CONTACTS.encode(), pseudonym_key=settings.pseudonym_key,
+                    box=NumberBox(settings.encryption_key))
+    viewer = signed_in_client(client, tokens["viewer"])
+    html = viewer.get("/dashboard/campaigns/sdg1662/contacts").get_data(as_text=True)
+    assert "Kumasi" in html and not re.search(r"\+?233\s?\d{2}", html)  # no number at all
+    assert "24123" not in html
+    coordinator = signed_in_client(app_client := client.application.test_client(),
+                                   tokens["coordinator"])
+    html = coordinator.get("/dashboard/campaigns/sdg1662/contacts?q=volta").get_data(
+        as_text=True)
+    assert "Volta" in html and "Kumasi" not in html and "+23324***4003" in html
+    contact_id = re.search(r"/contacts/(\d+)/opt-out", html).group(1)  # type: ignore[union-attr]
+    assert coordinator.post(f"/dashboard/campaigns/sdg1662/contacts/{contact_id}/opt-out",
+                            data={"csrf": csrf_of(html)}).status_code == 303
+    html = app_client.get("/dashboard/campaigns/sdg1662/contacts?q=volta").get_data(
+        as_text=True)
+    assert "<td data-label=\"Opted out\">yes</td>" in html
+
+
+def test_fieldwork_updates_without_a_reload(page: Page, engine: Engine, channel: Channel,
+                                            tokens: dict[str, str]) -> None:  # noqa: F811
+    from test_dashboard import interview_events
+
+    from workers.persist import write_events
+
+    sign_in(page, tokens["viewer"])
+    page.goto("/dashboard/campaigns/sdg1662/fieldwork")
+    expect(page.locator("#fw-completed")).to_have_text("0")
+    page.evaluate("window.notReloaded = true")
+    write_events(engine, interview_events(channel, "live", "ashanti", "male", "completed"))
+    expect(page.locator("#fw-completed")).to_have_text("1", timeout=15_000)
+    assert page.evaluate("window.notReloaded") is True

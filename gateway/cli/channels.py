@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 
 import click
 from sqlalchemy import select
@@ -11,8 +10,8 @@ from sqlalchemy.orm import Session
 
 from gateway.cli.context import open_engine, settings_of
 from gateway.coordination.bootstrap import DEFAULT_CAMPAIGN
-from gateway.coordination.campaigns import audit, cli_actor
-from gateway.coordination.channels import channel_urls
+from gateway.coordination.campaigns import CampaignError, cli_actor
+from gateway.coordination.channels import PROVIDER_KINDS, PROVIDERS, bind_channel, channel_urls
 from gateway.store.models import Campaign, Channel
 
 
@@ -49,12 +48,11 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
             click.echo(f"    {name:<9} {url}")
 
 
-PROVIDER_KINDS = {("africastalking", "ussd"), ("africastalking", "sms"), ("twilio", "sms")}
 
 
 @channels.command("add")
-@click.option("--provider", type=click.Choice(["africastalking", "twilio"]), required=True)
-@click.option("--kind", type=click.Choice(["ussd", "sms"]), required=True)
+@click.option("--provider", type=click.Choice(sorted(PROVIDERS)), required=True)
+@click.option("--kind", type=click.Choice(sorted({k for _, k in PROVIDER_KINDS})), required=True)
 @click.option("--address", required=True,
               help="USSD service code, or the SMS short code / number people text.")
 @click.option("--campaign", "slug", default=DEFAULT_CAMPAIGN, show_default=True)
@@ -81,17 +79,11 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
     settings = settings_of(ctx)
     engine = open_engine(settings, with_defaults=True)
     with Session(engine) as db, db.begin():
-        campaign = db.scalar(select(Campaign).where(Campaign.slug == slug))
-        if campaign is None:
-            raise click.ClickException(f"no campaign {slug!r}")
-        channel = Channel(key=secrets.token_urlsafe(18), provider=provider, kind=kind,
-                          address=address, campaign_id=campaign.id, screen_limit=screen_limit,
-                          config=json.dumps(config))
-        db.add(channel)
-        db.flush()
-        # The config holds provider secrets: the audit names its keys, not their values.
-        audit(db, cli_actor(), "channel.add", f"{provider}/{kind}/{address}",
-              after={"campaign": slug, "config_keys": sorted(config)})
+        try:
+            channel = bind_channel(db, cli_actor(), slug, provider, kind, address, config,
+                                   screen_limit)
+        except CampaignError as exc:
+            raise click.ClickException(str(exc)) from None
         db.expunge(channel)
     urls = channel_urls(channel, settings.public_base_url or "http://127.0.0.1:8000")
     if as_json:
