@@ -655,3 +655,29 @@ def test_fieldwork_updates_without_a_reload(page: Page, engine: Engine, channel:
     write_events(engine, interview_events(channel, "live", "ashanti", "male", "completed"))
     expect(page.locator("#fw-completed")).to_have_text("1", timeout=15_000)
     assert page.evaluate("window.notReloaded") is True
+
+
+def test_simulator_by_sms_shows_the_queued_replies(page: Page, engine: Engine,
+                                                   redis_client: redis.Redis,
+                                                   tokens: dict[str, str]) -> None:  # noqa: F811
+    """Africa's Talking SMS in its wire format: the replies come through the outbound
+    queue; the worker marks them simulated instead of sending them."""
+    with Session(engine) as db, db.begin():
+        campaign_id = db.scalar(select(Campaign.id))
+        db.add(Channel(key="sim-at-sms", provider="africastalking", kind="sms",
+                       address="1662", campaign_id=campaign_id,
+                       config=json.dumps({"username": "sandbox", "api_key": "k",
+                                          "base_url": "http://127.0.0.1:9",
+                                          "rate_per_second": 0})))
+    sign_in(page, tokens["coordinator"])
+    page.goto("/dashboard/campaigns/sdg1662/simulator")
+    page.select_option("#sim-channel", label="Africa's Talking SMS 1662")
+    page.fill("#sim-input", "SURVEY")
+    page.get_by_role("button", name="Send").click()
+    work(engine, redis_client)
+    page.reload()
+    expect(page.locator("#sim-texts")).to_contain_text("1")  # the language question
+    expect(page.locator("#sim-texts")).to_contain_text("simulated")
+    with Session(engine) as db:
+        statuses = set(db.scalars(select(OutboundMessage.status)))
+    assert statuses == {"simulated"}

@@ -82,7 +82,6 @@ from gateway.store.models import (
 )
 from gateway.store.sessions import (
     SIMULATOR_NUMBERS,
-    is_simulated,
     mask_phone,
     pseudonym,
     real_respondent,
@@ -619,6 +618,12 @@ def simulator(slug: str) -> str | tuple[str, int]:
                 Interview, Interview.id == Answer.interview_id)
             .where(Interview.respondent == respondent, Interview.campaign_id == campaign.id,
                    Answer.value.is_not(None)).order_by(Answer.seq)).all()
+        # SMS replies that go through the outbound queue (Africa's Talking cannot answer
+        # inline), as the phone would receive them; the worker never sends them.
+        texts = [{"body": m.body, "segments": count_segments(m.body).segments,
+                  "status": m.status} for m in db.scalars(
+            select(OutboundMessage).where(OutboundMessage.respondent == respondent)
+            .order_by(OutboundMessage.id.desc()).limit(30))]
         interview = db.execute(select(Interview.status, Interview.lang).where(
             Interview.respondent == respondent,
             Interview.campaign_id == campaign.id)).first()
@@ -626,7 +631,7 @@ def simulator(slug: str) -> str | tuple[str, int]:
     waiting = services.store.waiting()
     return render_template("console_simulator.html", slug=slug, name=name, channels=options,
                            state=state, answers=answers, interview=interview,
-                           waiting=waiting, respondent=respondent[:12])
+                           waiting=waiting, respondent=respondent[:12], texts=texts)
 
 
 @bp.post("/campaigns/<slug>/simulator")
@@ -637,6 +642,8 @@ def simulate(slug: str) -> BaseResponse | tuple[str, int]:
     services = _services()
     if request.form.get("reset"):
         _sim_reset(slug)
+        with Session(services.engine) as db, db.begin():
+            audit(db, actor(), "simulator.reset", slug)
         return redirect(url_for("console.simulator", slug=slug), 303)
     typed = _text("input", limit=160)
     channel_id = _int("channel")
@@ -658,6 +665,11 @@ def simulate(slug: str) -> BaseResponse | tuple[str, int]:
             state["session"] = f"sim-{secrets.token_hex(8)}"
             state["text"] = []
             typed_now = None  # a dial: the first hop has an empty text
+            # Each dial is recorded (not each key: the stored answers say the rest).
+            with Session(services.engine) as db, db.begin():
+                audit(db, actor(), "simulator.dial", slug,
+                      after={"channel": channel.id, "respondent": pseudonym(
+                          services.settings.pseudonym_key, phone)[:12]})
         else:
             typed_now = typed
             state["text"].append(typed)
@@ -695,19 +707,8 @@ def simulate(slug: str) -> BaseResponse | tuple[str, int]:
         if reply:
             state["transcript"].append({"from": "network", "text": reply,
                                         "status": resp.status_code})
-        respondent = pseudonym(services.settings.pseudonym_key, phone)
-        with Session(services.engine) as db:
-            shown = {t.get("outbound") for t in state["transcript"]}
-            for row in db.scalars(select(OutboundMessage).where(
-                    OutboundMessage.respondent == respondent).order_by(OutboundMessage.id)):
-                if row.id not in shown:
-                    seg = count_segments(row.body)
-                    state["transcript"].append({"from": "network", "text": row.body,
-                                                "outbound": row.id,
-                                                "segments": seg.segments})
     state["transcript"] = state["transcript"][-80:]
     _sim_save(slug, state)
-    assert is_simulated(pseudonym(services.settings.pseudonym_key, phone))
     return redirect(url_for("console.simulator", slug=slug), 303)
 
 
