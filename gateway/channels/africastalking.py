@@ -1,39 +1,39 @@
-"""Africa's Talking USSD: session callback and end-of-session notification.
+"""Africa's Talking: USSD (session callback, end-of-session notification), SMS, airtime.
 
-AT posts form fields sessionId, serviceCode, phoneNumber, networkCode and text, where
+USSD: AT posts form fields sessionId, serviceCode, phoneNumber, networkCode and text, where
 text is every input of the session so far joined by '*' ('' on the first hop), and
-expects text/plain 'CON ...' (wait for input) or 'END ...' (close). AT does not sign
-callbacks: the channel key in the URL is the secret. AT retries a hop it got no answer
-for; a retried hop (same sessionId and text) gets the stored reply and changes nothing.
+expects text/plain 'CON ...' (wait for input) or 'END ...' (close). This module only
+parses that form and renders the screen; the hop itself (gateway.channels.ussd) is shared
+with the other USSD providers. AT does not sign callbacks: the channel key in the URL is
+the secret. AT retries a hop it got no answer for; a retried hop (same sessionId and
+text) gets the stored reply and changes nothing.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Any, TypeGuard
+from typing import Any
 
 import requests
 from africastalking.Airtime import AirtimeService
 from africastalking.Service import AfricasTalkingException
 from africastalking.SMS import SMSService
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
-from gateway.channels.sms import (
-    FEEDBACK_QUESTION,
-    Inbound,
-    attach_airtime,
-    attach_subscription,
-    converse,
-    delivery_event,
-    send_event,
-    track,
+from gateway.channels.sms import Inbound, converse, delivery_event
+from gateway.channels.ussd import (
+    Screen,
+    SessionEnd,
+    UssdInput,
+    hop,
+    provider_channel,
+    services,
+    session_ended,
 )
 from gateway.channels.webhook import (
     WebhookError,
@@ -43,60 +43,32 @@ from gateway.channels.webhook import (
     parse_form_or_json,
     phone_number,
 )
-from gateway.interview import render
-from gateway.interview.engine import Input, SessionState, Stage, hand_over, step
-from gateway.interview.messages import message
 from gateway.money import minor_to_text
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.models import AirtimePayment
 from gateway.store.registry import ChannelInfo
-from gateway.store.sessions import (
-    ProviderSession,
-    decode_state,
-    encode_state,
-    mask_phone,
-    pseudonym,
-    state_provider_session,
-    stream_event,
-)
+from gateway.store.sessions import mask_phone, pseudonym
 
 bp = Blueprint("africastalking", __name__, url_prefix="/webhooks/africastalking")
 
-COMMIT_ATTEMPTS = 5
-ENDED_SESSION_TTL = 300
 END_STATUSES = {"Success", "Incomplete", "Failed"}
 
 
 def _services() -> Any:
-    return current_app.extensions["civicdial"]
+    return services()
 
 
 def _channel(channel_key: str, kind: str | None = "ussd") -> ChannelInfo:
     """The channel a URL names; kind None: any of this provider's channels."""
-    ch = _services().registry.channel(channel_key)
-    if ch is None or ch.provider != "africastalking" or kind not in (None, ch.kind):
-        raise WebhookError(404, "unknown channel")
-    return ch
+    return provider_channel("africastalking", channel_key, kind)
 
 
 def _text(body: str) -> Response:
     return Response(body, status=200, mimetype="text/plain")
 
 
-def _new_input(history: str, text: str) -> str | None:
-    """The part of `text` this session has not consumed yet, or None if `text` does not
-    extend what we have seen (a stale or forged request)."""
-    if history == "":
-        return text
-    if text.startswith(history + "*"):
-        return text[len(history) + 1:]
-    return None
-
-
-def _same_service(dialled: str, bound: str) -> bool:
-    # '*920*16*5#' is an extension of '*920*16#'; operators differ on the trailing '#'.
-    d, b = dialled.rstrip("#"), bound.rstrip("#")
-    return d == b or d.startswith(b + "*")
+def _render(screen: Screen) -> str:
+    return ("END " if screen.end else "CON ") + screen.text
 
 
 @bp.post("/<channel_key>/ussd")
@@ -109,85 +81,9 @@ def ussd(channel_key: str) -> Response:
     service_code = field(form, "serviceCode", max_len=40)
     text = field(form, "text", max_len=1000, allow_empty=True)
     field(form, "networkCode", max_len=10, required=False)
-    if not _same_service(service_code, ch.address):
-        raise WebhookError(400, f"serviceCode {service_code} is not this channel's "
-                                f"{ch.address}")
-    if not ch.campaign_open:
-        return _text("END " + message("en", "closed"))
-    services = _services()
-    settings = services.settings
-    respondent = pseudonym(settings.pseudonym_key, phone)
-    store = services.store
-    for _ in range(COMMIT_ATTEMPTS):
-        loaded = store.load(ch.campaign_id, respondent, ch.id, session_id,
-                            quotas=bool(ch.rules.quota_on))
-        record = loaded.provider
-        now = time.time()
-        if record is None:
-            inp = Input.open(now, secrets.token_hex(8))
-        else:
-            if record.respondent != respondent or record.campaign != ch.campaign_id:
-                raise WebhookError(409, "sessionId belongs to another phone number")
-            if text == record.history:
-                return _text(record.reply)
-            new = _new_input(record.history, text)
-            if new is None:
-                raise WebhookError(409, "text does not extend this session's inputs")
-            inp = Input.answer(new, now, secrets.token_hex(8))
-        state = loaded.state
-        if state is not None and state.stage is Stage.DONE and record is None:
-            # A new dial after completing: the published results, if any.
-            done_reply = _results_screen(services, ch, state)
-            if store.commit(campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
-                            session_id=session_id, expected=loaded.state_raw,
-                            state=loaded.state_raw, state_ttl=settings.completed_ttl,
-                            provider=ProviderSession(text, done_reply, ch.campaign_id,
-                                                     respondent),
-                            provider_ttl=ENDED_SESSION_TTL, events=[]):
-                return _text(done_reply)
-            continue
-        form_version = state.version if state else ch.questionnaire_version
-        result = step(services.registry.questionnaire(form_version), state, inp,
-                      ch.rules_for(loaded.full_cells))
-        reply = ("END " if result.reply.end else "CON ") + result.reply.text
-        if result.state is None:
-            new_state, ttl = "", 1
-        elif result.state.stage is Stage.DONE:
-            new_state, ttl = encode_state(result.state), settings.completed_ttl
-        else:
-            new_state = encode_state(result.state, session_id)
-            ttl = ch.rules.resume_window + 60
-        events = [stream_event(e, ch.campaign_id, ch.id, respondent, form_version)
-                  for e in result.events]
-        if any(e.get("q") == FEEDBACK_QUESTION for e in events):
-            sms = services.registry.sms_channel(ch.campaign_id)
-            attach_subscription(events, phone, services.box, sms.id if sms else None)
-        attach_airtime(events, ch, phone, services.box)
-        committed = store.commit(
-            campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
-            session_id=session_id, expected=loaded.state_raw, state=new_state, state_ttl=ttl,
-            provider=ProviderSession(text, reply, ch.campaign_id, respondent),
-            # After END the operator closes the session: only quick retries can follow.
-            provider_ttl=ENDED_SESSION_TTL if result.reply.end else settings.ussd_session_ttl,
-            events=events,
-            # A new dial supersedes the last one: its replay record is no longer needed.
-            forget_session=state_provider_session(loaded.state_raw) if record is None else "",
-        )
-        if committed:
-            if result.reply.end and _unfinished(result.state):
-                # A part break or too many invalid entries: a reminder if they do not
-                # dial again (rare, so the extra round trip does not weigh on the hop).
-                _track_for_reminders(ch, phone, respondent, result.state)
-            return _text(reply)
-    log.warning("ussd %s %s: state kept changing under us", ch.id, mask_phone(phone))
-    raise WebhookError(409, "concurrent requests for this session; retry")
-
-
-def _results_screen(services: Any, ch: ChannelInfo, state: SessionState) -> str:
-    code = services.registry.questionnaire(state.version).language(state.lang).code
-    summary = services.store.results(ch.campaign_id, code, state.answer_map().get("region"))
-    body = message(code, "already_done") + "\n" + (summary or message(code, "results_none"))
-    return "END " + render.clip(render.fold(body), ch.rules.body_limit)
+    # AT sends every input so far as `text`, so the hop can tell a retry from the next input.
+    return _text(hop(ch, UssdInput(session_id, phone, text, cumulative=True,
+                                   service_code=service_code), _render))
 
 
 @bp.post("/<channel_key>/ussd/events")
@@ -200,74 +96,14 @@ def ussd_events(channel_key: str) -> Response:
     if status not in END_STATUSES:
         raise WebhookError(400, f"status must be one of {', '.join(sorted(END_STATUSES))}")
     phone = phone_number(form, "phoneNumber") if form.get("phoneNumber") else ""
-    settings = _services().settings
-    respondent = pseudonym(settings.pseudonym_key, phone) if phone else None
-    _services().store.append([{
-        "id": f"ussd_end:{ch.id}:{session_id}", "k": "ussd_end", "ch": ch.id, "s": session_id,
-        "r": respondent, "st": status,
-        "n": field(form, "networkCode", max_len=10, required=False),
-        "d": _int_or_none(form.get("durationInMillis")),
-        "h": _int_or_none(form.get("hopsCount")),
-        "cost": field(form, "cost", max_len=40, required=False),
-        "err": field(form, "errorMessage", max_len=2000, required=False),
-        "t": time.time(),
-    }])
-    if respondent and not (status != "Success" and ch.sms_handover
-                           and _hand_over_to_sms(ch, phone, respondent, session_id)):
-        raw = _services().redis.get(_services().store.state_key(ch.campaign_id, respondent))
-        state = decode_state(raw.decode()) if raw else None
-        if _unfinished(state):
-            _track_for_reminders(ch, phone, respondent, state)
+    session_ended(ch, SessionEnd(
+        session_id, phone, status, dropped=status != "Success",
+        network=field(form, "networkCode", max_len=10, required=False),
+        duration_ms=_int_or_none(form.get("durationInMillis")),
+        hops=_int_or_none(form.get("hopsCount")),
+        cost=field(form, "cost", max_len=40, required=False),
+        error=field(form, "errorMessage", max_len=2000, required=False)))
     return _text("OK")
-
-
-def _unfinished(state: SessionState | None) -> TypeGuard[SessionState]:
-    return state is not None and state.consented and state.stage in (Stage.QUESTION,
-                                                                     Stage.RESUME)
-
-
-def _track_for_reminders(ch: ChannelInfo, phone: str, respondent: str,
-                         state: SessionState) -> None:
-    """Remind by SMS to dial again, if the campaign reminds and has an SMS channel."""
-    services = _services()
-    if ch.reminder_max > 0 and services.registry.sms_channel(ch.campaign_id) is not None:
-        track(services.redis, services.settings.redis_prefix, ch, respondent,
-              services.box.seal(phone), state.updated)
-
-
-def _hand_over_to_sms(ch: ChannelInfo, phone: str, respondent: str, session_id: str) -> bool:
-    """The network dropped an unfinished interview: offer to finish it by SMS, once.
-    True if it was handed over (now or by an earlier notification)."""
-    services = _services()
-    sms = services.registry.sms_channel(ch.campaign_id)
-    if sms is None:
-        log.warning("campaign %s: sms_handover is on but it has no SMS channel",
-                    ch.campaign_slug)
-        return False
-    key = f"handover:{ch.id}:{session_id}"
-    for _ in range(COMMIT_ATTEMPTS):
-        loaded = services.store.load(ch.campaign_id, respondent, sms.id, key)
-        state = loaded.state
-        if loaded.provider is not None:
-            return True
-        if loaded.opted_out or not _unfinished(state):
-            return False
-        form = services.registry.questionnaire(state.version)
-        moved, question = hand_over(form, state, sms.rules)
-        text = message(form.language(state.lang).code, "handover") + "\n" + question
-        if services.store.commit(
-                campaign=ch.campaign_id, respondent=respondent, channel=sms.id,
-                session_id=key, expected=loaded.state_raw, state=encode_state(moved),
-                state_ttl=sms.rules.resume_window + 60,
-                provider=ProviderSession("", text, ch.campaign_id, respondent),
-                provider_ttl=services.settings.ussd_session_ttl,
-                events=[send_event(sms, respondent, phone, text, key, services.box,
-                                   kind="handover", priority=1)]):
-            # Now an SMS conversation: reminded, and expired, as one.
-            track(services.redis, services.settings.redis_prefix, sms, respondent,
-                  services.box.seal(phone), moved.updated)
-            return True
-    return False
 
 
 @bp.post("/<channel_key>/sms")

@@ -60,7 +60,8 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
               help='Provider settings as JSON, e.g. {"username": "...", "api_key": "...", '
                    '"sender_id": "..."} (Africa\'s Talking) or {"account_sid": "...", '
                    '"auth_token": "...", "from": "+1..."} (Twilio). Optional: base_url, '
-                   'rate_per_second, reply ("inline"/"queue", Twilio).')
+                   'rate_per_second, reply ("inline"/"queue", Twilio), label (the screen '
+                   'title Hubtel shows in its app).')
 @click.option("--screen-limit", default=160, show_default=True, type=click.IntRange(64, 182))
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context

@@ -31,12 +31,19 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              '{"username": "...", "api_key": "...", "sender_id": "..."}'),
     Provider("twilio", "Twilio", ("sms",),
              '{"account_sid": "AC...", "auth_token": "...", "from": "+1..."}'),
+    Provider("hubtel", "Hubtel", ("ussd",), '{"label": "Survey"} (optional)'),
+    Provider("arkesel", "Arkesel", ("ussd",), "{}"),
 )}
 PROVIDER_KINDS = {(p.name, kind) for p in PROVIDERS.values() for kind in p.kinds}
 
 
 def channel_urls(channel: Channel, base_url: str) -> dict[str, str]:
     root = f"{base_url.rstrip('/')}/webhooks/{channel.provider}/{channel.key}"
+    if channel.kind == "ussd" and channel.provider == "hubtel":
+        # Hubtel's Service Interaction URL, and the fulfilment URL it requires (a stub).
+        return {"ussd": f"{root}/ussd", "fulfilment": f"{root}/ussd/fulfilment"}
+    if channel.kind == "ussd" and channel.provider == "arkesel":
+        return {"ussd": f"{root}/ussd"}
     if channel.kind == "ussd":
         return {"ussd": f"{root}/ussd", "events": f"{root}/ussd/events"}
     if channel.provider == "twilio":

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from gateway.channels import africastalking, twilio
+from gateway.channels import africastalking, arkesel, hubtel, twilio
 from gateway.channels.webhook import WebhookError
 from gateway.config import Settings, load_settings
 from gateway.store.crypto import NumberBox
@@ -50,6 +50,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         box=NumberBox(settings.encryption_key),
     )
     app.register_blueprint(africastalking.bp)
+    app.register_blueprint(hubtel.bp)
+    app.register_blueprint(arkesel.bp)
     app.register_blueprint(twilio.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)

@@ -1,18 +1,25 @@
 """The baseline: bare Flask endpoints at the real paths' shapes, answering constants.
 
 Served by gunicorn exactly like the real app (`bare_app:create_app()`), so the benchmarks'
-ratios show what a hop itself costs on top of Flask and gunicorn: the USSD hop (run.py),
-and the inbound SMS hops of Twilio (a constant TwiML reply) and Africa's Talking (`OK`;
-bench_sms.py).
+ratios show what a hop itself costs on top of Flask and gunicorn: the USSD hop (run.py;
+Hubtel's shape too, bench_ussd_providers.py), and the inbound SMS hops of Twilio (a
+constant TwiML reply) and Africa's Talking (`OK`; bench_sms.py).
 """
 
 from __future__ import annotations
+
+import json
 
 from flask import Flask, Response
 
 # About as long as a real question screen.
 SCREEN = ("CON Do you have difficulty walking or climbing steps?\n1 No difficulty\n"
           "2 Some difficulty\n3 A lot of difficulty\n4 Cannot do at all\n5 Prefer not to say")
+
+# The same screen as Hubtel's JSON answer (all six fields, as the real hop sends them).
+HUBTEL = json.dumps({"SessionId": "8d44f5a3c0a14e8f9b8e2f7d6c5b4a39", "Type": "response",
+                     "Message": SCREEN[4:], "Label": "Survey", "DataType": "input",
+                     "FieldType": "number"}, separators=(",", ":"))
 
 # About as long as a real SMS question, as TwiML.
 TWIML = ('<?xml version="1.0" encoding="UTF-8"?><Response><Message>Expenses for the health '
@@ -27,6 +34,11 @@ def create_app() -> Flask:
     def ussd(channel_key: str) -> Response:
         """Same route shape as the real hop; no parsing, no storage."""
         return Response(SCREEN, status=200, mimetype="text/plain")
+
+    @app.post("/webhooks/hubtel/<channel_key>/ussd")
+    def hubtel_ussd(channel_key: str) -> Response:
+        """Hubtel's route shape, a constant JSON screen; no parsing, no storage."""
+        return Response(HUBTEL, status=200, mimetype="application/json")
 
     @app.post("/webhooks/twilio/<channel_key>/sms")
     def twilio_sms(channel_key: str) -> Response:
