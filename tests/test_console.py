@@ -681,3 +681,27 @@ def test_simulator_by_sms_shows_the_queued_replies(page: Page, engine: Engine,
     with Session(engine) as db:
         statuses = set(db.scalars(select(OutboundMessage.status)))
     assert statuses == {"simulated"}
+
+
+def test_quotas_from_a_csv_then_cleared(client: FlaskClient, engine: Engine,
+                                        tokens: dict[str, str]) -> None:  # noqa: F811
+    import io
+
+    signed_in_client(client, tokens["coordinator"])
+    csrf = csrf_of(client.get("/dashboard/campaigns/sdg1662/settings").get_data(as_text=True))
+    bad = client.post("/dashboard/campaigns/sdg1662/quotas", data={
+        "csrf": csrf, "file": (io.BytesIO(b"region,colour,target\nashanti,red,5\n"), "q.csv")})
+    assert bad.status_code == 422 and "colour" in bad.get_data(as_text=True)
+    good = client.post("/dashboard/campaigns/sdg1662/quotas", data={
+        "csrf": csrf, "file": (io.BytesIO(b"region,sex,target\nashanti,female,120\n"),
+                               "q.csv")})
+    assert good.status_code == 303
+    html = client.get("/dashboard/campaigns/sdg1662").get_data(as_text=True)
+    assert 'id="quotas"' in html and "120" in html
+    assert client.post("/dashboard/campaigns/sdg1662/quotas",
+                       data={"csrf": csrf, "clear": "1"}).status_code == 303
+    assert "No quotas configured." in client.get("/dashboard/campaigns/sdg1662").get_data(
+        as_text=True)
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(AuditEntry).where(
+            AuditEntry.action == "campaign.quotas")) == 2

@@ -48,6 +48,7 @@ from gateway.coordination.campaigns import (
     set_airtime,
     set_languages,
     set_part_budget,
+    set_quotas,
     set_reminders,
     set_schedule,
     transition,
@@ -60,12 +61,14 @@ from gateway.coordination.channels import (
     unbind_channel,
 )
 from gateway.coordination.invitations import Audience, InvitationError, preview
+from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.coordination.status import campaign_status
 from gateway.indicator import exports
 from gateway.indicator.estimates import AREAS, BREAKDOWNS
 from gateway.indicator.tally import cells_of, latest_snapshot, publish
 from gateway.interview.engine import Rules, longest_path_screens
 from gateway.interview.questionnaire import FormError, collect_form_errors
+from gateway.interview.quota import read_csv as read_quota_csv
 from gateway.interview.segments import count_segments, interview_cost
 from gateway.store.models import (
     Answer,
@@ -252,6 +255,29 @@ def settings(slug: str) -> BaseResponse | tuple[str, int]:
                             url_for("console.campaign_settings", slug=slug), 422)
     _services().registry.refresh()
     return redirect(url_for("console.campaign_settings", slug=slug), 303)
+
+
+@bp.post("/campaigns/<slug>/quotas")
+@acts("coordinator")
+def quotas(slug: str) -> BaseResponse | tuple[str, int]:
+    """Replace the quotas with an uploaded CSV (question columns, then target), or clear
+    them; published to the webhooks at once, as the CLI and the API do."""
+    services = _services()
+    file = request.files.get("file")
+    data = file.read() if file is not None and file.filename else None
+    if data is None and not request.form.get("clear"):
+        abort(422, "choose a quota CSV (e.g. region,sex,target) or clear the quotas")
+    with Session(services.engine, expire_on_commit=False) as db, db.begin():
+        try:
+            campaign = set_quotas(db, actor(), slug, None if data is None else
+                                  (lambda form: read_quota_csv(data, form)))
+        except CampaignError as exc:
+            return _refused(f"Quotas not set: {exc}",
+                            url_for("console.campaign_settings", slug=slug), 422)
+    refresh_quotas(services.engine, services.redis, services.settings.redis_prefix,
+                   [campaign.id])
+    services.registry.refresh()
+    return redirect(url_for("dashboard.campaign", slug=slug), 303)
 
 
 @bp.get("/campaigns/<slug>/settings")
