@@ -705,3 +705,26 @@ def test_quotas_from_a_csv_then_cleared(client: FlaskClient, engine: Engine,
     with Session(engine) as db:
         assert db.scalar(select(func.count()).select_from(AuditEntry).where(
             AuditEntry.action == "campaign.quotas")) == 2
+
+
+def test_simulator_by_twilio_sms_is_signed_and_shows_the_twiml_reply(
+        client: FlaskClient, engine: Engine, tokens: dict[str, str]) -> None:  # noqa: F811
+    """Twilio's webhook checks X-Twilio-Signature: the simulator signs as Twilio does, and
+    the inline TwiML reply is shown as the text the phone receives."""
+    with Session(engine) as db, db.begin():
+        campaign_id = db.scalar(select(Campaign.id))
+        tw = Channel(key="sim-tw-sms", provider="twilio", kind="sms", address="+15005550006",
+                     campaign_id=campaign_id, config=json.dumps(
+                         {"account_sid": "AC123", "auth_token": "tw-secret",
+                          "from": "+15005550006"}))
+        db.add(tw)
+        db.flush()
+        tw_id = tw.id
+    signed_in_client(client, tokens["coordinator"])
+    csrf = csrf_of(client.get("/dashboard/campaigns/sdg1662/simulator").get_data(as_text=True))
+    resp = client.post("/dashboard/campaigns/sdg1662/simulator",
+                       data={"csrf": csrf, "channel": str(tw_id), "input": "SURVEY"})
+    assert resp.status_code == 303
+    html = client.get("/dashboard/campaigns/sdg1662/simulator").get_data(as_text=True)
+    phone = html[html.index('id="phone"'):html.index('id="sim-form"')]
+    assert "English" in phone and "&lt;Response" not in phone and "HTTP 403" not in phone
