@@ -86,6 +86,8 @@ class Settings:
     sync_interval_seconds: int = 60
     # The passphrase of an edge bundle (`edge create` / `edge join`), else it is asked.
     bundle_passphrase: str | None = None
+    # A dashboard sign-in lasts this long, then the browser signs in again.
+    console_session_hours: int = 12
 
     @property
     def redis_db_file(self) -> Path:
@@ -163,5 +165,6 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         outbound_overdue_seconds=_int(env, "CIVICDIAL_OUTBOUND_OVERDUE_SECONDS", 300),
         sync_interval_seconds=_int(env, "CIVICDIAL_SYNC_INTERVAL_SECONDS", 60),
         bundle_passphrase=env.get("CIVICDIAL_BUNDLE_PASSPHRASE") or None,
+        console_session_hours=_int(env, "CIVICDIAL_CONSOLE_SESSION_HOURS", 12),
     )
     return settings.with_(**overrides) if overrides else settings

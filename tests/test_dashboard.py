@@ -519,3 +519,70 @@ def test_nothing_configured(client: FlaskClient, tokens: dict[str, str]) -> None
     html = signed_in_client(client, tokens["viewer"]).get(
         "/dashboard/campaigns/sdg1662").get_data(as_text=True)
     assert "Airtime thank-you not configured." in html and "No quotas configured." in html
+
+
+# -- server-side sessions (issue 15: the cookie was the raw token, valid forever) -----------
+
+def _session_cookie(client: FlaskClient) -> str:
+    cookie = client.get_cookie("civicdial_dashboard", path="/dashboard")
+    assert cookie is not None
+    return cookie.value
+
+
+def _with_cookie(app: Flask, value: str) -> FlaskClient:
+    """Another browser that was handed a copy of the cookie."""
+    other = app.test_client()
+    other.set_cookie("civicdial_dashboard", value, path="/dashboard")
+    return other
+
+
+def test_cookie_is_a_session_id_not_the_token(client: FlaskClient,
+                                              tokens: dict[str, str]) -> None:
+    value = _session_cookie(signed_in_client(client, tokens["viewer"]))
+    assert value != tokens["viewer"] and tokens["viewer"] not in value
+    # The token itself in the cookie signs nobody in.
+    assert _with_cookie(client.application, tokens["viewer"]).get(
+        "/dashboard/").status_code == 303
+
+
+def test_copied_cookie_stops_working_after_sign_out(app: Flask, client: FlaskClient,
+                                                   tokens: dict[str, str]) -> None:
+    value = _session_cookie(signed_in_client(client, tokens["coordinator"]))
+    copy = _with_cookie(app, value)
+    assert copy.get("/dashboard/").status_code == 200  # a copy works while signed in
+    assert client.post("/dashboard/logout").status_code == 303
+    resp = copy.get("/dashboard/")
+    assert resp.status_code == 303 and "/dashboard/login" in resp.headers["Location"]
+    assert copy.get("/dashboard/campaigns/sdg1662").status_code == 303
+
+
+def test_session_expires(app: Flask, client: FlaskClient, engine: Engine,
+                         tokens: dict[str, str]) -> None:
+    from gateway.store.models import ConsoleSession
+
+    value = _session_cookie(signed_in_client(client, tokens["viewer"]))
+    cookie = client.get_cookie("civicdial_dashboard", path="/dashboard")
+    assert cookie is not None and cookie.expires is not None  # not a forever cookie
+    assert client.get("/dashboard/").status_code == 200
+    with Session(engine) as db, db.begin():
+        db.execute(update(ConsoleSession).values(
+            expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    resp = _with_cookie(app, value).get("/dashboard/")
+    assert resp.status_code == 303 and "error=expired" in resp.headers["Location"]
+
+
+def test_revoking_the_token_ends_its_sessions(app: Flask, client: FlaskClient,
+                                              engine: Engine,
+                                              tokens: dict[str, str]) -> None:
+    from gateway.coordination.signin import revoke_token
+    from gateway.store.models import ConsoleSession
+
+    value = _session_cookie(signed_in_client(client, tokens["viewer"]))
+    with Session(engine) as db, db.begin():
+        assert revoke_token(db, "test", "viewer person") == 1
+    assert _with_cookie(app, value).get("/dashboard/").status_code == 303
+    with Session(engine) as db:
+        assert all(s.revoked_at is not None for s in db.scalars(select(ConsoleSession)))
+    # Only a hash of the id is stored.
+    with Session(engine) as db:
+        assert value not in {s.id_hash for s in db.scalars(select(ConsoleSession))}

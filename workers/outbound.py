@@ -46,7 +46,7 @@ from gateway.store.outbox import (
     queue_for,
 )
 from gateway.store.redis_conn import shared_redis
-from gateway.store.sessions import SessionStore
+from gateway.store.sessions import SessionStore, is_simulated
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,12 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
         _set(engine, message_id, if_status="queued", status="stopped",
              error="recipient opted out (STOP)")
         return "stopped"
+    if is_simulated(row.respondent):
+        # The console's phone simulator: its number is fictional, and the panel shows
+        # the message from this row.
+        _set(engine, message_id, if_status="queued", status="simulated",
+             error="phone simulator: shown in the console, not sent")
+        return "simulated"
     if channel is None or (channel.provider not in SENDERS
                            and channel.provider not in IDEMPOTENT_SENDERS):
         _set(engine, message_id, if_status="queued", status="failed",

@@ -41,7 +41,7 @@ from gateway.store.models import (
     UssdSessionEnd,
 )
 from gateway.store.outbox import enqueue_send
-from gateway.store.sessions import GROUP, STREAM
+from gateway.store.sessions import GROUP, STREAM, is_simulated
 from gateway.store.syncbox import record_outbox
 from workers.airtime import enqueue as enqueue_airtime
 from workers.airtime import reserve as reserve_airtime
@@ -172,7 +172,8 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]],
         })
         seq = int(e["id"].rsplit("-", 1)[1])
         if kind == "answer" and e["q"] == FEEDBACK_QUESTION:
-            subscriptions[(e["c"], e["r"])] = e if e.get("v") == "yes" and "to" in e else None
+            subscriptions[(e["c"], e["r"])] = e if e.get("v") == "yes" and "to" in e \
+                and not is_simulated(e.get("r")) else None
         if kind == "answer":
             key = (iid, e["q"])
             if key not in answers or answers[key]["seq"] < seq:
@@ -188,7 +189,8 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]],
             if kind == "completed":
                 row["completed_at"] = _ts(e["t"])
                 completed_campaigns.add(int(e["c"]))
-                if e.get("to") and e.get("r"):
+                # Simulator interviews are test data: no airtime thank-you.
+                if e.get("to") and e.get("r") and not is_simulated(e["r"]):
                     completions.append({"campaign_id": e["c"], "respondent": e["r"],
                                         "interview_id": iid, "channel_id": e.get("ch"),
                                         "recipient": e["to"], "at": _ts(e["t"])})

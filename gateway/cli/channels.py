@@ -13,7 +13,7 @@ from gateway.channels import android
 from gateway.cli.context import open_engine, settings_of
 from gateway.coordination.bootstrap import DEFAULT_CAMPAIGN
 from gateway.coordination.campaigns import CampaignError, audit, cli_actor
-from gateway.coordination.channels import PROVIDER_KINDS, bind_channel, channel_urls
+from gateway.coordination.channels import PROVIDER_KINDS, PROVIDERS, bind_channel, channel_urls
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.models import Campaign, Channel
 
@@ -52,9 +52,8 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
 
 
 @channels.command("add")
-@click.option("--provider", required=True,
-              type=click.Choice(["africastalking", "twilio", "hubtel", "arkesel", "android"]))
-@click.option("--kind", type=click.Choice(["ussd", "sms"]), required=True)
+@click.option("--provider", type=click.Choice(sorted(PROVIDERS)), required=True)
+@click.option("--kind", type=click.Choice(sorted({k for _, k in PROVIDER_KINDS})), required=True)
 @click.option("--address", required=True,
               help="USSD service code, or the SMS short code / number people text.")
 @click.option("--campaign", "slug", default=DEFAULT_CAMPAIGN, show_default=True)

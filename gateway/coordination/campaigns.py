@@ -322,3 +322,24 @@ def create_token(db: Session, actor: str, name: str, role: str) -> str:
                     created_at=datetime.now(UTC)))
     audit(db, actor, "token.create", name, after={"role": role})
     return token
+
+
+def set_part_budget(db: Session, actor: str, slug: str, seconds: int | None,
+                    screens: int | None) -> Campaign:
+    """The USSD per-session budget: a session ends at the next question boundary after this
+    many seconds or screens ("Part 1 of 3 done"), before the operator cuts it (~180 s)."""
+    campaign = get_campaign(db, slug)
+    before = campaign_view(campaign)
+    if seconds is not None:
+        if not 30 <= seconds <= 170:
+            raise CampaignError("part budget seconds: between 30 and 170 (operators cut "
+                                "sessions at about 180)")
+        campaign.budget_seconds = seconds
+    if screens is not None:
+        if not 3 <= screens <= 100:
+            raise CampaignError("part budget screens: between 3 and 100")
+        campaign.budget_screens = screens
+    audit(db, actor, "campaign.part_budget", slug, before=before,
+          after={**campaign_view(campaign), "budget_seconds": campaign.budget_seconds,
+                 "budget_screens": campaign.budget_screens})
+    return campaign

@@ -8,9 +8,10 @@ row left without a job). Opted-out contacts are skipped here and checked again a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import redis
 from rq import Queue
@@ -79,9 +80,26 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
-           progress: Callable[[int], None] | None = None, prefix: str = "cd:",
-           backlog: int = 10_000, audience: Audience = Audience()) -> InviteResult:
+def _select(rows: Sequence[Any], audience: Audience) -> tuple[list[Any], int, int]:
+    """Who of these contacts gets an invitation now; and how many are skipped as opted
+    out or already invited."""
+    rows = [r for r in rows if audience.matches(r.region, r.language, r.attributes)]
+    stopped = sum(1 for r in rows if r.stopped)
+    already = sum(1 for r in rows if r.sent and not r.stopped)
+    return [r for r in rows if not r.stopped and not r.sent][:audience.limit], stopped, already
+
+
+def preview(engine: Engine, campaign_slug: str, audience: Audience = Audience()) -> InviteResult:
+    """What `invite` would do now with these filters, without queueing anything (held
+    invitations are counted as queued)."""
+    _, _, rows = _candidates(engine, campaign_slug)
+    todo, stopped, already = _select(rows, audience)
+    return InviteResult(len(todo), stopped, already)
+
+
+def _candidates(engine: Engine, campaign_slug: str) -> tuple[Any, int, Sequence[Any]]:
+    """The campaign, its SMS channel and its enrolled contacts with their opt-out and
+    invitation state."""
     with engine.connect() as conn:
         campaign = conn.execute(select(Campaign).where(Campaign.slug == campaign_slug)).first()
         if campaign is None:
@@ -105,11 +123,15 @@ def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
                 OutboundMessage.channel_id == channel_id))
             .where(CampaignContact.campaign_id == campaign.id)
             .order_by(Contact.id)).all()
+    return campaign, channel_id, rows
+
+
+def invite(engine: Engine, client: redis.Redis, campaign_slug: str,
+           progress: Callable[[int], None] | None = None, prefix: str = "cd:",
+           backlog: int = 10_000, audience: Audience = Audience()) -> InviteResult:
+    campaign, channel_id, rows = _candidates(engine, campaign_slug)
     examined = len(rows)
-    rows = [r for r in rows if audience.matches(r.region, r.language, r.attributes)]
-    stopped = sum(1 for r in rows if r.stopped)
-    already = sum(1 for r in rows if r.sent and not r.stopped)
-    todo = [r for r in rows if not r.stopped and not r.sent][:audience.limit]
+    todo, stopped, already = _select(rows, audience)
     if progress:  # contacts left out count as done
         progress(examined - len(todo))
     bodies = {code: message(code, "invitation", keyword=campaign.sms_keyword)

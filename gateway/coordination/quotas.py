@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from gateway.interview.engine import cell_key
 from gateway.interview.quota import Quota
 from gateway.store.models import Answer, Campaign, Interview
-from gateway.store.sessions import quota_key
+from gateway.store.sessions import quota_key, real_respondent
 
 
 def counts(engine: Engine, campaign_id: int, quota: Quota) -> dict[tuple[str, str], int]:
@@ -36,6 +36,7 @@ def counts(engine: Engine, campaign_id: int, quota: Quota) -> dict[tuple[str, st
     query = (select(*values, i.c.status, func.count()).select_from(joined)
              .where(i.c.campaign_id == campaign_id,
                     i.c.status.in_(("completed", "screened_out")),
+                    real_respondent(i.c.respondent),
                     *[v.is_not(None) for v in values])
              .group_by(*values, i.c.status))
     with engine.connect() as conn:

@@ -19,7 +19,7 @@ from gateway.interview.questionnaire import INELIGIBLE
 from gateway.interview.segments import interview_cost
 from gateway.store.models import Answer, Campaign, Channel, Interview, OutboundMessage
 from gateway.store.registry import Registry
-from gateway.store.sessions import SessionStore
+from gateway.store.sessions import SessionStore, real_respondent
 
 # A message is queued or sending this long after its due time (its last change: queued,
 # or failed and scheduled for a retry that is due within seconds): stuck, not waiting.
@@ -36,6 +36,7 @@ def campaign_status(engine: Engine, store: SessionStore,
         counts: dict[tuple[int, str], int] = {
             (cid, status): n for cid, status, n in db.execute(
                 select(Interview.campaign_id, Interview.status, func.count())
+                .where(real_respondent(Interview.respondent))
                 .group_by(Interview.campaign_id, Interview.status))
         }
         # Outside the survey's population (under 18): only this count is kept of them.
@@ -44,10 +45,12 @@ def campaign_status(engine: Engine, store: SessionStore,
             .where(Interview.status == "screened_out", Interview.reason == INELIGIBLE)
             .group_by(Interview.campaign_id)).all())
         started: dict[int, int] = dict(db.execute(
-            select(Interview.campaign_id, func.count()).where(Interview.started_at.is_not(None))
+            select(Interview.campaign_id, func.count()).where(Interview.started_at.is_not(None),
+                                                       real_respondent(Interview.respondent))
             .group_by(Interview.campaign_id)).all())
         answers: dict[int, int] = dict(db.execute(
-            select(Answer.campaign_id, func.count()).where(Answer.value.is_not(None))
+            select(Answer.campaign_id, func.count()).where(Answer.value.is_not(None),
+                                                          real_respondent(Answer.respondent))
             .group_by(Answer.campaign_id)).all())
     waiting = _waiting_by_campaign(store)
     costs = {c.questionnaire_version: _sms_cost(engine, c.questionnaire_version)

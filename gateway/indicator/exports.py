@@ -19,6 +19,7 @@ from sqlalchemy import Engine, select
 from gateway.indicator.estimates import AREAS, UNKNOWN, read_margins
 from gateway.indicator.tally import cells_of, region_names
 from gateway.store.models import Answer, Campaign, Interview, TallySnapshot
+from gateway.store.sessions import real_respondent
 
 # What the method requires every output to say it is.
 LABEL = "Experimental statistics from citizen-generated data"
@@ -247,7 +248,7 @@ def write_microdata(engine: Engine, campaign_id: int, path: Path) -> int:
                    a.question, a.value, a.answered_at)
             .select_from(Answer.__table__.join(Interview.__table__, i.id == a.interview_id))
             .where(a.campaign_id == campaign_id, a.value.is_not(None),
-                   a.question.not_in(FREE_TEXT))
+                   a.question.not_in(FREE_TEXT), real_respondent(a.respondent))
             .order_by(a.interview_id, a.seq))
     n = 0
     with engine.connect() as conn, open(path, "w", newline="", encoding="utf-8") as fh:

@@ -45,7 +45,7 @@ from gateway.store.models import (
     TallySnapshot,
 )
 from gateway.store.outbox import sweep
-from gateway.store.sessions import RESULTS_PUBLISHED
+from gateway.store.sessions import RESULTS_PUBLISHED, real_respondent
 
 PROFILE = ("sex", "age", "region", "urban", "income")
 OUTCOMES = tuple(q for _label, attrs, overall in AREAS.values() for q in (*attrs, overall))
@@ -92,7 +92,7 @@ def pattern_query(campaign_id: int) -> Any:
                func.max(case((i.status == "completed", 1), else_=0)).label("completed"))
         .select_from(Answer.__table__.join(Interview.__table__, i.id == a.interview_id))
         .where(a.campaign_id == campaign_id, a.value.is_not(None),
-               i.status.not_in(NOT_INTERVIEWED),
+               i.status.not_in(NOT_INTERVIEWED), real_respondent(a.respondent),
                # Screening, open text and opt-in answers play no part: skip their rows.
                a.question.in_((*PROFILE, *WG_QUESTIONS, *OUTCOMES)))
         .group_by(a.interview_id)

@@ -171,14 +171,19 @@ def _expr(row: dict[str, str], column: str, sheet: str, rownum: int) -> Expressi
 
 
 def _check_columns(rows: list[dict[str, str]], sheet: str, allowed: set[str],
-                   extra_ok: bool = False) -> None:
+                   extra_ok: bool = False, errors: list[FormError] | None = None) -> None:
     for i, row in enumerate(rows):
-        for column in row:
-            base, _ = _split_column(column)
-            if base not in allowed and not extra_ok:
-                raise FormError(
-                    f"column '{column}' is not in the supported XLSForm subset "
-                    f"(supported: {', '.join(sorted(allowed))})", sheet, i + 2, column)
+        try:
+            for column in row:
+                base, _ = _split_column(column)
+                if base not in allowed and not extra_ok:
+                    raise FormError(
+                        f"column '{column}' is not in the supported XLSForm subset "
+                        f"(supported: {', '.join(sorted(allowed))})", sheet, i + 2, column)
+        except FormError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
 
 
 def load_questionnaire(source: bytes, filename: str = "form.md") -> Questionnaire:
@@ -227,6 +232,39 @@ def load_questionnaire(source: bytes, filename: str = "form.md") -> Questionnair
     )
 
 
+def collect_form_errors(source: bytes, filename: str = "form.md"
+                        ) -> tuple[Questionnaire | None, list[FormError]]:
+    """The questionnaire, or every error found in it: each row of every sheet is checked
+    on its own, so a coordinator fixes them all in one go (load_questionnaire stops at the
+    first). Checks across rows (references, consent, pyxform) run once the rows are clean."""
+    suffix = Path(filename).suffix.lower()
+    try:
+        if suffix not in FILE_TYPES:
+            raise FormError(f"unsupported file type {suffix or '(none)'!r}: use .xlsx, .md "
+                            "or .csv")
+        book = get_xlsform(BytesIO(source), file_type=suffix)
+    except FormError as exc:
+        return None, [exc]
+    except (PyXFormError, ValueError, KeyError, OSError, UnicodeDecodeError) as exc:
+        return None, [FormError(f"cannot read the file as an XLSForm: {exc}")]
+    errors: list[FormError] = []
+    survey, choices_rows = list(book.survey or []), list(book.choices or [])
+    _check_columns(survey, "survey", SURVEY_COLUMNS, errors=errors)
+    _check_columns(choices_rows, "choices", CHOICES_COLUMNS, extra_ok=True, errors=errors)
+    _check_columns(list(book.settings or []), "settings", SETTINGS_COLUMNS, errors=errors)
+    lists = _read_choices(choices_rows, errors)
+    try:
+        _read_survey(survey, lists, errors)
+    except FormError as exc:  # the sheet as a whole (an unclosed group, no questions)
+        errors.append(exc)
+    if errors:
+        return None, errors
+    try:
+        return load_questionnaire(source, filename), []
+    except FormError as exc:
+        return None, [exc]
+
+
 def load_questionnaire_file(path: str | Path) -> Questionnaire:
     p = Path(path)
     try:
@@ -236,30 +274,37 @@ def load_questionnaire_file(path: str | Path) -> Questionnaire:
     return load_questionnaire(data, p.name)
 
 
-def _read_choices(rows: list[dict[str, str]]) -> dict[str, list[Choice]]:
+def _read_choices(rows: list[dict[str, str]],
+                  errors: list[FormError] | None = None) -> dict[str, list[Choice]]:
     lists: dict[str, list[Choice]] = {}
     for i, row in enumerate(rows):
-        rownum = i + 2
-        list_name = (row.get("list_name") or "").strip()
-        name = (row.get("name") or "").strip()
-        if not list_name:
-            raise FormError("choice has no list_name", "choices", rownum, "list_name")
-        if not name:
-            raise FormError("choice has no name", "choices", rownum, "name")
-        if " " in name:
-            raise FormError(f"choice name {name!r} contains a space", "choices", rownum, "name")
-        labels = _translations(row, "label")
-        if not labels:
-            raise FormError(f"choice {name!r} has no label", "choices", rownum, "label")
-        existing = lists.setdefault(list_name, [])
-        if any(c.name == name for c in existing):
-            raise FormError(f"choice {name!r} appears twice in list {list_name!r}",
-                            "choices", rownum, "name")
-        existing.append(Choice(name, labels))
+        try:
+            rownum = i + 2
+            list_name = (row.get("list_name") or "").strip()
+            name = (row.get("name") or "").strip()
+            if not list_name:
+                raise FormError("choice has no list_name", "choices", rownum, "list_name")
+            if not name:
+                raise FormError("choice has no name", "choices", rownum, "name")
+            if " " in name:
+                raise FormError(f"choice name {name!r} contains a space", "choices", rownum, "name")
+            labels = _translations(row, "label")
+            if not labels:
+                raise FormError(f"choice {name!r} has no label", "choices", rownum, "label")
+            existing = lists.setdefault(list_name, [])
+            if any(c.name == name for c in existing):
+                raise FormError(f"choice {name!r} appears twice in list {list_name!r}",
+                                "choices", rownum, "name")
+            existing.append(Choice(name, labels))
+        except FormError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
     return lists
 
 
-def _read_survey(rows: list[dict[str, str]], lists: dict[str, list[Choice]]
+def _read_survey(rows: list[dict[str, str]], lists: dict[str, list[Choice]],
+                 errors: list[FormError] | None = None
                  ) -> tuple[list[Question], list[tuple[int, int, Expression]]]:
     """The questions, and each row's own `relevant` (group or question) as (row, index of
     the first question it governs, expression), so references are checked on that row."""
@@ -268,88 +313,93 @@ def _read_survey(rows: list[dict[str, str]], lists: dict[str, list[Choice]]
     groups: list[tuple[str, Expression | None, int]] = []
     seen: dict[str, int] = {}
     for i, row in enumerate(rows):
-        rownum = i + 2
-        raw_type = " ".join((row.get("type") or "").split())
-        if not raw_type:
-            if any((v or "").strip() for v in row.values()):
-                raise FormError("row has no type", "survey", rownum, "type")
-            continue
-        parts = raw_type.split(" ")
-        # "begin group" / "begin repeat" are spellings of begin_group / begin_repeat.
-        qtype = f"{parts[0]}_{parts[1]}" if parts[0] in ("begin", "end") and len(parts) > 1 \
-            else parts[0]
-        if qtype not in SUPPORTED_TYPES:
-            raise FormError(
-                f"question type {qtype!r} is not supported (supported: "
-                f"{', '.join(SUPPORTED_TYPES)})", "survey", rownum, "type")
-        if qtype == "end_group":
-            if not groups:
-                raise FormError("end_group without a matching begin_group", "survey",
+        try:
+            rownum = i + 2
+            raw_type = " ".join((row.get("type") or "").split())
+            if not raw_type:
+                if any((v or "").strip() for v in row.values()):
+                    raise FormError("row has no type", "survey", rownum, "type")
+                continue
+            parts = raw_type.split(" ")
+            # "begin group" / "begin repeat" are spellings of begin_group / begin_repeat.
+            qtype = f"{parts[0]}_{parts[1]}" if parts[0] in ("begin", "end") and len(parts) > 1 \
+                else parts[0]
+            if qtype not in SUPPORTED_TYPES:
+                raise FormError(
+                    f"question type {qtype!r} is not supported (supported: "
+                    f"{', '.join(SUPPORTED_TYPES)})", "survey", rownum, "type")
+            if qtype == "end_group":
+                if not groups:
+                    raise FormError("end_group without a matching begin_group", "survey",
+                                    rownum, "type")
+                groups.pop()
+                continue
+            name = (row.get("name") or "").strip()
+            if not name:
+                raise FormError("row has no name", "survey", rownum, "name")
+            if not _NAME.match(name):
+                raise FormError(f"name {name!r} must start with a letter or _ and contain only "
+                                "letters, digits, _ . -", "survey", rownum, "name")
+            if name in seen:
+                raise FormError(f"name {name!r} is already used on row {seen[name]}", "survey",
+                                rownum, "name")
+            seen[name] = rownum
+            relevant = _expr(row, "relevant", "survey", rownum)
+            if relevant is not None:
+                relevants.append((rownum, len(questions), relevant))
+            if qtype == "begin_group":
+                groups.append((name, relevant, rownum))
+                continue
+            choices: tuple[Choice, ...] = ()
+            if qtype in ("select_one", "select_multiple"):
+                if len(parts) != 2:
+                    raise FormError(f"{qtype} needs exactly one list name, e.g. '{qtype} yesno'",
+                                    "survey", rownum, "type")
+                if parts[1] not in lists:
+                    raise FormError(f"list {parts[1]!r} is not in the choices sheet", "survey",
+                                    rownum, "type")
+                choices = tuple(lists[parts[1]])
+            elif len(parts) > 1:
+                raise FormError(f"type {raw_type!r}: {qtype} takes no list name", "survey",
                                 rownum, "type")
-            groups.pop()
-            continue
-        name = (row.get("name") or "").strip()
-        if not name:
-            raise FormError("row has no name", "survey", rownum, "name")
-        if not _NAME.match(name):
-            raise FormError(f"name {name!r} must start with a letter or _ and contain only "
-                            "letters, digits, _ . -", "survey", rownum, "name")
-        if name in seen:
-            raise FormError(f"name {name!r} is already used on row {seen[name]}", "survey",
-                            rownum, "name")
-        seen[name] = rownum
-        relevant = _expr(row, "relevant", "survey", rownum)
-        if relevant is not None:
-            relevants.append((rownum, len(questions), relevant))
-        if qtype == "begin_group":
-            groups.append((name, relevant, rownum))
-            continue
-        choices: tuple[Choice, ...] = ()
-        if qtype in ("select_one", "select_multiple"):
-            if len(parts) != 2:
-                raise FormError(f"{qtype} needs exactly one list name, e.g. '{qtype} yesno'",
-                                "survey", rownum, "type")
-            if parts[1] not in lists:
-                raise FormError(f"list {parts[1]!r} is not in the choices sheet", "survey",
-                                rownum, "type")
-            choices = tuple(lists[parts[1]])
-        elif len(parts) > 1:
-            raise FormError(f"type {raw_type!r}: {qtype} takes no list name", "survey",
-                            rownum, "type")
-        labels = _translations(row, "label")
-        if not labels and qtype != "calculate":
-            raise FormError(f"question {name!r} has no label", "survey", rownum, "label")
-        calculation = _expr(row, "calculation", "survey", rownum)
-        if qtype == "calculate" and calculation is None:
-            raise FormError("calculate needs a calculation", "survey", rownum, "calculation")
-        constraint = _expr(row, "constraint", "survey", rownum)
-        required_raw = (row.get("required") or "").strip()
-        if required_raw and required_raw.lower() not in (
-                "yes", "no", "true", "false", "true()", "false()", "1", "0"):
-            raise FormError(f"required must be yes or no, got {required_raw!r} "
-                            "(expressions are not supported here)", "survey", rownum,
-                            "required")
-        appearance = (row.get("appearance") or "").strip()
-        if appearance == INELIGIBLE and qtype != "note":
-            raise FormError(f"appearance {INELIGIBLE!r} is only for a note (the screen that "
-                            "ends the survey for someone outside its population)", "survey",
-                            rownum, "appearance")
-        questions.append(Question(
-            index=len(questions),
-            name=name,
-            type=qtype,
-            labels=labels,
-            choices=choices,
-            required=_yes(required_raw),
-            required_messages=_translations(row, "required_message"),
-            constraint=constraint,
-            constraint_messages=_translations(row, "constraint_message"),
-            relevant=tuple(g[1] for g in groups if g[1] is not None)
-            + ((relevant,) if relevant else ()),
-            calculation=calculation,
-            row=rownum,
-            appearance=appearance,
-        ))
+            labels = _translations(row, "label")
+            if not labels and qtype != "calculate":
+                raise FormError(f"question {name!r} has no label", "survey", rownum, "label")
+            calculation = _expr(row, "calculation", "survey", rownum)
+            if qtype == "calculate" and calculation is None:
+                raise FormError("calculate needs a calculation", "survey", rownum, "calculation")
+            constraint = _expr(row, "constraint", "survey", rownum)
+            required_raw = (row.get("required") or "").strip()
+            if required_raw and required_raw.lower() not in (
+                    "yes", "no", "true", "false", "true()", "false()", "1", "0"):
+                raise FormError(f"required must be yes or no, got {required_raw!r} "
+                                "(expressions are not supported here)", "survey", rownum,
+                                "required")
+            appearance = (row.get("appearance") or "").strip()
+            if appearance == INELIGIBLE and qtype != "note":
+                raise FormError(f"appearance {INELIGIBLE!r} is only for a note (the screen "
+                                "that ends the survey for someone outside its population)",
+                                "survey", rownum, "appearance")
+            questions.append(Question(
+                index=len(questions),
+                name=name,
+                type=qtype,
+                labels=labels,
+                choices=choices,
+                required=_yes(required_raw),
+                required_messages=_translations(row, "required_message"),
+                constraint=constraint,
+                constraint_messages=_translations(row, "constraint_message"),
+                relevant=tuple(g[1] for g in groups if g[1] is not None)
+                + ((relevant,) if relevant else ()),
+                calculation=calculation,
+                row=rownum,
+                appearance=appearance,
+            ))
+        except FormError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
     if groups:
         name, _, rownum = groups[-1]
         raise FormError(f"group {name!r} is never closed with end_group", "survey",

@@ -433,3 +433,18 @@ class SyncOutbox(Base):
     acked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
                                                       index=True)
     result: Mapped[str] = mapped_column(String(20), default="")
+
+
+class ConsoleSession(Base):
+    """A browser signed in to the dashboard. The cookie holds a random id; only its SHA-256
+    is stored, so a database dump signs nobody in. A session ends at its expiry, at sign-out
+    (revoked_at) and with its API token (checked on every request)."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

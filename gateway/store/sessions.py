@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
+from sqlalchemy import or_
 
 from gateway.interview.engine import Event, SessionState, Stage
 from gateway.interview.messages import message
@@ -70,10 +71,31 @@ def quota_key(prefix: str, campaign: int) -> str:
     return f"{prefix}quota:{campaign}:full"
 
 
+# The console's phone simulator dials from Ofcom's range reserved for drama (+44 7700
+# 900000-900999): numbers no citizen can have. Their respondents get a pseudonym prefix of
+# their own, so simulator interviews are test data everywhere: left out of status counts,
+# tallies, exports, quotas and airtime, and never sent an SMS.
+SIMULATOR_NUMBERS = "+447700900"
+SIMULATOR_PREFIX = "sim-"
+
+
 def pseudonym(key: bytes, phone: str) -> str:
     """Keyed HMAC of a phone number: stable per installation, useless without the key."""
     # hmac.digest is the one-shot C path: the same value as hmac.new(...).hexdigest().
-    return hmac.digest(key, phone.encode(), hashlib.sha256).hex()[:32]
+    digest = hmac.digest(key, phone.encode(), hashlib.sha256).hex()
+    if phone.startswith(SIMULATOR_NUMBERS):
+        return SIMULATOR_PREFIX + digest[:32 - len(SIMULATOR_PREFIX)]
+    return digest[:32]
+
+
+def is_simulated(respondent: str | None) -> bool:
+    """A respondent of the console's phone simulator (test data)."""
+    return bool(respondent) and respondent.startswith(SIMULATOR_PREFIX)  # type: ignore[union-attr]
+
+
+def real_respondent(column: Any) -> Any:
+    """SQL: rows of real respondents only (NULL respondents, e.g. declined, are real)."""
+    return or_(column.is_(None), ~column.startswith(SIMULATOR_PREFIX, autoescape=True))
 
 
 def mask_phone(phone: str) -> str:

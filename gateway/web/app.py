@@ -22,7 +22,7 @@ from gateway.store.db import make_engine
 from gateway.store.redis_conn import connect
 from gateway.store.registry import Registry
 from gateway.store.sessions import HopLimits, SessionStore
-from gateway.web import api, dashboard, metrics, sync
+from gateway.web import api, console, dashboard, metrics, sync
 from gateway.web.framing import BodyGuard
 
 log = logging.getLogger("civicdial.webhooks")
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(android.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
+    app.register_blueprint(console.bp)
     app.register_blueprint(sync.bp)
     # A body the server cannot decode, or shorter than announced: 400, never a 500 or a
     # truncated form processed as if complete.

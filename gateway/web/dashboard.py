@@ -14,7 +14,6 @@ import hmac
 import re
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import wraps
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from flask import (
     Blueprint,
     Response,
+    abort,
     current_app,
     g,
     redirect,
@@ -31,19 +31,28 @@ from flask import (
 )
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
-from gateway.coordination.campaigns import CampaignError, campaign_view, get_campaign, hash_token
+from gateway.coordination.campaigns import CampaignError, campaign_view, get_campaign
+from gateway.coordination.signin import (
+    SignedIn,
+    check_session,
+    close_session,
+    csrf_ok,
+    open_session,
+    token_row,
+)
 from gateway.coordination.status import campaign_status
-from gateway.store.models import ApiToken, Channel, OutboundMessage
-from gateway.web.api import RANK
+from gateway.store.models import Channel, OutboundMessage, QuestionnaireVersion
+from gateway.store.sessions import real_respondent
 
-bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates")
+bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates",
+               static_folder="static")
 
 COOKIE = "civicdial_dashboard"
 CSRF_COOKIE = "civicdial_dashboard_csrf"
 COOKIE_PATH = "/dashboard"  # the API authenticates by header; it never needs this cookie
-MAX_TOKEN = 200  # issued tokens are 46 characters; anything far longer is not one
 # Messages are chosen by code so that a crafted link cannot put words on the login page.
 ERRORS = {
     "bad-token": "That token is unknown or has been revoked. Check it and try again.",
@@ -52,32 +61,20 @@ ERRORS = {
 }
 # Where a successful sign-in may return to: a dashboard page, never another site.
 _NEXT = re.compile(r"/dashboard/[A-Za-z0-9_/-]*")  # used with fullmatch: "$" allows "\n"
-CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'")
-
-
-@dataclass(frozen=True)
-class Viewer:
-    name: str
-    role: str
+CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; "
+       "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
 def _engine() -> Engine:
     return current_app.extensions["civicdial"].engine
 
 
-def check_token(token: str) -> Viewer | None:
+def check_token(token: str) -> SignedIn | None:
     """The same test as the API's requires('viewer'): a known, unrevoked token whose role
-    is viewer or above."""
-    token = token.strip()
-    if not token or len(token) > MAX_TOKEN:
-        return None
+    is viewer or above (no session is opened)."""
     with Session(_engine()) as db:
-        row = db.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token),
-                                               ApiToken.revoked_at.is_(None)))
-    if row is None or RANK.get(row.role, -1) < RANK["viewer"]:
-        return None
-    return Viewer(row.name, row.role)
+        row = token_row(db, token)
+    return None if row is None else SignedIn(row.name, row.role, row.id, "")
 
 
 def _safe_next(target: str | None) -> str:
@@ -90,37 +87,82 @@ def _to_login(error: str | None) -> BaseResponse:
     args: dict[str, str] = {}
     if error:
         args["error"] = error
-    if request.path != url_for("dashboard.index"):
+    if request.method == "GET" and request.path != url_for("dashboard.index"):
         args["next"] = request.path
     return redirect(url_for("dashboard.login", **args), 303)
 
 
+def current() -> SignedIn | None:
+    """The signed-in browser's session owner (cached for the request), or None."""
+    if "viewer" not in g:
+        session_id = request.cookies.get(COOKIE, "")
+        viewer = None
+        if session_id:
+            with Session(_engine()) as db:
+                viewer = check_session(db, session_id)
+        g.viewer = viewer
+    return g.viewer
+
+
 def signed_in(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Every page checks its cookie again: a revoked token stops working at once."""
+    """Every page checks its session again: sign-out, expiry or a revoked token stop it at
+    once."""
     @wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        token = request.cookies.get(COOKIE)
-        if not token:
+        if not request.cookies.get(COOKIE):
             return _to_login(None)
-        viewer = check_token(token)
-        if viewer is None:
+        if current() is None:
             response = _to_login("expired")
             response.delete_cookie(COOKIE, path=COOKIE_PATH)
             return response
-        g.viewer = viewer
         return view(*args, **kwargs)
     return wrapped
 
 
-@bp.after_request
+def acts(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A form that changes something: signed in, at least `role`, and the session's CSRF
+    token in the form (or the X-CSRF-Token header of the console's own script). A viewer's
+    forged POST gets 403 and changes nothing."""
+    def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(view)
+        @signed_in
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            sent = request.form.get("csrf") or request.headers.get("X-CSRF-Token", "")
+            if not csrf_ok(request.cookies.get(COOKIE, ""), sent):
+                abort(400, "The form had expired or did not come from this console: "
+                           "reload the page and try again.")
+            if not g.viewer.may(role):
+                abort(403, f"This needs the {role} role; you are signed in as "
+                           f"{g.viewer.role}.")
+            return view(*args, **kwargs)
+        return wrapped
+    return decorate
+
+
+def actor() -> str:
+    """Who is acting, for the audit log: the token's name, as the API records it."""
+    return f"token:{g.viewer.name}"
+
+
+@bp.errorhandler(HTTPException)
+def refused_page(exc: HTTPException) -> tuple[str, int]:
+    return render_template("dashboard_refused.html", code=exc.code,
+                           message=exc.description), exc.code or 400
+
+
+@bp.after_app_request
 def _headers(response: BaseResponse) -> BaseResponse:
     # Shared office computers: nothing behind the sign-in may be kept in a cache, and the
-    # pages may not be framed (clickjacking) or load anything from elsewhere.
+    # pages may not be framed (clickjacking) or load anything from elsewhere. Scripts only
+    # from our own static files: no inline script runs, so injected markup cannot act.
+    if not request.path.startswith(COOKIE_PATH):
+        return response
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["Cache-Control"] = "no-store"
+    if not request.path.startswith(f"{COOKIE_PATH}/static/"):
+        response.headers["Cache-Control"] = "no-store"
     return response
 
 
@@ -141,24 +183,30 @@ def _login_page(error: str | None, status: int = 200) -> Response:
 
 @bp.get("/login")
 def login() -> BaseResponse:
-    token = request.cookies.get(COOKIE)
-    if token and check_token(token):
+    if request.cookies.get(COOKIE) and current() is not None:
         return redirect(_safe_next(request.args.get("next")), 303)
+    g.viewer = None
     return _login_page(request.args.get("error"))
 
 
 @bp.post("/login")
 def login_post() -> BaseResponse:
+    g.viewer = None
     sent = request.form.get("csrf", "").encode()
     kept = request.cookies.get(CSRF_COOKIE, "").encode()
     if not kept or not hmac.compare_digest(sent, kept):
         return _login_page("csrf", 400)
-    token = request.form.get("token", "").strip()
-    if check_token(token) is None:
+    services = current_app.extensions["civicdial"]
+    with Session(services.engine) as db, db.begin():
+        session_id = open_session(db, request.form.get("token", ""),
+                                  services.settings.console_session_hours)
+    if session_id is None:
         return _login_page("bad-token", 403)
     response = redirect(_safe_next(request.form.get("next")), 303)
-    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict",
-                        secure=request.is_secure, path=COOKIE_PATH)
+    # The cookie holds the session id, never the token; it lasts as long as the session.
+    response.set_cookie(COOKIE, session_id, httponly=True, samesite="Strict",
+                        secure=request.is_secure, path=COOKIE_PATH,
+                        max_age=services.settings.console_session_hours * 3600)
     response.delete_cookie(CSRF_COOKIE, path=url_for("dashboard.login"))
     return response
 
@@ -166,7 +214,12 @@ def login_post() -> BaseResponse:
 @bp.post("/logout")
 def logout() -> BaseResponse:
     # No CSRF check: a forged sign-out only signs someone out, and the cookie it clears
-    # is SameSite=Strict, so a cross-site post never carried it anyway.
+    # is SameSite=Strict, so a cross-site post never carried it anyway. The session ends
+    # on the server too: a copy of the cookie stops working.
+    session_id = request.cookies.get(COOKIE, "")
+    if session_id:
+        with Session(_engine()) as db, db.begin():
+            close_session(db, session_id)
     response = redirect(url_for("dashboard.login"), 303)
     response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="Strict",
                            secure=request.is_secure)
@@ -192,7 +245,10 @@ def index() -> str:
     report = _report()
     rows = [{**entry, "pct": percent(entry["interviews_completed"], entry["target_size"])}
             for entry in report["campaigns"]]
-    return render_template("dashboard_index.html", campaigns=rows,
+    with Session(_engine()) as db:
+        versions = db.scalars(select(QuestionnaireVersion)
+                              .order_by(QuestionnaireVersion.created_at.desc())).all()
+    return render_template("dashboard_index.html", campaigns=rows, versions=versions,
                            waiting=report["events_waiting"],
                            parked=report["events_parked"], now=_now())
 
@@ -213,7 +269,7 @@ def campaign(slug: str) -> tuple[str, int] | str:
         outbound = db.execute(
             select(OutboundMessage.status, func.count())
             .join(Channel, Channel.id == OutboundMessage.channel_id)
-            .where(Channel.campaign_id == row.id)
+            .where(Channel.campaign_id == row.id, real_respondent(OutboundMessage.respondent))
             .group_by(OutboundMessage.status).order_by(OutboundMessage.status)).all()
     target = entry["target_size"]
     completed = entry["interviews_completed"]
