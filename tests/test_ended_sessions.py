@@ -65,6 +65,8 @@ def _redis_snapshot(r: redis.Redis) -> dict[bytes, object]:
     """Every key CivicDial holds, with its value (streams as their entries)."""
     out: dict[bytes, object] = {}
     for key in r.keys("cd:*"):
+        if key.startswith(b"cd:lim:"):
+            continue  # the per-number request limit counts every request, refused or not
         kind = r.type(key)
         out[key] = r.xrange(key) if kind == b"stream" else r.dump(key)
     return out
