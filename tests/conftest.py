@@ -105,8 +105,12 @@ def channel(engine: Engine) -> Channel:
 
 @pytest.fixture
 def app(settings: Settings, engine: Engine, redis_client: redis.Redis,
-        channel: Channel) -> Flask:
-    return create_app(settings)
+        channel: Channel) -> Iterator[Flask]:
+    app = create_app(settings)
+    yield app
+    # Each app has its own pool: closed here, or a suite on PostgreSQL runs out of
+    # connections (max_connections) long before it ends.
+    app.extensions["civicdial"].engine.dispose()
 
 
 @pytest.fixture
