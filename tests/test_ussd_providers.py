@@ -15,6 +15,7 @@ import redis
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.orm import Session
+from test_e2e import screen_question
 from test_hubtel import add_hubtel_channel
 
 from gateway.coordination.bootstrap import shipped_questionnaire
@@ -140,18 +141,6 @@ class AfricasTalking:
 
     def drop(self, citizen: Citizen) -> None:
         pass
-
-
-def screen_question(screen: str, by_label: dict[str, Question],
-                    last: Question | None) -> Question | None:
-    for line in screen.splitlines()[:2]:
-        if line in by_label:
-            return by_label[line]
-    second = screen.splitlines()[1] if "\n" in screen else ""
-    if last is not None and second.endswith("...") and last.labels["English (en)"].startswith(
-            second[:-3]):
-        return last
-    return None
 
 
 def by_label() -> dict[str, Question]:

@@ -93,6 +93,7 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
         address = _android_address(address, settings.default_region)
         _android_config(config)
     engine = open_engine(settings, with_defaults=True)
+    phone = None
     with Session(engine) as db, db.begin():
         try:
             bound = bind_channel(db, cli_actor(), provider=provider, kind=kind,
