@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 from prometheus_client import Counter
-from sqlalchemy import Engine, Exists, bindparam, exists, func, select, update
+from sqlalchemy import Engine, Exists, bindparam, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from gateway.channels import africastalking, android, twilio
@@ -46,7 +46,7 @@ from gateway.store.outbox import (
     queue_for,
 )
 from gateway.store.redis_conn import shared_redis
-from gateway.store.sessions import SessionStore, is_simulated
+from gateway.store.sessions import SIMULATOR_PREFIX, SessionStore, is_simulated
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +377,10 @@ def _claim_batch(engine: Engine, row: OutboundMessage, size: int) -> list[Any]:
         _OUTBOX.c.channel_id == row.channel_id, _OUTBOX.c.status == "queued",
         _OUTBOX.c.body == row.body, _OUTBOX.c.kind.in_(BATCHED_KINDS),
         _OUTBOX.c.priority == row.priority, _OUTBOX.c.attempts == 0,
-        _OUTBOX.c.id != row.id, unblocked)
+        _OUTBOX.c.id != row.id, unblocked,
+        # The simulator's messages are never sent: its rows go one by one (marked there).
+        or_(_OUTBOX.c.respondent.is_(None),
+            _OUTBOX.c.respondent.not_like(f"{SIMULATOR_PREFIX}%")))
         .order_by(_OUTBOX.c.id).limit(size - 1).with_for_update(skip_locked=True))
     mine = (select(_OUTBOX.c.id).where(_OUTBOX.c.id == row.id, _OUTBOX.c.status == "queued")
             .with_for_update(skip_locked=True))
