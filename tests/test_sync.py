@@ -49,6 +49,7 @@ from gateway.store.crypto import NumberBox
 from gateway.store.db import make_engine
 from gateway.store.models import (
     Answer,
+    AuditEntry,
     Campaign,
     Channel,
     Contact,
@@ -56,6 +57,7 @@ from gateway.store.models import (
     Interview,
     OptOut,
     OutboundMessage,
+    SyncChange,
     SyncConflict,
     SyncOutbox,
     SyncReceived,
@@ -628,6 +630,95 @@ def test_erasure_at_the_edge_reaches_central(kit: Kit) -> None:
         erased = db.get(Interview, interview.id)
         assert erased is not None and erased.status == "withdrawn"
         assert erased.respondent is None
+
+
+def _held_of(engine: Engine, respondent: str) -> dict[str, int]:
+    with Session(engine) as db:
+        return {
+            "answers": db.scalar(select(func.count()).select_from(Answer)
+                                 .where(Answer.respondent == respondent)) or 0,
+            "interviews": db.scalar(select(func.count()).select_from(Interview)
+                                    .where(Interview.respondent == respondent)) or 0,
+            "contacts": db.scalar(select(func.count()).select_from(Contact)
+                                  .where(Contact.respondent == respondent)) or 0,
+            "outbox": sum(respondent in body for _, _, body in _all_rows(engine)),
+        }
+
+
+NOTHING = {"answers": 0, "interviews": 0, "contacts": 0, "outbox": 0}
+
+
+def test_delete_by_sms_at_the_edge_erases_on_central(kit: Kit) -> None:
+    """A citizen whose answers reached central texts DELETE, then YES, at the edge: after
+    the next sync neither node holds anything of theirs (the edge's outbox included);
+    the erasure is a counted, anonymous audit entry on both; others are untouched."""
+    kit.complete(3)
+    kit.complete(4)
+    kit.persist_edge()
+    with kit.central_up():
+        assert kit.sync()["ok"]
+    gone = pseudonym(kit.edge.pseudonym_key, citizen(3))
+    kept = pseudonym(kit.edge.pseudonym_key, citizen(4))
+    assert _held_of(kit.central_engine, gone)["answers"] == len(ANSWERS) - 1
+    assert kit.text(citizen(3), "DELETE", "SMd1").startswith("Erase all your answers")
+    assert kit.text(citizen(3), "YES", "SMd2").startswith("Your answers, number")
+    kit.persist_edge()
+    assert _held_of(kit.edge_engine, gone)["answers"] == 0
+    with kit.central_up():
+        report = kit.sync()
+    assert report["ok"] and report["pushed"] == {"accepted": 1}  # the erasure itself
+    assert _held_of(kit.central_engine, gone) == NOTHING
+    assert _held_of(kit.edge_engine, gone) == NOTHING  # outbox rows emptied once acked
+    assert _held_of(kit.central_engine, kept)["answers"] == len(ANSWERS) - 1
+    with Session(kit.central_engine) as db:
+        statuses = dict(db.execute(select(Interview.status, func.count())
+                                   .group_by(Interview.status)).all())
+        (entry,) = db.scalars(select(AuditEntry).where(
+            AuditEntry.action == "respondent.erase")).all()
+    assert statuses == {"erased": 1, "completed": 1}
+    assert gone not in entry.after and json.loads(entry.after)["answers"] == len(ANSWERS) - 1
+    with Session(kit.central_engine) as db:
+        cid = db.scalar(select(Campaign.id).where(Campaign.slug == "sdg1662"))
+    assert cid is not None and run_tally(kit.central_engine, cid).n_completed == 1
+
+
+def test_erasure_on_central_reaches_the_edge_and_refuses_what_it_still_holds(
+        kit: Kit) -> None:
+    """A coordinator on central erases a citizen who asked by letter, while the edge holds
+    that citizen's unsynced answers, and an invited contact of the edge's region. At the
+    next sync the edge erases both, central refuses the pending answers as erased, and
+    answers the citizen gives afterwards (a new interview) are taken."""
+    kit.complete(5)
+    kit.persist_edge()
+    who = pseudonym(kit.edge.pseudonym_key, citizen(5))
+    contact = pseudonym(kit.edge.pseudonym_key, "+233240000001")
+    assert _held_of(kit.edge_engine, contact)["contacts"] == 1
+    pending = _held_of(kit.edge_engine, who)["outbox"]
+    assert pending > len(ANSWERS)
+    erased = json.loads(kit.cli("central", "contacts", "erase", citizen(5), "--json").output)
+    assert erased == {"erased": True, "interviews": 0, "answers": 0, "contacts": 0}
+    kit.cli("central", "contacts", "erase", "+233 24 000 0001", "--yes")
+    assert _held_of(kit.central_engine, contact) == NOTHING
+    with Session(kit.central_engine) as db:
+        assert db.scalar(select(func.count()).select_from(SyncChange).where(
+            SyncChange.kind == "contact", SyncChange.payload.contains(contact))) == 0
+    time.sleep(0.01)  # the citizen's next answers come after the erasure
+    with kit.central_up():
+        report = kit.sync()
+    assert report["ok"] and report["pushed"] == {"rejected": pending}
+    assert _held_of(kit.edge_engine, who) == NOTHING
+    assert _held_of(kit.edge_engine, contact) == NOTHING
+    assert central_rows(kit.central_engine) == set()
+    # Nothing but the flood counter of the current window, gone in 2 windows by itself.
+    assert not [k for k in kit.edge_redis.scan_iter()
+                if who.encode() in k and not k.startswith(b"cd:lim:")]
+    # They take part again, after the erasure: that is new, and it is kept.
+    for k, answer in enumerate(["SURVEY", "1", "1"]):
+        kit.text(citizen(5), answer, f"SMagain{k}")
+    kit.persist_edge()
+    with kit.central_up():
+        assert kit.sync()["ok"]
+    assert _held_of(kit.central_engine, who)["answers"] == 1  # consent
 
 
 def test_published_results_reach_the_edge_for_RESULTS(kit: Kit) -> None:  # noqa: N802
