@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 import pytest
 import redis
+from click.testing import CliRunner
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.orm import Session
@@ -26,6 +27,7 @@ from test_sms import (  # noqa: F401 - fixtures
     work,
 )
 
+from gateway.cli import main
 from gateway.config import Settings
 from gateway.indicator.estimates import Params
 from gateway.indicator.exports import write_microdata
@@ -223,3 +225,31 @@ def test_delete_from_the_resume_screen_while_an_interview_is_unfinished(
                          .where(Answer.respondent == me)) == 0
         assert set(db.scalars(select(Interview.status))) == {"erased"}
     assert ussd(client, channel, "", "P5").startswith("CON Language")
+
+
+def test_contacts_erase_refuses_a_non_number_and_asks_first(
+        client: FlaskClient, sms: SmsChannels, engine: Engine, redis_client: redis.Redis,  # noqa: F811
+        env: dict[str, str], settings: Settings) -> None:
+    me = pseudonym(settings.pseudonym_key, PHONE)
+    complete_by_sms(client, sms, PHONE, "C")
+    work(engine, redis_client)
+    runner = CliRunner()
+    bad = runner.invoke(main, ["contacts", "erase", "0000abc"], env=env)
+    assert bad.exit_code == 1 and "not a phone number" in bad.output
+    kept = runner.invoke(main, ["contacts", "erase", PHONE], input="n\n", env=env)
+    assert kept.exit_code == 1 and "Aborted" in kept.output
+
+    def held() -> int:
+        with Session(engine) as db:
+            return db.scalar(select(func.count()).select_from(Answer)
+                             .where(Answer.respondent == me)) or 0
+
+    assert held() == len(ANSWERS) - 1
+    done = runner.invoke(main, ["contacts", "erase", PHONE, "--yes"], env=env)
+    assert done.exit_code == 0 and f"{len(ANSWERS) - 1} answers" in done.output
+    assert held() == 0
+    assert redis_client.get(f"cd:st:{sms.tw.campaign_id}:{me}") is None
+    with Session(engine) as db:
+        (entry,) = db.scalars(select(AuditEntry).where(
+            AuditEntry.action == "respondent.erase")).all()
+    assert entry.actor.startswith("cli") and me not in entry.after

@@ -123,10 +123,10 @@ def contacts_erase(ctx: click.Context, phone: str, yes: bool, as_json: bool) -> 
     snapshots are not rewritten. On an edge, central learns it at the next sync."""
     settings = settings_of(ctx)
     try:
-        # As a provider would have carried it: a possible number is enough to erase.
-        number = to_e164(phone, settings.default_region, require_valid=False)
+        number = to_e164(phone, settings.default_region)
     except BadPhoneNumber as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(f"{exc} (give the number the citizen wrote from)"
+                                   ) from None
     if not yes and not as_json:
         click.confirm(f"Erase everything held about {number}?", abort=True)
     engine = open_engine(settings)
