@@ -45,7 +45,7 @@ from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.indicator.estimates import read_margins
 from gateway.indicator.tally import cells_of, region_names, summary_texts
 from gateway.store.crypto import NumberBox
-from gateway.store.db import upsert_insert
+from gateway.store.db import in_values, upsert_insert
 from gateway.store.models import (
     Campaign,
     CampaignContact,
@@ -230,10 +230,6 @@ def _before_erasure(body: Mapping[str, Any], tombstones: Mapping[str, float],
     return not isinstance(when, int | float) or when + shift <= erased_at
 
 
-def _chunks(items: list[str], size: int = 1000) -> list[list[str]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
 def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
            payload: dict[str, Any]) -> _Applied:
     items = payload["events"]
@@ -248,23 +244,17 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
         if item["e"].get("k") in INTERVIEW_KINDS and item["e"].get("cs") != slug:
             raise SyncRefused(403, f"edge {edge.name} is not enrolled in campaign "
                                    f"{item['e'].get('cs')!r}")
-    ids = [item["id"] for item in items]
-    known: dict[str, str] = {}
-    for chunk in _chunks(ids):
-        known.update(conn.execute(select(SyncReceived.event_id, SyncReceived.digest)
-                                  .where(SyncReceived.event_id.in_(chunk))).all())
-    interviews = list({str(item["e"].get("i")) for item in items
-                       if item["e"].get("k") in INTERVIEW_KINDS})
-    erased: set[str] = set()
-    for chunk in _chunks(interviews):
-        erased.update(conn.scalars(select(Interview.id).where(
-            Interview.id.in_(chunk), Interview.status == "withdrawn")))
-    respondents = list({str(item["e"]["r"]) for item in items
-                        if isinstance(item["e"].get("r"), str)})
-    tombstones: dict[str, float] = {}
-    for chunk in _chunks(respondents):
-        tombstones.update((r, _aware(at).timestamp()) for r, at in conn.execute(
-            select(Erasure.respondent, Erasure.at).where(Erasure.respondent.in_(chunk))))
+    known: dict[str, str] = dict(conn.execute(
+        select(SyncReceived.event_id, SyncReceived.digest)
+        .where(in_values(engine, SyncReceived.event_id, [item["id"] for item in items]))).all())
+    interviews = {str(item["e"].get("i")) for item in items
+                  if item["e"].get("k") in INTERVIEW_KINDS}
+    erased = set(conn.scalars(select(Interview.id).where(
+        in_values(engine, Interview.id, interviews), Interview.status == "withdrawn")))
+    respondents = {item["e"]["r"] for item in items if isinstance(item["e"].get("r"), str)}
+    tombstones = {r: _aware(at).timestamp() for r, at in conn.execute(
+        select(Erasure.respondent, Erasure.at)
+        .where(in_values(engine, Erasure.respondent, respondents)))}
     out = _Applied(counts={"accepted": 0, "duplicate": 0, "conflict": 0, "rejected": 0})
     skew = edge.skew_seconds or 0.0
     shift = skew if abs(skew) > CLOCK_TOLERANCE else 0.0
