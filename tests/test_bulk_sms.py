@@ -9,16 +9,12 @@ mid-batch neither loses a message nor sends one twice.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from datetime import timedelta
 
 import redis
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
-from test_sms import SmsChannels, fake, sms, work  # noqa: F401 - fixtures used by name
+from test_sms import SmsChannels, Worker, fake, sms, work  # noqa: F401 - fixtures used by name
 
 from gateway.store.crypto import NumberBox
 from gateway.store.models import OutboundMessage
@@ -119,37 +115,12 @@ def test_worker_killed_mid_batch_neither_loses_nor_doubles(
     worker_env = {**os.environ, **env, "CIVICDIAL_SEND_BACKOFF_SECONDS": "0",
                   "CIVICDIAL_SEND_BATCH": "20"}
 
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"],
-                                env=worker_env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    first = start()
-    try:
-        deadline = time.monotonic() + 120
-        # Two batches answered, and a third at the provider (inside its 0.3 s).
-        while not (len(sms.fake.calls) >= 2 and sms.fake.posts > len(sms.fake.calls)) \
-                and time.monotonic() < deadline:
-            time.sleep(0.005)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    worker = Worker(worker_env)
+    # Two batches answered, and a third at the provider (inside its 0.3 s).
+    worker.kill_when(lambda: len(sms.fake.calls) >= 2 and sms.fake.posts > len(sms.fake.calls),
+                     within=120)
     assert 2 <= len(sms.fake.calls) < 10, "the kill should land mid-run"
-    second = start()
-    try:
-        deadline = time.monotonic() + 240  # generous: CI machines can be busy
-        while time.monotonic() < deadline:
-            sweep(settings, engine, redis_client, older_than=timedelta(seconds=2),
-                  stuck_after=timedelta(seconds=5))
-            with Session(engine) as db:
-                open_rows = db.scalar(select(func.count()).select_from(OutboundMessage).where(
-                    OutboundMessage.status.in_(["queued", "sending"])))
-            if open_rows == 0:
-                break
-            time.sleep(0.5)
-    finally:
-        os.killpg(second.pid, signal.SIGTERM)
-        second.wait(timeout=30)
+    worker.finish(settings, engine, redis_client)
     received = [m["to"] for m in sms.fake.accepted]
     assert len(received) == len(set(received)), "an invitation was sent twice"
     rows = rows_by_number(engine, settings)

@@ -4,10 +4,15 @@ queue against a local fake provider, keywords, hand-over from USSD."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 from unittest.mock import patch
 from urllib.parse import urlencode
 
@@ -633,52 +638,61 @@ def test_emoji_and_empty_bodies_are_answers_not_errors(client: FlaskClient,
             assert twiml_text(reply).startswith(("Please reply with a number", "Language"))
 
 
+class Worker:
+    """A real `civicdial worker` in its own process group, to be SIGKILLed mid-run; then
+    a second one, with the sweeper, finishes what the first left."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"],
+                                env=self.env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill_when(self, ready: Callable[[], bool], within: float) -> None:
+        first = self.start()
+        try:
+            deadline = time.monotonic() + within
+            while not ready() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+
+    def finish(self, settings: Any, engine: Engine, redis_client: redis.Redis) -> None:
+        second = self.start()
+        try:
+            deadline = time.monotonic() + 240  # generous: CI machines can be busy
+            while time.monotonic() < deadline:
+                sweep(settings, engine, redis_client, older_than=timedelta(seconds=2),
+                      stuck_after=timedelta(seconds=5))
+                with Session(engine) as db:
+                    open_rows = db.scalar(select(func.count()).select_from(OutboundMessage)
+                                          .where(OutboundMessage.status.in_(["queued",
+                                                                             "sending"])))
+                if open_rows == 0:
+                    return
+                time.sleep(0.5)
+        finally:
+            os.killpg(second.pid, signal.SIGTERM)
+            second.wait(timeout=30)
+
+
 def test_worker_killed_mid_send_neither_loses_nor_doubles(
         sms: SmsChannels, engine: Engine, redis_client: redis.Redis, settings,  # type: ignore[no-untyped-def]
         env: dict[str, str]) -> None:
     """SIGKILL a real `civicdial worker` while it sends; a second one finishes. Every
     message reaches the provider at most once; each is 'sent' or, if the kill hit it
     in flight, 'unknown' (never silently dropped, never resent)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     sms.fake.delay = 0.02
     numbers = queue_messages(engine, settings, sms.at, 60)
     sweep(settings, engine, redis_client, older_than=timedelta(0))
-    worker_env = {**os.environ, **env, "CIVICDIAL_SEND_BACKOFF_SECONDS": "0"}
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"],
-                                env=worker_env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    first = start()
-    try:
-        deadline = time.monotonic() + 60
-        while len(sms.fake.accepted) < 15 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    worker = Worker({**os.environ, **env, "CIVICDIAL_SEND_BACKOFF_SECONDS": "0"})
+    worker.kill_when(lambda: len(sms.fake.accepted) >= 15, within=60)
     killed_at = len(sms.fake.accepted)
     assert 15 <= killed_at < 60, "the kill should land mid-run"
-    second = start()
-    try:
-        deadline = time.monotonic() + 240  # generous: CI machines can be busy
-        while time.monotonic() < deadline:
-            sweep(settings, engine, redis_client, older_than=timedelta(seconds=2),
-                  stuck_after=timedelta(seconds=5))
-            with Session(engine) as db:
-                open_rows = db.scalar(select(func.count()).select_from(OutboundMessage).where(
-                    OutboundMessage.status.in_(["queued", "sending"])))
-            if open_rows == 0:
-                break
-            time.sleep(0.5)
-    finally:
-        os.killpg(second.pid, signal.SIGTERM)
-        second.wait(timeout=30)
+    worker.finish(settings, engine, redis_client)
     received = [m["to"] for m in sms.fake.accepted]
     assert len(received) == len(set(received)), "a message was sent twice"
     with Session(engine) as db:
