@@ -621,6 +621,9 @@ def test_bind_and_unbind_a_channel(client: FlaskClient, engine: Engine,
     resp = client.post(f"/dashboard/campaigns/sdg1662/channels/{tw_id}/unbind",
                        data={"csrf": csrf})
     assert resp.status_code == 409 and "already unbound" in resp.get_data(as_text=True)
+    overview = client.get("/dashboard/campaigns/sdg1662").get_data(as_text=True)
+    assert "was unbound" in overview
+    assert '0 queued or held message(s) stopped, "channel unbound"' in overview
     # The same number binds again: a new channel with a new key.
     assert client.post("/dashboard/campaigns/sdg1662/channels", data={
         "csrf": csrf, "provider": "twilio", "kind": "sms", "address": "+15005550006",
