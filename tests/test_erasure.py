@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 import pytest
 import redis
+from click.testing import CliRunner
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.orm import Session
@@ -26,6 +27,7 @@ from test_sms import (  # noqa: F401 - fixtures
     work,
 )
 
+from gateway.cli import main
 from gateway.config import Settings
 from gateway.indicator.estimates import Params
 from gateway.indicator.exports import write_microdata
@@ -185,3 +187,69 @@ def test_delete_from_the_ussd_menu_after_dialling(
                          .where(Answer.respondent == me)) == 0
     # Now a new dial is a new interview, not the menu.
     assert ussd(client, channel, "", "S3").startswith("CON Language")
+
+
+def test_delete_from_the_resume_screen_while_an_interview_is_unfinished(
+        client: FlaskClient, channel: Channel, engine: Engine, redis_client: redis.Redis,
+        settings: Settings) -> None:
+    """USSD has no DELETE keyword: a citizen who dials back into an unfinished interview
+    gets "3 Delete my answers" beside Continue / Start again, with the same confirmation
+    (2 keeps everything); after YES their partial answers are gone and a new dial starts
+    afresh."""
+    me = pseudonym(settings.pseudonym_key, PHONE)
+    assert ussd(client, channel, "", "P1").startswith("CON Language")
+    ussd(client, channel, "1", "P1")
+    ussd(client, channel, "1*1", "P1")  # consent
+    sex = ussd(client, channel, "1*1*1", "P1")
+    assert not sex.startswith("END")  # the session dropped here, mid-interview
+    work(engine, redis_client)
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(Answer)
+                         .where(Answer.respondent == me)) == 2  # consent, sex
+    resume = ussd(client, channel, "", "P2")
+    assert resume.startswith("CON Welcome back.\n1 Continue\n2 Start again\n3 Delete my "
+                             "answers"), resume
+    assert ussd(client, channel, "3", "P2").startswith("CON Erase all your answers")
+    assert ussd(client, channel, "3*2", "P2") == "END Nothing was erased."
+    assert ussd(client, channel, "", "P3").startswith("CON Welcome back.")
+    assert ussd(client, channel, "1", "P3").startswith("CON ")  # continue: the next question
+    ussd(client, channel, "", "P4")
+    ussd(client, channel, "3", "P4")
+    done = ussd(client, channel, "3*1", "P4")
+    assert done.startswith("END Your answers, number and results request are erased")
+    assert ussd(client, channel, "3*1", "P4") == done  # a retry of the last hop
+    assert [e["r"] for e in stream_kinds(redis_client) if e["k"] == "erased"] == [me]
+    work(engine, redis_client)
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(Answer)
+                         .where(Answer.respondent == me)) == 0
+        assert set(db.scalars(select(Interview.status))) == {"erased"}
+    assert ussd(client, channel, "", "P5").startswith("CON Language")
+
+
+def test_contacts_erase_refuses_a_non_number_and_asks_first(
+        client: FlaskClient, sms: SmsChannels, engine: Engine, redis_client: redis.Redis,  # noqa: F811
+        env: dict[str, str], settings: Settings) -> None:
+    me = pseudonym(settings.pseudonym_key, PHONE)
+    complete_by_sms(client, sms, PHONE, "C")
+    work(engine, redis_client)
+    runner = CliRunner()
+    bad = runner.invoke(main, ["contacts", "erase", "0000abc"], env=env)
+    assert bad.exit_code == 1 and "not a phone number" in bad.output
+    kept = runner.invoke(main, ["contacts", "erase", PHONE], input="n\n", env=env)
+    assert kept.exit_code == 1 and "Aborted" in kept.output
+
+    def held() -> int:
+        with Session(engine) as db:
+            return db.scalar(select(func.count()).select_from(Answer)
+                             .where(Answer.respondent == me)) or 0
+
+    assert held() == len(ANSWERS) - 1
+    done = runner.invoke(main, ["contacts", "erase", PHONE, "--yes"], env=env)
+    assert done.exit_code == 0 and f"{len(ANSWERS) - 1} answers" in done.output
+    assert held() == 0
+    assert redis_client.get(f"cd:st:{sms.tw.campaign_id}:{me}") is None
+    with Session(engine) as db:
+        (entry,) = db.scalars(select(AuditEntry).where(
+            AuditEntry.action == "respondent.erase")).all()
+    assert entry.actor.startswith("cli") and me not in entry.after

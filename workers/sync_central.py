@@ -45,12 +45,13 @@ from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.indicator.estimates import read_margins
 from gateway.indicator.tally import cells_of, region_names, summary_texts
 from gateway.store.crypto import NumberBox
-from gateway.store.db import upsert_insert
+from gateway.store.db import in_values, upsert_insert
 from gateway.store.models import (
     Campaign,
     CampaignContact,
     Contact,
     EdgeNode,
+    Erasure,
     Interview,
     OptOut,
     QuestionnaireVersion,
@@ -62,7 +63,7 @@ from gateway.store.models import (
 )
 from gateway.store.sessions import SessionStore
 from gateway.store.syncbox import INTERVIEW_KINDS, UP_KINDS
-from workers.persist import write_events
+from workers.persist import forget, write_events
 
 log = logging.getLogger("civicdial.sync")
 
@@ -199,6 +200,8 @@ def receive_batch(engine: Engine, client: redis.Redis | None, settings: Settings
                 for respondent in applied.optouts:
                     pipe.set(store.optout_key(respondent), "1")
                 pipe.execute()
+        if applied.erased:
+            forget(engine, client, settings.redis_prefix, applied.erased)
         if applied.completed:
             refresh_quotas(engine, client, settings.redis_prefix, applied.completed)
     return result
@@ -209,11 +212,22 @@ class _Applied:
     results: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     optouts: list[str] = field(default_factory=list)
+    erased: list[str] = field(default_factory=list)
     completed: set[int] = field(default_factory=set)
 
 
-def _chunks(items: list[str], size: int = 1000) -> list[list[str]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _before_erasure(body: Mapping[str, Any], tombstones: Mapping[str, float],
+                    shift: float) -> bool:
+    erased_at = tombstones.get(str(body.get("r")))
+    when = body.get("t")
+    if erased_at is None:
+        return False
+    # An event without a usable time cannot show it came after: refused.
+    return not isinstance(when, int | float) or when + shift <= erased_at
 
 
 def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
@@ -230,17 +244,17 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
         if item["e"].get("k") in INTERVIEW_KINDS and item["e"].get("cs") != slug:
             raise SyncRefused(403, f"edge {edge.name} is not enrolled in campaign "
                                    f"{item['e'].get('cs')!r}")
-    ids = [item["id"] for item in items]
-    known: dict[str, str] = {}
-    for chunk in _chunks(ids):
-        known.update(conn.execute(select(SyncReceived.event_id, SyncReceived.digest)
-                                  .where(SyncReceived.event_id.in_(chunk))).all())
-    interviews = list({str(item["e"].get("i")) for item in items
-                       if item["e"].get("k") in INTERVIEW_KINDS})
-    erased: set[str] = set()
-    for chunk in _chunks(interviews):
-        erased.update(conn.scalars(select(Interview.id).where(
-            Interview.id.in_(chunk), Interview.status == "withdrawn")))
+    known: dict[str, str] = dict(conn.execute(
+        select(SyncReceived.event_id, SyncReceived.digest)
+        .where(in_values(engine, SyncReceived.event_id, [item["id"] for item in items]))).all())
+    interviews = {str(item["e"].get("i")) for item in items
+                  if item["e"].get("k") in INTERVIEW_KINDS}
+    erased = set(conn.scalars(select(Interview.id).where(
+        in_values(engine, Interview.id, interviews), Interview.status == "withdrawn")))
+    respondents = {item["e"]["r"] for item in items if isinstance(item["e"].get("r"), str)}
+    tombstones = {r: _aware(at).timestamp() for r, at in conn.execute(
+        select(Erasure.respondent, Erasure.at)
+        .where(in_values(engine, Erasure.respondent, respondents)))}
     out = _Applied(counts={"accepted": 0, "duplicate": 0, "conflict": 0, "rejected": 0})
     skew = edge.skew_seconds or 0.0
     shift = skew if abs(skew) > CLOCK_TOLERANCE else 0.0
@@ -262,6 +276,8 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
             result = "rejected"  # a kind central does not take from edges
         elif kind in INTERVIEW_KINDS and body.get("i") in erased and kind != "withdrawn":
             result = "rejected"  # the interview was erased: nothing of it comes back
+        elif kind in INTERVIEW_KINDS and _before_erasure(body, tombstones, shift):
+            result = "rejected"  # its respondent asked to be erased after saying it
         else:
             result = "accepted"
             if kind == "sms_counts":
@@ -280,6 +296,8 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
                         out.completed.add(edge.campaign_id)
                 if kind == "optout":
                     out.optouts.append(str(body["r"]))
+                if kind == "erased":
+                    out.erased.append(str(body["r"]))
                 event["ch"] = None
                 events.append(event)
         if gid not in known:
@@ -380,7 +398,7 @@ def record_changes(engine: Engine) -> None:
             select(SyncChange.kind, SyncChange.key)
             .where(SyncChange.kind.in_(("questionnaire", "optout", "contact"))))}
         newest = (select(func.max(SyncChange.id)).where(SyncChange.kind.in_(
-            ("campaign", "results"))).group_by(SyncChange.kind, SyncChange.key))
+            ("campaign", "results", "erasure"))).group_by(SyncChange.kind, SyncChange.key))
         latest = {(k, key): (row_id, payload) for row_id, k, key, payload in conn.execute(
             select(SyncChange.id, SyncChange.kind, SyncChange.key, SyncChange.payload)
             .where(SyncChange.id.in_(newest)))}
@@ -400,6 +418,13 @@ def record_changes(engine: Engine) -> None:
             if ("optout", respondent) not in logged:
                 add("optout", respondent, {"respondent": respondent,
                                            "at": at.isoformat() if at else None})
+        # An erasure is logged again if the same person is erased again (they took part
+        # anew after the first): its payload carries the time.
+        for respondent, at in conn.execute(select(Erasure.respondent, Erasure.at)).all():
+            payload = {"respondent": respondent, "at": _aware(at).isoformat()}
+            new, after = changed("erasure", respondent, payload)
+            if new:
+                add("erasure", respondent, payload, after=after)
         for contact_id, campaign_id, region, respondent, language, attributes in conn.execute(
                 select(Contact.id, CampaignContact.campaign_id, Contact.region,
                        Contact.respondent, Contact.language, Contact.attributes)
@@ -446,6 +471,8 @@ def changes_since(engine: Engine, settings: Settings, edge: EdgeNode, since: int
     for r in rows:
         payload = json.loads(r.payload)
         if r.kind == "contact":
+            if payload["contact_id"] not in numbers:
+                continue  # erased since it was logged (erase_respondents drops the row too)
             payload["recipient"] = transport.seal(central.open(numbers[payload["contact_id"]]))
         out.append({"cursor": r.id, "kind": r.kind, "key": r.key, "payload": payload})
     more = len(rows) == limit

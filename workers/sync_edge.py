@@ -37,6 +37,7 @@ from gateway.store.models import (
     CampaignContact,
     Contact,
     EdgeEnrolment,
+    Erasure,
     OptOut,
     OutboundMessage,
     QuestionnaireVersion,
@@ -44,7 +45,8 @@ from gateway.store.models import (
 )
 from gateway.store.redis_conn import connect
 from gateway.store.sessions import SessionStore
-from gateway.store.syncbox import record_outbox
+from gateway.store.syncbox import record_outbox, scrub_outbox
+from workers.persist import erase_respondents, forget
 from workers.sync_central import BATCHES_PATH, CHANGES_PATH, MAX_BATCH_BYTES, MAX_EVENTS
 
 log = logging.getLogger("civicdial.sync")
@@ -130,6 +132,11 @@ def mark_results(engine: Engine, answer: dict[str, Any], sent_at: float,
                 conn.execute(update(SyncOutbox).where(
                     SyncOutbox.seq.in_(seqs[start:start + 500]),
                     SyncOutbox.acked_at.is_(None)).values(acked_at=now, result=result))
+        # Rows of people erased (here or elsewhere) are emptied once central has them.
+        acked = [seq for seqs in by_result.values() for seq in seqs]
+        if acked:
+            scrub_outbox(conn, conn.scalars(select(Erasure.respondent)).all(),
+                         (min(acked), max(acked)))
         conn.execute(update(EdgeEnrolment).where(EdgeEnrolment.id == 1).values(
             acked_seq=int(answer["acked_seq"]), skew_seconds=round(skew, 3),
             conflicts=EdgeEnrolment.conflicts + len(by_result.get("conflict", [])),
@@ -240,6 +247,7 @@ def apply_changes(settings: Settings, engine: Engine, client: redis.Redis | None
     new cursor in the same transaction: a change is applied once, or again harmlessly."""
     box, transport = NumberBox(settings.encryption_key), transport_box(creds.secret)
     optouts: list[str] = []
+    erased: set[str] = set()
     results: dict[str, str] | None = None
     with Session(engine) as db, db.begin():
         for change in changes:
@@ -285,6 +293,12 @@ def apply_changes(settings: Settings, engine: Engine, client: redis.Redis | None
                 optouts.append(p["respondent"])
             elif kind == "results":
                 results = dict(p["texts"])
+            elif kind == "erasure":
+                erased.add(str(p["respondent"]))
+        if erased:
+            # Erased elsewhere: nothing of theirs stays here either (what the outbox still
+            # holds for central is refused there as erased, then emptied here).
+            erase_respondents(db.connection(), erased)
         db.execute(update(EdgeEnrolment).where(EdgeEnrolment.id == 1).values(cursor=cursor))
         campaign_id = db.scalar(select(Campaign.id).where(Campaign.slug == creds.campaign))
     if client is not None:
@@ -298,6 +312,7 @@ def apply_changes(settings: Settings, engine: Engine, client: redis.Redis | None
             if results:
                 pipe.hset(key, mapping=results)
         pipe.execute()
+        forget(engine, client, settings.redis_prefix, erased)
         if campaign_id is not None:
             refresh_quotas(engine, client, settings.redis_prefix, {campaign_id})
     return len(changes)

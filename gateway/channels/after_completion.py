@@ -39,13 +39,32 @@ def done_menu(services: Any, ch: ChannelInfo, state: SessionState, respondent: s
         summary = services.store.results(ch.campaign_id, code,
                                          state.answer_map().get("region"))
         return MenuStep(screen(summary or message(code, "results_none")), end=True)
-    if inputs[0] == "2" and len(inputs) == 1:
+    if inputs[0] == "2":
+        return _erase(code, screen, inputs[1:], respondent, session_key, ch)
+    return MenuStep(screen(message(code, "already_done")), end=True)
+
+
+RESUME_ERASE = "3"  # the option the resume screen adds on USSD (Rules.erase_on_resume)
+
+
+def resume_menu(services: Any, ch: ChannelInfo, state: SessionState, respondent: str,
+                inputs: list[str], session_key: str) -> MenuStep:
+    """Erasing from the resume screen of an unfinished interview: `inputs` start with
+    RESUME_ERASE (the other options go to the engine)."""
+    code = services.registry.questionnaire(state.version).language(state.lang).code
+    limit = ch.rules.body_limit
+    return _erase(code, lambda text: render.clip(render.fold(text), limit), inputs[1:],
+                  respondent, session_key, ch)
+
+
+def _erase(code: str, screen: Any, inputs: list[str], respondent: str, session_key: str,
+           ch: ChannelInfo) -> MenuStep:
+    """Confirm, then erase: [] asks, ["1"] erases, anything else keeps everything."""
+    if not inputs:
         body = (message(code, "erase_confirm_ussd") + f"\n1 {message(code, 'erase_yes')}"
                 f"\n2 {message(code, 'erase_no')}")
         return MenuStep(screen(body), end=False)
-    if inputs[0] == "2" and inputs[1] == "1":
+    if inputs[0] == "1":
         return MenuStep(screen(message(code, "erased")), end=True, erase=True,
                         event=erased_event(respondent, session_key, ch.id))
-    if inputs[0] == "2":
-        return MenuStep(screen(message(code, "erase_kept")), end=True)
-    return MenuStep(screen(message(code, "already_done")), end=True)
+    return MenuStep(screen(message(code, "erase_kept")), end=True)

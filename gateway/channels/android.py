@@ -41,7 +41,7 @@ from android_sms_gateway.http import RequestsHttpClient
 from flask import Blueprint, Response, current_app, request
 
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
-from gateway.channels.sms import MESSAGE_TTL, Inbound, converse, delivery_event
+from gateway.channels.sms import Inbound, converse, delivery_event
 from gateway.channels.webhook import WebhookError, bound_channel, log
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.registry import ChannelInfo
@@ -187,9 +187,6 @@ def events(channel_key: str) -> Response:
 
 def _received(ch: ChannelInfo, envelope: Envelope) -> Response:
     services = _services()
-    env_key = _envelope_key(ch, envelope.id)
-    if services.redis.exists(env_key):
-        return Response("duplicate\n", status=200, mimetype="text/plain")
     payload = envelope.payload
     # Versions before 2026-02 send only phoneNumber (deprecated, = sender for inbound).
     raw_sender = payload.get("sender") or payload.get("phoneNumber")
@@ -207,12 +204,12 @@ def _received(ch: ChannelInfo, envelope: Envelope) -> Response:
         return Response("ignored: sender is not a phone number\n", status=200,
                         mimetype="text/plain")
     message_id = "a:" + content_key(envelope.device_id, phone, received_ms, text)
-    outcome = converse(services, ch, Inbound(phone, text, message_id), reply_by_queue=True)
-    # Only after the commit: if we die before this line, the content key still catches
-    # the retry.
-    services.redis.set(env_key, b"1", ex=MESSAGE_TTL)
+    # The envelope id is read with the conversation's state and marked only after the
+    # commit: if we die in between, the content key still catches the retry.
+    outcome = converse(services, ch, Inbound(phone, text, message_id), reply_by_queue=True,
+                       seen_key=_envelope_key(ch, envelope.id))
     if outcome.duplicate:
-        log.info("android %s: SMS from %s emitted again (envelope %s); nothing changed",
+        log.info("android %s: SMS from %s delivered again (envelope %s); nothing changed",
                  ch.id, mask_phone(phone), envelope.id[:8])
     return Response("duplicate\n" if outcome.duplicate else "OK\n", status=200,
                     mimetype="text/plain")

@@ -94,21 +94,32 @@ def next_due(ch: ChannelInfo, last_activity: float, reminders_sent: int = 0,
     return window_end
 
 
-def track(client: redis.Redis, prefix: str, ch: ChannelInfo, respondent: str,
-          sealed_number: str, last_activity: float) -> None:
+def track_commands(prefix: str, ch: ChannelInfo, respondent: str, sealed_number: str,
+                   last_activity: float) -> list[tuple[Any, ...]]:
     """After a hop that leaves an interview unfinished: it now waits for the respondent."""
     key = member(ch.campaign_id, respondent, ch.id)
+    return [("ZADD", idle_key(prefix), next_due(ch, last_activity), key),
+            ("HSET", number_key(prefix), key, sealed_number)]
+
+
+def untrack_commands(prefix: str, key: str) -> list[tuple[Any, ...]]:
+    return [("ZREM", idle_key(prefix), key), ("HDEL", number_key(prefix), key)]
+
+
+def _pipelined(client: redis.Redis, commands: list[tuple[Any, ...]]) -> None:
     pipe = client.pipeline(transaction=False)
-    pipe.zadd(idle_key(prefix), {key: next_due(ch, last_activity)})
-    pipe.hset(number_key(prefix), key, sealed_number)
+    for command in commands:
+        pipe.execute_command(*command)
     pipe.execute()
+
+
+def track(client: redis.Redis, prefix: str, ch: ChannelInfo, respondent: str,
+          sealed_number: str, last_activity: float) -> None:
+    _pipelined(client, track_commands(prefix, ch, respondent, sealed_number, last_activity))
 
 
 def untrack(client: redis.Redis, prefix: str, key: str) -> None:
-    pipe = client.pipeline(transaction=False)
-    pipe.zrem(idle_key(prefix), key)
-    pipe.hdel(number_key(prefix), key)
-    pipe.execute()
+    _pipelined(client, untrack_commands(prefix, key))
 
 
 def delivery_event(channel: int, provider_id: str, status: str, error: str) -> dict[str, Any]:
@@ -177,12 +188,15 @@ def forget_in_redis(services: Any, respondent: str) -> None:
 
 
 def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
-             reply_by_queue: bool, provider_stop: bool = False) -> Outcome:
+             reply_by_queue: bool, provider_stop: bool = False,
+             seen_key: str = "") -> Outcome:
     """Run one inbound SMS through keywords and the engine, commit, return the reply.
 
     With reply_by_queue, the reply is also queued for sending (providers that cannot
     answer inline); otherwise the caller puts it in its HTTP response.
     provider_stop: the provider already handled a STOP (Twilio Advanced Opt-Out).
+    seen_key: a key that marks this delivery as handled (the Android envelope id), read
+    with the state and set once the message is committed: present, it is a duplicate.
     """
     settings = services.settings
     store = services.store
@@ -199,11 +213,13 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
 
     for _ in range(COMMIT_ATTEMPTS):
         loaded = store.load(ch.campaign_id, respondent, ch.id, f"m:{msg.message_id}",
-                            quotas=bool(ch.rules.quota_on), extra=(pending,))
+                            quotas=bool(ch.rules.quota_on),
+                            extra=(pending, seen_key) if seen_key else (pending,))
         erase_pending = bool(loaded.extra[0])
         erase = False
-        if loaded.provider is not None:
-            return Outcome(loaded.provider.reply or None, duplicate=True)
+        if loaded.provider is not None or (seen_key and loaded.extra[1]):
+            return Outcome(loaded.provider.reply or None if loaded.provider else None,
+                           duplicate=True)
         state = loaded.state
         now = time.time()
         lang_code = "en"
@@ -271,20 +287,26 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
             state_ttl=ttl, provider=ProviderSession("", reply or "", ch.campaign_id, respondent),
             provider_ttl=MESSAGE_TTL, events=events, optout=optout)
         if committed:
+            # What follows the commit, in one round trip: the pending erasure, the
+            # reminder tracking, the delivery marked handled.
+            after: list[tuple[Any, ...]] = []
             if word == "delete":
-                store.r.set(pending, "1", ex=PENDING_TTL)
+                after.append(("SET", pending, "1", "EX", PENDING_TTL))
             elif erase:
                 forget_in_redis(services, respondent)
             elif erase_pending:
-                store.r.delete(pending)  # anything but YES keeps the answers
+                after.append(("DEL", pending))  # anything but YES keeps the answers
             waiting = bool(new_state_raw) and decode_state(new_state_raw).stage in (
                 Stage.QUESTION, Stage.RESUME, Stage.LANGUAGE) and word != "stop"
             if waiting:
-                track(store.r, settings.redis_prefix, ch, respondent,
-                      services.box.seal(msg.phone), now)
+                after += track_commands(settings.redis_prefix, ch, respondent,
+                                        services.box.seal(msg.phone), now)
             else:
-                untrack(store.r, settings.redis_prefix,
-                        member(ch.campaign_id, respondent, ch.id))
+                after += untrack_commands(settings.redis_prefix,
+                                          member(ch.campaign_id, respondent, ch.id))
+            if seen_key:
+                after.append(("SET", seen_key, "1", "EX", MESSAGE_TTL))
+            store.run(after)
             return Outcome(reply)
     log.warning("sms %s %s: state kept changing under us", ch.id, mask_phone(msg.phone))
     raise WebhookError(409, "concurrent messages for this conversation; retry")

@@ -21,7 +21,7 @@ from typing import Any, TypeGuard
 
 from flask import current_app
 
-from gateway.channels.after_completion import done_menu
+from gateway.channels.after_completion import RESUME_ERASE, done_menu, resume_menu
 from gateway.channels.sms import (
     FEEDBACK_QUESTION,
     attach_airtime,
@@ -192,15 +192,23 @@ def hop(ch: ChannelInfo, inp: UssdInput, draw: Render) -> str:
             new, position = follows
             engine_input = Input.answer(new, now, secrets.token_hex(8))
         state = loaded.state
+        menu_of = None
         if state is not None and state.stage is Stage.DONE:
             # A dial after completing: a menu with the results and erasing their answers.
             path = [] if record is None else [*filter(None, record.menu.split("*")), new]
-            menu = done_menu(svc, ch, state, respondent, path, f"{ch.id}:{session_id}")
+            menu_of, state_ttl = done_menu, settings.completed_ttl
+        elif (state is not None and state.stage is Stage.RESUME and record is not None
+              and ch.rules.erase_on_resume and (record.menu or new == RESUME_ERASE)):
+            # "Delete my answers" on the resume screen of an unfinished interview.
+            path = [*filter(None, record.menu.split("*")), new]
+            menu_of, state_ttl = resume_menu, ch.rules.resume_window + 60
+        if state is not None and menu_of is not None:
+            menu = menu_of(svc, ch, state, respondent, path, f"{ch.id}:{session_id}")
             done_reply = draw(Screen(menu.text, menu.end, numeric=not menu.end))
             if store.commit(campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
                             session_id=session_id, expected=loaded.state_raw,
                             state="" if menu.erase else loaded.state_raw,
-                            state_ttl=settings.completed_ttl,
+                            state_ttl=state_ttl,
                             provider=ProviderSession(position, done_reply, ch.campaign_id,
                                                      respondent, ended=menu.end,
                                                      menu="*".join(path)),

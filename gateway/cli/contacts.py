@@ -14,9 +14,12 @@ from gateway.cli.context import open_engine, settings_of
 from gateway.coordination.campaigns import audit, cli_actor
 from gateway.coordination.contacts import ContactFileError, import_contacts, read_file
 from gateway.coordination.invitations import Audience, InvitationError, invite
+from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.crypto import NumberBox
 from gateway.store.models import Campaign, CampaignContact
 from gateway.store.redis_conn import connect
+from gateway.store.sessions import pseudonym
+from workers.persist import erase_on_request
 
 
 @click.group()
@@ -107,3 +110,31 @@ def invite_cmd(ctx: click.Context, slug: str, region: str, language: str,
         click.echo(f"{result.queued} invitations queued, {result.held} held until the outbox "
                    f"drains, {result.already_invited} already "
                    f"invited, {result.skipped_opted_out} skipped (opted out)")
+
+
+@contacts.command("erase")
+@click.argument("phone")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def contacts_erase(ctx: click.Context, phone: str, yes: bool, as_json: bool) -> None:
+    """Erase a citizen who asked by letter or phone call (as their DELETE by SMS does):
+    every answer in every campaign, their number and results request. Published
+    snapshots are not rewritten. On an edge, central learns it at the next sync."""
+    settings = settings_of(ctx)
+    try:
+        number = to_e164(phone, settings.default_region)
+    except BadPhoneNumber as exc:
+        raise click.ClickException(f"{exc} (give the number the citizen wrote from)"
+                                   ) from None
+    if not yes and not as_json:
+        click.confirm(f"Erase everything held about {number}?", abort=True)
+    engine = open_engine(settings)
+    client = connect(settings)
+    held = erase_on_request(engine, client, settings.redis_prefix,
+                            pseudonym(settings.pseudonym_key, number), cli_actor())
+    if as_json:
+        click.echo(json.dumps({"erased": True, **held}))
+        return
+    click.echo(f"erased: {held['interviews']} interviews, {held['answers']} answers, "
+               f"{held['contacts']} contact rows")

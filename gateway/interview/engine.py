@@ -82,6 +82,9 @@ class Rules:
     languages: tuple[str, ...] = ()
     # The campaign has an SMS channel, so RESULTS can be texted (SMS rules always can).
     results_by_sms: bool = False
+    # USSD has no DELETE keyword: the resume screen offers "3 Delete my answers", whose
+    # confirmation the channel runs (gateway/channels/after_completion.py), never step().
+    erase_on_resume: bool = False
 
     @property
     def body_limit(self) -> int:
@@ -276,7 +279,9 @@ class _Turn:
         return self.screen(text)
 
     def resume_screen(self, error: str = "") -> Step:
-        options = (self.msg("continue"), self.msg("start_again"))
+        options: tuple[str, ...] = (self.msg("continue"), self.msg("start_again"))
+        if self.rules.erase_on_resume:
+            options += (self.msg("done_menu_erase"),)
         text = render.select_screen(self.msg("resume"), options, 0, self.rules.body_limit,
                                     self.msg("more"), self.msg("back"), error)
         return self.screen(text)

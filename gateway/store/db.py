@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, update
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Engine,
+    String,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.config import Settings
@@ -82,3 +96,15 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def in_values(engine: Engine, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
+    """`column IN (values)` for a text column, the values as one JSON parameter: a batch's
+    thousand ids
+    cost the driver one string, not a thousand bound parameters to render and parse."""
+    payload = bindparam(None, json.dumps(list(values)), type_=String)
+    if engine.dialect.name == "postgresql":
+        rows = func.json_array_elements_text(cast(payload, JSON)).table_valued("value")
+    else:
+        rows = func.json_each(payload).table_valued("value")
+    return column.in_(select(rows.c.value))

@@ -234,6 +234,17 @@ class OptOut(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class Erasure(Base):
+    """A respondent erased on request (DELETE): only the pseudonym and the time, kept so
+    that answers given before it and still travelling (an edge's unsynced outbox, a late
+    batch) are refused instead of bringing them back, and so every node learns of it."""
+
+    __tablename__ = "erasures"
+
+    respondent: Mapped[str] = mapped_column(String(64), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class FeedbackSubscriber(Base):
     """A respondent who asked, at the end of the interview, to get the results by SMS."""
 

@@ -136,6 +136,7 @@ class Registry:
                         budget_screens=camp.budget_screens, resume_window=camp.resume_window,
                         max_invalid=camp.max_invalid, dial=ch.address, quota_on=quota_on,
                         languages=languages, results_by_sms=camp.id in with_sms,
+                        erase_on_resume=True,
                     )
                 channels[ch.key] = ChannelInfo(
                     id=ch.id, key=ch.key, provider=ch.provider, kind=ch.kind,

@@ -284,6 +284,10 @@ class SessionStore:
         return list(conn.retry.call_with_retry(lambda: _round_trips(conn, commands),
                                                lambda _error: conn.disconnect()))
 
+    def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Plain commands (no response callbacks) in one round trip, as the hop's own."""
+        return self._execute_many(commands) if commands else []
+
     def _connection(self) -> AbstractConnection:
         own = self._own
         conn = own.conn

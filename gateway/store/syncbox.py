@@ -13,14 +13,14 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select
+from sqlalchemy import Connection, Engine, func, insert, or_, select, update
 
 from gateway.store.models import Campaign, EdgeEnrolment, SyncOutbox, utcnow
 
 # Interview events (answers, status changes including withdrawals, which erase) and opt-outs.
 INTERVIEW_KINDS = frozenset({"started", "answer", "completed", "abandoned", "declined",
                              "withdrawn", "screened_out", "part_break"})
-UP_KINDS = INTERVIEW_KINDS | {"optout", "sms_counts"}
+UP_KINDS = INTERVIEW_KINDS | {"optout", "erased", "sms_counts"}
 _LOCAL_ONLY = ("ch", "to", "sch", "c")
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode
@@ -66,3 +66,26 @@ def record_outbox(conn: Connection, engine: Engine, events: Iterable[dict[str, A
     if rows:
         conn.execute(insert(SyncOutbox), rows)
     return len(rows)
+
+
+SCRUBBED = '{"k":"scrubbed"}'
+
+
+def scrub_outbox(conn: Connection, respondents: Iterable[str],
+                 seqs: tuple[int, int] | None = None) -> int:
+    """Empty the outbox rows central has acknowledged that hold these (erased)
+    respondents' events. Rows still pending keep their content, so a batch sent again
+    is the same batch (a changed body would read as a conflict); central refuses them
+    as erased, and they are emptied once acknowledged. seqs: only rows first..last."""
+    marks = [f'%"r":{json.dumps(r)}%' for r in respondents]
+    if not marks:
+        return 0
+    scrubbed = 0
+    for start in range(0, len(marks), 200):
+        query = update(SyncOutbox).where(
+            SyncOutbox.acked_at.is_not(None), SyncOutbox.body != SCRUBBED,
+            or_(*(SyncOutbox.body.like(m) for m in marks[start:start + 200])))
+        if seqs is not None:
+            query = query.where(SyncOutbox.seq.between(*seqs))
+        scrubbed += conn.execute(query.values(body=SCRUBBED)).rowcount
+    return scrubbed
