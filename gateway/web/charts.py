@@ -94,8 +94,8 @@ def count_chart(title: str, points: list[tuple[str, int]], chart_id: str) -> Mar
     on a y axis from 0 to the largest count; role=img with a title (the table beside it
     has the numbers)."""
     top = max((n for _, n in points), default=0)
-    left, head, foot = 34, PAD + 22, 34
-    width = max(320, left + PAD + (COL_W + COL_GAP) * len(points))
+    left, head, foot = 40, PAD + 40, 30  # head: the title, then room for the top count
+    width = max(BAR_W + LABEL_W, left + PAD + (COL_W + COL_GAP) * len(points))
     height = head + PLOT_H + foot
     base = head + PLOT_H
     every = max(1, len(points) // 12)  # at most about a dozen day labels under the axis
