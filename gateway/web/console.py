@@ -147,6 +147,24 @@ def _refused(message: str, back: str, status: int = 409) -> tuple[str, int]:
     return render_template("dashboard_refused.html", message=message, back=back), status
 
 
+def _act(work: Callable[[Session], Any], *, refused: str, back: str, done: str,
+         status: int = 422, after: Callable[[Any], None] | None = None
+         ) -> BaseResponse | tuple[str, int]:
+    """A form's domain action in one transaction: a CampaignError keeps nothing and shows
+    `refused: <why>` with a link back; otherwise the webhooks' registry is refreshed (and
+    `after` gets what the work returned, once committed) and the browser goes to `done`."""
+    with Session(_services().engine, expire_on_commit=False) as db:
+        try:
+            with db.begin():
+                result = work(db)
+        except CampaignError as exc:
+            return _refused(f"{refused}: {exc}", back, status)
+    if after is not None:
+        after(result)
+    _services().registry.refresh()
+    return redirect(done, 303)
+
+
 # -- questionnaires -----------------------------------------------------------------------
 
 @bp.get("/questionnaires")
@@ -227,14 +245,9 @@ def new_campaign() -> BaseResponse | tuple[str, int]:
 @acts("coordinator")
 def move(slug: str, verb: str) -> BaseResponse | tuple[str, int]:
     to = {"open": "open", "pause": "paused", "close": "closed"}[verb]
-    with Session(_services().engine) as db, db.begin():
-        try:
-            transition(db, actor(), slug, to)
-        except CampaignError as exc:
-            return _refused(f"Not {verb}ed: {exc}",
-                            url_for("dashboard.campaign", slug=slug))
-    _services().registry.refresh()
-    return redirect(url_for("dashboard.campaign", slug=slug), 303)
+    back = url_for("dashboard.campaign", slug=slug)
+    return _act(lambda db: transition(db, actor(), slug, to), refused=f"Not {verb}ed",
+                back=back, done=back, status=409)
 
 
 def _when(name: str) -> datetime | None:
@@ -253,23 +266,20 @@ def _when(name: str) -> datetime | None:
 def settings(slug: str) -> BaseResponse | tuple[str, int]:
     """Languages, schedule, reminders, airtime and the USSD part budget, all or nothing."""
     languages = [x for x in request.form.getlist("languages") if x]
-    with Session(_services().engine) as db, db.begin():
-        try:
-            set_languages(db, actor(), slug, languages or None)
-            set_schedule(db, actor(), slug, _when("opens_at"), _when("closes_at"))
-            set_reminders(db, actor(), slug, _int("reminder_hours"), _int("reminder_max"))
-            set_part_budget(db, actor(), slug, _int("budget_seconds"), _int("budget_screens"))
-            if request.form.get("airtime") == "on":
-                set_airtime(db, actor(), slug, _text("airtime_currency", True),
-                            _text("airtime_amount", True), _text("airtime_budget", True))
-            elif get_campaign(db, slug).airtime_amount is not None:
-                set_airtime(db, actor(), slug, None)
-        except CampaignError as exc:
-            db.rollback()
-            return _refused(f"Settings not saved: {exc}",
-                            url_for("console.campaign_settings", slug=slug), 422)
-    _services().registry.refresh()
-    return redirect(url_for("console.campaign_settings", slug=slug), 303)
+
+    def save(db: Session) -> None:
+        set_languages(db, actor(), slug, languages or None)
+        set_schedule(db, actor(), slug, _when("opens_at"), _when("closes_at"))
+        set_reminders(db, actor(), slug, _int("reminder_hours"), _int("reminder_max"))
+        set_part_budget(db, actor(), slug, _int("budget_seconds"), _int("budget_screens"))
+        if request.form.get("airtime") == "on":
+            set_airtime(db, actor(), slug, _text("airtime_currency", True),
+                        _text("airtime_amount", True), _text("airtime_budget", True))
+        elif get_campaign(db, slug).airtime_amount is not None:
+            set_airtime(db, actor(), slug, None)
+
+    page = url_for("console.campaign_settings", slug=slug)
+    return _act(save, refused="Settings not saved", back=page, done=page)
 
 
 @bp.post("/campaigns/<slug>/quotas")
@@ -309,17 +319,15 @@ def quota_cells(slug: str) -> BaseResponse | tuple[str, int]:
 def _replace_quotas(slug: str, define: Callable[[Questionnaire], Quota] | None
                     ) -> BaseResponse | tuple[str, int]:
     services = _services()
-    with Session(services.engine, expire_on_commit=False) as db, db.begin():
+    with Session(services.engine) as db:
         _campaign(db, slug)
-        try:
-            campaign = set_quotas(db, actor(), slug, define)
-        except CampaignError as exc:
-            return _refused(f"Quotas not set: {exc}",
-                            url_for("console.campaign_settings", slug=slug), 422)
-    refresh_quotas(services.engine, services.redis, services.settings.redis_prefix,
-                   [campaign.id])
-    services.registry.refresh()
-    return redirect(url_for("dashboard.campaign", slug=slug), 303)
+    # Published at once so the webhooks screen by the new quotas, as the API and CLI do.
+    return _act(lambda db: set_quotas(db, actor(), slug, define), refused="Quotas not set",
+                back=url_for("console.campaign_settings", slug=slug),
+                done=url_for("dashboard.campaign", slug=slug),
+                after=lambda campaign: refresh_quotas(
+                    services.engine, services.redis, services.settings.redis_prefix,
+                    [campaign.id]))
 
 
 def quota_grid(form: Questionnaire, quota: Quota | None) -> list[dict[str, Any]]:
@@ -388,33 +396,25 @@ def bind(slug: str) -> BaseResponse | tuple[str, int]:
         return _refused("Provider settings must be a JSON object, e.g. "
                         + (PROVIDERS[provider].config_hint if provider in PROVIDERS else "{}"),
                         url_for("console.channels", slug=slug), 422)
-    with Session(_services().engine) as db, db.begin():
-        try:
-            bind_channel(db, actor(), slug=slug, provider=provider, kind=kind,
-                         address=_text("address", True), config=config,
-                         screen_limit=_int("screen_limit") or 160)
-        except CampaignError as exc:
-            return _refused(f"Channel not added: {exc}",
-                            url_for("console.channels", slug=slug), 422)
-    _services().registry.refresh()
-    return redirect(url_for("console.channels", slug=slug), 303)
+    address, screen_limit = _text("address", True), _int("screen_limit") or 160
+    page = url_for("console.channels", slug=slug)
+    return _act(lambda db: bind_channel(db, actor(), slug=slug, provider=provider, kind=kind,
+                                        address=address, config=config,
+                                        screen_limit=screen_limit),
+                refused="Channel not added", back=page, done=page)
 
 
 @bp.post("/campaigns/<slug>/channels/<int:channel_id>/unbind")
 @acts("coordinator")
 def unbind(slug: str, channel_id: int) -> BaseResponse | tuple[str, int]:
-    with Session(_services().engine) as db, db.begin():
-        campaign = _campaign(db, slug)
+    def work(db: Session) -> None:
         channel = db.get(Channel, channel_id) if channel_id < 2**31 else None
-        if channel is None or channel.campaign_id != campaign.id:
-            return _refused(f"No channel {channel_id} on {slug}.",
-                            url_for("console.channels", slug=slug), 404)
-        try:
-            unbind_channel(db, actor(), channel_id)
-        except CampaignError as exc:
-            return _refused(f"Not unbound: {exc}", url_for("console.channels", slug=slug))
-    _services().registry.refresh()
-    return redirect(url_for("console.channels", slug=slug), 303)
+        if channel is None or channel.campaign_id != _campaign(db, slug).id:
+            abort(404, f"No channel {channel_id} on {slug}.")
+        unbind_channel(db, actor(), channel_id)
+
+    page = url_for("console.channels", slug=slug)
+    return _act(work, refused="Not unbound", back=page, done=page, status=409)
 
 
 # -- long actions: RQ jobs with progress ---------------------------------------------------
