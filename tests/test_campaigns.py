@@ -100,6 +100,38 @@ def test_tokens_are_stored_hashed(env: dict[str, str], engine: Engine, role: str
     assert run(env, "token", "create", "--role", "root", "--name", "x")[0] == 2
 
 
+def test_token_revoke_ends_its_console_sessions(env: dict[str, str], app, engine: Engine,  # type: ignore[no-untyped-def]
+                                               ) -> None:
+    """`token revoke NAME --json`: the token stops working for the API at once, and the
+    browser signed in with it is signed out at its next click (its server-side session
+    is ended, not just the token); a second revoke finds nothing (exit 1)."""
+    from test_dashboard import signed_in_client
+
+    token = run(env, "token", "create", "--role", "coordinator", "--name", "district office")[
+        1].strip()
+    run(env, "token", "create", "--role", "viewer", "--name", "someone else")
+    browser = signed_in_client(app.test_client(), token)
+    assert browser.get("/dashboard/").status_code == 200
+    api = app.test_client()
+    auth = {"Authorization": f"Bearer {token}"}
+    assert api.get("/api/v1/campaigns", headers=auth).status_code == 200
+    code, out = run(env, "token", "revoke", "district office", "--json")
+    assert code == 0, out
+    done = json.loads(out)
+    assert [(t["name"], t["role"]) for t in done["revoked"]] == [
+        ("district office", "coordinator")] and done["sessions_ended"] == 1
+    resp = browser.get("/dashboard/")
+    assert resp.status_code == 303 and "error=expired" in resp.headers["Location"]
+    assert api.get("/api/v1/campaigns", headers=auth).status_code == 401
+    listed = {t["name"]: t["revoked"] for t in json.loads(run(env, "token", "list", "--json")[1])}
+    assert listed == {"district office": True, "someone else": False}
+    code, out = run(env, "token", "revoke", "district office", "--json")
+    assert code == 1 and json.loads(out) == {"revoked": [], "sessions_ended": 0}
+    other = json.loads(run(env, "token", "list", "--json")[1])[1]["id"]
+    code, out = run(env, "token", "revoke", f"#{other}")
+    assert code == 0 and "someone else" in out and "0 console session(s)" in out
+
+
 def test_schedule_limits_when_a_campaign_answers(env: dict[str, str], client, app,  # type: ignore[no-untyped-def]
                                                  ussd_url: str) -> None:
     """Before opens_at or after closes_at an open campaign says it is not open."""

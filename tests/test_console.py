@@ -612,7 +612,26 @@ def test_bind_and_unbind_a_channel(client: FlaskClient, engine: Engine,
         assert entry is not None and "secret-token" not in entry.after
     assert client.post(f"/dashboard/campaigns/sdg1662/channels/{tw_id}/unbind",
                        data={"csrf": csrf}).status_code == 303
-    assert key not in client.get("/dashboard/campaigns/sdg1662/channels").get_data(as_text=True)
+    html = client.get("/dashboard/campaigns/sdg1662/channels").get_data(as_text=True)
+    assert key not in html  # no URL of an unbound channel is shown
+    unbound = html[html.index(f'class="channel unbound" data-channel="{tw_id}"'):]
+    assert "answer 410 Gone" in unbound[:unbound.index("</section>")]
+    assert client.post(f"/webhooks/twilio/{key}/sms", data="Body=hi",
+                       content_type="application/x-www-form-urlencoded").status_code == 410
+    resp = client.post(f"/dashboard/campaigns/sdg1662/channels/{tw_id}/unbind",
+                       data={"csrf": csrf})
+    assert resp.status_code == 409 and "already unbound" in resp.get_data(as_text=True)
+    overview = client.get("/dashboard/campaigns/sdg1662").get_data(as_text=True)
+    assert "was unbound" in overview
+    assert '0 queued or held message(s) stopped, "channel unbound"' in overview
+    # The same number binds again: a new channel with a new key.
+    assert client.post("/dashboard/campaigns/sdg1662/channels", data={
+        "csrf": csrf, "provider": "twilio", "kind": "sms", "address": "+15005550006",
+        "config": '{"account_sid": "AC1", "auth_token": "secret-token"}'}).status_code == 303
+    with Session(engine) as db:
+        rows = db.scalars(select(Channel).where(Channel.provider == "twilio")).all()
+        assert [(r.id == tw_id, r.unbound_at is None) for r in rows] == [(True, False),
+                                                                         (False, True)]
 
 
 def test_opt_out_from_the_contact_list(client: FlaskClient, engine: Engine,
@@ -728,3 +747,202 @@ def test_simulator_by_twilio_sms_is_signed_and_shows_the_twiml_reply(
     html = client.get("/dashboard/campaigns/sdg1662/simulator").get_data(as_text=True)
     phone = html[html.index('id="phone"'):html.index('id="sim-form"')]
     assert "English" in phone and "&lt;Response" not in phone and "HTTP 403" not in phone
+
+
+# -- fieldwork: chart, part breaks, live tables ------------------------------------------
+
+def _hop(client: FlaskClient, channel: Channel, session: str, text: str) -> str:
+    """One Africa's Talking USSD hop (cumulative text) on the real webhook."""
+    from urllib.parse import urlencode
+
+    resp = client.post(f"/webhooks/africastalking/{channel.key}/ussd",
+                       content_type="application/x-www-form-urlencoded",
+                       data=urlencode({"sessionId": session, "serviceCode": channel.address,
+                                       "phoneNumber": "+233241234567", "networkCode": "62001",
+                                       "text": text}))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return resp.get_data(as_text=True)
+
+
+def test_part_breaks_are_counted_from_a_real_ussd_interview(
+        app: Flask, client: FlaskClient, engine: Engine, channel: Channel,
+        redis_client: redis.Redis, tokens: dict[str, str]) -> None:  # noqa: F811
+    """A budget of 3 screens: the interview breaks after part 1 (stored from its event);
+    fieldwork says 1 reached the break and 1 stopped there, then, once the citizen dials
+    again and answers, 1 went on and none stopped."""
+    from gateway.coordination.campaigns import set_part_budget
+    from gateway.store.models import UssdPartBreak
+
+    with Session(engine) as db, db.begin():
+        set_part_budget(db, "test", "sdg1662", None, 3)
+    app.extensions["civicdial"].registry.refresh()
+    assert _hop(client, channel, "P1", "").startswith("CON")  # language
+    _hop(client, channel, "P1", "1")  # consent
+    _hop(client, channel, "P1", "1*1")  # sex
+    assert _hop(client, channel, "P1", "1*1*1").startswith("END Part 1 of")
+    work(engine, redis_client)
+    with Session(engine) as db:
+        assert [(b.part, b.channel_id) for b in db.scalars(select(UssdPartBreak))] == [
+            (1, channel.id)]
+    viewer = signed_in_client(app.test_client(), tokens["viewer"])
+    rows = viewer.get("/dashboard/campaigns/sdg1662/fieldwork.json").get_json()["part_breaks"]
+    assert rows == [{"part": "after part 1", "channel": "Africa's Talking USSD *920*16#",
+                     "language": "English (en)", "reached": 1, "went_on": 0, "stopped": 1,
+                     "next_part": "part 2"}]
+    assert "How old" in _hop(client, channel, "P2", "")  # dials again: part 2 goes on
+    _hop(client, channel, "P2", "2")
+    work(engine, redis_client)
+    html = viewer.get("/dashboard/campaigns/sdg1662/fieldwork").get_data(as_text=True)
+    table = html[html.index('id="part-breaks"'):]
+    table = table[:table.index("</table>")]
+    assert re.findall(r'class="n">(\d+)<', table) == ["1", "1", "0"]  # reached, on, stopped
+
+
+def test_fieldwork_tables_and_chart_update_without_a_reload(
+        page: Page, engine: Engine, channel: Channel, tokens: dict[str, str]) -> None:  # noqa: F811
+    """With the page open, interviews are written: the completions chart (SVG, drawn by
+    the server), its table, drop-off, language, channel and quota tables all change, and
+    the page was never reloaded."""
+    from test_dashboard import interview_events
+
+    from gateway.coordination.campaigns import set_quotas
+    from gateway.interview.quota import define as define_quota
+    from workers.persist import write_events
+
+    with Session(engine) as db, db.begin():
+        set_quotas(db, "test", "sdg1662", lambda form: define_quota(
+            form, ["region", "sex"], [({"region": "ashanti", "sex": "male"}, 4)]))
+    sign_in(page, tokens["viewer"])
+    page.goto("/dashboard/campaigns/sdg1662/fieldwork")
+    expect(page.locator("#per-day tbody")).to_have_text("None yet.")
+    expect(page.locator("#dropoff tbody")).to_have_text("None.")
+    expect(page.locator("#fw-quotas tbody")).to_contain_text("ashanti × male")
+    assert page.locator("#per-day-chart svg g.col").count() == 0
+    page.evaluate("window.notReloaded = true")
+    write_events(engine, [
+        *interview_events(channel, "done", "ashanti", "male", "completed"),
+        *interview_events(channel, "stopped", "ashanti", "female", "started")[:-1]])
+    # (the "None yet." row is one row too: wait for the day's count itself)
+    expect(page.locator("#per-day tbody td").nth(1)).to_have_text("1", timeout=15_000)
+    expect(page.locator("#per-day tbody tr")).to_have_count(1)
+    chart = page.locator("#per-day-chart svg.chart")
+    expect(chart.locator("g.col")).to_have_count(1)
+    assert chart.locator("g.col").get_attribute("data-n") == "1"
+    assert chart.locator("title").text_content() == "Completed interviews per day (UTC)"
+    expect(page.locator("#dropoff tbody")).to_contain_text("sex")
+    expect(page.locator("#by-language tbody")).to_contain_text("completed")
+    expect(page.locator("#by-channel tbody")).to_contain_text("Africa's Talking USSD")
+    expect(page.locator("#fw-quotas tbody td").nth(2)).to_have_text("1")  # completed
+    expect(page.locator("#fw-quotas tbody td").nth(3)).to_have_text("25%")
+    assert page.evaluate("window.notReloaded") is True
+
+
+def test_quota_cells_are_edited_in_the_page(page: Page, engine: Engine,
+                                            tokens: dict[str, str]) -> None:  # noqa: F811
+    """Settings shows one input per cell (every region × sex); a changed target and a new
+    cell are saved through the API's rule and shown on the Overview; a bad value is
+    refused naming the cell, and nothing changes."""
+    from gateway.coordination.campaigns import set_quotas
+    from gateway.interview.quota import Quota
+    from gateway.interview.quota import define as define_quota
+
+    with Session(engine) as db, db.begin():
+        set_quotas(db, "test", "sdg1662", lambda form: define_quota(
+            form, ["region", "sex"], [({"region": "ashanti", "sex": "female"}, 120)]))
+    sign_in(page, tokens["coordinator"])
+    page.goto("/dashboard/campaigns/sdg1662/settings")
+    from gateway.interview.questionnaire import load_questionnaire
+
+    shipped = {q.name: len(q.choices) for q in load_questionnaire(
+        SHIPPED.read_bytes(), SHIPPED.name).questions}
+    cells = page.locator("#quota-cells-table tbody tr")
+    assert cells.count() == shipped["region"] * shipped["sex"]  # every region × sex
+    page.set_viewport_size({"width": 360, "height": 740})  # the grid fits a phone too
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.get_by_label("Target for ashanti × female").fill("150")
+    page.get_by_label("Target for volta × male").fill("40")
+    page.get_by_role("button", name="Save the cells").click()
+    expect(page).to_have_url(re.compile(r"/dashboard/campaigns/sdg1662$"))
+    expect(page.locator("#quotas")).to_contain_text("150")
+    expect(page.locator("#quotas")).to_contain_text("40")
+
+    def targets() -> dict[str, int]:
+        with Session(engine) as db:
+            campaign = db.scalar(select(Campaign).where(Campaign.slug == "sdg1662"))
+            assert campaign is not None
+            quota = Quota.decode(campaign.quotas)
+            assert quota is not None
+            return quota.targets
+
+    assert targets() == {"ashanti|female": 150, "volta|male": 40}
+    page.goto("/dashboard/campaigns/sdg1662/settings")
+    page.get_by_label("Target for volta × male").fill("forty")
+    page.get_by_role("button", name="Save the cells").click()
+    expect(page.locator("#refused")).to_contain_text(
+        "(region=volta, sex=male): target 'forty' is not a whole number")
+    assert targets() == {"ashanti|female": 150, "volta|male": 40}
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(AuditEntry).where(
+            AuditEntry.action == "campaign.quotas",
+            AuditEntry.actor == "token:coordinator person")) == 1
+
+
+def test_quota_cells_refuse_a_forged_post(client: FlaskClient, engine: Engine,
+                                          tokens: dict[str, str]) -> None:  # noqa: F811
+    """Without this session's CSRF token, or as a viewer, the cells form changes nothing."""
+    from gateway.coordination.campaigns import set_quotas
+    from gateway.interview.quota import define as define_quota
+
+    with Session(engine) as db, db.begin():
+        set_quotas(db, "test", "sdg1662", lambda form: define_quota(
+            form, ["sex"], [({"sex": "female"}, 5)]))
+    coordinator = signed_in_client(client, tokens["coordinator"])
+    assert coordinator.post("/dashboard/campaigns/sdg1662/quotas/cells",
+                            data={"target:female": "9"}).status_code == 400
+    viewer = signed_in_client(client.application.test_client(), tokens["viewer"])
+    csrf = csrf_of(viewer.get("/dashboard/").get_data(as_text=True))
+    assert viewer.post("/dashboard/campaigns/sdg1662/quotas/cells",
+                       data={"csrf": csrf, "target:female": "9"}).status_code == 403
+    with Session(engine) as db:
+        assert '"female": 5' in (db.scalar(select(Campaign.quotas)) or "")
+
+
+# -- the simulator speaks Hubtel and Arkesel -----------------------------------------------
+
+@pytest.mark.parametrize(("provider", "address", "label", "wire"), [
+    ("hubtel", "*713*20#", "Hubtel USSD *713*20#", '"Type":"response"'),
+    ("arkesel", "*928*1#", "Arkesel USSD *928*1#", '"continueSession":true'),
+])
+def test_simulator_by_hubtel_and_arkesel_ussd(page: Page, engine: Engine,
+                                              redis_client: redis.Redis,
+                                              tokens: dict[str, str], provider: str,  # noqa: F811
+                                              address: str, label: str, wire: str) -> None:
+    """The simulated phone dials the provider's real webhook in its JSON wire format: the
+    screens come back, the wire reply is shown, and the answers are stored on that
+    channel under the simulator's respondent."""
+    with Session(engine) as db, db.begin():
+        campaign_id = db.scalar(select(Campaign.id))
+        ch = Channel(key=f"sim-{provider}", provider=provider, kind="ussd", address=address,
+                     campaign_id=campaign_id)
+        db.add(ch)
+        db.flush()
+        channel_id = ch.id
+    sign_in(page, tokens["coordinator"])
+    page.goto("/dashboard/campaigns/sdg1662/simulator")
+    page.select_option("#sim-channel", label=label)
+    page.get_by_role("button", name="Send").click()  # dial
+    expect(page.locator("#phone pre.screen").last).to_contain_text("Language")
+    expect(page.locator("#phone details.wire").last).to_contain_text(wire)
+    page.fill("#sim-input", "1")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#phone pre.screen").last).to_contain_text("Join?")
+    page.fill("#sim-input", "1")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#phone pre.screen").last).to_contain_text("What is your sex?")
+    work(engine, redis_client)
+    page.reload()
+    expect(page.locator("#sim-answers")).to_contain_text("consent")
+    with Session(engine) as db:
+        sim = db.scalar(select(Interview).where(Interview.respondent.startswith("sim-")))
+        assert sim is not None and sim.channel_id == channel_id

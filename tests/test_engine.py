@@ -116,8 +116,8 @@ class Script:
 
 
 def event_text(e: Event) -> str:
-    if e.kind == "screened_out":
-        return f"screened_out={e.value}"
+    if e.kind in ("screened_out", "part_break"):
+        return f"{e.kind}={e.value}"
     return f"answer {e.question}={e.value}" if e.kind == "answer" else e.kind
 
 
@@ -500,7 +500,7 @@ SCRIPTS = [
     Script("budget: 5 screens, then a clean part break", (
         *TO_USED,  # language, consent, colour, visits, used: 5 screens
         Turn("2", f"Part 1 of 2 done. Dial {DIAL} to continue.", end=True,
-             events=("answer used=no",), question="info"),
+             events=("answer used=no", "part_break=1"), question="info"),
         Turn(None, "Nearly done.\n1 OK", question="info", absent=("Welcome",)),
         NOTE_OK,
         FRUITS,
@@ -510,7 +510,8 @@ SCRIPTS = [
         *START,
         Turn("x", BAD_CHOICE),
         Turn("y", BAD_CHOICE),  # 5 screens
-        Turn("1", "Part 1 of", end=True, events=("answer color=red",), question="visits"),
+        Turn("1", "Part 1 of", end=True, events=("answer color=red", "part_break=1"),
+             question="visits"),
         Turn(None, "Doctor visits in 12 months?", question="visits"),
     ), rules=Rules(budget_screens=5)),
     Script("budget: seconds, at the next question boundary", (
@@ -519,10 +520,10 @@ SCRIPTS = [
         Turn("1", "Favourite colour?", events=("started", "answer consent=yes"), at=20),
         Turn("1", "Doctor visits", events=("answer color=red",), at=59),
         Turn("7", f"Part 1 of 2 done. Dial {DIAL} to continue.", end=True,
-             events=("answer visits=7",), question="used", at=60),
+             events=("answer visits=7", "part_break=1"), question="used", at=60),
         Turn(None, "Used the clinic?", question="used", at=200),
         Turn("2", "Nearly done.", events=("answer used=no",), at=259),
-        Turn("1", "Part 2 of 3 done", end=True, events=("answer twice=14",),
+        Turn("1", "Part 2 of 3 done", end=True, events=("answer twice=14", "part_break=2"),
              question="fruits", at=260),
         Turn(None, "Fruits you like?", question="fruits", at=300),
     ), rules=Rules(budget_seconds=60, budget_screens=1000)),
@@ -531,15 +532,17 @@ SCRIPTS = [
         Turn("1", "Join the survey?", at=10),
         Turn("1", "Favourite colour?", events=("started", "answer consent=yes"), at=20),
         Turn("9", f"{BAD_CHOICE}\nFavourite colour?", at=100),
-        Turn("1", "Part 1 of", end=True, events=("answer color=red",), at=101),
+        Turn("1", "Part 1 of", end=True, events=("answer color=red", "part_break=1"),
+             at=101),
     ), rules=Rules(budget_seconds=60, budget_screens=1000)),
     Script("budget: never cuts before consent", (
         OPEN,
         Turn("1", "Join the survey?", question="consent"),
         Turn("1", f"Part 1 of 9 done. Dial {DIAL} to continue.", end=True,
-             events=("started", "answer consent=yes"), question="color"),
+             events=("started", "answer consent=yes", "part_break=1"), question="color"),
         Turn(None, "Favourite colour?", question="color"),
-        Turn("1", "Part 2 of", end=True, events=("answer color=red",), question="visits"),
+        Turn("1", "Part 2 of", end=True, events=("answer color=red", "part_break=2"),
+             question="visits"),
     ), rules=Rules(budget_screens=1)),
     Script("budget: the last answer completes rather than breaks", (
         *TO_DISTRICT[:-1],
@@ -548,7 +551,7 @@ SCRIPTS = [
     ), rules=Rules(budget_screens=10)),
     Script("budget: a part break survives a dropped network", (
         *TO_USED,
-        Turn("2", "Part 1 of 2", end=True, events=("answer used=no",)),
+        Turn("2", "Part 1 of 2", end=True, events=("answer used=no", "part_break=1")),
         Turn(None, "Nearly done.", question="info", at=1_000_000 + 2 * HOUR),
         # the network drops here; the next dial is a normal resume
         Turn(None, RESUME, at=1_000_000 + 3 * HOUR),
@@ -611,7 +614,7 @@ SCRIPTS = [
         Turn("1", "public clinic", events=("answer wg_comm=none",)),
         Turn("1", "easy to get to the place", events=("answer h_used=yes",)),  # screen 15
         Turn("1", f"Part 1 of 3 done. Dial {DIAL} to continue.", end=True,
-             events=("answer h_acc=sa",), question="h_aff"),
+             events=("answer h_acc=sa", "part_break=1"), question="h_aff"),
         Turn(None, "Expenses for the health care", question="h_aff"),
     ), form=SHIPPED, rules=Rules()),
 ]
@@ -660,7 +663,7 @@ def test_resume_keeps_answers_and_position() -> None:
 def test_part_break_state() -> None:
     """A part break keeps the position, counts the part, and resets the budget on redial."""
     steps = play(Script("part", (*TO_USED, Turn("2", "Part 1 of 2", end=True,
-                                                events=("answer used=no",)),
+                                                events=("answer used=no", "part_break=1")),
                                  Turn(None, "Nearly done.")), rules=Rules(budget_screens=5)))
     broken, redial = steps[-2].state, steps[-1].state
     assert broken is not None and redial is not None

@@ -94,8 +94,8 @@ def _credentials(db: Session, payment: AirtimePayment) -> tuple[int, dict[str, A
     """The Africa's Talking account to pay from: the interview's channel if it has
     credentials, else the campaign's first Africa's Talking channel that has them."""
     channels = db.scalars(select(Channel).where(
-        Channel.campaign_id == payment.campaign_id, Channel.provider == "africastalking")
-        .order_by(Channel.id)).all()
+        Channel.campaign_id == payment.campaign_id, Channel.provider == "africastalking",
+        Channel.unbound_at.is_(None)).order_by(Channel.id)).all()
     channels.sort(key=lambda c: c.id != payment.channel_id)
     for ch in channels:
         config = json.loads(ch.config or "{}")

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from gateway.channels import africastalking, android, twilio
 from gateway.channels.sending import SendError, Sent, after_failure
 from gateway.config import Settings, load_settings
-from gateway.coordination.channels import channel_urls
+from gateway.coordination.channels import UNBOUND_ERROR, channel_urls
 from gateway.store.crypto import NumberBox
 from gateway.store.db import set_status, shared_engine
 from gateway.store.models import Campaign, Channel, OutboundMessage
@@ -260,6 +260,10 @@ def _attempt(settings: Settings, engine: Engine, client: redis.Redis, row: Outbo
         _set(engine, message_id, if_status="queued", status="simulated",
              error="phone simulator: shown in the console, not sent")
         return "simulated"
+    if channel is not None and channel.unbound_at is not None:
+        # Queued after the unbind stopped the rest (a results broadcast, say).
+        _set(engine, message_id, if_status="queued", status="failed", error=UNBOUND_ERROR)
+        return "failed"
     if channel is None or (channel.provider not in SENDERS
                            and channel.provider not in IDEMPOTENT_SENDERS):
         _set(engine, message_id, if_status="queued", status="failed",
@@ -517,7 +521,8 @@ def release_held(settings: Settings, engine: Engine, client: redis.Redis) -> int
         channels = db.scalars(select(OutboundMessage.channel_id).join(
             Channel, Channel.id == OutboundMessage.channel_id).join(
             Campaign, Campaign.id == Channel.campaign_id).where(
-            OutboundMessage.status == "held", Campaign.state == "open").distinct()).all()
+            OutboundMessage.status == "held", Campaign.state == "open",
+            Channel.unbound_at.is_(None)).distinct()).all()
     released = 0
     for channel_id in channels:
         room = settings.outbox_backlog - outbox_size(engine, channel_id)

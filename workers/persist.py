@@ -42,6 +42,7 @@ from gateway.store.models import (
     OptOut,
     OutboundMessage,
     SyncChange,
+    UssdPartBreak,
     UssdSessionEnd,
 )
 from gateway.store.outbox import enqueue_send
@@ -131,6 +132,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]],
     subscriptions: dict[tuple[int, str], dict[str, Any] | None] = {}
     interviews: dict[str, dict[str, Any]] = {}
     ends: dict[str, dict[str, Any]] = {}
+    breaks: dict[tuple[str, int], dict[str, Any]] = {}  # (interview, part) -> its row
     withdrawn: set[str] = set()
     completions: list[dict[str, Any]] = []  # completed interviews owed an airtime thank-you
     completed_campaigns: set[int] = set()
@@ -177,6 +179,11 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]],
             "last_seq": 0, "reason": None,
         })
         seq = int(e["id"].rsplit("-", 1)[1])
+        if kind == "part_break":
+            part = int(e.get("part") or 0)
+            breaks[(iid, part)] = {"interview_id": iid, "campaign_id": e["c"],
+                                   "channel_id": e.get("ch"), "part": part, "seq": seq,
+                                   "at": _ts(e["t"])}
         if kind == "answer" and e["q"] == FEEDBACK_QUESTION:
             subscriptions[(e["c"], e["r"])] = e if e.get("v") == "yes" and "to" in e \
                 and not is_simulated(e.get("r")) else None
@@ -266,6 +273,10 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]],
             stmt = upsert_insert(engine, UssdSessionEnd.__table__)
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["event_id"]),
                          list(ends.values()))
+        if breaks:
+            stmt = upsert_insert(engine, UssdPartBreak.__table__)
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=["interview_id", "part"]),
+                         list(breaks.values()))
         if optouts:
             stmt = upsert_insert(engine, OptOut.__table__)
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["respondent"]),

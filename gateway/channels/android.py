@@ -42,7 +42,7 @@ from flask import Blueprint, Response, current_app, request
 
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
 from gateway.channels.sms import Inbound, converse, delivery_event
-from gateway.channels.webhook import WebhookError, log
+from gateway.channels.webhook import WebhookError, bound_channel, log
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.registry import ChannelInfo
 from gateway.store.sessions import mask_phone
@@ -77,10 +77,7 @@ def _services() -> Any:
 
 
 def _channel(channel_key: str) -> ChannelInfo:
-    ch = _services().registry.channel(channel_key)
-    if ch is None or ch.provider != "android" or ch.kind != "sms":
-        raise WebhookError(404, "unknown channel")
-    return ch
+    return bound_channel(_services().registry, "android", channel_key, "sms")
 
 
 def signature(key: str, body: bytes, timestamp: str) -> str:

@@ -25,7 +25,7 @@ from werkzeug.datastructures import MultiDict
 
 from gateway.channels.sending import Failure, SendError, Sent, classify_http
 from gateway.channels.sms import Inbound, converse, delivery_event
-from gateway.channels.webhook import WebhookError, field, log, parse_pairs
+from gateway.channels.webhook import WebhookError, bound_channel, field, log, parse_pairs
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.registry import ChannelInfo
 
@@ -49,10 +49,7 @@ def _services() -> Any:
 
 
 def _channel(channel_key: str) -> ChannelInfo:
-    ch = _services().registry.channel(channel_key)
-    if ch is None or ch.provider != "twilio" or ch.kind != "sms":
-        raise WebhookError(404, "unknown channel")
-    return ch
+    return bound_channel(_services().registry, "twilio", channel_key, "sms")
 
 
 def _signed_url() -> str:

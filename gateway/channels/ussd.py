@@ -30,7 +30,7 @@ from gateway.channels.sms import (
     send_event,
     track,
 )
-from gateway.channels.webhook import WebhookError, log
+from gateway.channels.webhook import WebhookError, bound_channel, log
 from gateway.interview.engine import Input, SessionState, Stage, hand_over, step
 from gateway.interview.messages import message
 from gateway.interview.questionnaire import Questionnaire
@@ -89,10 +89,7 @@ def services() -> Any:
 
 def provider_channel(provider: str, channel_key: str, kind: str | None = "ussd") -> ChannelInfo:
     """The channel a webhook URL names; kind None: any of this provider's channels."""
-    ch = services().registry.channel(channel_key)
-    if ch is None or ch.provider != provider or kind not in (None, ch.kind):
-        raise WebhookError(404, "unknown channel")
-    return ch
+    return bound_channel(services().registry, provider, channel_key, kind)
 
 
 def same_service(dialled: str, bound: str) -> bool:

@@ -10,6 +10,8 @@ from urllib.parse import unquote
 
 from flask import Request, Response, current_app
 
+from gateway.store.registry import ChannelInfo, Registry
+
 log = logging.getLogger("civicdial.webhooks")
 
 _PHONE = re.compile(r"^\+?[1-9]\d{5,14}$")
@@ -27,6 +29,19 @@ class WebhookError(Exception):
 
     def response(self) -> Response:
         return Response(self.reason + "\n", status=self.status, mimetype="text/plain")
+
+
+def bound_channel(registry: Registry, provider: str, channel_key: str,
+                  kind: str | None) -> ChannelInfo:
+    """The channel a webhook URL names (kind None: any of the provider's kinds). An
+    unbound channel's URL answers 410 Gone, so a provider still calling it (and whoever
+    reads the log line) learns that it was unbound on purpose; any other unknown key 404."""
+    ch = registry.channel(channel_key)
+    if ch is None and registry.unbound_provider(channel_key) == provider:
+        raise WebhookError(410, "channel unbound: bind the address again to use it")
+    if ch is None or ch.provider != provider or kind not in (None, ch.kind):
+        raise WebhookError(404, "unknown channel")
+    return ch
 
 
 def parse_form(request: Request) -> dict[str, str]:

@@ -34,6 +34,7 @@ from gateway.coordination.campaigns import (
     transition,
 )
 from gateway.coordination.quotas import refresh, report
+from gateway.coordination.signin import revoke_tokens
 from gateway.coordination.status import campaign_status
 from gateway.interview.questionnaire import FormError, load_questionnaire
 from gateway.interview.quota import read_csv
@@ -383,6 +384,26 @@ def token_create(ctx: click.Context, role: str, name: str) -> None:
     """Create a token; it is shown once."""
     value = in_transaction(ctx, lambda db: create_token(db, cli_actor(), name, role))
     click.echo(value)
+
+
+@token.command("revoke")
+@click.argument("ref", metavar="NAME")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def token_revoke(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Revoke the tokens named NAME (or '#ID' for one of them), and sign out every console
+    session opened with them (the API refuses them at once, browsers at the next click)."""
+    done = in_transaction(ctx, lambda db: revoke_tokens(db, cli_actor(), ref))
+    view = {"revoked": [{"id": i, "name": n, "role": r} for i, n, r in done.tokens],
+            "sessions_ended": done.sessions}
+    if not done.tokens:
+        if as_json:
+            click.echo(json.dumps(view))
+            ctx.exit(1)
+        raise click.ClickException(f"no unrevoked token {ref!r} (`civicdial token list`)")
+    emit(as_json, view, "\n".join(
+        f"revoked #{i} {r:<12} {n}" for i, n, r in done.tokens)
+        + f"\n{done.sessions} console session(s) signed out")
 
 
 @token.command("list")

@@ -13,7 +13,14 @@ from gateway.channels import android
 from gateway.cli.context import open_engine, settings_of
 from gateway.coordination.bootstrap import DEFAULT_CAMPAIGN
 from gateway.coordination.campaigns import CampaignError, audit, cli_actor
-from gateway.coordination.channels import PROVIDER_KINDS, PROVIDERS, bind_channel, channel_urls
+from gateway.coordination.channels import (
+    PROVIDER_KINDS,
+    PROVIDERS,
+    bind_channel,
+    channel_urls,
+    find_channel,
+    unbind_channel,
+)
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.models import Campaign, Channel
 
@@ -38,6 +45,7 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
             "id": ch.id, "provider": ch.provider, "kind": ch.kind, "address": ch.address,
             "campaign": camp.slug, "screen_limit": ch.screen_limit,
             "urls": channel_urls(ch, base),
+            "unbound_at": ch.unbound_at.isoformat() if ch.unbound_at else None,
         } for ch, camp in rows]
     if as_json:
         click.echo(json.dumps(listing, indent=2))
@@ -45,6 +53,11 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
     if not listing:
         click.echo("no channels yet: `civicdial up` creates the default USSD channel")
     for item in listing:
+        if item["unbound_at"]:
+            click.echo(f"#{item['id']} {item['provider']} {item['kind']} {item['address']} "
+                       f"(campaign {item['campaign']}) UNBOUND {item['unbound_at'][:16]}: "
+                       "its URLs answer 410 Gone")
+            continue
         click.echo(f"#{item['id']} {item['provider']} {item['kind']} {item['address']} "
                    f"(campaign {item['campaign']})")
         for name, url in item["urls"].items():
@@ -313,3 +326,34 @@ def channels_set(ctx: click.Context, channel_ref: str, config_json: str,
     click.echo(f"channel #{view['id']} {view['provider']} {view['kind']} {view['address']}: "
                f"config keys {', '.join(view['config_keys']) or '(none)'} "
                "(web processes pick it up within 10 s)")
+
+
+# -- channels remove: unbind (the row stays, marked unbound) ------------------------------
+
+@channels.command("remove")
+@click.argument("channel_ref", metavar="KEY")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def channels_remove(ctx: click.Context, channel_ref: str, as_json: bool) -> None:
+    """Unbind a channel (KEY: its key or #id): its webhooks answer 410 Gone, its queued
+    and held messages stop with "channel unbound"; the address can be bound again."""
+    engine = open_engine(settings_of(ctx))
+    with Session(engine) as db, db.begin():
+        channel = find_channel(db, channel_ref)
+        if channel is None:
+            raise click.ClickException(f"no channel {channel_ref!r} (give its key or #id; "
+                                       "`civicdial channels` lists them)")
+        try:
+            done = unbind_channel(db, cli_actor(), channel.id)
+        except CampaignError as exc:
+            raise click.ClickException(str(exc)) from None
+        ch = done.channel
+        view = {"id": ch.id, "provider": ch.provider, "kind": ch.kind, "address": ch.address,
+                "unbound_at": ch.unbound_at.isoformat() if ch.unbound_at else None,
+                "messages_stopped": done.stopped}
+    if as_json:
+        click.echo(json.dumps(view))
+        return
+    click.echo(f"channel #{view['id']} {view['provider']} {view['kind']} {view['address']} "
+               f"unbound; {view['messages_stopped']} queued or held message(s) stopped "
+               "(web processes answer 410 within 10 s)")

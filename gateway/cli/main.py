@@ -71,6 +71,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"{c['slug']:<20} {c['state']:<8} {c['interviews_started']:>8} "
                    f"{c['interviews_completed']:>9} {c['declined']:>8} {c['ineligible']:>10} "
                    f"{c['answers_stored']:>8} {c['events_waiting']:>8}")
+    for c in report["campaigns"]:
+        for ch in c["channels_unbound"]:
+            click.echo(f"{c['slug']}: channel #{ch['id']} {ch['provider']} {ch['kind']} "
+                       f"{ch['address']} unbound {ch['unbound_at'][:16]}; "
+                       f"{ch['messages_stopped']} message(s) stopped: {ch['error']}")
     click.echo(f"events waiting in the stream (all campaigns): {report['events_waiting']}")
     kept = report["retention"]
     click.echo(f"retention {kept['retention_days'] or 'off'} days: oldest contact number "

@@ -39,9 +39,10 @@ def bootstrap(engine: Engine) -> Channel:
         else:
             # New interviews take the newest shipped form; running ones keep theirs.
             campaign.questionnaire_version = form.version
+        # A bound one first; one the coordinator unbound is not made again behind them.
         channel = db.scalar(select(Channel).where(
             Channel.campaign_id == campaign.id, Channel.provider == "africastalking",
-            Channel.kind == "ussd"))
+            Channel.kind == "ussd").order_by(Channel.unbound_at.is_not(None), Channel.id))
         if channel is None:
             channel = Channel(key=secrets.token_urlsafe(18), provider="africastalking",
                               kind="ussd", address=DEFAULT_SERVICE_CODE,

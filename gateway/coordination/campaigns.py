@@ -282,7 +282,8 @@ def transition(db: Session, actor: str, slug: str, to: str) -> Campaign:
 
 def _check_codes_free(db: Session, campaign: Campaign) -> None:
     """A USSD code or SMS number can serve one open campaign at a time."""
-    mine = db.scalars(select(Channel).where(Channel.campaign_id == campaign.id)).all()
+    mine = db.scalars(select(Channel).where(Channel.campaign_id == campaign.id,
+                                            Channel.unbound_at.is_(None))).all()
     for ch in mine:
         clash = open_campaign_holding(db, ch.provider, ch.kind, ch.address, campaign.id)
         if clash:
@@ -304,6 +305,7 @@ def open_campaign_holding(db: Session, provider: str, kind: str, address: str,
     rows = db.execute(
         select(Campaign.slug, Channel.address).join(Channel, Channel.campaign_id == Campaign.id)
         .where(Campaign.state == "open", Channel.kind == kind, Channel.provider == provider,
+               Channel.unbound_at.is_(None),
                Campaign.id != (other_than if other_than is not None else -1))
         .order_by(Campaign.id)).all()
     return next((slug for slug, held in rows if same_address(kind, held, address)), None)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from gateway.coordination.campaigns import CampaignError, audit, open_campaign_holding
@@ -105,20 +106,54 @@ def channel_urls(channel: Channel, base_url: str) -> dict[str, str]:
             "airtime_validation": f"{root}/airtime/validation"}
 
 
-def unbind_channel(db: Session, actor: str, channel_id: int) -> Channel:
-    """Remove a channel: its webhook URLs answer 404 from the next registry refresh.
-    Messages and interviews that used it keep its id."""
-    channel = db.get(Channel, channel_id)
-    if channel is None:
-        raise CampaignError(f"no channel {channel_id}")
-    audit(db, actor, "channel.remove", f"{channel.provider}/{channel.kind}/{channel.address}",
-          before={"campaign_id": channel.campaign_id})
-    db.delete(channel)
+UNBOUND_ERROR = "channel unbound"
+
+
+@dataclass(frozen=True)
+class Unbound:
+    """A channel just unbound, and how many of its queued or held messages it stopped."""
+
+    channel: Channel
+    stopped: int
+
+
+def find_channel(db: Session, ref: str) -> Channel | None:
+    """A channel by its key (as in its URLs) or its #id."""
+    channel = db.scalar(select(Channel).where(Channel.key == ref))
+    digits = ref.lstrip("#")
+    if channel is None and digits.isdecimal() and len(digits) < 10:
+        channel = db.get(Channel, int(digits))
     return channel
 
 
+def unbind_channel(db: Session, actor: str, channel_id: int) -> Unbound:
+    """Unbind a channel (CLI `channels remove`, the console). The row stays, marked
+    unbound, because messages and interviews name it: its webhooks answer 410 Gone from
+    the next registry refresh, and its queued or held messages are stopped now with
+    "channel unbound" (campaign status counts them) instead of failing later for a
+    reason nobody can read. The same address can be bound again: a new channel, new key."""
+    channel = db.get(Channel, channel_id)
+    if channel is None:
+        raise CampaignError(f"no channel {channel_id}")
+    if channel.unbound_at is not None:
+        raise CampaignError(f"channel #{channel_id} ({channel.kind} {channel.address}) is "
+                            "already unbound")
+    now = datetime.now(UTC)
+    channel.unbound_at = now
+    stopped = db.execute(
+        update(OutboundMessage)
+        .where(OutboundMessage.channel_id == channel.id,
+               OutboundMessage.status.in_(("queued", "held")))
+        .values(status="failed", error=UNBOUND_ERROR, updated_at=now)).rowcount
+    audit(db, actor, "channel.remove", f"{channel.provider}/{channel.kind}/{channel.address}",
+          before={"campaign_id": channel.campaign_id},
+          after={"unbound_at": now.isoformat(), "messages_stopped": stopped})
+    return Unbound(channel, stopped)
+
+
 def channel_health(engine: Engine, channel_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """Per channel: when an interview last started on it, and outbound SMS that failed."""
+    """Per channel: when an interview last started on it, outbound SMS that failed, and
+    those its unbinding stopped."""
     with Session(engine) as db:
         last = dict(db.execute(select(Interview.channel_id, func.max(Interview.started_at))
                                .where(Interview.channel_id.in_(channel_ids))
@@ -132,5 +167,11 @@ def channel_health(engine: Engine, channel_ids: list[int]) -> dict[int, dict[str
             select(OutboundMessage.channel_id, func.count())
             .where(OutboundMessage.channel_id.in_(channel_ids))
             .group_by(OutboundMessage.channel_id)).all())
+        stopped = dict(db.execute(
+            select(OutboundMessage.channel_id, func.count())
+            .where(OutboundMessage.channel_id.in_(channel_ids),
+                   OutboundMessage.error == UNBOUND_ERROR)
+            .group_by(OutboundMessage.channel_id)).all())
     return {cid: {"last_inbound": last.get(cid), "failed": failed.get(cid, 0),
-                  "outbound": sent.get(cid, 0)} for cid in channel_ids}
+                  "outbound": sent.get(cid, 0), "stopped": stopped.get(cid, 0)}
+            for cid in channel_ids}

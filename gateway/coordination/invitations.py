@@ -107,7 +107,8 @@ def _candidates(engine: Engine, campaign_slug: str) -> tuple[Any, int, Sequence[
         if campaign.state != "open":
             raise InvitationError(f"campaign {campaign_slug} is {campaign.state}, not open")
         channel_id = conn.scalar(select(Channel.id).where(
-            Channel.campaign_id == campaign.id, Channel.kind == "sms").order_by(Channel.id))
+            Channel.campaign_id == campaign.id, Channel.kind == "sms",
+            Channel.unbound_at.is_(None)).order_by(Channel.id))
         if channel_id is None:
             raise InvitationError(f"campaign {campaign_slug} has no SMS channel to invite "
                                   "through (civicdial channels add --kind sms ...)")

@@ -108,15 +108,37 @@ def close_session(db: Session, session_id: str) -> bool:
     return bool(done.rowcount)
 
 
-def revoke_token(db: Session, actor: str, name: str) -> int:
-    """Revoke a token by name, and every session opened with it; returns how many tokens."""
+@dataclass(frozen=True)
+class Revoked:
+    """What revoking took away: the tokens (id, name, role) and their open sessions."""
+
+    tokens: tuple[tuple[int, str, str], ...]
+    sessions: int
+
+
+def revoke_tokens(db: Session, actor: str, ref: str) -> Revoked:
+    """Revoke the unrevoked tokens named `ref` (or the one numbered '#7'), and end every
+    console session opened with them: a browser signed in with a revoked token is signed
+    out at its next click, and its cookie is worth nothing afterwards."""
     now = datetime.now(UTC)
-    rows = db.scalars(select(ApiToken).where(ApiToken.name == name,
-                                             ApiToken.revoked_at.is_(None))).all()
+    digits = ref.lstrip("#")
+    which = (ApiToken.id == int(digits)) if ref.startswith("#") and digits.isdecimal() \
+        and len(digits) < 10 else (ApiToken.name == ref)
+    rows = db.scalars(select(ApiToken).where(which, ApiToken.revoked_at.is_(None))
+                      .order_by(ApiToken.id)).all()
+    sessions = 0
     for row in rows:
         row.revoked_at = now
+        sessions += db.execute(update(ConsoleSession).where(
+            ConsoleSession.token_id == row.id, ConsoleSession.revoked_at.is_(None),
+            ConsoleSession.expires_at > now).values(revoked_at=now)).rowcount
         db.execute(update(ConsoleSession).where(ConsoleSession.token_id == row.id,
                                                 ConsoleSession.revoked_at.is_(None))
-                   .values(revoked_at=now))
-        audit(db, actor, "token.revoke", name, after={"role": row.role})
-    return len(rows)
+                   .values(revoked_at=now))  # expired ones too: nothing stays open
+        audit(db, actor, "token.revoke", row.name, after={"role": row.role, "id": row.id})
+    return Revoked(tuple((r.id, r.name, r.role) for r in rows), sessions)
+
+
+def revoke_token(db: Session, actor: str, name: str) -> int:
+    """Revoke a token by name, and every session opened with it; returns how many tokens."""
+    return len(revoke_tokens(db, actor, name).tokens)

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from gateway.coordination.airtime import summary as airtime_summary
+from gateway.coordination.channels import UNBOUND_ERROR
 from gateway.coordination.quotas import report as quota_report
 from gateway.interview.engine import Rules, longest_path_screens
 from gateway.interview.questionnaire import INELIGIBLE
@@ -52,6 +53,7 @@ def campaign_status(engine: Engine, store: SessionStore,
             select(Answer.campaign_id, func.count()).where(Answer.value.is_not(None),
                                                           real_respondent(Answer.respondent))
             .group_by(Answer.campaign_id)).all())
+        unbound = _unbound_channels(db)
     waiting = _waiting_by_campaign(store)
     costs = {c.questionnaire_version: _sms_cost(engine, c.questionnaire_version)
              for c in campaigns}
@@ -70,12 +72,33 @@ def campaign_status(engine: Engine, store: SessionStore,
             "target_size": c.target_size,
             "quotas": quota_report(engine, c),
             "airtime": airtime_summary(engine, c),
+            "channels_unbound": unbound.get(c.id, []),
             **outbound.get(c.id, _no_outbound(overdue_after)),
         } for c in campaigns],
         "events_waiting": store.waiting(),
         # Malformed entries the worker set aside (see workers/persist.py); should stay 0.
         "events_parked": int(store.r.xlen(f"{store.stream}:dead")),
     }
+
+
+def _unbound_channels(db: Session) -> dict[int, list[dict[str, Any]]]:
+    """Per campaign, its unbound channels and the messages their unbinding stopped (failed
+    with "channel unbound"): what a coordinator must know was never sent."""
+    stopped = dict(db.execute(
+        select(OutboundMessage.channel_id, func.count())
+        .where(OutboundMessage.status == "failed", OutboundMessage.error == UNBOUND_ERROR)
+        .group_by(OutboundMessage.channel_id)).all())
+    report: dict[int, list[dict[str, Any]]] = {}
+    for ch in db.scalars(select(Channel).where(Channel.unbound_at.is_not(None))
+                         .order_by(Channel.id)):
+        moment = ch.unbound_at
+        if moment is not None and moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)  # SQLite keeps no time zone
+        report.setdefault(ch.campaign_id, []).append({
+            "id": ch.id, "provider": ch.provider, "kind": ch.kind, "address": ch.address,
+            "unbound_at": moment.isoformat() if moment else None,
+            "messages_stopped": stopped.get(ch.id, 0), "error": UNBOUND_ERROR})
+    return report
 
 
 def _no_outbound(overdue_after: timedelta) -> dict[str, Any]:

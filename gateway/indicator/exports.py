@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from gateway.indicator.estimates import AREAS, UNKNOWN, read_margins
-from gateway.indicator.tally import cells_of, region_names
+from gateway.indicator.tally import cells_of, latest_snapshot, region_names
 from gateway.store.models import Answer, Campaign, Interview, TallySnapshot
 from gateway.store.sessions import real_respondent
 
@@ -261,3 +262,30 @@ def write_microdata(engine: Engine, campaign_id: int, path: Path) -> int:
                              row.answered_at.isoformat() if row.answered_at else ""])
             n += 1
     return n
+
+
+# A download's media type and file ending, per format (the API and the console).
+FORMATS = {"csv": ("text/csv", "csv"), "xlsx": (
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "xlsx"),
+    "sdmx": ("text/csv", "csv"), "microdata": ("text/csv", "csv")}
+
+
+def export_bytes(engine: Engine, campaign: Campaign, fmt: str,
+                 version: int | None = None) -> bytes:
+    """One download: the indicator table of a snapshot (the latest, or `version`) as csv,
+    xlsx or sdmx, or the microdata. LookupError when there is no such snapshot."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"export.{FORMATS[fmt][1]}"
+        if fmt == "microdata":
+            write_microdata(engine, campaign.id, path)
+            return path.read_bytes()
+        snap = latest_snapshot(engine, campaign.id, version)
+        if snap is None:
+            raise LookupError("no tally snapshot")
+        if fmt == "csv":
+            write_csv(snap, path)
+        elif fmt == "xlsx":
+            write_xlsx(snap, campaign, path)
+        else:
+            write_sdmx(snap, campaign, path)
+        return path.read_bytes()

@@ -134,7 +134,7 @@ class Reply:
 class Event:
     id: str
     # started | answer | completed | declined | withdrawn | abandoned | screened_out
-    # (value: why, 'quota' or 'ineligible')
+    # (value: why, 'quota' or 'ineligible') | part_break (value: the part just finished)
     kind: str
     interview: str
     at: float
@@ -382,6 +382,8 @@ class _Turn:
         if budget_spent and self.state.consented:
             part = self.state.part
             parts = part + max(1, math.ceil(self.remaining(pos) / self.rules.budget_screens))
+            # Recorded (ussd_part_breaks): fieldwork counts who stops at each break.
+            self.emit("part_break", value=str(part))
             self.state = _evolve(self.state, part=part + 1, part_break=True)
             return self.end(self.msg("part_done", part=part, parts=parts, again=self.again()))
         return self.question_screen()

@@ -59,26 +59,33 @@ def define(form: Questionnaire, on: Iterable[str],
     targets: dict[str, int] = {}
     for n, (cell, target) in enumerate(cells, start=1):
         if set(cell) != set(names):
-            raise QuotaError(f"cell {n}: give a value for each of {', '.join(names)}")
+            raise QuotaError(f"{_named(n, cell)}: give a value for each of {', '.join(names)}")
         for name in names:
             if cell[name] not in choices[name]:
-                raise QuotaError(f"cell {n}: {cell[name]!r} is not a choice of {name} "
+                raise QuotaError(f"{_named(n, cell)}: {cell[name]!r} is not a choice of {name} "
                                  f"({', '.join(sorted(choices[name]))})")
         if isinstance(target, bool) or not isinstance(target, int | str):
-            raise QuotaError(f"cell {n}: target must be a whole number")
+            raise QuotaError(f"{_named(n, cell)}: target must be a whole number")
         try:
             value = int(target)
         except ValueError:
-            raise QuotaError(f"cell {n}: target {target!r} is not a whole number") from None
+            raise QuotaError(f"{_named(n, cell)}: target {target!r} is not a whole "
+                             "number") from None
         if value < 0:
-            raise QuotaError(f"cell {n}: target must be 0 or more")
+            raise QuotaError(f"{_named(n, cell)}: target must be 0 or more")
         key = cell_key([cell[name] for name in names])
         if key in targets:
-            raise QuotaError(f"cell {n}: {key} is given twice")
+            raise QuotaError(f"{_named(n, cell)}: {key} is given twice")
         targets[key] = value
     if not targets:
         raise QuotaError("give at least one cell with its target")
     return Quota(names, targets)
+
+
+def _named(n: int, cell: dict[str, str]) -> str:
+    """'cell 3 (region=ashanti, sex=female)': the error names the cell, not only its place."""
+    values = ", ".join(f"{name}={value}" for name, value in cell.items())
+    return f"cell {n} ({values})" if values else f"cell {n}"
 
 
 def read_csv(data: bytes, form: Questionnaire) -> Quota:

@@ -94,6 +94,10 @@ class Channel(Base):
     # Provider settings as JSON: credentials, sender id, API base URL, rate limit.
     config: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Unbinding keeps the row (messages and interviews name it): its webhooks answer 410
+    # and nothing is sent through it; the address may be bound again as a new channel.
+    unbound_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                        nullable=True)
 
 
 class Interview(Base):
@@ -151,6 +155,22 @@ class UssdSessionEnd(Base):
     cost: Mapped[str] = mapped_column(String(40), default="")
     error: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class UssdPartBreak(Base):
+    """A USSD interview that reached the end of a part (the campaign's part budget) and
+    was told to dial again: one row per interview and part, written from its event."""
+
+    __tablename__ = "ussd_part_breaks"
+    __table_args__ = (UniqueConstraint("interview_id", "part", name="uq_part_break"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    interview_id: Mapped[str] = mapped_column(String(64))
+    campaign_id: Mapped[int] = mapped_column(Integer, index=True)
+    channel_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    part: Mapped[int] = mapped_column(Integer)  # the part just finished (1, 2, ...)
+    seq: Mapped[int] = mapped_column(Integer)  # the event's place in the interview
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class OutboundMessage(Base):

@@ -76,6 +76,7 @@ class Registry:
         self.refresh_seconds = refresh_seconds
         self.miss_throttle_seconds = miss_throttle_seconds
         self._channels: dict[str, ChannelInfo] = {}
+        self._unbound: dict[str, str] = {}  # key -> provider of channels unbound since
         self._forms: dict[str, Questionnaire] = {}
         self._loaded_at = 0.0
         self._lock = threading.Lock()
@@ -84,9 +85,15 @@ class Registry:
         now = time.monotonic()
         age = now - self._loaded_at
         if age > self.refresh_seconds or (
-                key not in self._channels and age > self.miss_throttle_seconds):
+                key not in self._channels and key not in self._unbound
+                and age > self.miss_throttle_seconds):
             self.refresh()
         return self._channels.get(key)
+
+    def unbound_provider(self, key: str) -> str | None:
+        """The provider of an unbound channel with this key (its webhooks answer 410),
+        or None; as fresh as the last refresh, which channel() just made."""
+        return self._unbound.get(key)
 
     def channels(self) -> list[ChannelInfo]:
         self.refresh()
@@ -107,6 +114,8 @@ class Registry:
         with self._lock, Session(self.engine) as db:
             rows = db.execute(select(Channel, Campaign).join(
                 Campaign, Channel.campaign_id == Campaign.id)).all()
+            unbound = {ch.key: ch.provider for ch, _ in rows if ch.unbound_at is not None}
+            rows = [(ch, camp) for ch, camp in rows if ch.unbound_at is None]
             # Campaigns that can answer RESULTS by SMS: the last screen offers it only there.
             with_sms = {camp.id for ch, camp in rows if ch.kind == "sms"}
             channels = {}
@@ -142,6 +151,7 @@ class Registry:
                     airtime=camp.airtime_amount is not None,
                 )
             self._channels = channels
+            self._unbound = unbound
             self._loaded_at = time.monotonic()
 
     def preload(self) -> None:

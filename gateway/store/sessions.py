@@ -120,6 +120,8 @@ def stream_event(e: Event, campaign: int, channel: int, respondent: str,
         record["l"] = e.lang
     if e.kind == "screened_out" and e.value:
         record["why"] = e.value
+    if e.kind == "part_break":
+        record["part"] = int(e.value or 0)
     return record
 
 

@@ -19,7 +19,7 @@ from gateway.store.models import Campaign, EdgeEnrolment, SyncOutbox, utcnow
 
 # Interview events (answers, status changes including withdrawals, which erase) and opt-outs.
 INTERVIEW_KINDS = frozenset({"started", "answer", "completed", "abandoned", "declined",
-                             "withdrawn", "screened_out"})
+                             "withdrawn", "screened_out", "part_break"})
 UP_KINDS = INTERVIEW_KINDS | {"optout", "erased", "sms_counts"}
 _LOCAL_ONLY = ("ch", "to", "sch", "c")
 

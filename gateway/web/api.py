@@ -9,12 +9,10 @@ viewer (read-only; never a phone number).
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import wraps
-from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
@@ -45,7 +43,7 @@ from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.coordination.quotas import report as quota_report
 from gateway.coordination.status import campaign_status
 from gateway.indicator import exports
-from gateway.indicator.tally import Published, latest_snapshot, publish, run_tally
+from gateway.indicator.tally import Published, publish, run_tally
 from gateway.interview.questionnaire import FormError, load_questionnaire
 from gateway.interview.quota import define as define_quota
 from gateway.store.models import (
@@ -397,9 +395,7 @@ def send_invitations(slug: str) -> Response:
     return _json(result.as_dict(), 202)
 
 
-EXPORTS = {"csv": ("text/csv", "csv"), "xlsx": (
-    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "xlsx"),
-    "sdmx": ("text/csv", "csv"), "microdata": ("text/csv", "csv")}
+EXPORTS = exports.FORMATS
 
 
 def _run_audited(slug: str, action: str, work: Callable[[Any, int], Any],
@@ -457,21 +453,10 @@ def export(slug: str) -> Response:
     with Session(engine) as db:
         campaign = get_campaign(db, slug)
         db.expunge(campaign)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"export.{EXPORTS[fmt][1]}"
-        if fmt == "microdata":
-            exports.write_microdata(engine, campaign.id, path)
-        else:
-            snap = latest_snapshot(engine, campaign.id, int(version) if version else None)
-            if snap is None:
-                raise ApiError(404, "no tally snapshot: POST .../tally first")
-            if fmt == "csv":
-                exports.write_csv(snap, path)
-            elif fmt == "xlsx":
-                exports.write_xlsx(snap, campaign, path)
-            else:
-                exports.write_sdmx(snap, campaign, path)
-        data = path.read_bytes()
+    try:
+        data = exports.export_bytes(engine, campaign, fmt, int(version) if version else None)
+    except LookupError:
+        raise ApiError(404, "no tally snapshot: POST .../tally first") from None
     return Response(data, mimetype=EXPORTS[fmt][0], headers={
         "Content-Disposition": f'attachment; filename="{slug}-{fmt}.{EXPORTS[fmt][1]}"'})
 

@@ -84,3 +84,46 @@ def bar_chart(title: str, bars: list[Bar], chart_id: str) -> Markup:
         out.append("</g>")
     out.append("</svg>")
     return Markup("".join(out))
+
+
+COL_W, COL_GAP, PLOT_H = 26, 6, 140
+
+
+def count_chart(title: str, points: list[tuple[str, int]], chart_id: str) -> Markup:
+    """Counts over time (completions per day) as columns, each labelled with its count,
+    on a y axis from 0 to the largest count; role=img with a title (the table beside it
+    has the numbers)."""
+    top = max((n for _, n in points), default=0)
+    left, head, foot = 40, PAD + 40, 30  # head: the title, then room for the top count
+    width = max(BAR_W + LABEL_W, left + PAD + (COL_W + COL_GAP) * len(points))
+    height = head + PLOT_H + foot
+    base = head + PLOT_H
+    every = max(1, len(points) // 12)  # at most about a dozen day labels under the axis
+
+    def y(n: float) -> float:
+        return round(base - PLOT_H * (n / top if top else 0.0), 1)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart counts" '
+           f'id="{escape(chart_id)}" viewBox="0 0 {width} {height}" width="100%" '
+           f'role="img" aria-labelledby="{escape(chart_id)}-t">',
+           f'<title id="{escape(chart_id)}-t">{escape(title)}</title>',
+           f'<text x="{PAD}" y="{PAD + 12}" class="ct">{escape(title)}</text>',
+           f'<line x1="{left}" y1="{base}" x2="{width - PAD}" y2="{base}" class="grid"/>']
+    for tick in sorted({0, top // 2, top} if top else {0}):
+        out.append(f'<text x="{left - 4}" y="{y(tick) + 4}" class="tick" '
+                   f'text-anchor="end">{tick}</text>')
+    if not points:
+        out.append(f'<text x="{left + 6}" y="{base - 8}" class="na">none yet</text>')
+    for k, (label, n) in enumerate(points):
+        x = left + COL_GAP + (COL_W + COL_GAP) * k
+        out.append(f'<g class="col" data-label="{escape(label)}" data-n="{n}">')
+        out.append(f'<rect x="{x}" y="{y(n)}" width="{COL_W}" height="{round(base - y(n), 1)}"'
+                   ' class="fill"/>')
+        out.append(f'<text x="{x + COL_W / 2}" y="{y(n) - 3}" class="val" '
+                   f'text-anchor="middle">{n}</text>')
+        if k % every == 0:
+            out.append(f'<text x="{x + COL_W / 2}" y="{base + 14}" class="tick" '
+                       f'text-anchor="middle">{escape(label[5:])}</text>')
+        out.append("</g>")
+    out.append("</svg>")
+    return Markup("".join(out))

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import random
 import secrets
-import tempfile
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 from xml.etree import ElementTree
@@ -33,7 +33,7 @@ from flask import (
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
-from sqlalchemy import func, select
+from sqlalchemy import case, exists, func, or_, select
 from sqlalchemy.orm import Session
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
@@ -68,8 +68,10 @@ from gateway.coordination.status import campaign_status
 from gateway.indicator import exports
 from gateway.indicator.estimates import AREAS, BREAKDOWNS
 from gateway.indicator.tally import cells_of, latest_snapshot, publish
-from gateway.interview.engine import Rules, longest_path_screens
-from gateway.interview.questionnaire import FormError, collect_form_errors
+from gateway.interview.engine import Rules, cell_key, longest_path_screens
+from gateway.interview.questionnaire import FormError, Questionnaire, collect_form_errors
+from gateway.interview.quota import Quota
+from gateway.interview.quota import define as define_quota
 from gateway.interview.quota import read_csv as read_quota_csv
 from gateway.interview.segments import count_segments, interview_cost
 from gateway.store.models import (
@@ -84,6 +86,7 @@ from gateway.store.models import (
     OutboundMessage,
     QuestionnaireVersion,
     TallySnapshot,
+    UssdPartBreak,
 )
 from gateway.store.sessions import (
     SIMULATOR_NUMBERS,
@@ -91,16 +94,18 @@ from gateway.store.sessions import (
     pseudonym,
     real_respondent,
 )
-from gateway.web.charts import bar_chart, bar_of
-from gateway.web.dashboard import actor, acts, refused_page, signed_in
+from gateway.web.charts import bar_chart, bar_of, count_chart
+from gateway.web.dashboard import actor, acts, quota_table, refused_page, signed_in
 from workers import console_jobs
 
 bp = Blueprint("console", __name__, url_prefix="/dashboard", template_folder="templates")
 bp.register_error_handler(HTTPException, refused_page)
 MAX_FIELD = 300
-EXPORTS = {"csv": ("text/csv", "csv"), "xlsx": (
-    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "xlsx"),
-    "sdmx": ("text/csv", "csv"), "microdata": ("text/csv", "csv")}
+MAX_GRID = 200  # quota cells shown for editing: beyond, only the cells already set
+EXPORTS = exports.FORMATS
+# Providers the phone simulator speaks (each in its own wire format); Android's SMS comes
+# from a phone on the LAN and is not simulated here.
+SIMULATED = ("africastalking", "twilio", "hubtel", "arkesel")
 MEASURE_LABELS = {"index": "Attribute index", "satisfied": "Satisfied overall"}
 ATTRIBUTE_LABELS = {"acc": "Accessibility", "aff": "Affordability", "fac": "Facilities",
                     "eq": "Equal treatment", "court": "Courtesy", "teach": "Teaching",
@@ -130,8 +135,34 @@ def _int(name: str) -> int | None:
     return int(value)
 
 
+def _campaign(db: Session, slug: str) -> Campaign:
+    """The campaign a page's URL names, or a 404 page that says so."""
+    try:
+        return get_campaign(db, slug)
+    except CampaignError:
+        abort(404, f"No campaign {slug}.")
+
+
 def _refused(message: str, back: str, status: int = 409) -> tuple[str, int]:
     return render_template("dashboard_refused.html", message=message, back=back), status
+
+
+def _act(work: Callable[[Session], Any], *, refused: str, back: str, done: str,
+         status: int = 422, after: Callable[[Any], None] | None = None
+         ) -> BaseResponse | tuple[str, int]:
+    """A form's domain action in one transaction: a CampaignError keeps nothing and shows
+    `refused: <why>` with a link back; otherwise the webhooks' registry is refreshed (and
+    `after` gets what the work returned, once committed) and the browser goes to `done`."""
+    with Session(_services().engine, expire_on_commit=False) as db:
+        try:
+            with db.begin():
+                result = work(db)
+        except CampaignError as exc:
+            return _refused(f"{refused}: {exc}", back, status)
+    if after is not None:
+        after(result)
+    _services().registry.refresh()
+    return redirect(done, 303)
 
 
 # -- questionnaires -----------------------------------------------------------------------
@@ -214,14 +245,9 @@ def new_campaign() -> BaseResponse | tuple[str, int]:
 @acts("coordinator")
 def move(slug: str, verb: str) -> BaseResponse | tuple[str, int]:
     to = {"open": "open", "pause": "paused", "close": "closed"}[verb]
-    with Session(_services().engine) as db, db.begin():
-        try:
-            transition(db, actor(), slug, to)
-        except CampaignError as exc:
-            return _refused(f"Not {verb}ed: {exc}",
-                            url_for("dashboard.campaign", slug=slug))
-    _services().registry.refresh()
-    return redirect(url_for("dashboard.campaign", slug=slug), 303)
+    back = url_for("dashboard.campaign", slug=slug)
+    return _act(lambda db: transition(db, actor(), slug, to), refused=f"Not {verb}ed",
+                back=back, done=back, status=409)
 
 
 def _when(name: str) -> datetime | None:
@@ -240,23 +266,20 @@ def _when(name: str) -> datetime | None:
 def settings(slug: str) -> BaseResponse | tuple[str, int]:
     """Languages, schedule, reminders, airtime and the USSD part budget, all or nothing."""
     languages = [x for x in request.form.getlist("languages") if x]
-    with Session(_services().engine) as db, db.begin():
-        try:
-            set_languages(db, actor(), slug, languages or None)
-            set_schedule(db, actor(), slug, _when("opens_at"), _when("closes_at"))
-            set_reminders(db, actor(), slug, _int("reminder_hours"), _int("reminder_max"))
-            set_part_budget(db, actor(), slug, _int("budget_seconds"), _int("budget_screens"))
-            if request.form.get("airtime") == "on":
-                set_airtime(db, actor(), slug, _text("airtime_currency", True),
-                            _text("airtime_amount", True), _text("airtime_budget", True))
-            elif get_campaign(db, slug).airtime_amount is not None:
-                set_airtime(db, actor(), slug, None)
-        except CampaignError as exc:
-            db.rollback()
-            return _refused(f"Settings not saved: {exc}",
-                            url_for("console.campaign_settings", slug=slug), 422)
-    _services().registry.refresh()
-    return redirect(url_for("console.campaign_settings", slug=slug), 303)
+
+    def save(db: Session) -> None:
+        set_languages(db, actor(), slug, languages or None)
+        set_schedule(db, actor(), slug, _when("opens_at"), _when("closes_at"))
+        set_reminders(db, actor(), slug, _int("reminder_hours"), _int("reminder_max"))
+        set_part_budget(db, actor(), slug, _int("budget_seconds"), _int("budget_screens"))
+        if request.form.get("airtime") == "on":
+            set_airtime(db, actor(), slug, _text("airtime_currency", True),
+                        _text("airtime_amount", True), _text("airtime_budget", True))
+        elif get_campaign(db, slug).airtime_amount is not None:
+            set_airtime(db, actor(), slug, None)
+
+    page = url_for("console.campaign_settings", slug=slug)
+    return _act(save, refused="Settings not saved", back=page, done=page)
 
 
 @bp.post("/campaigns/<slug>/quotas")
@@ -264,37 +287,75 @@ def settings(slug: str) -> BaseResponse | tuple[str, int]:
 def quotas(slug: str) -> BaseResponse | tuple[str, int]:
     """Replace the quotas with an uploaded CSV (question columns, then target), or clear
     them; published to the webhooks at once, as the CLI and the API do."""
-    services = _services()
     file = request.files.get("file")
     data = file.read() if file is not None and file.filename else None
     if data is None and not request.form.get("clear"):
         abort(422, "choose a quota CSV (e.g. region,sex,target) or clear the quotas")
-    with Session(services.engine, expire_on_commit=False) as db, db.begin():
-        try:
-            campaign = set_quotas(db, actor(), slug, None if data is None else
-                                  (lambda form: read_quota_csv(data, form)))
-        except CampaignError as exc:
-            return _refused(f"Quotas not set: {exc}",
-                            url_for("console.campaign_settings", slug=slug), 422)
-    refresh_quotas(services.engine, services.redis, services.settings.redis_prefix,
-                   [campaign.id])
-    services.registry.refresh()
-    return redirect(url_for("dashboard.campaign", slug=slug), 303)
+    return _replace_quotas(slug, None if data is None else
+                           (lambda form: read_quota_csv(data, form)))
+
+
+@bp.post("/campaigns/<slug>/quotas/cells")
+@acts("coordinator")
+def quota_cells(slug: str) -> BaseResponse | tuple[str, int]:
+    """The cells edited in the page: one target per cell (blank: no such cell), on the
+    quota's questions. Checked by the same rule as the API's PUT .../quotas
+    (gateway.interview.quota.define), which names a cell it refuses."""
+    with Session(_services().engine) as db:
+        quota = Quota.decode(_campaign(db, slug).quotas)
+    if quota is None:
+        abort(422, "No quotas to edit yet: upload a quota CSV first (it names the questions).")
+    cells = []
+    for name, raw in request.form.items():
+        if name.startswith("target:") and raw.strip():
+            values = name.removeprefix("target:").split("|")
+            # A forged field with too few or many values is named as it came.
+            cell = dict(zip(quota.on, values, strict=True)) if len(values) == len(
+                quota.on) else {f"value {k + 1}": v for k, v in enumerate(values)}
+            cells.append((cell, _text(name, limit=12)))
+    return _replace_quotas(slug, lambda form: define_quota(form, quota.on, cells))
+
+
+def _replace_quotas(slug: str, define: Callable[[Questionnaire], Quota] | None
+                    ) -> BaseResponse | tuple[str, int]:
+    services = _services()
+    with Session(services.engine) as db:
+        _campaign(db, slug)
+    # Published at once so the webhooks screen by the new quotas, as the API and CLI do.
+    return _act(lambda db: set_quotas(db, actor(), slug, define), refused="Quotas not set",
+                back=url_for("console.campaign_settings", slug=slug),
+                done=url_for("dashboard.campaign", slug=slug),
+                after=lambda campaign: refresh_quotas(
+                    services.engine, services.redis, services.settings.redis_prefix,
+                    [campaign.id]))
+
+
+def quota_grid(form: Questionnaire, quota: Quota | None) -> list[dict[str, Any]]:
+    """The cells to edit: every combination of the quota questions' choices (a blank
+    target: not a quota cell), or only the set cells when that would be too many."""
+    if quota is None:
+        return []
+    questions = {q.name: q for q in form.questions}
+    choices = [[c.name for c in questions[name].choices] if name in questions else []
+               for name in quota.on]
+    combos = [list(values) for values in itertools.product(*choices)]
+    if len(combos) > MAX_GRID or not combos:
+        combos = [key.split("|") for key in sorted(quota.targets)]
+    return [{"key": cell_key(values), "values": values,
+             "target": quota.targets.get(cell_key(values), "")} for values in combos]
 
 
 @bp.get("/campaigns/<slug>/settings")
 @signed_in
 def campaign_settings(slug: str) -> str | tuple[str, int]:
     with Session(_services().engine) as db:
-        try:
-            campaign = get_campaign(db, slug)
-        except CampaignError:
-            return _refused(f"No campaign {slug}.", url_for("dashboard.index"), 404)
+        campaign = _campaign(db, slug)
         form = campaign_form(db, campaign)
         view = campaign_view(campaign)
         view["budget_seconds"], view["budget_screens"] = (campaign.budget_seconds,
                                                           campaign.budget_screens)
-    return render_template("console_settings.html", c=view, form=form)
+        grid = quota_grid(form, Quota.decode(campaign.quotas))
+    return render_template("console_settings.html", c=view, form=form, grid=grid)
 
 
 # -- channels ----------------------------------------------------------------------------
@@ -307,16 +368,15 @@ def _base_url() -> str:
 @signed_in
 def channels(slug: str) -> str | tuple[str, int]:
     with Session(_services().engine) as db:
-        try:
-            campaign = get_campaign(db, slug)
-        except CampaignError:
-            return _refused(f"No campaign {slug}.", url_for("dashboard.index"), 404)
+        campaign = _campaign(db, slug)
         rows = db.scalars(select(Channel).where(Channel.campaign_id == campaign.id)
                           .order_by(Channel.id)).all()
         health = channel_health(_services().engine, [ch.id for ch in rows])
         listing = [{"id": ch.id, "provider": PROVIDERS[ch.provider].label
                     if ch.provider in PROVIDERS else ch.provider, "kind": ch.kind,
                     "address": ch.address, "screen_limit": ch.screen_limit,
+                    "unbound_at": ch.unbound_at.strftime("%Y-%m-%d %H:%M UTC")
+                    if ch.unbound_at else None,
                     "urls": channel_urls(ch, _base_url()), **health[ch.id]} for ch in rows]
         name = campaign.name
     return render_template("console_channels.html", slug=slug, name=name, channels=listing,
@@ -336,30 +396,25 @@ def bind(slug: str) -> BaseResponse | tuple[str, int]:
         return _refused("Provider settings must be a JSON object, e.g. "
                         + (PROVIDERS[provider].config_hint if provider in PROVIDERS else "{}"),
                         url_for("console.channels", slug=slug), 422)
-    with Session(_services().engine) as db, db.begin():
-        try:
-            bind_channel(db, actor(), slug=slug, provider=provider, kind=kind,
-                         address=_text("address", True), config=config,
-                         screen_limit=_int("screen_limit") or 160)
-        except CampaignError as exc:
-            return _refused(f"Channel not added: {exc}",
-                            url_for("console.channels", slug=slug), 422)
-    _services().registry.refresh()
-    return redirect(url_for("console.channels", slug=slug), 303)
+    address, screen_limit = _text("address", True), _int("screen_limit") or 160
+    page = url_for("console.channels", slug=slug)
+    return _act(lambda db: bind_channel(db, actor(), slug=slug, provider=provider, kind=kind,
+                                        address=address, config=config,
+                                        screen_limit=screen_limit),
+                refused="Channel not added", back=page, done=page)
 
 
 @bp.post("/campaigns/<slug>/channels/<int:channel_id>/unbind")
 @acts("coordinator")
 def unbind(slug: str, channel_id: int) -> BaseResponse | tuple[str, int]:
-    with Session(_services().engine) as db, db.begin():
-        campaign = get_campaign(db, slug)
+    def work(db: Session) -> None:
         channel = db.get(Channel, channel_id) if channel_id < 2**31 else None
-        if channel is None or channel.campaign_id != campaign.id:
-            return _refused(f"No channel {channel_id} on {slug}.",
-                            url_for("console.channels", slug=slug), 404)
+        if channel is None or channel.campaign_id != _campaign(db, slug).id:
+            abort(404, f"No channel {channel_id} on {slug}.")
         unbind_channel(db, actor(), channel_id)
-    _services().registry.refresh()
-    return redirect(url_for("console.channels", slug=slug), 303)
+
+    page = url_for("console.channels", slug=slug)
+    return _act(work, refused="Not unbound", back=page, done=page, status=409)
 
 
 # -- long actions: RQ jobs with progress ---------------------------------------------------
@@ -450,10 +505,7 @@ def contacts(slug: str) -> str | tuple[str, int]:
     services = _services()
     q = request.args.get("q", "").strip()[:100]
     with Session(services.engine) as db:
-        try:
-            campaign = get_campaign(db, slug)
-        except CampaignError:
-            return _refused(f"No campaign {slug}.", url_for("dashboard.index"), 404)
+        campaign = _campaign(db, slug)
         base = (select(Contact, OptOut.respondent.label("stopped"))
                 .join(CampaignContact, CampaignContact.contact_id == Contact.id)
                 .outerjoin(OptOut, OptOut.respondent == Contact.respondent)
@@ -503,7 +555,7 @@ def import_file(slug: str) -> BaseResponse:
         abort(422, "choose a CSV file of contacts to upload")
     data = file.read()
     with Session(_services().engine) as db:
-        campaign_id = get_campaign(db, slug).id
+        campaign_id = _campaign(db, slug).id
     job_id = console_jobs.enqueue(_queue(), "import", slug, console_jobs.import_job,
                                   campaign_id, slug, data, actor())
     return _to_job(slug, job_id)
@@ -542,12 +594,41 @@ def opt_out(slug: str, contact_id: int) -> BaseResponse | tuple[str, int]:
 
 # -- fieldwork ---------------------------------------------------------------------------
 
+def _channel_labels(db: Session, campaign_id: int) -> dict[int, str]:
+    return {ch.id: f"{PROVIDERS[ch.provider].label if ch.provider in PROVIDERS else ch.provider}"
+                   f" {ch.kind.upper()} {ch.address}{' (unbound)' if ch.unbound_at else ''}"
+            for ch in db.scalars(select(Channel).where(Channel.campaign_id == campaign_id))}
+
+
+def part_breaks(db: Session, campaign_id: int, labels: dict[int, str]) -> list[dict[str, Any]]:
+    """Per part break (the part budget ended part k and told the citizen to dial again),
+    channel and language: how many interviews reached it, how many went on (answered
+    again after it, or completed) and how many stopped there. From ussd_part_breaks,
+    real respondents only."""
+    went_on = or_(Interview.status == "completed", exists().where(
+        Answer.interview_id == UssdPartBreak.interview_id, Answer.seq > UssdPartBreak.seq))
+    rows = db.execute(
+        select(UssdPartBreak.part, UssdPartBreak.channel_id, Interview.lang,
+               func.count(), func.sum(case((went_on, 1), else_=0)))
+        .join(Interview, Interview.id == UssdPartBreak.interview_id)
+        .where(UssdPartBreak.campaign_id == campaign_id,
+               real_respondent(Interview.respondent))
+        .group_by(UssdPartBreak.part, UssdPartBreak.channel_id, Interview.lang)
+        .order_by(UssdPartBreak.part, UssdPartBreak.channel_id, Interview.lang)).all()
+    return [{"part": f"after part {part}", "channel": labels.get(channel_id, "unknown")
+             if channel_id is not None else "unknown", "language": lang or "unknown",
+             "reached": n, "went_on": int(on or 0), "stopped": n - int(on or 0),
+             "next_part": f"part {part + 1}"} for part, channel_id, lang, n, on in rows]
+
+
 def fieldwork(slug: str) -> dict[str, Any]:
     """Completions per day, where unfinished interviews stopped, by language and channel,
-    part breaks and quota fill: real respondents only."""
+    part breaks and quota fill: real respondents only. The page and its JSON (polled by
+    console.js to redraw the tables and the chart) are both made from this."""
     services = _services()
     with Session(services.engine) as db:
         campaign = get_campaign(db, slug)
+        labels = _channel_labels(db, campaign.id)
         real = real_respondent(Interview.respondent)
         days: dict[str, int] = {}
         for (moment,) in db.execute(select(Interview.completed_at).where(
@@ -558,7 +639,8 @@ def fieldwork(slug: str) -> dict[str, Any]:
                 days[day] = days.get(day, 0) + 1
         by = {}
         for name, column in (("language", Interview.lang), ("channel", Interview.channel_id)):
-            by[name] = [{"group": str(group) if group is not None else "unknown",
+            by[name] = [{"group": (labels.get(group, str(group)) if name == "channel"
+                                   else str(group)) if group is not None else "unknown",
                          "status": status, "n": n} for group, status, n in db.execute(
                 select(column, Interview.status, func.count())
                 .where(Interview.campaign_id == campaign.id, real)
@@ -572,13 +654,26 @@ def fieldwork(slug: str) -> dict[str, Any]:
             select(Answer.question, func.count())
             .join(last, (last.c.interview_id == Answer.interview_id)
                   & (last.c.seq == Answer.seq))
-            .group_by(Answer.question).order_by(func.count().desc()).limit(20))]
+            .group_by(Answer.question).order_by(func.count().desc(), Answer.question)
+            .limit(20))]
+        breaks = part_breaks(db, campaign.id, labels)
     report = campaign_status(services.engine, services.store)
     entry = next(c for c in report["campaigns"] if c["slug"] == slug)
+    quotas = quota_table(entry["quotas"])
+    per_day = sorted(days.items())
     return {"completed": entry["interviews_completed"], "started": entry["interviews_started"],
-            "waiting": entry["events_waiting"], "per_day": sorted(days.items()),
+            "waiting": entry["events_waiting"],
+            "per_day": [{"day": day, "n": n} for day, n in per_day],
+            "per_day_svg": str(count_chart("Completed interviews per day (UTC)", per_day,
+                                           "chart-per-day")),
             "by_language": by["language"], "by_channel": by["channel"], "dropoff": dropoff,
-            "quotas": entry["quotas"], "as_of": datetime.now(UTC).strftime("%H:%M:%S UTC")}
+            "part_breaks": breaks,
+            "quotas": [{"cell": " × ".join(c["values"]), "target": c["target"],
+                        "completed": c["completed"],
+                        "pct": "—" if c["pct"] is None else f"{c['pct']:.0f}%",
+                        "full": "full" if c["full"] else ""}
+                       for c in (quotas["cells"] if quotas else [])],
+            "as_of": datetime.now(UTC).strftime("%H:%M:%S UTC")}
 
 
 @bp.get("/campaigns/<slug>/fieldwork")
@@ -631,13 +726,10 @@ def _sim_save(slug: str, state: dict[str, Any]) -> None:
 def simulator(slug: str) -> str | tuple[str, int]:
     services = _services()
     with Session(services.engine) as db:
-        try:
-            campaign = get_campaign(db, slug)
-        except CampaignError:
-            return _refused(f"No campaign {slug}.", url_for("dashboard.index"), 404)
+        campaign = _campaign(db, slug)
         chans = db.scalars(select(Channel).where(
-            Channel.campaign_id == campaign.id,
-            Channel.provider.in_(("africastalking", "twilio"))).order_by(Channel.id)).all()
+            Channel.campaign_id == campaign.id, Channel.unbound_at.is_(None),
+            Channel.provider.in_(SIMULATED)).order_by(Channel.id)).all()
         options = [{"id": ch.id, "label": f"{PROVIDERS[ch.provider].label} "
                     f"{ch.kind.upper()} {ch.address}"} for ch in chans]
         state = _sim_state(slug)
@@ -677,9 +769,11 @@ def simulate(slug: str) -> BaseResponse | tuple[str, int]:
     typed = _text("input", limit=160)
     channel_id = _int("channel")
     with Session(services.engine) as db:
-        campaign = get_campaign(db, slug)
-        channel = db.get(Channel, channel_id) if channel_id is not None else None
-        if channel is None or channel.campaign_id != campaign.id:
+        campaign = _campaign(db, slug)
+        channel = db.get(Channel, channel_id) if channel_id is not None and \
+            channel_id < 2**31 else None
+        if channel is None or channel.campaign_id != campaign.id or \
+                channel.provider not in SIMULATED or channel.unbound_at is not None:
             return _refused("Choose one of the campaign's channels for the simulated phone.",
                             url_for("console.simulator", slug=slug), 422)
         db.expunge(channel)
@@ -702,19 +796,15 @@ def simulate(slug: str) -> BaseResponse | tuple[str, int]:
         else:
             typed_now = typed
             state["text"].append(typed)
-        form = {"sessionId": state["session"], "serviceCode": channel.address,
-                "phoneNumber": phone, "networkCode": "62001",
-                "text": "*".join(state["text"])}
-        resp = client.post(f"{root}/ussd", data=urlencode(form),
-                           content_type="application/x-www-form-urlencoded")
-        reply = resp.get_data(as_text=True)
+        resp = client.post(f"{root}/ussd", **_ussd_request(channel, state, typed_now))
+        screen, ended, wire = _ussd_screen(channel.provider, resp.get_data(as_text=True))
         if typed_now is not None:
             state["transcript"].append({"from": "phone", "text": typed_now})
         else:
             state["transcript"].append({"from": "phone", "text": f"dial {channel.address}"})
-        state["transcript"].append({"from": "network", "text": reply,
-                                    "chars": len(reply), "status": resp.status_code})
-        if reply.startswith("END") or resp.status_code != 200:
+        state["transcript"].append({"from": "network", "text": screen, "chars": len(screen),
+                                    "status": resp.status_code, "end": ended, "wire": wire})
+        if ended or resp.status_code != 200:
             state["session"] = ""
     else:
         if not typed:
@@ -752,6 +842,45 @@ def simulate(slug: str) -> BaseResponse | tuple[str, int]:
     return redirect(url_for("console.simulator", slug=slug), 303)
 
 
+def _ussd_request(channel: Channel, state: dict[str, Any],
+                  typed: str | None) -> dict[str, Any]:
+    """One hop in the provider's own wire format (typed None: the dial). Africa's Talking
+    posts a form with the cumulative text; Hubtel and Arkesel post JSON with the latest
+    input only (Hubtel numbers its requests with Sequence, Arkesel flags the first)."""
+    phone, session = state["phone"], state["session"]
+    if channel.provider == "hubtel":
+        state["seq"] = 1 if typed is None else int(state.get("seq") or 0) + 1
+        return {"json": {"Type": "Initiation" if typed is None else "Response",
+                         "Mobile": phone.lstrip("+"), "SessionId": session,
+                         "ServiceCode": channel.address.strip("*#"),
+                         "Message": channel.address if typed is None else typed,
+                         "Operator": "mtn", "Sequence": state["seq"], "ClientState": "",
+                         "Platform": "USSD", "ExtraData": {}}}
+    if channel.provider == "arkesel":
+        return {"json": {"sessionID": session, "userID": "civicdial-simulator",
+                         "newSession": typed is None, "msisdn": phone.lstrip("+"),
+                         "userData": "" if typed is None else typed, "network": "MTN"}}
+    form = {"sessionId": session, "serviceCode": channel.address, "phoneNumber": phone,
+            "networkCode": "62001", "text": "*".join(state["text"])}
+    return {"data": urlencode(form), "content_type": "application/x-www-form-urlencoded"}
+
+
+def _ussd_screen(provider: str, body: str) -> tuple[str, bool, str]:
+    """(what the phone shows, whether the session ended, the wire reply when it is not
+    the screen itself). Africa's Talking's CON/END text is shown as it is."""
+    if provider not in ("hubtel", "arkesel"):
+        return body, body.startswith("END"), ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body, True, ""  # a refusal (4xx) is plain text
+    if not isinstance(data, dict):
+        return body, True, ""
+    if provider == "hubtel":
+        return str(data.get("Message", "")), data.get("Type") != "response", body
+    return str(data.get("message", "")), data.get("continueSession") is not True, body
+
+
 def _twiml_text(body: str) -> str:
     """The messages of a TwiML reply, as the phone shows them; other bodies as they are."""
     if not body.startswith("<"):
@@ -776,10 +905,7 @@ def _label(measure: str) -> str:
 def results(slug: str) -> str | tuple[str, int]:
     services = _services()
     with Session(services.engine) as db:
-        try:
-            campaign = get_campaign(db, slug)
-        except CampaignError:
-            return _refused(f"No campaign {slug}.", url_for("dashboard.index"), 404)
+        campaign = _campaign(db, slug)
         name, campaign_id = campaign.name, campaign.id
         published = db.scalar(select(TallySnapshot.version).where(
             TallySnapshot.campaign_id == campaign_id, TallySnapshot.published_at.is_not(None))
@@ -814,7 +940,7 @@ def results(slug: str) -> str | tuple[str, int]:
 @acts("coordinator")
 def tally(slug: str) -> BaseResponse:
     with Session(_services().engine) as db:
-        campaign_id = get_campaign(db, slug).id
+        campaign_id = _campaign(db, slug).id
     job_id = console_jobs.enqueue(_queue(), "tally", slug, console_jobs.tally_job,
                                   campaign_id, slug, actor())
     return _to_job(slug, job_id)
@@ -825,7 +951,7 @@ def tally(slug: str) -> BaseResponse:
 def publish_results(slug: str) -> BaseResponse | tuple[str, int]:
     services = _services()
     with Session(services.engine) as db:
-        campaign_id = get_campaign(db, slug).id
+        campaign_id = _campaign(db, slug).id
     try:
         done = publish(services.settings, services.engine, services.redis, campaign_id)
     except LookupError as exc:
@@ -846,26 +972,12 @@ def download(slug: str, fmt: str) -> Response:
         abort(403, "Microdata needs the coordinator role.")
     engine = _services().engine
     with Session(engine) as db:
-        try:
-            campaign = get_campaign(db, slug)
-        except CampaignError:
-            abort(404, f"No campaign {slug}.")
+        campaign = _campaign(db, slug)
         db.expunge(campaign)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"export.{EXPORTS[fmt][1]}"
-        if fmt == "microdata":
-            exports.write_microdata(engine, campaign.id, path)
-        else:
-            snap = latest_snapshot(engine, campaign.id)
-            if snap is None:
-                abort(404, "No tally yet: run the tally first.")
-            if fmt == "csv":
-                exports.write_csv(snap, path)
-            elif fmt == "xlsx":
-                exports.write_xlsx(snap, campaign, path)
-            else:
-                exports.write_sdmx(snap, campaign, path)
-        data = path.read_bytes()
+    try:
+        data = exports.export_bytes(engine, campaign, fmt)
+    except LookupError:
+        abort(404, "No tally yet: run the tally first.")
     with Session(engine) as db, db.begin():
         audit(db, actor(), "campaign.export", slug, after={"format": fmt})
     return Response(data, mimetype=EXPORTS[fmt][0], headers={
