@@ -127,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-memory", action="store_true",
                    help="also measure the PSS of the whole `civicdial up` tree (default "
                         "and --profile edge)")
+    p.add_argument("--flask-route", action="store_true",
+                   help="also walk the real app with its USSD fast path taken out "
+                        "(flask_route_app.py), after the real hop under each server")
     p.add_argument("--py-spy", default="", metavar="DIR",
                    help="profile every server worker with py-spy (folded stacks in DIR)")
     add_run_options(p)
@@ -429,6 +432,13 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
 TARGETS = (("real", "real hop", "gateway.web.app:create_app()"),
            ("naive", "naive hop", "naive_app:create_app()"),
            ("bare", "bare flask", "bare_app:create_app()"))
+# --flask-route: the real app again with its fast path taken out (Flask's route).
+FLASK_ROUTE = ("flask", "real hop, Flask route", "flask_route_app:create_app()")
+WALKS = ("real", "flask")  # targets walked by citizens (the others replay their traces)
+
+
+def targets(args: argparse.Namespace) -> tuple[tuple[str, str, str], ...]:
+    return (TARGETS[0], FLASK_ROUTE, *TARGETS[1:]) if args.flask_route else TARGETS
 
 
 def result_key(target: str, server: str, servers: list[str]) -> str:
@@ -450,7 +460,7 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
     def window(target: str, server: str, app: str, mode: str, **extra: Any) -> None:
         key = result_key(target, server, servers)
         log = run.tmp / f"{key.replace('@', '-')}.log"
-        with gunicorn(app, args, run.env, log, pythonpath=None if target == "real"
+        with gunicorn(app, args, run.env, log, pythonpath=None if app.startswith("gateway.")
                       else BENCH_DIR, server=server, **cpus) as (base, pid):
             say(f"{key} up at {base} ({server}); {args.warmup:g} s warm-up + "
                 f"{args.duration:g} s load")
@@ -474,14 +484,18 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
                      "bare runs skipped")
     replay = {"traces_in": str(traces), "phone_base": REPLAY_PHONES}
     for server in servers:
-        for target, _, app in TARGETS:
+        for target, _, app in targets(args):
             if target == "real" and server == servers[0]:
                 continue
-            if target != "real" and not replayable:
+            if target not in WALKS and not replayable:
                 continue
+            n = servers.index(server)
             if target == "real":  # another walk, by other citizens (numbers, sessions)
-                window(target, server, app, "walk", seed=args.seed + 1 + servers.index(server),
-                       phone_base=REPLAY_PHONES // 2 * (1 + servers.index(server)))
+                window(target, server, app, "walk", seed=args.seed + 1 + n,
+                       phone_base=REPLAY_PHONES // 2 * (1 + n))
+            elif target == "flask":  # and other citizens again
+                window(target, server, app, "walk", seed=args.seed + 11 + n,
+                       phone_base=REPLAY_PHONES // 4 * (1 + 2 * n))
             else:
                 window(target, server, app, "replay", **replay)
     if args.tree_memory:
@@ -691,13 +705,13 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
     lines = [*header("CivicDial benchmark", args, backends), ""]
     rows = [hop_header("target")]
     for server in servers:
-        for target, label, _ in TARGETS:
+        for target, label, _ in targets(args):
             key = result_key(target, server, servers)
             rows.append(hop_row(label + ("" if len(servers) == 1 else f" ({server})"),
                                 results.get(key)))
     lines += [table(rows), CPU_LEGEND, ""]
     rows = [["ratio", *servers]]
-    for target, label, _ in TARGETS[:2]:
+    for target, label, _ in targets(args)[:-1]:
         rows.append([f"{label} / bare flask", *(
             fmt(hop_ratio(results.get(result_key(target, s, servers)),
                           results.get(result_key("bare", s, servers))), ".2f") + "x"
@@ -706,9 +720,14 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
         fmt(hop_ratio(results.get(result_key("real", s, servers)),
                       results.get(result_key("naive", s, servers))), ".2f") + "x"
         for s in servers)])
+    if args.flask_route:
+        rows.append(["fast path / Flask route", *(
+            fmt(hop_ratio(results.get(result_key("real", s, servers)),
+                          results.get(result_key("flask", s, servers))), ".2f") + "x"
+            for s in servers)])
     lines.append(table(rows))
     if len(servers) > 1:
-        for target, label, _ in TARGETS:
+        for target, label, _ in targets(args):
             first = results.get(target)
             for server in servers[1:]:
                 other = results.get(f"{target}@{server}")
@@ -716,7 +735,7 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
                              f"{fmt(hop_ratio(other, first), '.2f')}x req/s")
     ratio = hop_ratio(real, bare)
     lines.append("")
-    for target, _, _ in TARGETS:
+    for target, _, _ in targets(args):
         for server in servers:
             key = result_key(target, server, servers)
             r, log = results.get(key), results.get(f"{key}_log")
@@ -811,7 +830,7 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
     if into != "postgresql":
         lines.append("note: the persistence goal is for PostgreSQL; this run used "
                      f"{into}")
-    for name in (result_key(t, sv, servers) for sv in servers for t, _, _ in TARGETS):
+    for name in (result_key(t, sv, servers) for sv in servers for t, _, _ in targets(args)):
         r = results.get(name)
         other = (r or {}).get("cores", {}).get("other", 0.0)
         if other > BUSY_CORES:
