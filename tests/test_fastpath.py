@@ -6,6 +6,7 @@ and Redis keys must be the same, byte for byte."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,17 +18,21 @@ import pytest
 import redis
 from flask import Flask
 from prometheus_client import REGISTRY
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 from werkzeug.test import EnvironBuilder
 
 from gateway.config import Settings
-from gateway.store.models import Channel
+from gateway.store.models import Campaign, Channel
 from gateway.web.app import create_app
 from gateway.web.fastpath import UssdFastPath
 from gateway.web.framing import BodyGuard
 
 FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
 PHONE = "+233241234567"
+HUBTEL_CODE = "*713*20#"
+ARKESEL_CODE = "*928*311#"
 
 
 def hop(text: str, session: str = "F1", **fields: str) -> bytes:
@@ -36,14 +41,37 @@ def hop(text: str, session: str = "F1", **fields: str) -> bytes:
     return urlencode({k: v for k, v in form.items() if v is not None}).encode()
 
 
+def hubtel(type_: str, sequence: Any, message: str = "", session: str = "H1",
+           **changes: Any) -> bytes:
+    body = {"Type": type_, "Mobile": PHONE[1:], "SessionId": session, "ServiceCode": "713*20",
+            "Message": message, "Operator": "mtn", "Sequence": sequence, "ClientState": "",
+            "Platform": "USSD", "ExtraData": {}, **changes}
+    return json.dumps(body).encode()
+
+
+def arkesel(user_data: str, new: bool, **changes: Any) -> bytes:
+    return json.dumps({"sessionID": "A1", "userID": "u1", "newSession": new,
+                       "msisdn": PHONE[1:], "userData": user_data, "network": "MTN",
+                       **changes}).encode()
+
+
 @dataclass(frozen=True)
 class Req:
     body: bytes
     content_type: str | None = FORM
     method: str = "POST"
-    key: str | None = None  # None: the channel's own key
+    key: str | None = None  # None: the provider's channel's own key
     length: int | None = None  # a Content-Length other than the body's
     suffix: str = "/ussd"
+    provider: str = "africastalking"
+
+
+def H(body: bytes, content_type: str | None = JSON, **kw: Any) -> Req:  # noqa: N802
+    return Req(body, content_type, provider="hubtel", **kw)
+
+
+def A(body: bytes, content_type: str | None = JSON, **kw: Any) -> Req:  # noqa: N802
+    return Req(body, content_type, provider="arkesel", **kw)
 
 
 @dataclass(frozen=True)
@@ -79,7 +107,33 @@ CASES = [
          [Req(hop("") + b"&pad=" + b"x" * BIG, key="nope")], status=[404]),
     Case("body shorter than its Content-Length", [Req(hop(""), length=len(hop("")) + 40)],
          status=[400]),
+    Case("hubtel: initiation, next, retry, out of sequence",
+         [H(hubtel("Initiation", 1, HUBTEL_CODE)), H(hubtel("Response", 2, "1")),
+          H(hubtel("Response", 2, "1")), H(hubtel("Response", 5, "1"))],
+         status=[200, 200, 200, 409]),
+    Case("hubtel: charset in the content type",
+         [H(hubtel("Initiation", 1, HUBTEL_CODE), f"{JSON}; charset=utf-8")], status=[200]),
+    Case("hubtel: release", [H(hubtel("Initiation", 1, HUBTEL_CODE)),
+                             H(hubtel("Release", 2))], status=[200, 200]),
+    Case("hubtel: not JSON", [H(b"{'Type': 1")], status=[400]),
+    Case("hubtel: not an object", [H(b"[1, 2]")], status=[400]),
+    Case("hubtel: NaN", [H(b'{"Type": NaN}')], status=[400]),
+    Case("hubtel: unknown Type", [H(hubtel("Payment", 1))], status=[400]),
+    Case("hubtel: a field of the wrong type", [H(hubtel("Initiation", "one", HUBTEL_CODE))],
+         status=[400]),
+    Case("hubtel: body over the limit",
+         [H(hubtel("Initiation", 1, HUBTEL_CODE, ClientState="x" * BIG))], status=[413]),
+    Case("hubtel: body shorter than its Content-Length",
+         [H(hubtel("Initiation", 1, HUBTEL_CODE), length=400)], status=[400]),
+    Case("hubtel: unknown channel", [H(hubtel("Initiation", 1, HUBTEL_CODE), key="nope")],
+         status=[404]),
+    Case("arkesel: new session, next, repeat of the opening",
+         [A(arkesel(ARKESEL_CODE, True)), A(arkesel("1", False)),
+          A(arkesel(ARKESEL_CODE, True))], status=[200, 200, 409]),
+    Case("arkesel: not a phone number", [A(arkesel("", True, msisdn="x"))], status=[400]),
     # Not the fast path's: handed to Flask, which answers as it always did.
+    Case("hubtel: a form body", [H(b"Type=Initiation", FORM)], fast=False, status=[415]),
+    Case("hubtel: no content type", [H(b"{}", None)], fast=False, status=[415]),
     Case("JSON content type", [Req(b"{}", "application/json")], fast=False, status=[415]),
     Case("GET", [Req(b"", method="GET")], fast=False, counted=False,
          status=[405]),
@@ -129,7 +183,7 @@ class Run:
     flask_calls: int
 
 
-def run(app: Flask, fast: bool, channel: Channel, requests: list[Req],
+def run(app: Flask, fast: bool, keys: dict[str, str], requests: list[Req],
         client: redis.Redis | None, caplog: pytest.LogCaptureFixture) -> Run:
     """The requests through BodyGuard and then the fast path, or straight to Flask."""
     guard = app.wsgi_app
@@ -146,21 +200,35 @@ def run(app: Flask, fast: bool, channel: Channel, requests: list[Req],
         client.flushdb()
     caplog.clear()
     before = metric_samples()
-    answers = [call(wsgi, f"/webhooks/africastalking/{req.key or channel.key}{req.suffix}",
-                    req) for req in requests]
+    answers = [call(wsgi, f"/webhooks/{req.provider}/{req.key or keys[req.provider]}"
+                          f"{req.suffix}", req) for req in requests]
     logs = [r.getMessage() for r in caplog.records if r.name.startswith("civicdial")]
     keys = sorted(client.keys("*")) if client is not None else []
     return Run(answers, logs, delta(before, metric_samples()), keys, calls[0])
 
 
+@pytest.fixture
+def keys(engine: Engine, channel: Channel) -> dict[str, str]:
+    """Each USSD provider's channel key, on the default campaign."""
+    with Session(engine) as db, db.begin():
+        campaign = db.scalar(select(Campaign))
+        assert campaign is not None
+        for provider, key, code in (("hubtel", "hubtel-fast-key", HUBTEL_CODE),
+                                    ("arkesel", "arkesel-fast-key", ARKESEL_CODE)):
+            db.add(Channel(key=key, provider=provider, kind="ussd", address=code,
+                           campaign_id=campaign.id, screen_limit=160, config="{}"))
+    return {"africastalking": channel.key, "hubtel": "hubtel-fast-key",
+            "arkesel": "arkesel-fast-key"}
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
-def test_fast_path_answers_as_the_flask_route(case: Case, app: Flask, channel: Channel,
+def test_fast_path_answers_as_the_flask_route(case: Case, app: Flask, keys: dict[str, str],
                                               redis_client: redis.Redis,
                                               caplog: pytest.LogCaptureFixture) -> None:
     """Same answers, log lines, metrics and Redis keys through the fast path and Flask."""
     caplog.set_level(logging.WARNING)
-    fast = run(app, True, channel, case.requests, redis_client, caplog)
-    flask = run(app, False, channel, case.requests, redis_client, caplog)
+    fast = run(app, True, keys, case.requests, redis_client, caplog)
+    flask = run(app, False, keys, case.requests, redis_client, caplog)
     assert [int(a.status.split()[0]) for a in flask.answers] == case.status
     assert fast.answers == flask.answers
     assert fast.logs == flask.logs
@@ -180,8 +248,9 @@ def test_fast_path_answers_as_the_flask_route_when_redis_is_down(
     app = create_app(settings.with_(redis_url=f"unix://{tmp_path}/no-redis.socket"))
     try:
         requests = [Req(hop("")), Req(hop("1"))]
-        fast = run(app, True, channel, requests, None, caplog)
-        flask = run(app, False, channel, requests, None, caplog)
+        keys = {"africastalking": channel.key}
+        fast = run(app, True, keys, requests, None, caplog)
+        flask = run(app, False, keys, requests, None, caplog)
     finally:
         app.extensions["civicdial"].engine.dispose()
     assert [a.status for a in flask.answers] == ["503 SERVICE UNAVAILABLE"] * 2
@@ -197,6 +266,7 @@ def test_fast_path_masks_the_channel_key_in_its_log_lines(
         caplog: pytest.LogCaptureFixture) -> None:
     """A refusal's log line names the route with the channel key cut short."""
     caplog.set_level(logging.WARNING)
-    fast = run(app, True, channel, [Req(hop("", phoneNumber="x"))], redis_client, caplog)
+    fast = run(app, True, {"africastalking": channel.key}, [Req(hop("", phoneNumber="x"))],
+               redis_client, caplog)
     assert fast.logs and all(channel.key not in line for line in fast.logs)
     assert f"/webhooks/africastalking/{channel.key[:4]}***/ussd -> 400" in fast.logs[0]

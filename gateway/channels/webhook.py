@@ -67,7 +67,11 @@ def parse_json_body(request: Request, *, max_bytes: int | None = None,
     if max_bytes is None:
         max_bytes = current_app.extensions["civicdial"].settings.max_body_bytes
     request.max_content_length = max_bytes
-    raw = request.get_data(cache=False)
+    return json_from_body(request.get_data(cache=False), max_depth)
+
+
+def json_from_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """parse_json_body for a body already read (gateway.web.fastpath reads it itself)."""
     try:
         # utf-8-sig: a leading byte-order mark is harmless, not a reason to refuse.
         data = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant)

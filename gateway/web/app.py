@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(console.bp)
     app.register_blueprint(sync.bp)
-    # The Africa's Talking USSD hop skips Flask's request layers (gateway.web.fastpath),
+    # The USSD hops skip Flask's request layers (gateway.web.fastpath),
     # answering exactly as its Flask route does. Around both, a body the server cannot
     # decode, or shorter than announced: 400, never a 500 or a truncated form processed
     # as if complete.

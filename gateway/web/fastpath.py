@@ -1,15 +1,16 @@
-"""The Africa's Talking USSD hop as a plain WSGI callable in front of Flask.
+"""The USSD hops as a plain WSGI callable in front of Flask.
 
 The hop is the route that carries the load, and its own work is two Redis round trips and
 the engine; Flask's request context, Werkzeug's Request and Response objects, URL matching
 and the error-handler lookup cost about as much CPU again (tests/bench/README.md). Here a
-POST to /webhooks/africastalking/<key>/ussd with a form body of a stated length goes
-straight to `africastalking.ussd_hop` in an app context, and gets what the Flask route
-gives, byte for byte (tests/test_fastpath.py compares them): the same refusals and log
-lines (gateway.web.refusals: 4xx for a bad request, 413 for a body over
-CIVICDIAL_MAX_BODY_BYTES, 400 for one that ends before its Content-Length, 503 when Redis
-is down), the same per-hop metrics (gateway.web.metrics.observe), and the same body read
-through gateway.web.framing.BodyGuard, which wraps this callable.
+POST to /webhooks/<provider>/<key>/ussd (Africa's Talking's form; Hubtel's and Arkesel's
+JSON) with a body of a stated length goes straight to the provider module's hop function
+(`africastalking.ussd_hop`, `hubtel.ussd_reply`, `arkesel.ussd_reply`) in an app context,
+and gets what the Flask route gives, byte for byte (tests/test_fastpath.py compares them):
+the same refusals and log lines (gateway.web.refusals: 4xx for a bad request, 413 for a
+body over CIVICDIAL_MAX_BODY_BYTES, 400 for one that ends before its Content-Length, 503
+when Redis is down), the same per-hop metrics (gateway.web.metrics.observe), and the same
+body read through gateway.web.framing.BodyGuard, which wraps this callable.
 
 Whatever is not plainly such a hop (another method or path, another content type, no
 Content-Length, a Transfer-Encoding) goes to Flask unchanged, which answers it as before.
@@ -20,13 +21,15 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
 
-from gateway.channels import africastalking
+from gateway.channels import africastalking, arkesel, hubtel
+from gateway.channels.jsonbody import object_from_body
 from gateway.channels.webhook import WebhookError, form_from_body
 from gateway.web import metrics, refusals
 from gateway.web.framing import BrokenBody
@@ -35,8 +38,25 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 _FORM = "application/x-www-form-urlencoded"
+_JSON = "application/json"
 _TEXT = "text/plain; charset=utf-8"
-_PROVIDER = "africastalking"
+
+
+@dataclass(frozen=True)
+class HopRoute:
+    """A provider's USSD hop as its Flask route serves it."""
+
+    mimetypes: tuple[str, ...]  # the request bodies taken here (any other: Flask's)
+    reply_type: str  # the Content-Type of its 200 answers
+    reply: Callable[[str, Callable[[], dict[str, Any]]], str]  # (key, read body) -> body
+    parse: Callable[[bytes], dict[str, Any]]  # the body, as the route decodes it
+
+
+ROUTES = {
+    "africastalking": HopRoute(("", _FORM), _TEXT, africastalking.ussd_hop, form_from_body),
+    "hubtel": HopRoute((_JSON,), _JSON, hubtel.ussd_reply, object_from_body),
+    "arkesel": HopRoute((_JSON,), _JSON, arkesel.ussd_reply, object_from_body),
+}
 
 
 @functools.lru_cache(maxsize=64)
@@ -51,19 +71,21 @@ def _status_line(status: int) -> str:
     return f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}"
 
 
-def hop_key(environ: dict[str, Any]) -> str | None:
-    """The channel key of a request the fast path takes, or None for Flask's."""
+def hop_route(environ: dict[str, Any]) -> tuple[str, HopRoute] | None:
+    """(channel key, route) of a request the fast path takes, or None for Flask's."""
     if environ.get("REQUEST_METHOD") != "POST":
         return None
     parts = environ.get("PATH_INFO", "").split("/")
-    if (len(parts) != 5 or parts[1] != "webhooks" or parts[2] != _PROVIDER
-            or parts[4] != "ussd" or not parts[3] or not parts[3].isascii()):
+    if (len(parts) != 5 or parts[1] != "webhooks" or parts[4] != "ussd" or not parts[3]
+            or not parts[3].isascii()):
         return None
+    route = ROUTES.get(parts[2])
     length = environ.get("CONTENT_LENGTH") or ""
-    if (not (length.isascii() and length.isdigit()) or environ.get("HTTP_TRANSFER_ENCODING")
-            or _mimetype(environ.get("CONTENT_TYPE") or "") not in ("", _FORM)):
+    if (route is None or not (length.isascii() and length.isdigit())
+            or environ.get("HTTP_TRANSFER_ENCODING")
+            or _mimetype(environ.get("CONTENT_TYPE") or "") not in route.mimetypes):
         return None
-    return parts[3]
+    return parts[3], route
 
 
 def read_body(stream: Any, size: int) -> bytes:
@@ -80,46 +102,47 @@ def read_body(stream: Any, size: int) -> bytes:
 
 
 class UssdFastPath:
-    """WSGI middleware: Africa's Talking USSD hops here, every other request to Flask."""
+    """WSGI middleware: USSD hops here, every other request to Flask."""
 
     def __init__(self, app: Flask, flask_wsgi: WSGIApp) -> None:
         self.app = app
         self.flask = flask_wsgi
 
     def __call__(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
-        key = hop_key(environ)
-        if key is None:
+        found = hop_route(environ)
+        if found is None:
             return self.flask(environ, start)
+        key, route = found
         path = environ["PATH_INFO"]
         size = int(environ["CONTENT_LENGTH"])
         stream = environ["wsgi.input"]
         with self.app.app_context():
             settings = self.app.extensions["civicdial"].settings
 
-            def read_form() -> dict[str, str]:
+            def read() -> dict[str, Any]:
                 if size > settings.max_body_bytes:
                     raise RequestEntityTooLarge()
-                return form_from_body(read_body(stream, size))
+                return route.parse(read_body(stream, size))
 
-            answer = self._answer(key, path, read_form)
+            answer, reply_type = self._answer(key, path, route, read)
         data = answer.body.encode()
-        start(_status_line(answer.status),
-              [*answer.headers, ("Content-Type", _TEXT), ("Content-Length", str(len(data)))])
+        start(_status_line(answer.status), [*answer.headers, ("Content-Type", reply_type),
+                                            ("Content-Length", str(len(data)))])
         return [data]
 
-    def _answer(self, key: str, path: str,
-                read_form: Callable[[], dict[str, str]]) -> refusals.Answer:
+    def _answer(self, key: str, path: str, route: HopRoute,
+                read: Callable[[], dict[str, Any]]) -> tuple[refusals.Answer, str]:
         # The Flask route's view and its wrapper (metrics._timed), then its error handlers.
         started = time.perf_counter()
         try:
-            body = africastalking.ussd_hop(key, read_form)
+            body = route.reply(key, read)
         except Exception as exc:
             metrics.observe(key, time.perf_counter() - started, metrics.failure_kind(exc))
-            return self._refusal(path, exc)
-        answer = refusals.Answer(200, body)
+            return self._refusal(path, exc), _TEXT
+        text = route.reply_type == _TEXT
         metrics.observe(key, time.perf_counter() - started,
-                        metrics.reply_kind(200, body[:4].encode()))
-        return answer
+                        metrics.reply_kind(200, body[:4].encode() if text else None))
+        return refusals.Answer(200, body), route.reply_type
 
     def _refusal(self, path: str, exc: Exception) -> refusals.Answer:
         if isinstance(exc, WebhookError):
