@@ -453,7 +453,10 @@ def profile(args: argparse.Namespace, key: str, master: int) -> list[subprocess.
     out = Path(args.py_spy)
     out.mkdir(parents=True, exist_ok=True)
     seconds = str(int(args.warmup + args.duration))
-    return [subprocess.Popen(["py-spy", "record", "--pid", str(worker), "--rate", "250", "--gil",
+    # The bench extra installs it beside this Python, which need not be on PATH.
+    beside = Path(sys.executable).with_name("py-spy")
+    spy = str(beside) if beside.exists() else "py-spy"
+    return [subprocess.Popen([spy, "record", "--pid", str(worker), "--rate", "250", "--gil",
                               "--format", "raw", "--duration", seconds, "--output",
                               str(out / f"{key.replace('@', '-')}-{worker}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
