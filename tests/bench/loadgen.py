@@ -16,12 +16,10 @@ Every loop is bounded in count and time; only loopback URLs are accepted.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -222,29 +220,20 @@ async def replayers(cfg: Config, client: Any, new_session_id: Callable[[random.R
                     send: Send) -> None:
     """The recorded interviews again, with fresh numbers and session ids: each step is
     [session number, *what `send` posts]."""
-    traces: list[list[list[Any]]] = json.loads(Path(cfg.traces_in).read_text())
-    if not traces:
-        raise SystemExit("no traces to replay")
-    counter = 0
 
-    async def worker(rng: random.Random) -> None:
-        nonlocal counter
-        for _ in range(1_000_000):
-            counter += 1
-            trace = traces[counter % len(traces)]
-            citizen = phone(cfg.phone_base + counter)
-            session_no, session_id = -1, ""
-            for number, *step in trace:
-                if client.stopping:
-                    return
-                if number != session_no:
-                    session_no, session_id = number, new_session_id(rng)
-                ok, _ = await send(client, session_id, citizen, step)
-                if not ok:
-                    break
-            client.stats.events["sequences replayed"] += 1
+    async def play(rng: random.Random, citizen: str, trace: list[Any]) -> None:
+        session_no, session_id = -1, ""
+        for number, *step in trace:
+            if client.stopping:
+                return
+            if number != session_no:
+                session_no, session_id = number, new_session_id(rng)
+            ok, _ = await send(client, session_id, citizen, step)
+            if not ok:
+                break
+        client.stats.events["sequences replayed"] += 1
 
-    await loadkit.per_connection(cfg, worker)
+    await loadkit.replay(cfg, client, play)
 
 
 async def run_citizens(cfg: Config, client_class: type[loadkit.Client],
