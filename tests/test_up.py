@@ -226,3 +226,22 @@ def test_json_logs_one_object_per_line(tmp_path: Path) -> None:
                for r in records), records
     text = "\n".join(lines)
     assert key not in text and "+233241234567" not in text
+
+
+def test_up_supervises_without_the_app_in_its_memory(tmp_path: Path) -> None:
+    """Once everything runs, `up`'s own process (the same pid) is the supervisor, which
+    imports none of the app: no numpy or SQLAlchemy library mapped into it. And the
+    channel key it printed is not on its command line, which any local user can read."""
+    with Node(tmp_path / "data") as node:
+        assert node.proc is not None
+        key = node.ussd_url.split("/")[-2]
+        cmdline = Path(f"/proc/{node.proc.pid}/cmdline").read_bytes()
+        maps = Path(f"/proc/{node.proc.pid}/maps").read_text()
+    assert b"gateway.supervision" in cmdline and key.encode() not in cmdline
+    assert "numpy" not in maps and "sqlalchemy" not in maps
+    # What the check looks for is there in a process that imports the command (as `up`
+    # did until it handed over).
+    cli_maps = subprocess.run(
+        [sys.executable, "-c", "import gateway.cli; print(open('/proc/self/maps').read())"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "numpy" in cli_maps and "sqlalchemy" in cli_maps

@@ -13,6 +13,8 @@ not sign callbacks: the channel key in the URL is the secret.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from flask import Blueprint, Response, request
 
@@ -35,8 +37,15 @@ def _renderer(session_id: str, user_id: str, msisdn: str) -> Render:
 @bp.post("/<channel_key>/ussd")
 def ussd(channel_key: str) -> Response:
     """A USSD hop: one input in, one screen out."""
+    return Response(ussd_reply(channel_key, lambda: parse_json(request)), status=200,
+                    mimetype="application/json")
+
+
+def ussd_reply(channel_key: str, read_json: Callable[[], dict[str, Any]]) -> str:
+    """The answer's body for one request, or a WebhookError (the body read after the
+    channel key is checked); also called by gateway.web.fastpath."""
     ch = provider_channel("arkesel", channel_key)
-    data = parse_json(request)
+    data = read_json()
     session_id = text(data, "sessionID", max_len=128)
     user_id = text(data, "userID", max_len=128)
     opens = boolean(data, "newSession")
@@ -44,6 +53,5 @@ def ussd(channel_key: str) -> Response:
     phone = phone_number({"msisdn": msisdn}, "msisdn")
     user_data = text(data, "userData", max_len=1000, allow_empty=True)
     text(data, "network", max_len=40, required=False)
-    body = hop(ch, UssdInput(session_id, phone, user_data, opens=opens),
+    return hop(ch, UssdInput(session_id, phone, user_data, opens=opens),
                _renderer(session_id, user_id, msisdn))
-    return Response(body, status=200, mimetype="application/json")

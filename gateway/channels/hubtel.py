@@ -18,6 +18,8 @@ AddToCart), so that URL just answers 200.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from flask import Blueprint, Response, request
 
@@ -71,8 +73,15 @@ def service_code(code: str) -> str:
 @bp.post("/<channel_key>/ussd")
 def ussd(channel_key: str) -> Response:
     """The Service Interaction URL: one request in, one screen out."""
+    return _json(ussd_reply(channel_key, lambda: parse_json(request)))
+
+
+def ussd_reply(channel_key: str, read_json: Callable[[], dict[str, Any]]) -> str:
+    """The answer's body for one request, or a WebhookError. The body is read
+    (`read_json`) after the channel key is checked, as for every route; also called by
+    gateway.web.fastpath, without Flask's request layers."""
     ch = provider_channel(PROVIDER, channel_key)
-    data = parse_json(request)
+    data = read_json()
     kind = text(data, "Type", max_len=20).lower()
     if kind not in TYPES:
         raise WebhookError(400, f"unknown Type {kind[:20]!r}: expected one of "
@@ -95,9 +104,9 @@ def ussd(channel_key: str) -> Response:
         session_ended(ch, SessionEnd(session_id, phone, kind, dropped=True, network=operator,
                                      hops=sequence, error=ENDS[kind]))
         # Hubtel ignores an answer to these; it still gets a well-formed one.
-        return _json(draw(Screen("", end=True)))
-    return _json(hop(ch, UssdInput(session_id, phone, message, opens=kind == "initiation",
-                                   sequence=sequence), draw))
+        return draw(Screen("", end=True))
+    return hop(ch, UssdInput(session_id, phone, message, opens=kind == "initiation",
+                             sequence=sequence), draw)
 
 
 @bp.route("/<channel_key>/ussd/fulfilment", methods=["GET", "POST"])

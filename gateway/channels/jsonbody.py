@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Request
 
-from gateway.channels.webhook import WebhookError, field, parse_json_body
+from gateway.channels.webhook import WebhookError, field, json_from_body, parse_json_body
 
 MAX_DIGITS = 9  # a numeric field sent as text: '1', '12'; never anything like a long id
 
@@ -23,7 +23,16 @@ def parse_json(request: Request) -> dict[str, Any]:
     mimetype = request.mimetype or ""
     if mimetype != "application/json":
         raise WebhookError(415, f"expected application/json, got {mimetype or 'no type'}")
-    data = parse_json_body(request)
+    return _an_object(parse_json_body(request))
+
+
+def object_from_body(raw: bytes) -> dict[str, Any]:
+    """parse_json for a body already read, of a request that said application/json
+    (gateway.web.fastpath reads it itself)."""
+    return _an_object(json_from_body(raw))
+
+
+def _an_object(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise WebhookError(400, "expected a JSON object")
     return data

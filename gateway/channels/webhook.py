@@ -82,7 +82,11 @@ def parse_json_body(request: Request, *, max_bytes: int | None = None,
     if max_bytes is None:
         max_bytes = current_app.extensions["civicdial"].settings.max_body_bytes
     request.max_content_length = max_bytes
-    raw = request.get_data(cache=False)
+    return json_from_body(request.get_data(cache=False), max_depth)
+
+
+def json_from_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """parse_json_body for a body already read (gateway.web.fastpath reads it itself)."""
     try:
         # utf-8-sig: a leading byte-order mark is harmless, not a reason to refuse.
         data = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant)
@@ -131,11 +135,24 @@ def parse_pairs(request: Request) -> list[tuple[str, str]]:
         raise WebhookError(415, f"expected application/x-www-form-urlencoded, got {mimetype}")
     # Webhook bodies are small; refuse big ones before reading them (413).
     request.max_content_length = current_app.extensions["civicdial"].settings.max_body_bytes
-    raw = request.get_data(cache=False)
+    return pairs_from_body(request.get_data(cache=False))
+
+
+def pairs_from_body(raw: bytes) -> list[tuple[str, str]]:
+    """Every (name, value) of a form body already read, strictly UTF-8."""
     try:
         return _parse_qsl(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise WebhookError(400, "body is not valid UTF-8") from None
+
+
+def form_from_body(raw: bytes) -> dict[str, str]:
+    """parse_form for a body already read (gateway.web.fastpath reads it itself): the same
+    strict decoding, the same first-value-wins."""
+    form: dict[str, str] = {}
+    for name, value in pairs_from_body(raw):
+        form.setdefault(name, value)
+    return form
 
 
 def _parse_qsl(body: str) -> list[tuple[str, str]]:

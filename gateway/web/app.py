@@ -22,7 +22,8 @@ from gateway.store.db import make_engine
 from gateway.store.redis_conn import connect
 from gateway.store.registry import Registry
 from gateway.store.sessions import HopLimits, SessionStore
-from gateway.web import api, console, dashboard, metrics, sync
+from gateway.web import api, console, dashboard, metrics, refusals, sync
+from gateway.web.fastpath import UssdFastPath
 from gateway.web.framing import BodyGuard
 
 log = logging.getLogger("civicdial.webhooks")
@@ -63,9 +64,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(console.bp)
     app.register_blueprint(sync.bp)
-    # A body the server cannot decode, or shorter than announced: 400, never a 500 or a
-    # truncated form processed as if complete.
-    app.wsgi_app = BodyGuard(app.wsgi_app)  # type: ignore[method-assign]
+    # The USSD hops skip Flask's request layers (gateway.web.fastpath),
+    # answering exactly as its Flask route does. Around both, a body the server cannot
+    # decode, or shorter than announced: 400, never a 500 or a truncated form processed
+    # as if complete.
+    app.wsgi_app = BodyGuard(UssdFastPath(app, app.wsgi_app))  # type: ignore[method-assign]
     app.register_blueprint(metrics.bp)
     metrics.instrument(app)
     if settings.trust_proxy:
@@ -74,22 +77,16 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(WebhookError)
     def _refused(exc: WebhookError) -> Response:
-        log.warning("%s %s -> %d %s", request.method, _safe_path(), exc.status, exc.reason)
-        return exc.response()
+        return refusals.refused(request.method, request.path, exc).response()
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
-        log.warning("%s %s -> %d %s", request.method, _safe_path(), exc.code, exc.name)
-        return Response(f"{exc.name}\n", status=exc.code or 400, mimetype="text/plain")
+        return refusals.http_error(request.method, request.path, exc).response()
 
     @app.errorhandler(redis.ConnectionError)
     @app.errorhandler(redis.TimeoutError)
     def _redis_down(exc: redis.RedisError) -> Response:
-        # Redis restarting (or unreachable): not a 500. The provider retries the hop and
-        # gets it processed once (or, if the commit landed, the stored reply).
-        log.warning("%s %s -> 503 redis unavailable: %s", request.method, _safe_path(), exc)
-        return Response("temporarily unavailable\n", status=503, mimetype="text/plain",
-                        headers={"Retry-After": "1"})
+        return refusals.redis_down(request.method, request.path, exc).response()
 
     # Once per process, not per hop: the questionnaires the channels serve are parsed now
     # (an XLSForm takes a few hundred ms: the first hop of every worker paid it), and what
@@ -103,11 +100,3 @@ def create_app(settings: Settings | None = None) -> Flask:
     gc.collect()
     gc.freeze()
     return app
-
-
-def _safe_path() -> str:
-    """The request path with channel keys (secrets) masked."""
-    parts = request.path.split("/")
-    if len(parts) > 3 and parts[1] == "webhooks":
-        parts[3] = parts[3][:4] + "***"
-    return "/".join(parts)

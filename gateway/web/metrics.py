@@ -59,7 +59,9 @@ def instrument(app: Flask) -> None:
 _children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
 
-def _observe(key: str, seconds: float, kind: str) -> None:
+def observe(key: str, seconds: float, kind: str) -> None:
+    """One hop on the channel whose key is `key` (in an app context): its latency and its
+    reply's kind. Called by the Flask views' wrapper and by gateway.web.fastpath."""
     services = current_app.extensions["civicdial"]
     ch = services.registry.channel(key) if key else None
     label = str(ch.id) if ch is not None else "unknown"
@@ -71,19 +73,31 @@ def _observe(key: str, seconds: float, kind: str) -> None:
     pair[1].inc()
 
 
-def _kind(response: Response) -> str:
-    status = response.status_code
+def reply_kind(status: int, text_body: bytes | None) -> str:
+    """The kind of a reply: its status, and for a text/plain body whether it is a USSD
+    screen (None: not a text/plain body that was read)."""
     if status >= 500:
         return "error"
     if status >= 400:
         return "refused"
-    if response.mimetype == "text/plain" and not response.is_streamed:
-        head = response.get_data()[:4]
+    if text_body is not None:
+        head = text_body[:4]
         if head == b"CON ":
             return "con"
         if head == b"END ":
             return "end"
     return "ok"
+
+
+def failure_kind(exc: Exception) -> str:
+    """The kind of a hop that raised: refused for what becomes a 4xx, else error."""
+    status = getattr(exc, "status", None) or getattr(exc, "code", None) or 500
+    return "refused" if isinstance(status, int) and status < 500 else "error"
+
+
+def _kind(response: Response) -> str:
+    plain = response.mimetype == "text/plain" and not response.is_streamed
+    return reply_kind(response.status_code, response.get_data() if plain else None)
 
 
 def _timed(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -93,13 +107,12 @@ def _timed(view: Callable[..., Any]) -> Callable[..., Any]:
         try:
             result = view(**kwargs)
         except Exception as exc:
-            status = getattr(exc, "status", None) or getattr(exc, "code", None) or 500
-            _observe(kwargs.get("channel_key", ""), time.perf_counter() - started,
-                     "refused" if isinstance(status, int) and status < 500 else "error")
+            observe(kwargs.get("channel_key", ""), time.perf_counter() - started,
+                    failure_kind(exc))
             raise
         response = current_app.make_response(result)
-        _observe(kwargs.get("channel_key", ""), time.perf_counter() - started,
-                 _kind(response))
+        observe(kwargs.get("channel_key", ""), time.perf_counter() - started,
+                _kind(response))
         return response
     return timed
 

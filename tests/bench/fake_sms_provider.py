@@ -33,8 +33,8 @@ class TimedFake(FakeProvider):
         super().__post_init__()
         self.accepted_at: list[float] = []
 
-    def record(self, to: str, body: str, sender: str) -> str:
-        message_id = super().record(to, body, sender)
+    def record(self, to: str, body: str, sender: str, **extra: str) -> str:
+        message_id = super().record(to, body, sender, **extra)
         with self.lock:
             self.accepted_at.append(time.monotonic())
         return message_id

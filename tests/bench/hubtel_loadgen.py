@@ -17,15 +17,11 @@ import json
 import random
 import sys
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import Any
 
 import loadkit
-from loadgen import Citizen, Config
-from loadkit import phone, racing_retry
-
-from gateway.coordination.bootstrap import shipped_questionnaire
-from gateway.interview.render import fold
+from loadgen import Citizen, Config, run_citizens
+from loadkit import racing_retry
 
 HEADERS = {"Content-Type": "application/json"}
 SERVICE_CODE = "713*20"
@@ -91,64 +87,14 @@ class HubtelCitizen(Citizen):
             client.post(self.session_id, mobile, type_, self.sequence, message))
 
 
-async def _walkers(cfg: Config, client: Client, traces: list[list[Any]]) -> None:
-    form = shipped_questionnaire()
-    by_label = {fold(q.label(form.default_language)): q for q in form.questions
-                if q.type != "calculate"}
-    next_number = 0
-
-    async def worker(rng: random.Random) -> None:
-        nonlocal next_number
-        for _ in range(1_000_000):
-            if client.stopping:
-                return
-            number, next_number = next_number, next_number + 1
-            citizen = HubtelCitizen(number, rng, cfg, by_label)
-            outcome = await citizen.walk(client)  # type: ignore[arg-type]
-            client.stats.events[f"citizens {outcome}"] += 1
-            if outcome == "completed" and len(traces) < cfg.max_traces:
-                traces.append(citizen.trace)
-
-    await loadkit.per_connection(cfg, worker)
-
-
-async def _replayers(cfg: Config, client: Client) -> None:
-    traces: list[list[list[Any]]] = json.loads(Path(cfg.traces_in).read_text())
-    if not traces:
-        raise SystemExit("no traces to replay")
-    counter = 0
-
-    async def worker(rng: random.Random) -> None:
-        nonlocal counter
-        for _ in range(1_000_000):
-            counter += 1
-            trace = traces[counter % len(traces)]
-            mobile = phone(cfg.phone_base + counter)[1:]
-            session_no, session_id = -1, ""
-            for number, sequence, type_, message in trace:
-                if client.stopping:
-                    return
-                if number != session_no:
-                    session_no, session_id = number, _session_id(rng)
-                ok, _ = await client.post(session_id, mobile, type_, sequence, message)
-                if not ok:
-                    break
-            client.stats.events["sequences replayed"] += 1
-
-    await loadkit.per_connection(cfg, worker)
+def _send(client: Client, session_id: str, citizen: str,
+          step: list[Any]) -> Awaitable[tuple[bool, str]]:
+    sequence, type_, message = step
+    return client.post(session_id, citizen[1:], type_, sequence, message)
 
 
 async def run(cfg: Config) -> dict[str, Any]:
-    traces: list[list[Any]] = []
-
-    def load(client: Client) -> Awaitable[None]:
-        if cfg.mode == "replay":
-            return _replayers(cfg, client)
-        return _walkers(cfg, client, traces)
-
-    return await loadkit.run_load(
-        cfg, lambda session, stats, stop_at: Client(session, cfg.url, stats, stop_at), load,
-        traces)
+    return await run_citizens(cfg, Client, HubtelCitizen, _session_id, _send)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ Every loop is bounded in count and time; only loopback URLs are accepted.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -184,7 +182,14 @@ class Citizen:
         return "too many hops"
 
 
-async def _walkers(cfg: Config, client: Client, traces: list[list[tuple[int, str]]]) -> None:
+# What a replayer posts for one recorded step (the step less its session number).
+Send = Callable[[Any, str, str, list[Any]], Awaitable[tuple[bool, str]]]
+
+
+async def walkers(cfg: Config, client: Any, traces: list[list[Any]],
+                  citizen: type[Citizen] = Citizen) -> None:
+    """Citizens (of class `citizen`: a provider's request shape) walk the questionnaire,
+    one after another on every connection; completed interviews' steps go to `traces`."""
     form = shipped_questionnaire()
     by_label = {fold(q.label(form.default_language)): q for q in form.questions
                 if q.type != "calculate"}
@@ -201,53 +206,59 @@ async def _walkers(cfg: Config, client: Client, traces: list[list[tuple[int, str
                 next_number += 1
                 if cfg.mode == "park" and number >= cfg.park:
                     return
-            citizen = Citizen(number, rng, cfg, by_label)
+            walker = citizen(number, rng, cfg, by_label)
             stop_after = rng.randint(3, 40) if cfg.mode == "park" else None
-            outcome = await citizen.walk(client, stop_after)
+            outcome = await walker.walk(client, stop_after)
             client.stats.events[f"citizens {outcome}"] += 1
             if outcome == "completed" and len(traces) < cfg.max_traces:
-                traces.append(citizen.trace)
+                traces.append(walker.trace)
 
     await loadkit.per_connection(cfg, worker)
 
 
-async def _replayers(cfg: Config, client: Client) -> None:
-    traces: list[list[list[Any]]] = json.loads(Path(cfg.traces_in).read_text())
-    if not traces:
-        raise SystemExit("no traces to replay")
-    counter = 0
+async def replayers(cfg: Config, client: Any, new_session_id: Callable[[random.Random], str],
+                    send: Send) -> None:
+    """The recorded interviews again, with fresh numbers and session ids: each step is
+    [session number, *what `send` posts]."""
 
-    async def worker(rng: random.Random) -> None:
-        nonlocal counter
-        for _ in range(1_000_000):
-            counter += 1
-            trace = traces[counter % len(traces)]
-            citizen = phone(cfg.phone_base + counter)
-            session_no, session_id = -1, ""
-            for number, text in trace:
-                if client.stopping:
-                    return
-                if number != session_no:
-                    session_no, session_id = number, _session_id(rng)
-                ok, _ = await client.post(session_id, citizen, text)
-                if not ok:
-                    break
-            client.stats.events["sequences replayed"] += 1
+    async def play(rng: random.Random, citizen: str, trace: list[Any]) -> None:
+        session_no, session_id = -1, ""
+        for number, *step in trace:
+            if client.stopping:
+                return
+            if number != session_no:
+                session_no, session_id = number, new_session_id(rng)
+            ok, _ = await send(client, session_id, citizen, step)
+            if not ok:
+                break
+        client.stats.events["sequences replayed"] += 1
 
-    await loadkit.per_connection(cfg, worker)
+    await loadkit.replay(cfg, client, play)
+
+
+async def run_citizens(cfg: Config, client_class: type[loadkit.Client],
+                       citizen: type[Citizen], new_session_id: Callable[[random.Random], str],
+                       send: Send) -> dict[str, Any]:
+    """The load of `cfg.mode` in a provider's shape: its client, citizen and replay step."""
+    traces: list[list[Any]] = []
+
+    def load(client: Any) -> Awaitable[None]:
+        if cfg.mode == "replay":
+            return replayers(cfg, client, new_session_id, send)
+        return walkers(cfg, client, traces, citizen)
+
+    return await loadkit.run_load(
+        cfg, lambda session, stats, stop_at: client_class(session, cfg.url, stats, stop_at),
+        load, traces, timed=cfg.mode != "park")
+
+
+def _send(client: Client, session_id: str, citizen: str,
+          step: list[Any]) -> Awaitable[tuple[bool, str]]:
+    return client.post(session_id, citizen, step[0])
 
 
 async def run(cfg: Config) -> dict[str, Any]:
-    traces: list[list[tuple[int, str]]] = []
-
-    def load(client: Client) -> Awaitable[None]:
-        if cfg.mode == "replay":
-            return _replayers(cfg, client)
-        return _walkers(cfg, client, traces)
-
-    return await loadkit.run_load(
-        cfg, lambda session, stats, stop_at: Client(session, cfg.url, stats, stop_at), load,
-        traces, timed=cfg.mode != "park")
+    return await run_citizens(cfg, Client, Citizen, _session_id, _send)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,26 @@ async def per_connection(cfg: LoadConfig,
                            for w in range(cfg.connections)))
 
 
+async def replay(cfg: LoadConfig, client: Client,
+                 play: Callable[[random.Random, str, list[Any]], Awaitable[None]]) -> None:
+    """Every connection replays the recorded traces (`cfg.traces_in`) in turn, each with a
+    fresh phone number: `play(rng, phone, trace)` sends one, and counts it."""
+    traces: list[list[Any]] = json.loads(Path(cfg.traces_in).read_text())
+    if not traces:
+        raise SystemExit("no traces to replay")
+    counter = 0
+
+    async def worker(rng: random.Random) -> None:
+        nonlocal counter
+        for _ in range(1_000_000):
+            if client.stopping:
+                return
+            counter += 1
+            await play(rng, phone(cfg.phone_base + counter), traces[counter % len(traces)])
+
+    await per_connection(cfg, worker)
+
+
 def _percentile(ordered: list[float], q: float) -> float:
     if not ordered:
         return float("nan")

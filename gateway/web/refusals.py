@@ -1,0 +1,58 @@
+"""What the web app answers when it refuses a request or cannot serve it, with the one log
+line each: shared by Flask's error handlers (gateway.web.app) and the USSD fast path
+(gateway.web.fastpath), so that both give the same status, body, headers and line."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+from flask import Response
+from werkzeug.exceptions import HTTPException
+
+from gateway.channels.webhook import WebhookError
+
+log = logging.getLogger("civicdial.webhooks")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A text/plain answer: status, body, and the headers besides Content-Type/-Length."""
+
+    status: int
+    body: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def response(self) -> Response:
+        return Response(self.body, status=self.status, mimetype="text/plain",
+                        headers=list(self.headers) or None)
+
+
+def mask_path(path: str) -> str:
+    """A request path with its channel key (the webhook's only secret) cut short."""
+    parts = path.split("/")
+    if len(parts) > 3 and parts[1] == "webhooks":
+        parts[3] = parts[3][:4] + "***"
+    return "/".join(parts)
+
+
+def refused(method: str, path: str, exc: WebhookError) -> Answer:
+    log.warning("%s %s -> %d %s", method, mask_path(path), exc.status, exc.reason)
+    return Answer(exc.status, exc.reason + "\n")
+
+
+def http_error(method: str, path: str, exc: HTTPException) -> Answer:
+    log.warning("%s %s -> %d %s", method, mask_path(path), exc.code, exc.name)
+    return Answer(exc.code or 400, f"{exc.name}\n")
+
+
+def redis_down(method: str, path: str, exc: redis.RedisError) -> Answer:
+    # Redis restarting (or unreachable): not a 500. The provider retries the hop and
+    # gets it processed once (or, if the commit landed, the stored reply).
+    log.warning("%s %s -> 503 redis unavailable: %s", method, mask_path(path), exc)
+    return Answer(503, "temporarily unavailable\n", (("Retry-After", "1"),))
+
+
+# The Redis errors answered with a 503 (the app registers its handler for these).
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
