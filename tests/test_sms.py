@@ -767,8 +767,12 @@ def test_sweep_leaves_waiting_jobs_alone(sms: SmsChannels, engine: Engine,
     assert redis_client.llen("rq:queue:civicdial-sms-bulk") == 5
     with Session(engine) as db:
         lost = db.scalar(select(func.min(OutboundMessage.id)))
-    redis_client.delete("rq:queue:civicdial-sms-bulk", f"cd:sendq:{lost}")  # lost with a worker
+    job_id = redis_client.get(f"cd:sendq:{lost}")
+    assert job_id is not None
+    redis_client.lrem("rq:queue:civicdial-sms-bulk", 1, job_id)  # lost with a worker
+    redis_client.delete(f"cd:sendq:{lost}")
     assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 1
+    assert redis_client.llen("rq:queue:civicdial-sms-bulk") == 5
 
 
 def test_sweep_requeues_a_job_taken_by_a_dying_worker(sms: SmsChannels, engine: Engine,
@@ -788,6 +792,23 @@ def test_sweep_requeues_a_job_taken_by_a_dying_worker(sms: SmsChannels, engine: 
     assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 1
     assert len(queue.get_job_ids()) == 1
 
+
+
+def test_sweep_requeues_a_job_popped_by_a_worker_killed_before_starting_it(
+        sms: SmsChannels, engine: Engine, redis_client: redis.Redis,
+        settings) -> None:  # type: ignore[no-untyped-def]
+    """A worker listening on several queues pops a job (BLPOP) and is killed before it
+    marks it started: the job still says 'queued' but is in no queue. The row must not
+    stay queued for ever (a killed-worker test caught it doing so)."""
+    from rq import Queue
+
+    queue_messages(engine, settings, sms.at, 1)
+    assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 1
+    queue = Queue("civicdial-sms-bulk", connection=redis_client)
+    assert redis_client.lpop(queue.key) is not None  # what the dying worker did
+    assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 1
+    assert len(queue.get_job_ids()) == 1
+    assert sweep(settings, engine, redis_client, older_than=timedelta(0)) == 0  # now waiting
 
 def test_no_reminders_while_the_campaign_is_paused(
         client: FlaskClient, sms: SmsChannels, engine: Engine, redis_client: redis.Redis,

@@ -61,14 +61,19 @@ def enqueue_send(client: redis.Redis, message_id: int, priority: int,
 
 def _still_waiting(client: redis.Redis, job_id: bytes | None) -> bool:
     """Is this send job still waiting its turn? A job a dying worker took off the queue
-    (status 'started' but our code never ran: the marker would be gone) is not."""
+    (status 'started' but our code never ran: the marker would be gone) is not; nor is
+    one it popped from the queue and died before marking started: its status still says
+    'queued', but it is in no queue, and nobody would ever run it."""
     if not job_id:
         return False
     try:
-        status = Job.fetch(job_id.decode(), connection=client).get_status()
+        job = Job.fetch(job_id.decode(), connection=client)
+        status = job.get_status()
     except NoSuchJobError:
         return False
-    return status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+    if status == JobStatus.QUEUED:
+        return client.lpos(Queue(job.origin, connection=client).key, job.id) is not None
+    return status in (JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
 
 def outbox_size(engine: Engine, channel_id: int) -> int:
