@@ -294,11 +294,12 @@ def apply_changes(settings: Settings, engine: Engine, client: redis.Redis | None
             elif kind == "results":
                 results = dict(p["texts"])
             elif kind == "erasure":
+                # Erased elsewhere: nothing of theirs stays here either (what the outbox
+                # still holds for central is refused there as erased, then emptied here).
+                # In feed order, so a contact imported again after the erasure stays.
+                db.flush()
+                erase_respondents(db.connection(), {str(p["respondent"])})
                 erased.add(str(p["respondent"]))
-        if erased:
-            # Erased elsewhere: nothing of theirs stays here either (what the outbox still
-            # holds for central is refused there as erased, then emptied here).
-            erase_respondents(db.connection(), erased)
         db.execute(update(EdgeEnrolment).where(EdgeEnrolment.id == 1).values(cursor=cursor))
         campaign_id = db.scalar(select(Campaign.id).where(Campaign.slug == creds.campaign))
     if client is not None:

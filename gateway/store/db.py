@@ -100,8 +100,8 @@ def migrate(engine: Engine) -> None:
 
 def in_values(engine: Engine, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
     """`column IN (values)` for a text column, the values as one JSON parameter: a batch's
-    thousand ids
-    cost the driver one string, not a thousand bound parameters to render and parse."""
+    thousand ids cost the driver one string, not a thousand bound parameters to render and
+    parse."""
     payload = bindparam(None, json.dumps(list(values)), type_=String)
     if engine.dialect.name == "postgresql":
         rows = func.json_array_elements_text(cast(payload, JSON)).table_valued("value")
