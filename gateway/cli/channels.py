@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from gateway.channels import android
 from gateway.cli.context import open_engine, settings_of
+from gateway.config import Settings
 from gateway.coordination.bootstrap import DEFAULT_CAMPAIGN
 from gateway.coordination.campaigns import CampaignError, audit, cli_actor
 from gateway.coordination.channels import (
@@ -37,7 +38,7 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
         return
     settings = settings_of(ctx)
     engine = open_engine(settings)
-    base = base_url or settings.public_base_url or "http://127.0.0.1:8000"
+    base = _base_url(ctx, settings, base_url)
     with Session(engine) as db:
         rows = db.execute(select(Channel, Campaign).join(
             Campaign, Channel.campaign_id == Campaign.id).order_by(Channel.id)).all()
@@ -92,16 +93,9 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
     phone is checked and its webhooks registered."""
     if (provider, kind) not in PROVIDER_KINDS:
         raise click.BadParameter(f"{provider} has no {kind} channel", param_hint="--kind")
-    try:
-        config = json.loads(config_json)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
-        raise click.BadParameter(f"must be a JSON object ({exc})",
-                                 param_hint="--config") from None
+    config = _json_object(config_json)
     settings = settings_of(ctx)
-    base = (base_url or (ctx.parent.params.get("base_url") if ctx.parent else None)
-            or settings.public_base_url or "http://127.0.0.1:8000")
+    base = _base_url(ctx, settings, base_url)
     if provider == "android":
         address = _android_address(address, settings.default_region)
         _android_config(config)
@@ -133,6 +127,33 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
         click.echo(f"    {name:<9} {url}")
     if phone is not None:
         _print_phone_setup(phone, config)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """--config: a JSON object, or a clear usage error."""
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise click.BadParameter(f"must be a JSON object ({exc})",
+                                 param_hint="--config") from None
+    return value
+
+
+def _base_url(ctx: click.Context, settings: Settings, given: str | None) -> str:
+    """The public base URL: this command's --base-url, the group's, the setting, local."""
+    return (given or (ctx.parent.params.get("base_url") if ctx.parent else None)
+            or settings.public_base_url or "http://127.0.0.1:8000")
+
+
+def _channel(db: Session, ref: str) -> Channel:
+    """A channel by its key or #id, or a clear error."""
+    channel = find_channel(db, ref)
+    if channel is None:
+        raise click.ClickException(f"no channel {ref!r} (give its key or #id; "
+                                   "`civicdial channels` lists them)")
+    return channel
 
 
 def _android_address(address: str, region: str) -> str:
@@ -226,18 +247,13 @@ def channels_check(ctx: click.Context, key: str, as_json: bool,
     settings = settings_of(ctx)
     engine = open_engine(settings)
     with Session(engine) as db:
-        channel = db.scalar(select(Channel).where(Channel.key == key))
-        if channel is None and key.lstrip("#").isdigit():
-            channel = db.get(Channel, int(key.lstrip("#")))
-        if channel is None:
-            raise click.ClickException(f"no channel {key!r} (give its key or #id)")
+        channel = _channel(db, key)
         db.expunge(channel)
     if channel.provider != "android":
         raise click.ClickException(f"channel #{channel.id} is {channel.provider}: only "
                                    "Android channels can be checked")
     config = json.loads(channel.config or "{}")
-    base = (base_url or (ctx.parent.params.get("base_url") if ctx.parent else None)
-            or settings.public_base_url or "http://127.0.0.1:8000")
+    base = _base_url(ctx, settings, base_url)
     expected = channel_urls(channel, base)["events"]
     try:
         check = android.check_phone(config)
@@ -292,23 +308,10 @@ def channels_check(ctx: click.Context, key: str, as_json: bool,
 def channels_set(ctx: click.Context, channel_ref: str, config_json: str,
                  as_json: bool) -> None:
     """Change a channel's provider config (KEY: its key, as in its URLs, or its #id)."""
-    try:
-        changes = json.loads(config_json)
-        if not isinstance(changes, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
-        raise click.BadParameter(f"must be a JSON object ({exc})",
-                                 param_hint="--config") from None
-    settings = settings_of(ctx)
-    engine = open_engine(settings)
-    ref = channel_ref.lstrip("#")
+    changes = _json_object(config_json)
+    engine = open_engine(settings_of(ctx))
     with Session(engine) as db, db.begin():
-        channel = db.scalar(select(Channel).where(Channel.key == channel_ref))
-        if channel is None and ref.isdecimal():
-            channel = db.get(Channel, int(ref))
-        if channel is None:
-            raise click.ClickException(f"no channel {channel_ref!r} (give its key or #id; "
-                                       "`civicdial channels` lists them)")
+        channel = _channel(db, channel_ref)
         before = json.loads(channel.config or "{}")
         after = {k: v for k, v in {**before, **changes}.items() if v is not None}
         channel.config = json.dumps(after)
@@ -339,10 +342,7 @@ def channels_remove(ctx: click.Context, channel_ref: str, as_json: bool) -> None
     and held messages stop with "channel unbound"; the address can be bound again."""
     engine = open_engine(settings_of(ctx))
     with Session(engine) as db, db.begin():
-        channel = find_channel(db, channel_ref)
-        if channel is None:
-            raise click.ClickException(f"no channel {channel_ref!r} (give its key or #id; "
-                                       "`civicdial channels` lists them)")
+        channel = _channel(db, channel_ref)
         try:
             done = unbind_channel(db, cli_actor(), channel.id)
         except CampaignError as exc:
