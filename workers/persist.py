@@ -25,7 +25,8 @@ import redis
 from sqlalchemy import Connection, Engine, case, delete, func, insert, select, text, update
 from sqlalchemy import exc as sa_exc
 
-from gateway.channels.sms import FEEDBACK_QUESTION, member, pending_key, untrack
+from gateway.channels.sms import FEEDBACK_QUESTION
+from gateway.channels.sms import forget as forget_in_redis
 from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.interview.questionnaire import INELIGIBLE
 from gateway.store.db import upsert_insert
@@ -46,7 +47,7 @@ from gateway.store.models import (
     UssdSessionEnd,
 )
 from gateway.store.outbox import enqueue_send
-from gateway.store.sessions import GROUP, STREAM, SessionStore, is_simulated
+from gateway.store.sessions import GROUP, STREAM, is_simulated
 from gateway.store.syncbox import record_outbox, scrub_outbox
 from workers.airtime import enqueue as enqueue_airtime
 from workers.airtime import reserve as reserve_airtime
@@ -390,23 +391,15 @@ def erase_respondents(conn: Connection, respondents: set[str], actor: str = "cit
 
 def forget(engine: Engine, client: redis.Redis, prefix: str, respondents: Iterable[str]) -> None:
     """The Redis half of an erasure that came from another node (by sync) or from a
-    coordinator: interview state in every campaign, a pending DELETE, reminder tracking
-    (the webhook does this itself for a DELETE it confirmed). The opt-out flag stays."""
+    coordinator (the webhook does this itself for a DELETE it confirmed). The opt-out flag
+    stays."""
     who = list(respondents)
     if not who:
         return
     with engine.connect() as conn:
-        channels = conn.execute(select(Channel.id, Channel.campaign_id)).all()
-    store = SessionStore(client, prefix)
-    pipe = client.pipeline(transaction=False)
-    for respondent in who:
-        for campaign in {campaign for _, campaign in channels}:
-            pipe.delete(store.state_key(campaign, respondent))
-        pipe.delete(pending_key(prefix, respondent))
-    pipe.execute()
-    for respondent in who:
-        for channel, campaign in channels:
-            untrack(client, prefix, member(campaign, respondent, channel))
+        channels = [(ch, campaign) for ch, campaign in
+                    conn.execute(select(Channel.id, Channel.campaign_id)).all()]
+    forget_in_redis(client, prefix, channels, who)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from gateway.store.crypto import NumberBox
 from gateway.store.registry import ChannelInfo
 from gateway.store.sessions import (
     ProviderSession,
+    SessionStore,
     decode_state,
     encode_state,
     mask_phone,
@@ -175,16 +177,24 @@ def erased_event(respondent: str, key: str, channel: int) -> dict[str, Any]:
 def forget_in_redis(services: Any, respondent: str) -> None:
     """Drop the respondent's interview state in every campaign and the reminder tracking
     on every channel. The opt-out flag stays: erasing must not let anyone contact them."""
-    store = services.store
-    prefix = services.settings.redis_prefix
-    channels = services.registry.channels()
-    pipe = store.r.pipeline(transaction=True)
-    for campaign in {ch.campaign_id for ch in channels}:
-        pipe.delete(store.state_key(campaign, respondent))
-    pipe.delete(pending_key(prefix, respondent))
-    pipe.execute()
-    for ch in channels:
-        untrack(store.r, prefix, member(ch.campaign_id, respondent, ch.id))
+    forget(services.store.r, services.settings.redis_prefix,
+           [(ch.id, ch.campaign_id) for ch in services.registry.channels()], [respondent])
+
+
+def forget(client: redis.Redis, prefix: str, channels: list[tuple[int, int]],
+           respondents: Iterable[str]) -> None:
+    """The Redis half of erasing these respondents, given the (channel, campaign) pairs
+    there are: interview state in every campaign, a pending DELETE, reminder tracking."""
+    store = SessionStore(client, prefix)
+    commands: list[tuple[Any, ...]] = []
+    for respondent in respondents:
+        commands += [("DEL", store.state_key(campaign, respondent))
+                     for campaign in {campaign for _, campaign in channels}]
+        commands.append(("DEL", pending_key(prefix, respondent)))
+        for channel, campaign in channels:
+            commands += untrack_commands(prefix, member(campaign, respondent, channel))
+    if commands:
+        _pipelined(client, commands)
 
 
 def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
