@@ -45,7 +45,7 @@ from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.indicator.estimates import read_margins
 from gateway.indicator.tally import cells_of, region_names, summary_texts
 from gateway.store.crypto import NumberBox
-from gateway.store.db import in_values, upsert_insert
+from gateway.store.db import in_values, stored_utc, upsert_insert
 from gateway.store.models import (
     Campaign,
     CampaignContact,
@@ -216,9 +216,6 @@ class _Applied:
     completed: set[int] = field(default_factory=set)
 
 
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
-
 
 def _before_erasure(body: Mapping[str, Any], tombstones: Mapping[str, float],
                     shift: float) -> bool:
@@ -252,7 +249,7 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
     erased = set(conn.scalars(select(Interview.id).where(
         in_values(engine, Interview.id, interviews), Interview.status == "withdrawn")))
     respondents = {item["e"]["r"] for item in items if isinstance(item["e"].get("r"), str)}
-    tombstones = {r: _aware(at).timestamp() for r, at in conn.execute(
+    tombstones = {r: stored_utc(at).timestamp() for r, at in conn.execute(
         select(Erasure.respondent, Erasure.at)
         .where(in_values(engine, Erasure.respondent, respondents)))}
     out = _Applied(counts={"accepted": 0, "duplicate": 0, "conflict": 0, "rejected": 0})
@@ -421,7 +418,7 @@ def record_changes(engine: Engine) -> None:
         # An erasure is logged again if the same person is erased again (they took part
         # anew after the first): its payload carries the time.
         for respondent, at in conn.execute(select(Erasure.respondent, Erasure.at)).all():
-            payload = {"respondent": respondent, "at": _aware(at).isoformat()}
+            payload = {"respondent": respondent, "at": stored_utc(at).isoformat()}
             new, after = changed("erasure", respondent, payload)
             if new:
                 add("erasure", respondent, payload, after=after)

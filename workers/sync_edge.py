@@ -31,7 +31,7 @@ from gateway.config import Settings, load_settings
 from gateway.coordination.edges import signed_headers, transport_box
 from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.store.crypto import NumberBox
-from gateway.store.db import shared_engine
+from gateway.store.db import shared_engine, stored_utc
 from gateway.store.models import (
     Campaign,
     CampaignContact,
@@ -362,11 +362,11 @@ def due(engine: Engine, interval: float) -> bool:
     if enrol is None:
         return False
     now = datetime.now(UTC)
-    if enrol.next_attempt_at is not None and _aware(enrol.next_attempt_at) > now:
+    if enrol.next_attempt_at is not None and stored_utc(enrol.next_attempt_at) > now:
         return False
     if enrol.last_attempt_at is None:
         return True
-    if (now - _aware(enrol.last_attempt_at)).total_seconds() >= interval:
+    if (now - stored_utc(enrol.last_attempt_at)).total_seconds() >= interval:
         return True
     with engine.connect() as conn:
         return bool(conn.scalar(select(func.count()).select_from(SyncOutbox)
@@ -383,12 +383,9 @@ def sync_job() -> dict[str, Any]:
         client.delete(f"{settings.redis_prefix}sync:queued")
 
 
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
-
 
 def _iso(at: datetime | None) -> str | None:
-    return None if at is None else _aware(at).isoformat(timespec="seconds")
+    return None if at is None else stored_utc(at).isoformat(timespec="seconds")
 
 
 def status(engine: Engine) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from gateway.config import Settings
 from gateway.store.crypto import NumberBox
+from gateway.store.db import stored_utc
 from gateway.store.models import Campaign, EdgeEnrolment, EdgeNode, Interview, SyncConflict
 
 BUNDLE_FORMAT = "civicdial-edge-bundle/1"
@@ -174,19 +175,16 @@ def list_edges(engine: Engine) -> list[dict[str, Any]]:
             # hold yet (what it collected since is unknown until it calls again).
             "lag_events": max(0, e.edge_seq - e.acked_seq),
             "lag_seconds": (None if e.last_contact_at is None else
-                            round((datetime.now(UTC) - _aware(e.last_contact_at))
+                            round((datetime.now(UTC) - stored_utc(e.last_contact_at))
                                   .total_seconds())),
             "skew_seconds": e.skew_seconds, "conflicts": conflicts.get(e.id, 0),
             "sms": json.loads(e.sms_counts or "{}"),
         } for e in rows]
 
 
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
-
 
 def _iso(at: datetime | None) -> str | None:
-    return None if at is None else _aware(at).isoformat(timespec="seconds")
+    return None if at is None else stored_utc(at).isoformat(timespec="seconds")
 
 
 def store_enrolment(engine: Engine, settings: Settings, bundle: Bundle) -> None:

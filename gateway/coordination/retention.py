@@ -11,6 +11,7 @@ import redis
 from sqlalchemy import Engine, delete, func, select, update
 
 from gateway.config import Settings
+from gateway.store.db import stored_utc
 from gateway.store.models import CampaignContact, Contact, OutboundMessage
 
 DAY = 86400
@@ -63,4 +64,4 @@ def oldest_kept(settings: Settings, engine: Engine) -> dict[str, Any]:
 def _iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
+    return stored_utc(moment).isoformat()

@@ -108,3 +108,9 @@ def in_values(engine: Engine, column: Any, values: Iterable[Any]) -> ColumnEleme
     else:
         rows = func.json_each(payload).table_valued("value")
     return column.in_(select(rows.c.value))
+
+
+def stored_utc(moment: datetime) -> datetime:
+    """A time read back from SQL, made aware: SQLite hands back naive datetimes, and every
+    stored time is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

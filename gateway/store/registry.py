@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from gateway.interview.engine import Rules
 from gateway.interview.questionnaire import Questionnaire, load_questionnaire
 from gateway.interview.quota import Quota
+from gateway.store.db import stored_utc
 from gateway.store.models import Campaign, Channel, QuestionnaireVersion
 
 # GSM 03.90 caps a USSD screen at 182 characters; below ~64 no question fits.
@@ -65,8 +66,7 @@ class ChannelInfo:
 def _epoch(moment: datetime | None) -> float | None:
     if moment is None:
         return None
-    # SQLite hands back naive datetimes; every stored time is UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    return stored_utc(moment).timestamp()
 
 
 class Registry:
