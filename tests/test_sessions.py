@@ -3,11 +3,14 @@ where the pool would (a flushed script cache, a connection the server closed).""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 
+import pytest
 import redis
 
-from gateway.store.sessions import ProviderSession, SessionStore
+from gateway.store.sessions import ProviderSession, SessionStore, _dumps
 
 
 def _commit(store: SessionStore, expected: str, state: str) -> bool:
@@ -60,6 +63,51 @@ def test_each_thread_has_its_own_connection(redis_client: redis.Redis) -> None:
     thread.start()
     thread.join()
     assert seen and seen[0] is not None and seen[0] is not store._own.conn
+
+
+def test_a_server_that_stops_answering_times_out(redis_client: redis.Redis) -> None:
+    # The hop's socket blocks with the client's socket_timeout in the kernel: a Redis
+    # that stops answering (paused here for longer than the timeout) is an error the
+    # webhook answers 503 for, not a hop that hangs; the next hop works again.
+    pool = redis_client.connection_pool
+    store = SessionStore(redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=pool.connection_class,
+        **{**pool.connection_kwargs, "socket_timeout": 0.2})))
+    assert _commit(store, "", '["v"]')
+    redis_client.client_pause(1500)
+    try:
+        with pytest.raises(redis.TimeoutError):
+            store.load(1, "r1", 2, "s1")
+    finally:
+        redis_client.client_unpause()
+    time.sleep(0.05)
+    assert store.load(1, "r1", 2, "s1").state_raw == '["v"]'
+
+
+def test_an_error_reply_is_raised_and_the_connection_stays_in_step(
+        redis_client: redis.Redis) -> None:
+    store = SessionStore(redis_client)
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        store.run([("SET", "k", "v"), ("INCR", "k"), ("GET", "k")])
+    assert store.run([("GET", "k"), ("INCR", "n")]) == [b"v", 1]
+
+
+@pytest.mark.parametrize("value", [
+    ["plain", 1, 2.5, None, True, {"q": "1", "free": "More nurses at night"}],
+    ["Ɛyɛ adwuma yiye", "café", "line\nbreak\ttab", "\x01\x1f\x7f", "\u2028\u2029", '"\\/'],
+    [1796140106.044, 1796140106.0449998, 0.1 + 0.2, 1e16, 0.001, -0.0, 10**18, -(2**63)],
+    {"id": "abc-3", "k": "answer", "c": 1, "ch": 2, "i": "abc", "r": None, "v": "", "t": 0.0},
+])
+def test_the_hot_path_json_is_what_json_dumps_writes(value: object) -> None:
+    assert _dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    assert json.loads(_dumps(value)) == value
+
+
+def test_a_tiny_float_is_the_same_number_in_other_digits() -> None:
+    # The one difference found: orjson writes 1e-7 where json writes 1e-07. No state,
+    # provider session or event holds such a float (times are seconds since 1970).
+    assert _dumps([1e-7]) == "[1e-7]"
+    assert json.loads(_dumps([1e-7])) == [1e-7]
 
 
 def _client_id(conn: redis.connection.AbstractConnection) -> int:

@@ -11,14 +11,19 @@ import hashlib
 import hmac
 import json
 import os
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
+import orjson
 import redis
+from redis._parsers.base import BaseParser
 from redis.connection import AbstractConnection
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 from sqlalchemy import or_
 
 from gateway.interview.engine import Event, SessionState, Stage
@@ -28,10 +33,15 @@ from gateway.interview.questionnaire import INELIGIBLE
 STREAM = "events"
 GROUP = "persist"
 
-# json.dumps(obj, separators=..., ensure_ascii=False) builds a new JSONEncoder on every call
-# (its keyword arguments rule out the shared default one); a hop encodes its state, its
-# provider session and every event, so one encoder is kept. Same output.
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+def _dumps(value: Any) -> str:
+    """Compact JSON, non-ASCII as UTF-8: what json.dumps(value, separators=(",", ":"),
+    ensure_ascii=False) writes, at a tenth of its cost (a float under 1e-4 is spelt 1e-7,
+    not 1e-07: the same number). A hop encodes its state, its provider session and every
+    event, and decodes the state and provider session it loaded, so the JSON of the hot
+    path is orjson's (tests/test_sessions.py checks the two agree)."""
+    return orjson.dumps(value).decode()
+
 
 # Compare-and-set: a concurrent hop for the same interview (a provider retry racing
 # the original) makes this return 0 and the caller reloads, so no event is doubled.
@@ -139,13 +149,13 @@ def encode_state(state: SessionState, provider_session: str = "") -> str:
 
 def state_provider_session(raw: str) -> str:
     """The provider session recorded by encode_state, or ''."""
-    fields = json.loads(raw) if raw else []
+    fields = orjson.loads(raw) if raw else []
     return fields[15] if len(fields) > 15 else ""
 
 
 def decode_state(raw: str) -> SessionState:
     (version, interview, stage, lang, pos, page, answers, consented, seq, invalid, part,
-     part_break, started, screens, updated) = json.loads(raw)[:15]
+     part_break, started, screens, updated) = orjson.loads(raw)[:15]
     return SessionState(
         version=version, interview=interview, stage=Stage(stage), lang=lang, pos=pos,
         page=page, answers=tuple(answers.items()), consented=bool(consented), seq=seq,
@@ -185,7 +195,7 @@ class ProviderSession:
 
     @classmethod
     def decode(cls, raw: str) -> ProviderSession:
-        history, reply, campaign, respondent, *rest = json.loads(raw)
+        history, reply, campaign, respondent, *rest = orjson.loads(raw)
         return cls(history, reply, campaign, respondent, bool(rest and rest[0]),
                    rest[1] if len(rest) > 1 else "")
 
@@ -243,10 +253,25 @@ def _forked() -> None:
 
 os.register_at_fork(after_in_child=_forked)
 
+_READ_SIZE = 16384
+# A reply error (-NOSCRIPT, -ERR ...) as redis-py's exception (NoScriptError,
+# ResponseError, BusyLoadingError ...), made by hiredis as it parses the reply.
+_ERROR = BaseParser.parse_error
 
-class _ThreadConnection(threading.local):
+
+class _Link(threading.local):
+    """This thread's connection for the hop's commands (see SessionStore._exchange)."""
+
     conn: AbstractConnection | None = None
+    sock: socket.socket | None = None  # conn's socket, blocking with kernel timeouts
+    reader: Any = None  # a hiredis.Reader of this connection's replies
+    buffer: bytearray = bytearray()
+    used = False  # has carried a command since it connected
     forks = -1
+
+
+class _Closed(Exception):
+    """The server closed the connection, or reset it, before any byte of the reply."""
 
 
 class SessionStore:
@@ -257,52 +282,97 @@ class SessionStore:
         self.limits = limits or HopLimits()
         self.stream = f"{prefix}{STREAM}"
         self._commit = client.register_script(_COMMIT)
-        self._own = _ThreadConnection()
+        self._own = _Link()
 
     def _execute(self, *args: Any) -> Any:
-        """One command of the hop (MGET, EVALSHA) on this thread's own connection.
-
-        redis-py's execute_command borrows a pooled connection, wraps the call in
-        metrics and locking bookkeeping and hands the connection back: per command, about
-        half as much CPU again as the round trip itself. A thread that keeps a connection
-        (of the client's class and settings) needs none of that; gunicorn's threads live
-        as long as their worker. What the pool checks on lending, this checks too: a
-        connection with a stray reply or an EOF waiting (closed by the server while idle)
-        is replaced before use. As in the client, any failure but an error reply drops
-        the connection, under the connection's own retry policy; the reply is the one
-        the client returns (no response callback applies to these commands)."""
-        conn = self._connection()
-        return conn.retry.call_with_retry(lambda: _round_trip(conn, args),
-                                          lambda _error: conn.disconnect())
+        """One command of the hop (MGET, EVALSHA) in one round trip; its reply."""
+        return self._execute_many([args])[0]
 
     def _execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Several commands in one round trip (pipelined, not a transaction), on this
-        thread's connection as _execute; the replies in order."""
-        if len(commands) == 1:
-            return [self._execute(*commands[0])]
-        conn = self._connection()
-        return list(conn.retry.call_with_retry(lambda: _round_trips(conn, commands),
-                                               lambda _error: conn.disconnect()))
+        """Several commands in one round trip (pipelined, not a transaction); the replies
+        in order. An error reply is raised (as redis-py's exception) once every reply is
+        read, so the connection stays in step."""
+        replies = self._exchange(commands)
+        error = next((r for r in replies if isinstance(r, redis.RedisError)), None)
+        if error is not None:
+            raise error
+        return replies
 
     def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Plain commands (no response callbacks) in one round trip, as the hop's own."""
         return self._execute_many(commands) if commands else []
 
-    def _connection(self) -> AbstractConnection:
-        own = self._own
-        conn = own.conn
-        if conn is None or own.forks != _forks:
+    def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send `commands` on this thread's own connection and read their replies (error
+        replies as values).
+
+        Why not the client's execute_command: it borrows a pooled connection, wraps the
+        call in metrics and locking bookkeeping and gives it back, and its socket has a
+        Python-level timeout, which makes CPython poll() before every send and every
+        recv; the pool also polls once more on lending to catch a closed connection.
+        Per hop that was six poll() calls and half as much CPU again as the round trips
+        themselves (tests/bench/README.md). Here the socket blocks, with the client's
+        socket_timeout set in the kernel (SO_SNDTIMEO, SO_RCVTIMEO), commands are packed
+        and replies parsed by hiredis directly, and a connection the server closed while
+        it sat idle (EOF or reset before any reply byte) is replaced and the commands
+        sent once more at once, which is what the pool's check on lending achieved: a
+        hop's commands are safe to send again (MGET reads; the commit is a
+        compare-and-set). Any other failure drops the connection and raises, as the
+        client does; gunicorn's threads live as long as their worker, so the connection
+        does too."""
+        packed = b"".join([hiredis.pack_command(c) for c in commands])
+        for _ in range(2):
+            link = self._link()
+            try:
+                replies = _send_and_read(link, packed, len(commands))
+            except _Closed:
+                reused = link.used
+                self._drop(link)
+                if reused:
+                    continue  # closed while idle: once more on a new connection
+                raise redis.ConnectionError("Connection closed by server.") from None
+            except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
+                self._drop(link)
+                raise redis.TimeoutError("Timeout reading from socket") from None
+            except OSError as exc:
+                self._drop(link)
+                raise redis.ConnectionError(f"Error while talking to Redis: {exc}") from None
+            except BaseException:
+                self._drop(link)  # may be mid-reply: never reuse it
+                raise
+            link.used = True
+            return replies
+        raise redis.ConnectionError("Connection closed by server.")
+
+    def _link(self) -> _Link:
+        link = self._own
+        if link.conn is None or link.forks != _forks:
             pool = self.r.connection_pool
-            conn = own.conn = pool.connection_class(**pool.connection_kwargs)
-            own.forks = _forks
-        try:
-            stale = conn.can_read()  # connects first if it is not connected
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            stale = True
-        if stale:
-            conn.disconnect()
-            conn.connect()
-        return conn
+            link.conn = pool.connection_class(**pool.connection_kwargs)
+            link.forks, link.sock = _forks, None
+        if link.sock is None:
+            conn = link.conn
+            conn.connect()  # redis-py's connect and handshake (AUTH, SELECT, ...)
+            sock = conn._sock  # type: ignore[attr-defined]
+            timeout = conn.socket_timeout  # type: ignore[attr-defined]
+            sock.settimeout(None)
+            if timeout:
+                seconds = int(timeout)
+                micros = int((timeout - seconds) * 1_000_000)
+                timeval = struct.pack("ll", seconds, micros)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            link.sock, link.used = sock, False
+            link.reader = hiredis.Reader(replyError=_ERROR)
+            if len(link.buffer) != _READ_SIZE:
+                link.buffer = bytearray(_READ_SIZE)
+        return link
+
+    @staticmethod
+    def _drop(link: _Link) -> None:
+        if link.conn is not None:
+            link.conn.disconnect()
+        link.sock = link.reader = None
 
     def state_key(self, campaign: int, respondent: str) -> str:
         return f"{self.prefix}st:{campaign}:{respondent}"
@@ -415,36 +485,33 @@ class SessionStore:
         return int(self.r.xlen(self.stream))
 
 
-def _round_trip(conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
+def _send_and_read(link: _Link, packed: bytes, count: int) -> list[Any]:
+    sock, reader, buffer = link.sock, link.reader, link.buffer
+    assert sock is not None
     try:
-        conn.send_command(*args)
-        return conn.read_response()
-    except ResponseError:
-        raise  # an error reply: read whole, the connection is still in step
-    except BaseException:
-        conn.disconnect()  # may be mid-reply: never reuse it
-        raise
-
-
-def _round_trips(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
-    try:
-        conn.send_packed_command(conn.pack_commands(commands))
-        replies = []
-        error: ResponseError | None = None
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except ResponseError as exc:  # read every reply: the connection stays in step
-                error = error or exc
-                replies.append(exc)
-        if error is not None:
-            raise error
-        return replies
-    except ResponseError:
-        raise
-    except BaseException:
-        conn.disconnect()
-        raise
+        sock.sendall(packed)
+    except (BrokenPipeError, ConnectionResetError):
+        raise _Closed() from None
+    replies: list[Any] = []
+    started = False
+    while len(replies) < count:
+        reply = reader.gets()
+        if reply is not False:
+            replies.append(reply)
+            continue
+        try:
+            size = sock.recv_into(buffer)
+        except ConnectionResetError:
+            if started:
+                raise
+            raise _Closed() from None
+        if not size:
+            if started:
+                raise redis.ConnectionError("Connection closed by server mid-reply.")
+            raise _Closed()
+        started = True
+        reader.feed(buffer, 0, size)
+    return replies
 
 
 def _text(raw: bytes | str | None) -> str:
