@@ -89,10 +89,20 @@ SIMULATOR_NUMBERS = "+447700900"
 SIMULATOR_PREFIX = "sim-"
 
 
+# HMAC-SHA256 keyed once per key: a copy starts from the key's pads, where hmac.digest
+# looks the digest up in OpenSSL and hashes the key again on every call (about half the
+# cost of a pseudonym in a hop). Installations have one key; tests make a few.
+_KEYED: dict[bytes, Any] = {}
+
+
 def pseudonym(key: bytes, phone: str) -> str:
     """Keyed HMAC of a phone number: stable per installation, useless without the key."""
-    # hmac.digest is the one-shot C path: the same value as hmac.new(...).hexdigest().
-    digest = hmac.digest(key, phone.encode(), hashlib.sha256).hex()
+    keyed = _KEYED.get(key)
+    if keyed is None:
+        keyed = _KEYED.setdefault(key, hmac.new(key, digestmod=hashlib.sha256))
+    mac = keyed.copy()
+    mac.update(phone.encode())
+    digest = mac.hexdigest()
     if phone.startswith(SIMULATOR_NUMBERS):
         return SIMULATOR_PREFIX + digest[:32 - len(SIMULATOR_PREFIX)]
     return digest[:32]
@@ -156,12 +166,16 @@ def state_provider_session(raw: str) -> str:
 def decode_state(raw: str) -> SessionState:
     (version, interview, stage, lang, pos, page, answers, consented, seq, invalid, part,
      part_break, started, screens, updated) = orjson.loads(raw)[:15]
-    return SessionState(
+    # Every field, set as SessionState's own __init__ would (it has no __post_init__),
+    # without its fifteen frozen-dataclass object.__setattr__ calls: a hop decodes one.
+    state = object.__new__(SessionState)
+    state.__dict__.update(
         version=version, interview=interview, stage=Stage(stage), lang=lang, pos=pos,
         page=page, answers=tuple(answers.items()), consented=bool(consented), seq=seq,
         invalid=invalid, part=part, part_break=bool(part_break), session_started=started,
         session_screens=screens, updated=updated,
     )
+    return state
 
 
 class SessionEnded(Exception):
