@@ -48,6 +48,16 @@ from gateway.web.app import create_app
 WHERE = Where(redis="redis://127.0.0.1:6379/13", database="civicdial_hopcpu")
 
 
+class _Stats:
+    """What a loadgen citizen records on its client (counted here, not reported)."""
+
+    def __init__(self) -> None:
+        self.events: collections.Counter[str] = collections.Counter()
+
+    def sample(self, message: str) -> None:
+        pass
+
+
 class Direct:
     """loadgen's client, posting straight into the WSGI app; times the app's CPU."""
 
@@ -55,8 +65,7 @@ class Direct:
 
     def __init__(self, app: Any, path: str) -> None:
         self.app, self.path = app, path
-        self.stats = collections.namedtuple("Stats", "events sample")(
-            collections.Counter(), lambda _message: None)
+        self.stats = _Stats()
         self.cpu = 0.0
         self.hops = 0
         self.refused = 0
@@ -90,14 +99,15 @@ class _Body:
         return data
 
 
-async def walk(client: Direct, citizens: int, first: int, seed: int) -> collections.Counter:
+async def walk(client: Direct, citizens: int, first: int,
+               seed: int) -> collections.Counter[str]:
     form = shipped_questionnaire()
     by_label = {fold(q.label(form.default_language)): q for q in form.questions
                 if q.type != "calculate"}
     cfg = loadgen.Config(url="http://127.0.0.1", mode="walk", retry_rate=0.0,
                          drop_rate=0.01, typo_rate=0.02, phone_base=first)
     rng = random.Random(seed)
-    outcomes: collections.Counter = collections.Counter()
+    outcomes: collections.Counter[str] = collections.Counter()
     for number in range(citizens):
         outcomes[await loadgen.Citizen(number, rng, cfg, by_label).walk(client)] += 1
     return outcomes
