@@ -20,32 +20,17 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import loadgen
-from harness import (
-    Backends,
-    SetupError,
-    Where,
-    add_database_options,
-    bench_env,
-    choose_backends,
-    clear_redis,
-    connect,
-    key_prefix,
-    run_bench,
-    say,
-    table,
-)
+from harness import Backends, add_database_options, run_bench, say, table
 from loadkit import NETWORK
+from run import setup
 
 from gateway.config import load_settings
-from gateway.coordination.bootstrap import DEFAULT_SERVICE_CODE, bootstrap, shipped_questionnaire
-from gateway.coordination.channels import channel_urls
+from gateway.coordination.bootstrap import DEFAULT_SERVICE_CODE, shipped_questionnaire
 from gateway.interview.render import fold
 from gateway.web.app import create_app
-
-WHERE = Where(redis="redis://127.0.0.1:6379/13", database="civicdial_hopcpu")
 
 
 class _Stats:
@@ -128,24 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run(tmp: Path, backends: Backends) -> str:
-        data_dir = tmp / "data"
-        data_dir.mkdir()
-        try:
-            choose_backends(args, tmp, backends, WHERE)
-            prefix = key_prefix(backends, "cdhop")
-            env = bench_env(backends, data_dir, prefix)
-            _, client, engine = connect(backends, env,
-                                        lambda c: clear_redis(c, backends, prefix))
-            channel = bootstrap(engine)
-        except Exception as exc:  # noqa: BLE001 - any setup failure is reported plainly
-            raise SetupError(f"{type(exc).__name__}: {exc}") from exc
-        app = create_app(load_settings(env))
-        path = urlsplit(channel_urls(channel, "http://127.0.0.1")["ussd"]).path
+        bench = setup(args, tmp, backends)  # run.py's: the same back-ends and channel
+        app = create_app(load_settings(bench.env))
         rows = [["round", "hops", "app CPU µs/hop", "refused", "outcomes"]]
         figures = []
         for n in range(args.rounds):
             say(f"round {n + 1} of {args.rounds}: {args.citizens} citizens")
-            direct = Direct(app, path)
+            direct = Direct(app, bench.path)
             outcomes = asyncio.run(walk(direct, args.citizens, 10_000 * (n + 1), n))
             figure = 1e6 * direct.cpu / max(1, direct.hops)
             figures.append(figure)
