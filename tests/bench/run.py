@@ -68,7 +68,7 @@ from harness import (
     timing_defaults,
     verdict,
 )
-from loadkit import children
+from loadkit import _percentile, children
 from sqlalchemy import Engine, event, func, select
 
 from gateway.coordination.bootstrap import bootstrap, shipped_questionnaire
@@ -90,6 +90,7 @@ EDGE_WEB_WORKERS = 1  # `civicdial up --profile edge`'s (gateway/cli/up.py)
 EDGE_THREADS = 4
 PARK_PHONES = 5_000_000  # park-mode citizens get phone numbers from here on
 REPLAY_PHONES = 8_000_000
+ROUND_PHONES = 400_000  # each round's citizens get numbers this far on from the last's
 
 
 # -- options ---------------------------------------------------------------------------
@@ -118,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(flask_route_app.py), after the real hop under each server")
     p.add_argument("--py-spy", default="", metavar="DIR",
                    help="profile every server worker with py-spy (folded stacks in DIR)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="measure every target this many times, each for --duration / "
+                        "rounds seconds, in mirrored order (real, naive, bare, then bare, "
+                        "naive, real, ...), and merge the windows: a machine whose speed "
+                        "drifts during the run then moves every target alike (1: each "
+                        "target once)")
     add_run_options(p)
     args = p.parse_args(argv)
     quick = args.quick
@@ -134,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.servers or set(args.servers) - set(SERVERS):
         p.error(f"--servers takes a comma-separated list of {', '.join(SERVERS)}")
     timing_defaults(args)
+    if args.rounds < 1:
+        p.error("--rounds takes a whole number from 1")
     args.sessions = args.sessions or (500 if quick else 2000)
     args.events = args.events or (50_000 if quick else 200_000)
     return args
@@ -385,6 +394,50 @@ def result_key(target: str, server: str, servers: list[str]) -> str:
     return target if server == servers[0] else f"{target}@{server}"
 
 
+def round_key(key: str, n: int) -> str:
+    """results[...] name of one round's window of `key` ('real#1', 'bare@granian#2')."""
+    return f"{key}#{n + 1}"
+
+
+def merge_rounds(rounds: list[dict[str, Any]], warmup: float,
+                 seconds: float) -> dict[str, Any] | None:
+    """One target's windows as one: requests and seconds summed, the latency percentiles
+    over every measured request of every window (from their raw files), the cores
+    averaged, the counts added up."""
+    if not rounds:
+        return None
+    latencies: list[float] = []
+    for r in rounds:
+        for start, latency, _ok in json.loads(Path(r["raw"]).read_text()):
+            if warmup <= start < warmup + seconds:
+                latencies.append(latency)
+    latencies.sort()
+    merged = dict(rounds[0])
+    total = sum(r["seconds"] for r in rounds)
+    merged.update(
+        requests=sum(r["requests"] for r in rounds), seconds=total,
+        rps=sum(r["requests"] for r in rounds) / total if total else 0.0,
+        p50_ms=_percentile(latencies, 0.50) * 1000, p90_ms=_percentile(latencies, 0.90) * 1000,
+        p99_ms=_percentile(latencies, 0.99) * 1000,
+        max_ms=(latencies[-1] * 1000) if latencies else float("nan"),
+        errors=sum(r["errors"] for r in rounds),
+        statuses=_summed(r["statuses"] for r in rounds),
+        events=_summed(r["events"] for r in rounds),
+        error_samples=[e for r in rounds for e in r["error_samples"]],
+        all_requests=sum(r["all_requests"] for r in rounds), rounds=len(rounds))
+    if all("cores" in r for r in rounds):
+        merged["cores"] = {name: sum(r["cores"][name] for r in rounds) / len(rounds)
+                           for name in rounds[0]["cores"]}
+    return merged
+
+
+def _summed(counts: Any) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update(c)
+    return dict(total)
+
+
 def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
     results: dict[str, Any] = {}
     notes: list[str] = []
@@ -395,47 +448,67 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
     traces = run.tmp / "traces.json"
     cpus = {"cpus": args.pin_server} if args.pin_server else {}
 
-    def window(target: str, server: str, app: str, mode: str, **extra: Any) -> None:
+    window_seconds = args.duration / args.rounds
+
+    def window(target: str, server: str, app: str, mode: str, n: int, **extra: Any) -> None:
         key = result_key(target, server, servers)
-        log = run.tmp / f"{key.replace('@', '-')}.log"
+        name = round_key(key, n).replace("@", "-")
+        log = run.tmp / f"{name}.log"
+        raw = run.tmp / f"{name}.raw.json"
         with gunicorn(app, args, run.env, log, pythonpath=None if app.startswith("gateway.")
                       else BENCH_DIR, server=server, **cpus) as (base, pid):
-            say(f"{key} up at {base} ({server}); {args.warmup:g} s warm-up + "
-                f"{args.duration:g} s load")
-            spies = profile(args, key, pid)
-            attempt(key, lambda: loadgen(key.replace("@", "-"), hop_config(
+            say(f"{round_key(key, n)} up at {base} ({server}); {args.warmup:g} s warm-up + "
+                f"{window_seconds:g} s load")
+            spies = profile(args, name, pid)
+            attempt(round_key(key, n), lambda: loadgen(name, hop_config(
                 args, base + run.path, mode, watch={"server": [pid], "redis": [redis_server]},
-                **extra), run.tmp, run.load_limit, args.pin_client))
+                duration=window_seconds, raw_out=str(raw), **extra), run.tmp,
+                run.load_limit, args.pin_client))
             for spy in spies:
                 stop(spy, 30)
-            if target == "real" and server == servers[0]:
+            if target == "real" and server == servers[0] and n == 0:
                 attempt("load_drain", lambda: drain_the_load(run))
                 say(f"parking {args.sessions:,} citizens mid-interview")
                 attempt("memory", lambda: live_session_memory(run, backends, base))
-        results[f"{key}_log"] = server_log_summary(log)
+        results[f"{round_key(key, n)}_log"] = server_log_summary(log)
+        if round_key(key, n) in results:
+            results[round_key(key, n)]["raw"] = str(raw)
 
     # The real hop first: its completed interviews are what the other targets replay.
-    window("real", servers[0], TARGETS[0][2], "walk", traces_out=str(traces))
+    window("real", servers[0], TARGETS[0][2], "walk", 0, traces_out=str(traces))
     replayable = traces.exists() and bool(json.loads(traces.read_text()))
     if not replayable:
         notes.append("no interview completed in the real run: nothing to replay, naive and "
                      "bare runs skipped")
-    replay = {"traces_in": str(traces), "phone_base": REPLAY_PHONES}
     for server in servers:
-        for target, _, app in targets(args):
-            if target == "real" and server == servers[0]:
-                continue
-            if target not in WALKS and not replayable:
-                continue
-            n = servers.index(server)
-            if target == "real":  # another walk, by other citizens (numbers, sessions)
-                window(target, server, app, "walk", seed=args.seed + 1 + n,
-                       phone_base=REPLAY_PHONES // 2 * (1 + n))
-            elif target == "flask":  # and other citizens again
-                window(target, server, app, "walk", seed=args.seed + 11 + n,
-                       phone_base=REPLAY_PHONES // 4 * (1 + 2 * n))
-            else:
-                window(target, server, app, "replay", **replay)
+        m = servers.index(server)
+        for n in range(args.rounds):
+            # Mirrored (A B C C B A ...): a linear drift of the machine's speed over the
+            # run lands on every target alike.
+            for target, _, app in targets(args)[::-1 if n % 2 else 1]:
+                if target == "real" and server == servers[0] and n == 0:
+                    continue
+                if target not in WALKS and not replayable:
+                    continue
+                fresh = n * ROUND_PHONES  # new citizens every round: none has finished
+                if target == "real":  # another walk, by other citizens (numbers, sessions)
+                    window(target, server, app, "walk", n, seed=args.seed + 1 + m + 100 * n,
+                           phone_base=(REPLAY_PHONES // 2 * m if m else 0) + fresh)
+                elif target == "flask":  # and other citizens again
+                    window(target, server, app, "walk", n, seed=args.seed + 11 + m + 100 * n,
+                           phone_base=REPLAY_PHONES // 4 * (1 + 2 * m) + fresh)
+                else:
+                    window(target, server, app, "replay", n, traces_in=str(traces),
+                           phone_base=REPLAY_PHONES + fresh)
+        for target, _, _ in targets(args):
+            key = result_key(target, server, servers)
+            merged = merge_rounds([results[round_key(key, n)] for n in range(args.rounds)
+                                   if round_key(key, n) in results], args.warmup,
+                                  window_seconds)
+            if merged is not None:
+                results[key] = merged
+                results[f"{key}_log"] = "; ".join(dict.fromkeys(
+                    results.get(f"{round_key(key, n)}_log", "") for n in range(args.rounds)))
     if args.tree_memory:
         say("memory of the whole `civicdial up` tree (PSS)")
         attempt("tree", lambda: up_tree_memory(run, args))
@@ -647,7 +720,11 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
     servers = args.servers
     real, bare = results.get("real"), results.get("bare")
     mem, per = results.get("memory"), results.get("persist")
-    lines = [*header("CivicDial benchmark", args, backends), ""]
+    lines = [*header("CivicDial benchmark", args, backends)]
+    if args.rounds > 1:
+        lines.append(f"rounds    {args.rounds} windows of {args.duration / args.rounds:g} s per "
+                     "target, in mirrored order, merged in the tables below")
+    lines.append("")
     rows = [hop_header("target")]
     for server in servers:
         for target, label, _ in targets(args):
@@ -655,6 +732,23 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
             rows.append(hop_row(label + ("" if len(servers) == 1 else f" ({server})"),
                                 results.get(key)))
     lines += [table(rows), CPU_LEGEND, ""]
+    if args.rounds > 1:
+        rows = [["round", *(f"{label} req/s" + ("" if len(servers) == 1 else f" ({server})")
+                            for server in servers for _, label, _ in targets(args)),
+                 *(f"real/bare ({server})" for server in servers)]]
+        for n in range(args.rounds):
+            row = [str(n + 1)]
+            for server in servers:
+                for target, _, _ in targets(args):
+                    r = results.get(round_key(result_key(target, server, servers), n))
+                    row.append(fmt(r["rps"]) if r else "n/a")
+            for server in servers:
+                row.append(fmt(hop_ratio(
+                    results.get(round_key(result_key("real", server, servers), n)),
+                    results.get(round_key(result_key("bare", server, servers), n))),
+                    ".2f") + "x")
+            rows.append(row)
+        lines += [table(rows), ""]
     rows = [["ratio", *servers]]
     for target, label, _ in targets(args)[:-1]:
         rows.append([f"{label} / bare flask", *(
@@ -775,7 +869,8 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
     if into != "postgresql":
         lines.append("note: the persistence goal is for PostgreSQL; this run used "
                      f"{into}")
-    for name in (result_key(t, sv, servers) for sv in servers for t, _, _ in targets(args)):
+    for name in (round_key(result_key(t, sv, servers), n) for sv in servers
+                 for t, _, _ in targets(args) for n in range(args.rounds)):
         r = results.get(name)
         other = (r or {}).get("cores", {}).get("other", 0.0)
         if other > BUSY_CORES:
