@@ -493,7 +493,7 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
                 fresh = n * ROUND_PHONES  # new citizens every round: none has finished
                 if target == "real":  # another walk, by other citizens (numbers, sessions)
                     window(target, server, app, "walk", n, seed=args.seed + 1 + m + 100 * n,
-                           phone_base=(REPLAY_PHONES // 2 * m if m else 0) + fresh)
+                           phone_base=REPLAY_PHONES // 2 * m + fresh)
                 elif target == "flask":  # and other citizens again
                     window(target, server, app, "walk", n, seed=args.seed + 11 + m + 100 * n,
                            phone_base=REPLAY_PHONES // 4 * (1 + 2 * m) + fresh)
