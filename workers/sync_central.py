@@ -216,7 +216,6 @@ class _Applied:
     completed: set[int] = field(default_factory=set)
 
 
-
 def _before_erasure(body: Mapping[str, Any], tombstones: Mapping[str, float],
                     shift: float) -> bool:
     erased_at = tombstones.get(str(body.get("r")))

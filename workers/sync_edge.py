@@ -31,7 +31,7 @@ from gateway.config import Settings, load_settings
 from gateway.coordination.edges import signed_headers, transport_box
 from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.store.crypto import NumberBox
-from gateway.store.db import shared_engine, stored_utc
+from gateway.store.db import shared_engine, stored_iso, stored_utc
 from gateway.store.models import (
     Campaign,
     CampaignContact,
@@ -383,11 +383,6 @@ def sync_job() -> dict[str, Any]:
         client.delete(f"{settings.redis_prefix}sync:queued")
 
 
-
-def _iso(at: datetime | None) -> str | None:
-    return None if at is None else stored_utc(at).isoformat(timespec="seconds")
-
-
 def status(engine: Engine) -> dict[str, Any]:
     """`civicdial sync status`: what waits, what central holds, how the last tries went."""
     enrol = load_enrolment(engine)
@@ -405,10 +400,10 @@ def status(engine: Engine) -> dict[str, Any]:
         "campaign": enrol.campaign_slug, "region": enrol.region,
         "central_url": enrol.central_url, "events_waiting": waiting, "last_seq": last_seq,
         "central_acked_seq": enrol.acked_seq, "acknowledged": by_result,
-        "last_success_at": _iso(enrol.last_success_at),
-        "last_attempt_at": _iso(enrol.last_attempt_at),
-        "last_error": enrol.last_error or None, "last_error_at": _iso(enrol.last_error_at),
-        "failures": enrol.failures, "next_attempt_at": _iso(enrol.next_attempt_at),
+        "last_success_at": stored_iso(enrol.last_success_at),
+        "last_attempt_at": stored_iso(enrol.last_attempt_at),
+        "last_error": enrol.last_error or None, "last_error_at": stored_iso(enrol.last_error_at),
+        "failures": enrol.failures, "next_attempt_at": stored_iso(enrol.next_attempt_at),
         "skew_seconds": enrol.skew_seconds, "changes_cursor": enrol.cursor,
     }
 

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from gateway.config import Settings
 from gateway.store.crypto import NumberBox
-from gateway.store.db import stored_utc
+from gateway.store.db import stored_iso, stored_utc
 from gateway.store.models import Campaign, EdgeEnrolment, EdgeNode, Interview, SyncConflict
 
 BUNDLE_FORMAT = "civicdial-edge-bundle/1"
@@ -169,7 +169,7 @@ def list_edges(engine: Engine) -> list[dict[str, Any]]:
         return [{
             "name": e.name, "id": e.id, "campaign": slugs.get(e.campaign_id), "region": e.region,
             "state": "revoked" if e.revoked_at else "active",
-            "last_contact_at": _iso(e.last_contact_at), "events_received": e.events_received,
+            "last_contact_at": stored_iso(e.last_contact_at), "events_received": e.events_received,
             "acked_seq": e.acked_seq, "edge_seq": e.edge_seq,
             # Events the edge had numbered at its last contact that central does not
             # hold yet (what it collected since is unknown until it calls again).
@@ -180,11 +180,6 @@ def list_edges(engine: Engine) -> list[dict[str, Any]]:
             "skew_seconds": e.skew_seconds, "conflicts": conflicts.get(e.id, 0),
             "sms": json.loads(e.sms_counts or "{}"),
         } for e in rows]
-
-
-
-def _iso(at: datetime | None) -> str | None:
-    return None if at is None else stored_utc(at).isoformat(timespec="seconds")
 
 
 def store_enrolment(engine: Engine, settings: Settings, bundle: Bundle) -> None:

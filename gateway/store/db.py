@@ -114,3 +114,8 @@ def stored_utc(moment: datetime) -> datetime:
     """A time read back from SQL, made aware: SQLite hands back naive datetimes, and every
     stored time is UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def stored_iso(moment: datetime | None) -> str | None:
+    """A time read back from SQL (or None) as ISO 8601 UTC, to the second."""
+    return None if moment is None else stored_utc(moment).isoformat(timespec="seconds")
