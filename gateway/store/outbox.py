@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 from rq import Queue
-from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
@@ -66,14 +65,15 @@ def _still_waiting(client: redis.Redis, job_id: bytes | None) -> bool:
     'queued', but it is in no queue, and nobody would ever run it."""
     if not job_id:
         return False
-    try:
-        job = Job.fetch(job_id.decode(), connection=client)
-        status = job.get_status()
-    except NoSuchJobError:
-        return False
-    if status == JobStatus.QUEUED:
-        return client.lpos(Queue(job.origin, connection=client).key, job.id) is not None
-    return status in (JobStatus.SCHEDULED, JobStatus.DEFERRED)
+    # One read of the job's hash, not Job.fetch then get_status: a worker that finishes
+    # the job between those two deletes the hash (result_ttl=0) and get_status raises.
+    status, origin = client.hmget(Job.key_for(job_id.decode()), "status", "origin")
+    if status is None:
+        return False  # finished, or never there: either way nothing waits
+    if status.decode() == JobStatus.QUEUED:
+        return origin is not None and client.lpos(
+            Queue(origin.decode(), connection=client).key, job_id) is not None
+    return status.decode() in (JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
 
 def outbox_size(engine: Engine, channel_id: int) -> int:
