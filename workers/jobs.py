@@ -155,6 +155,10 @@ def _pump(settings: Settings, stop: threading.Event) -> None:
                 purge_daily(settings, engine, client)
         except (redis.RedisError, SQLAlchemyError) as exc:
             log.warning("pump: %s", exc)
+        except Exception:
+            # This thread schedules every drain of the stream: if it died, answers would
+            # wait in Redis while the worker looked alive.
+            log.exception("pump: unexpected error (going on)")
     try:
         due.release()
     except redis.RedisError:
