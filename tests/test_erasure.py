@@ -253,3 +253,9 @@ def test_contacts_erase_refuses_a_non_number_and_asks_first(
         (entry,) = db.scalars(select(AuditEntry).where(
             AuditEntry.action == "respondent.erase")).all()
     assert entry.actor.startswith("cli") and me not in entry.after
+    # The interview stays an anonymous count: started, no longer completed, erased.
+    status = runner.invoke(main, ["status", "--json"], env=env)
+    (campaign,) = [c for c in json.loads(status.output)["campaigns"]
+                   if c["id"] == sms.tw.campaign_id]
+    assert (campaign["interviews_started"], campaign["interviews_completed"],
+            campaign["erased"], campaign["withdrawn"]) == (1, 0, 1, 0)

@@ -198,6 +198,7 @@ def campaign_status_cmd(ctx: click.Context, slug: str, as_json: bool) -> None:
              f"{c['interviews_completed']}{target} completed, {c['declined']} declined, "
              f"{c['screened_out'] - c['ineligible']} screened out by quotas, "
              f"{c['ineligible']} ineligible (under 18), "
+             f"{c['withdrawn']} withdrawn, {c['erased']} erased on request, "
              f"{c['answers_stored']} answers stored, {c['events_waiting']} waiting"]
     sms = c.get("outbound_by_status") or {}
     lines.append("outbound SMS: " + (", ".join(f"{n} {status}"

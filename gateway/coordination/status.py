@@ -65,6 +65,10 @@ def campaign_status(engine: Engine, store: SessionStore,
             "interviews_completed": counts.get((c.id, "completed"), 0),
             "declined": counts.get((c.id, "declined"), 0),
             "screened_out": counts.get((c.id, "screened_out"), 0),
+            # Still counted as started: the erasure keeps an interview as an anonymous
+            # count, so completed falls and started does not.
+            "withdrawn": counts.get((c.id, "withdrawn"), 0),
+            "erased": counts.get((c.id, "erased"), 0),
             "ineligible": ineligible.get(c.id, 0),
             "answers_stored": answers.get(c.id, 0),
             "events_waiting": waiting.get(c.id, 0),
