@@ -31,7 +31,7 @@ from flask import (
     url_for,
 )
 from rq import Queue
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from sqlalchemy import case, exists, func, or_, select
 from sqlalchemy.orm import Session
@@ -435,7 +435,10 @@ def _job(job_id: str, slug: str) -> Job:
 
 
 def job_state(job: Job) -> dict[str, Any]:
-    status = job.get_status(refresh=True)
+    try:
+        status = job.get_status(refresh=True)
+    except InvalidJobOperation:  # expired between the fetch and this read
+        abort(404, "No such job (finished jobs are kept for a week).")
     result = job.return_value() if status == "finished" else None
     meta = job.meta
     done, total = int(meta.get("done") or 0), int(meta.get("total") or 0)
