@@ -21,6 +21,19 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise ValueError(f"{name} must be a number of seconds above 0, got {raw!r}")
+    return value
+
+
 def _choice(env: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
     raw = (env.get(name) or default).strip().lower()
     if raw not in allowed:
@@ -92,6 +105,10 @@ class Settings:
     @property
     def redis_db_file(self) -> Path:
         return self.data_dir / "redis.db"
+
+    # How old the web process's channel and campaign cache may get before a hop reloads it
+    # from SQL (a campaign paused in the console reaches the hops within this).
+    registry_refresh_seconds: float = 10.0
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)
@@ -166,5 +183,6 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         sync_interval_seconds=_int(env, "CIVICDIAL_SYNC_INTERVAL_SECONDS", 60),
         bundle_passphrase=env.get("CIVICDIAL_BUNDLE_PASSPHRASE") or None,
         console_session_hours=_int(env, "CIVICDIAL_CONSOLE_SESSION_HOURS", 12),
+        registry_refresh_seconds=_seconds(env, "CIVICDIAL_REGISTRY_REFRESH_SECONDS", 10.0),
     )
     return settings.with_(**overrides) if overrides else settings

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,12 +17,13 @@ from click.testing import CliRunner
 from fake_providers import fake_provider
 from flask.testing import FlaskClient
 from node import embedded_env
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from gateway.cli import main
 from gateway.config import Settings, load_settings
 from gateway.coordination.campaigns import create_token
+from gateway.interview.messages import message
 from gateway.logformat import mask_channel_keys
 from gateway.store.crypto import NumberBox
 from gateway.store.models import Campaign, Channel, OutboundMessage
@@ -231,3 +233,53 @@ def test_metrics_count_sends_by_result(client: FlaskClient, engine: Engine, chan
     for result in ("sent", "stopped"):
         assert (_sample(after, "civicdial_sends_total", result=result)
                 - _sample(before, "civicdial_sends_total", result=result)) == 1
+
+
+def test_hops_go_on_from_the_cache_while_sql_fails(settings: Settings, engine: Engine,
+                                                   redis_client: redis.Redis,
+                                                   channel: Channel,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A hop needs only Redis. When the channel cache's periodic refresh from SQL fails
+    (here the channels table is gone: a real error from the real database), hops are
+    answered from the cache, with one warning rather than one per hop, and the next
+    refresh once SQL answers again picks up what changed meanwhile."""
+    app = create_app(settings.with_(registry_refresh_seconds=0.2))
+    client = app.test_client()
+    url = f"/webhooks/africastalking/{channel.key}/ussd"
+
+    def hop(text: str) -> tuple[int, str]:
+        resp = client.post(url, content_type=FORM, data={
+            "sessionId": "SQL1", "serviceCode": "*920*16#", "phoneNumber": "+233241234567",
+            "networkCode": "62001", "text": text})
+        return resp.status_code, resp.get_data(as_text=True)
+
+    assert hop("")[0] == 200
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE channels RENAME TO channels_away"))
+    try:
+        with caplog.at_level("WARNING", logger="civicdial.registry"):
+            for typed in ("1", "1*1", "1*1*1"):
+                time.sleep(0.25)  # past the refresh interval: every hop tries SQL
+                status, body = hop(typed)
+                assert status == 200 and body.startswith("CON "), body
+        failures = [r for r in caplog.records if r.name == "civicdial.registry"]
+        assert len(failures) == 1 and "answering from the cache" in failures[0].getMessage()
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE campaigns SET state = 'paused'"))
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE channels_away RENAME TO channels"))
+    time.sleep(0.25)
+    status, body = hop("1*1*1*1")
+    assert (status, body) == (200, "END " + message("en", "closed"))
+    app.extensions["civicdial"].engine.dispose()
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "ten", "nan", "1e9"])
+def test_registry_refresh_must_be_seconds_above_zero(tmp_path: Path, raw: str) -> None:
+    with pytest.raises(ValueError, match="CIVICDIAL_REGISTRY_REFRESH_SECONDS must be a number"):
+        load_settings({"CIVICDIAL_DATA_DIR": str(tmp_path),
+                       "CIVICDIAL_REGISTRY_REFRESH_SECONDS": raw})
+    assert load_settings({"CIVICDIAL_DATA_DIR": str(tmp_path),
+                          "CIVICDIAL_REGISTRY_REFRESH_SECONDS": "2.5"}
+                         ).registry_refresh_seconds == 2.5

@@ -8,6 +8,7 @@ names a channel key it does not know, so a new channel works without a restart.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from gateway.interview.engine import Rules
@@ -22,6 +24,8 @@ from gateway.interview.questionnaire import Questionnaire, load_questionnaire
 from gateway.interview.quota import Quota
 from gateway.store.db import stored_utc
 from gateway.store.models import Campaign, Channel, QuestionnaireVersion
+
+log = logging.getLogger("civicdial.registry")
 
 # GSM 03.90 caps a USSD screen at 182 characters; below ~64 no question fits.
 MAX_SCREEN = 182
@@ -79,6 +83,7 @@ class Registry:
         self._unbound: dict[str, str] = {}  # key -> provider of channels unbound since
         self._forms: dict[str, Questionnaire] = {}
         self._loaded_at = 0.0
+        self._failing = False  # the last refresh on a hop's path failed
         self._lock = threading.Lock()
 
     def channel(self, key: str) -> ChannelInfo | None:
@@ -87,8 +92,33 @@ class Registry:
         if age > self.refresh_seconds or (
                 key not in self._channels and key not in self._unbound
                 and age > self.miss_throttle_seconds):
-            self.refresh()
+            self._refresh_for_hop()
         return self._channels.get(key)
+
+    def _refresh_for_hop(self) -> None:
+        """Refresh on a hop's path. A hop needs only Redis, so once something is cached,
+        SQL failing (the server down, a migration half done) must not fail hops: they go
+        on with the cache, one thread at a time tries SQL again, and the others do not
+        queue behind it."""
+        if not self._loaded_at:
+            self.refresh()  # nothing to answer from yet: wait for it, errors included
+            return
+        if not self._lock.acquire(blocking=False):
+            return  # another thread is refreshing
+        try:
+            self._load()
+        except SQLAlchemyError as exc:
+            self._loaded_at = time.monotonic()  # try again after refresh_seconds
+            if not self._failing:
+                log.warning("SQL refresh of the channel cache failed (%s: %s); answering "
+                            "from the cache", type(exc).__name__, str(exc).splitlines()[0])
+            self._failing = True
+        else:
+            if self._failing:
+                log.warning("SQL answers again; the channel cache is fresh")
+            self._failing = False
+        finally:
+            self._lock.release()
 
     def unbound_provider(self, key: str) -> str | None:
         """The provider of an unbound channel with this key (its webhooks answer 410),
@@ -111,7 +141,11 @@ class Registry:
         return min(sms, key=lambda c: c.id) if sms else None
 
     def refresh(self) -> None:
-        with self._lock, Session(self.engine) as db:
+        with self._lock:
+            self._load()
+
+    def _load(self) -> None:
+        with Session(self.engine) as db:
             rows = db.execute(select(Channel, Campaign).join(
                 Campaign, Channel.campaign_id == Campaign.id)).all()
             unbound = {ch.key: ch.provider for ch, _ in rows if ch.unbound_at is not None}

@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings, engine=engine, redis=client,
         store=SessionStore(client, settings.redis_prefix, HopLimits(
             settings.limit_window_seconds, settings.limit_per_respondent,
-            settings.limit_per_channel)), registry=Registry(engine),
+            settings.limit_per_channel)),
+        registry=Registry(engine, settings.registry_refresh_seconds),
         box=NumberBox(settings.encryption_key),
     )
     app.register_blueprint(africastalking.bp)
