@@ -331,3 +331,20 @@ def test_database_down_parks_nothing(channel: Channel, engine: Engine,
     assert redis_client.xlen(STREAM) == len(good)
     assert drain(redis_client, engine, STREAM, reclaim_idle_ms=0) == len(good)
     assert len(answers(engine)) == 24
+
+
+def test_a_batch_the_database_refused_goes_again_at_the_next_drain(
+        channel: Channel, engine: Engine, redis_client: redis.Redis, tmp_path: Any) -> None:
+    """The worker that read a batch while SQL was down writes it at its next drain once SQL
+    answers: it does not wait a minute for its own entries to look abandoned
+    (CIVICDIAL_RECLAIM_IDLE_MS is for entries of workers that died)."""
+    good = interview(engine, channel, "r1", FULL, "iv1")
+    push(redis_client, good)
+    unreachable = create_engine(f"sqlite:///{tmp_path}/no/such/dir/db.sqlite")
+    with pytest.raises(OperationalError):
+        drain(redis_client, unreachable, STREAM, consumer="w1")
+    assert pending(redis_client) == len(good)
+    assert drain(redis_client, engine, STREAM, reclaim_idle_ms=60_000, consumer="w1") \
+        == len(good)
+    assert len(answers(engine)) == 24
+    assert pending(redis_client) == 0 and redis_client.xlen(STREAM) == 0

@@ -420,7 +420,8 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
     total = 0
     batches = 0
     while max_batches is None or batches < max_batches:
-        entries = _reclaim(client, stream, consumer, reclaim_idle_ms, batch)
+        entries = (_own_pending(client, stream, consumer, batch)
+                   or _reclaim(client, stream, consumer, reclaim_idle_ms, batch))
         if not entries:
             reply = client.xreadgroup(GROUP, consumer, {stream: ">"}, count=batch)
             entries = reply[0][1] if reply else []
@@ -493,12 +494,26 @@ def _database_answers(engine: Engine) -> bool:
         return False
 
 
+def _own_pending(client: redis.Redis, stream: str, consumer: str,
+                 batch: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Entries this consumer read and did not acknowledge: a batch the database refused
+    (down, a lock timeout) is written again at the next drain, not when it has been idle
+    long enough to be reclaimed as a dead worker's."""
+    reply = client.xreadgroup(GROUP, consumer, {stream: "0"}, count=batch)
+    return _present(client, stream, reply[0][1] if reply else [])
+
+
 def _reclaim(client: redis.Redis, stream: str, consumer: str, idle_ms: int,
              batch: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """Take over entries another consumer read but never acknowledged."""
     reply = client.xautoclaim(stream, GROUP, consumer, min_idle_time=idle_ms,
                               start_id="0-0", count=batch)
-    claimed = reply[1]
+    return _present(client, stream, reply[1])
+
+
+def _present(client: redis.Redis, stream: str,
+             claimed: list[tuple[bytes, dict[bytes, bytes] | None]]
+             ) -> list[tuple[bytes, dict[bytes, bytes]]]:
     # An entry deleted after it was read comes back without fields: ack it away.
     gone = [entry_id for entry_id, fields in claimed if not fields]
     if gone:
