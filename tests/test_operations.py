@@ -283,3 +283,38 @@ def test_registry_refresh_must_be_seconds_above_zero(tmp_path: Path, raw: str) -
     assert load_settings({"CIVICDIAL_DATA_DIR": str(tmp_path),
                           "CIVICDIAL_REGISTRY_REFRESH_SECONDS": "2.5"}
                          ).registry_refresh_seconds == 2.5
+
+
+def test_sql_failing_before_the_cache_is_loaded_is_a_503(
+        settings: Settings, engine: Engine, redis_client: redis.Redis, channel: Channel,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A web process whose first hop finds SQL failing (nothing cached yet to answer
+    from) says 503 with Retry-After, as for Redis down, on the USSD fast path and on a
+    Flask route alike; never a 500. Once SQL answers, the retried hop is served."""
+    app = create_app(settings)
+    client = app.test_client()
+    base = f"/webhooks/africastalking/{channel.key}/ussd"
+    form = {"sessionId": "SQL2", "serviceCode": "*920*16#", "phoneNumber": "+233241234567",
+            "networkCode": "62001", "text": ""}
+    end_of_session = {"sessionId": "SQL2", "phoneNumber": "+233241234567",
+                      "serviceCode": "*920*16#", "networkCode": "62001",
+                      "status": "Success", "input": "", "durationInMillis": "1000",
+                      "cost": "KES 0.0000", "date": "2026-12-01 10:00:00"}
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE channels RENAME TO channels_away"))
+    try:
+        with caplog.at_level("WARNING", logger="civicdial.webhooks"):
+            for url, data in ((base, form), (base + "/events", end_of_session)):
+                resp = client.post(url, content_type=FORM, data=data)
+                assert (resp.status_code, resp.get_data(as_text=True),
+                        resp.headers["Retry-After"]) == (503, "temporarily unavailable\n", "1")
+        lines = [r.getMessage() for r in caplog.records if r.name == "civicdial.webhooks"]
+        assert len(lines) == 2 and all(" -> 503 sql unavailable: " in m for m in lines)
+        assert channel.key not in " ".join(lines)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE channels_away RENAME TO channels"))
+    time.sleep(2.1)  # the refresh after a miss is throttled to one per 2 s
+    resp = client.post(base, content_type=FORM, data=form)
+    assert resp.status_code == 200 and resp.get_data(as_text=True).startswith("CON ")
+    app.extensions["civicdial"].engine.dispose()

@@ -120,6 +120,10 @@ class Registry:
         finally:
             self._lock.release()
 
+    def cached(self, key: str) -> ChannelInfo | None:
+        """The channel with this key as last loaded, never touching SQL (for metrics)."""
+        return self._channels.get(key)
+
     def unbound_provider(self, key: str) -> str | None:
         """The provider of an unbound channel with this key (its webhooks answer 410),
         or None; as fresh as the last refresh, which channel() just made."""

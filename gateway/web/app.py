@@ -84,10 +84,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     def _http_error(exc: HTTPException) -> Response:
         return refusals.http_error(request.method, request.path, exc).response()
 
-    @app.errorhandler(redis.ConnectionError)
-    @app.errorhandler(redis.TimeoutError)
-    def _redis_down(exc: redis.RedisError) -> Response:
-        return refusals.redis_down(request.method, request.path, exc).response()
+    def _unavailable(exc: Exception) -> Response:
+        return refusals.unavailable(request.method, request.path, exc).response()
+
+    for kind in refusals.UNAVAILABLE:
+        app.register_error_handler(kind, _unavailable)
 
     # Once per process, not per hop: the questionnaires the channels serve are parsed now
     # (an XLSForm takes a few hundred ms: the first hop of every worker paid it), and what

@@ -149,8 +149,8 @@ class UssdFastPath:
             return refusals.refused("POST", path, exc)
         if isinstance(exc, HTTPException):
             return refusals.http_error("POST", path, exc)
-        if isinstance(exc, refusals.REDIS_DOWN):
-            return refusals.redis_down("POST", path, exc)
+        if isinstance(exc, refusals.UNAVAILABLE):
+            return refusals.unavailable("POST", path, exc)
         if self.app.config["PROPAGATE_EXCEPTIONS"] or self.app.testing or self.app.debug:
             raise exc
         # As Flask does for an unhandled error: the traceback, then the 500 handler's line

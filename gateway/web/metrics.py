@@ -63,7 +63,7 @@ def observe(key: str, seconds: float, kind: str) -> None:
     """One hop on the channel whose key is `key` (in an app context): its latency and its
     reply's kind. Called by the Flask views' wrapper and by gateway.web.fastpath."""
     services = current_app.extensions["civicdial"]
-    ch = services.registry.channel(key) if key else None
+    ch = services.registry.cached(key) if key else None
     label = str(ch.id) if ch is not None else "unknown"
     pair = _children.get((label, kind))
     if pair is None:

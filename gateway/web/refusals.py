@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import redis
 from flask import Response
+from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
 from gateway.channels.webhook import WebhookError
@@ -47,12 +48,18 @@ def http_error(method: str, path: str, exc: HTTPException) -> Answer:
     return Answer(exc.code or 400, f"{exc.name}\n")
 
 
-def redis_down(method: str, path: str, exc: redis.RedisError) -> Answer:
-    # Redis restarting (or unreachable): not a 500. The provider retries the hop and
-    # gets it processed once (or, if the commit landed, the stored reply).
-    log.warning("%s %s -> 503 redis unavailable: %s", method, mask_path(path), exc)
+def unavailable(method: str, path: str, exc: Exception) -> Answer:
+    """Redis restarting or unreachable, or SQL failing before the channel cache was
+    loaded: not a 500. The provider retries the hop and gets it processed once (or, if
+    the commit landed, the stored reply)."""
+    what = "redis" if isinstance(exc, redis.RedisError) else "sql"
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    log.warning("%s %s -> 503 %s unavailable: %s", method, mask_path(path), what, reason)
     return Answer(503, "temporarily unavailable\n", (("Retry-After", "1"),))
 
 
-# The Redis errors answered with a 503 (the app registers its handler for these).
+# The errors answered with a 503 (the app registers its handler for these): Redis down,
+# and the database down or refusing (OperationalError: connection refused, locked, ...).
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+SQL_DOWN = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+UNAVAILABLE = REDIS_DOWN + SQL_DOWN
