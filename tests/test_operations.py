@@ -318,3 +318,41 @@ def test_sql_failing_before_the_cache_is_loaded_is_a_503(
     resp = client.post(base, content_type=FORM, data=form)
     assert resp.status_code == 200 and resp.get_data(as_text=True).startswith("CON ")
     app.extensions["civicdial"].engine.dispose()
+
+
+def test_a_database_that_never_answers_fails_a_connect_in_seconds(tmp_path: Path) -> None:
+    """A PostgreSQL behind a link that drops packets: connecting gives up after the
+    connect timeout (a hop refreshing the channel cache would otherwise hang for
+    minutes). The server here is a socket whose accept queue is full, so the SYNs are
+    dropped, as on a dead link."""
+    import socket
+
+    from sqlalchemy.exc import OperationalError
+
+    from gateway.store.db import CONNECT_TIMEOUT_SECONDS, make_engine
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue; further SYNs go unanswered
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.2)
+    settings = load_settings({"DATABASE_URL": f"postgresql+psycopg://u@127.0.0.1:{port}/db",
+                              "REDIS_URL": "redis://127.0.0.1:1/0",
+                              "CIVICDIAL_DATA_DIR": str(tmp_path),
+                              "CIVICDIAL_PSEUDONYM_KEY": "k"})
+    engine = make_engine(settings)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OperationalError, match="timeout"):
+            engine.connect()
+        assert time.monotonic() - started < 6 * CONNECT_TIMEOUT_SECONDS
+    finally:
+        engine.dispose()
+        for s in (*fillers, listener):
+            s.close()

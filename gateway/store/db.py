@@ -20,6 +20,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    make_url,
     select,
     update,
 )
@@ -28,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from gateway.config import Settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -46,7 +48,12 @@ def make_engine(settings: Settings) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    connect_args: dict[str, Any] = {}
+    if url.startswith("postgresql") and "connect_timeout" not in make_url(url).query:
+        # A server that drops packets (a link down) would otherwise hold a connect for
+        # minutes: the hop refreshing the channel cache, a drain. The URL's own wins.
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def upsert_insert(engine: Engine, table: Any) -> Any:
