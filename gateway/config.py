@@ -101,14 +101,13 @@ class Settings:
     bundle_passphrase: str | None = None
     # A dashboard sign-in lasts this long, then the browser signs in again.
     console_session_hours: int = 12
+    # How old the web process's channel and campaign cache may get before a hop reloads it
+    # from SQL (a campaign paused in the console reaches the hops within this).
+    registry_refresh_seconds: float = 10.0
 
     @property
     def redis_db_file(self) -> Path:
         return self.data_dir / "redis.db"
-
-    # How old the web process's channel and campaign cache may get before a hop reloads it
-    # from SQL (a campaign paused in the console reaches the hops within this).
-    registry_refresh_seconds: float = 10.0
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)
