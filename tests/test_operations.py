@@ -384,16 +384,15 @@ def test_sql_down_before_the_cache_is_loaded_is_a_503(
         outage.close()
 
 
-def test_a_database_that_never_answers_fails_a_connect_in_seconds(tmp_path: Path) -> None:
-    """A PostgreSQL behind a link that drops packets: connecting gives up after the
-    connect timeout (a hop refreshing the channel cache would otherwise hang for
-    minutes). The server here is a socket whose accept queue is full, so the SYNs are
-    dropped, as on a dead link."""
-    import socket
-
+def test_a_database_that_never_answers_fails_a_connect_by_its_timeout(
+        tmp_path: Path) -> None:
+    """A PostgreSQL behind a link that drops packets: connecting gives up at the connect
+    timeout (a hop refreshing the channel cache would otherwise hang for minutes). The
+    server here is a socket whose accept queue is full, so the SYNs are dropped, as on a
+    dead link."""
     from sqlalchemy.exc import OperationalError
 
-    from gateway.store.db import CONNECT_TIMEOUT_SECONDS, make_engine
+    from gateway.store.db import make_engine
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -411,11 +410,11 @@ def test_a_database_that_never_answers_fails_a_connect_in_seconds(tmp_path: Path
                               "CIVICDIAL_DATA_DIR": str(tmp_path),
                               "CIVICDIAL_PSEUDONYM_KEY": "k"})
     engine = make_engine(settings)
-    started = time.monotonic()
     try:
-        with pytest.raises(OperationalError, match="timeout"):
+        # psycopg's own error for its connect_timeout; without it, the connect would wait
+        # for the kernel's SYN retries and end, minutes later, with another message.
+        with pytest.raises(OperationalError, match="connection timeout expired"):
             engine.connect()
-        assert time.monotonic() - started < 6 * CONNECT_TIMEOUT_SECONDS
     finally:
         engine.dispose()
         for s in (*fillers, listener):
