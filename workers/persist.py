@@ -419,9 +419,14 @@ def drain(client: redis.Redis, engine: Engine, stream: str, *, batch: int = 2000
     consumer = consumer or consumer_name()
     total = 0
     batches = 0
+    # A failed write leaves the drain, so this consumer's own unacknowledged entries can
+    # only be there when a drain starts: read them until none are left, then never again.
+    own = True
     while max_batches is None or batches < max_batches:
-        entries = (_own_pending(client, stream, consumer, batch)
-                   or _reclaim(client, stream, consumer, reclaim_idle_ms, batch))
+        entries = _own_pending(client, stream, consumer, batch) if own else []
+        own = bool(entries)
+        if not entries:
+            entries = _reclaim(client, stream, consumer, reclaim_idle_ms, batch)
         if not entries:
             reply = client.xreadgroup(GROUP, consumer, {stream: ">"}, count=batch)
             entries = reply[0][1] if reply else []
