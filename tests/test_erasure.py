@@ -13,7 +13,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.orm import Session
 from test_sms import (  # noqa: F401 - fixtures
     ANSWERS,
@@ -187,6 +187,33 @@ def test_delete_from_the_ussd_menu_after_dialling(
                          .where(Answer.respondent == me)) == 0
     # Now a new dial is a new interview, not the menu.
     assert ussd(client, channel, "", "S3").startswith("CON Language")
+
+
+def test_delete_from_the_ussd_menu_while_sql_fails(
+        client: FlaskClient, sms: SmsChannels, channel: Channel, engine: Engine,  # noqa: F811
+        redis_client: redis.Redis, settings: Settings) -> None:
+    """Erasing needs every channel (to forget the state in every campaign in Redis); with
+    SQL failing the hop uses the web process's cached list, and the erasure still lands
+    in SQL once the worker can write (here the channels table is gone meanwhile: a real
+    error from the real database)."""
+    me = pseudonym(settings.pseudonym_key, PHONE)
+    complete_by_sms(client, sms, PHONE, "V")
+    work(engine, redis_client)
+    assert ussd(client, channel, "", "S1").startswith("CON You have already completed")
+    assert ussd(client, channel, "2", "S1").startswith("CON Erase all your answers")
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE channels RENAME TO channels_away"))
+    try:
+        done = ussd(client, channel, "2*1", "S1")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE channels_away RENAME TO channels"))
+    assert done.startswith("END Your answers, number and results request are erased")
+    assert redis_client.get(f"cd:st:{sms.tw.campaign_id}:{me}") is None
+    work(engine, redis_client)
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(Answer)
+                         .where(Answer.respondent == me)) == 0
 
 
 def test_delete_from_the_resume_screen_while_an_interview_is_unfinished(

@@ -95,15 +95,15 @@ class Registry:
             self._refresh_for_hop()
         return self._channels.get(key)
 
-    def _refresh_for_hop(self) -> None:
+    def _refresh_for_hop(self, wait: bool = False) -> None:
         """Refresh on a hop's path. A hop needs only Redis, so once something is cached,
         SQL failing (the server down, a migration half done) must not fail hops: they go
         on with the cache, one thread at a time tries SQL again, and the others do not
-        queue behind it."""
+        queue behind it (unless `wait`: they want a refresh of their own)."""
         if not self._loaded_at:
             self.refresh()  # nothing to answer from yet: wait for it, errors included
             return
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(blocking=wait):
             return  # another thread is refreshing
         try:
             self._load()
@@ -130,12 +130,14 @@ class Registry:
         return self._unbound.get(key)
 
     def channels(self) -> list[ChannelInfo]:
-        self.refresh()
+        """Every channel, freshly read (an erasure forgets state in every campaign), or
+        the cached ones while SQL fails."""
+        self._refresh_for_hop(wait=True)
         return sorted(self._channels.values(), key=lambda c: c.id)
 
     def channel_by_id(self, channel_id: int) -> ChannelInfo | None:
         if time.monotonic() - self._loaded_at > self.refresh_seconds:
-            self.refresh()
+            self._refresh_for_hop()
         return next((c for c in self._channels.values() if c.id == channel_id), None)
 
     def sms_channel(self, campaign_id: int) -> ChannelInfo | None:
