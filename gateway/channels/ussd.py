@@ -36,6 +36,8 @@ from gateway.interview.messages import message
 from gateway.interview.questionnaire import Questionnaire
 from gateway.store.registry import ChannelInfo
 from gateway.store.sessions import (
+    Loaded,
+    OverLimit,
     ProviderSession,
     SessionEnded,
     decode_state,
@@ -159,84 +161,108 @@ def hop(ch: ChannelInfo, inp: UssdInput, draw: Render) -> str:
     if not ch.campaign_open:
         return draw(Screen(message("en", "closed"), end=True))
     svc = services()
-    settings = svc.settings
+    respondent = pseudonym(svc.settings.pseudonym_key, inp.phone)
+    # The first attempt may start from this process's own last commit of the session
+    # (no read); it then only stands if it commits, else the hop reads afresh.
+    for attempt in range(COMMIT_ATTEMPTS + 1):
+        loaded = svc.store.load(ch.campaign_id, respondent, ch.id, inp.session_id,
+                                quotas=bool(ch.rules.quota_on), warm=attempt == 0)
+        try:
+            reply, outcome = _attempt(svc, ch, inp, draw, respondent, loaded)
+        except WebhookError:
+            if loaded.warm:
+                continue
+            raise
+        if outcome is _FINAL or (outcome is _ANSWERED and not loaded.warm):
+            return reply
+    log.warning("ussd %s %s: state kept changing under us", ch.id, mask_phone(inp.phone))
+    raise WebhookError(409, "concurrent requests for this session; retry")
+
+
+# What one attempt at a hop came to: its commit landed (or it is final without one, as
+# over a limit), it answered without a commit (a replay, a flood), or the state changed
+# under it (so: again).
+_FINAL, _ANSWERED, _CHANGED = "committed", "answered", "changed"
+# Where a hop may start from this process's last commit: not the menus after completing
+# or on resuming, which act (an erasure) before they commit.
+_WARM_STAGES = (Stage.LANGUAGE, Stage.QUESTION)
+
+
+def _attempt(svc: Any, ch: ChannelInfo, inp: UssdInput, draw: Render, respondent: str,
+             loaded: Loaded) -> tuple[str, str]:
+    settings, store = svc.settings, svc.store
     phone, session_id = inp.phone, inp.session_id
-    respondent = pseudonym(settings.pseudonym_key, phone)
-    store = svc.store
-    for _ in range(COMMIT_ATTEMPTS):
-        loaded = store.load(ch.campaign_id, respondent, ch.id, session_id,
-                            quotas=bool(ch.rules.quota_on))
-        if loaded.limited:
-            # One number flooding the channel: answered, nothing stored or streamed.
-            if loaded.first_limited:
-                log.warning("ussd %s %s: over the per-number limit", ch.id, mask_phone(phone))
-            return draw(Screen(message("en", "rate_limited"), end=True))
-        record = loaded.provider
-        now = time.time()
-        if record is None:
-            if inp.opens is False:
-                raise WebhookError(409, "unknown session: it did not start here")
-            position = _opening(inp)
-            engine_input = Input.open(now, secrets.token_hex(8))
-        else:
-            if record.respondent != respondent or record.campaign != ch.campaign_id:
-                raise WebhookError(409, "sessionId belongs to another phone number")
-            follows = _follow(record.history, inp)
-            try:
-                replayed = record.answer_to(retry=follows is None)
-            except SessionEnded:
-                raise WebhookError(409, "this session has ended") from None
-            if replayed is not None:
-                return replayed
-            assert follows is not None
-            new, position = follows
-            engine_input = Input.answer(new, now, secrets.token_hex(8))
-        state = loaded.state
-        menu_of = None
-        if state is not None and state.stage is Stage.DONE:
-            # A dial after completing: a menu with the results and erasing their answers.
-            path = [] if record is None else [*filter(None, record.menu.split("*")), new]
-            menu_of, state_ttl = done_menu, settings.completed_ttl
-        elif (state is not None and state.stage is Stage.RESUME and record is not None
-              and ch.rules.erase_on_resume and (record.menu or new == RESUME_ERASE)):
-            # "Delete my answers" on the resume screen of an unfinished interview.
-            path = [*filter(None, record.menu.split("*")), new]
-            menu_of, state_ttl = resume_menu, ch.rules.resume_window + 60
-        if state is not None and menu_of is not None:
-            menu = menu_of(svc, ch, state, respondent, path, f"{ch.id}:{session_id}")
-            done_reply = draw(Screen(menu.text, menu.end, numeric=not menu.end))
-            if store.commit(campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
-                            session_id=session_id, expected=loaded.state_raw,
-                            state="" if menu.erase else loaded.state_raw,
-                            state_ttl=state_ttl,
-                            provider=ProviderSession(position, done_reply, ch.campaign_id,
-                                                     respondent, ended=menu.end,
-                                                     menu="*".join(path)),
-                            provider_ttl=ENDED_SESSION_TTL if menu.end
-                            else settings.ussd_session_ttl,
-                            events=[menu.event] if menu.event else []):
-                if menu.erase:
-                    forget_in_redis(svc, respondent)
-                return done_reply
-            continue
-        form_version = state.version if state else ch.questionnaire_version
-        form = svc.registry.questionnaire(form_version)
-        result = step(form, state, engine_input, ch.rules_for(loaded.full_cells))
-        end = result.reply.end
-        reply = draw(Screen(result.reply.text, end, not end and _numeric(form, result.state)))
-        if result.state is None:
-            new_state, ttl = "", 1
-        elif result.state.stage is Stage.DONE:
-            new_state, ttl = encode_state(result.state), settings.completed_ttl
-        else:
-            new_state = encode_state(result.state, session_id)
-            ttl = ch.rules.resume_window + 60
-        events = [stream_event(e, ch.campaign_id, ch.id, respondent, form_version)
-                  for e in result.events]
-        if any(e.get("q") == FEEDBACK_QUESTION for e in events):
-            sms = svc.registry.sms_channel(ch.campaign_id)
-            attach_subscription(events, phone, svc.box, sms.id if sms else None)
-        attach_airtime(events, ch, phone, svc.box)
+    if loaded.limited:
+        return _over_limit(ch, phone, loaded.first_limited, draw), _ANSWERED
+    record = loaded.provider
+    now = time.time()
+    if record is None:
+        if inp.opens is False:
+            raise WebhookError(409, "unknown session: it did not start here")
+        position = _opening(inp)
+        engine_input = Input.open(now, secrets.token_hex(8))
+    else:
+        if record.respondent != respondent or record.campaign != ch.campaign_id:
+            raise WebhookError(409, "sessionId belongs to another phone number")
+        follows = _follow(record.history, inp)
+        try:
+            replayed = record.answer_to(retry=follows is None)
+        except SessionEnded:
+            raise WebhookError(409, "this session has ended") from None
+        if replayed is not None:
+            return replayed, _ANSWERED
+        assert follows is not None
+        new, position = follows
+        engine_input = Input.answer(new, now, secrets.token_hex(8))
+    state = loaded.state
+    menu_of = None
+    if state is not None and state.stage is Stage.DONE:
+        # A dial after completing: a menu with the results and erasing their answers.
+        path = [] if record is None else [*filter(None, record.menu.split("*")), new]
+        menu_of, state_ttl = done_menu, settings.completed_ttl
+    elif (state is not None and state.stage is Stage.RESUME and record is not None
+          and ch.rules.erase_on_resume and (record.menu or new == RESUME_ERASE)):
+        # "Delete my answers" on the resume screen of an unfinished interview.
+        path = [*filter(None, record.menu.split("*")), new]
+        menu_of, state_ttl = resume_menu, ch.rules.resume_window + 60
+    if state is not None and menu_of is not None:
+        if loaded.warm:  # never remembered: the menus act before they commit
+            return "", _CHANGED
+        menu = menu_of(svc, ch, state, respondent, path, f"{ch.id}:{session_id}")
+        done_reply = draw(Screen(menu.text, menu.end, numeric=not menu.end))
+        if store.commit(campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
+                        session_id=session_id, expected=loaded.state_raw,
+                        state="" if menu.erase else loaded.state_raw,
+                        state_ttl=state_ttl,
+                        provider=ProviderSession(position, done_reply, ch.campaign_id,
+                                                 respondent, ended=menu.end,
+                                                 menu="*".join(path)),
+                        provider_ttl=ENDED_SESSION_TTL if menu.end
+                        else settings.ussd_session_ttl,
+                        events=[menu.event] if menu.event else []):
+            if menu.erase:
+                forget_in_redis(svc, respondent)
+            return done_reply, _FINAL
+        return "", _CHANGED
+    form_version = state.version if state else ch.questionnaire_version
+    form = svc.registry.questionnaire(form_version)
+    result = step(form, state, engine_input, ch.rules_for(loaded.full_cells))
+    end = result.reply.end
+    reply = draw(Screen(result.reply.text, end, not end and _numeric(form, result.state)))
+    if result.state is None:
+        new_state, ttl = "", 1
+    elif result.state.stage is Stage.DONE:
+        new_state, ttl = encode_state(result.state), settings.completed_ttl
+    else:
+        new_state = encode_state(result.state, session_id)
+        ttl = ch.rules.resume_window + 60
+    events = [stream_event(e, ch.campaign_id, ch.id, respondent, form_version)
+              for e in result.events]
+    if any(e.get("q") == FEEDBACK_QUESTION for e in events):
+        sms = svc.registry.sms_channel(ch.campaign_id)
+        attach_subscription(events, phone, svc.box, sms.id if sms else None)
+    attach_airtime(events, ch, phone, svc.box)
+    try:
         committed = store.commit(
             campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
             session_id=session_id, expected=loaded.state_raw, state=new_state, state_ttl=ttl,
@@ -246,15 +272,27 @@ def hop(ch: ChannelInfo, inp: UssdInput, draw: Render) -> str:
             events=events,
             # A new dial supersedes the last one: its replay record is no longer needed.
             forget_session=state_provider_session(loaded.state_raw) if record is None else "",
+            loaded=loaded,
+            # The next hop of this session may start from this commit (load's `warm`).
+            remember=not end and result.state is not None
+            and result.state.stage in _WARM_STAGES,
         )
-        if committed:
-            if end and _unfinished(result.state):
-                # A part break or too many invalid entries: a reminder if they do not
-                # dial again (rare, so the extra round trip does not weigh on the hop).
-                _track_for_reminders(ch, phone, respondent, result.state)
-            return reply
-    log.warning("ussd %s %s: state kept changing under us", ch.id, mask_phone(phone))
-    raise WebhookError(409, "concurrent requests for this session; retry")
+    except OverLimit as over:  # counted at the commit: a warm load reads no counters
+        return _over_limit(ch, phone, over.first, draw), _FINAL
+    if not committed:
+        return "", _CHANGED
+    if end and _unfinished(result.state):
+        # A part break or too many invalid entries: a reminder if they do not
+        # dial again (rare, so the extra round trip does not weigh on the hop).
+        _track_for_reminders(ch, phone, respondent, result.state)
+    return reply, _FINAL
+
+
+def _over_limit(ch: ChannelInfo, phone: str, first: bool, draw: Render) -> str:
+    """One number flooding the channel: answered, nothing stored or streamed."""
+    if first:
+        log.warning("ussd %s %s: over the per-number limit", ch.id, mask_phone(phone))
+    return draw(Screen(message("en", "rate_limited"), end=True))
 
 
 # -- the end of a session ---------------------------------------------------------------

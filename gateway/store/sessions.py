@@ -2,7 +2,9 @@
 
 A hop costs two round trips: MGET (interview state + provider session record) and one
 Lua call that compare-and-sets the state, stores the provider session record (with the
-reply, for replays) and XADDs the events to the stream, atomically.
+reply, for replays) and XADDs the events to the stream, atomically. The next hop of a USSD
+session that this process committed costs one: it starts from what was committed, and the
+commit compares every value the hop relied on (SessionStore.load's `warm`).
 """
 
 from __future__ import annotations
@@ -45,9 +47,27 @@ def _dumps(value: Any) -> str:
 
 # Compare-and-set: a concurrent hop for the same interview (a provider retry racing
 # the original) makes this return 0 and the caller reloads, so no event is doubled.
+# A hop that did not read (a warm load) also has every other value it relied on compared
+# (KEYS[5..4+g] against ARGV[11..10+g]: nil compares as ''), and is counted against the
+# per-number limits here (KEYS[5+g..4+g+l], at most ARGV[11+g..]; each counter expires
+# after ARGV[10] s): over a limit, nothing is written and it returns -1, or -2 for the
+# first hop over it. Counted only once the values hold, so a hop that goes on to read
+# afresh and count there is counted once.
 _COMMIT = """
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return 0 end
+local g, l = tonumber(ARGV[8]), tonumber(ARGV[9])
+for i = 1, g do
+  if (redis.call('GET', KEYS[4 + i]) or '') ~= ARGV[10 + i] then return 0 end
+end
+local over = 0
+for i = 1, l do
+  local key, limit = KEYS[4 + g + i], tonumber(ARGV[10 + g + i])
+  local n = redis.call('INCR', key)
+  redis.call('EXPIRE', key, ARGV[10])
+  if n == limit + 1 then over = 2 elseif n > limit and over == 0 then over = 1 end
+end
+if over > 0 then return -over end
 if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])
 else
@@ -64,11 +84,15 @@ end
 if ARGV[7] ~= '' then
   redis.call('DEL', ARGV[7])
 end
-for i = 8, #ARGV do
+for i = 11 + g + l, #ARGV do
   redis.call('XADD', KEYS[3], '*', 'e', ARGV[i])
 end
 return 1
 """
+
+# How many sessions a process remembers its last commit of (SessionStore.load's `warm`):
+# more than a worker has under way at once, and at most a few MB.
+RECALLED_SESSIONS = 4096
 
 
 # A field of the results hash that `publish` always writes (the snapshot's version), so
@@ -178,6 +202,15 @@ def decode_state(raw: str) -> SessionState:
     return state
 
 
+class OverLimit(Exception):
+    """A hop from a warm load was over a per-number limit (HopLimits) when it came to
+    commit: nothing was written. `first`: the first hop over it (the one to log)."""
+
+    def __init__(self, first: bool) -> None:
+        super().__init__("over the per-number limit")
+        self.first = first
+
+
 class SessionEnded(Exception):
     """A hop on a provider session that has already ended, and not a retry of its last
     hop: the provider (or someone replaying its requests) must get 409, and nothing may
@@ -250,6 +283,13 @@ class Loaded:
     # first hop over it (the one that gets told, so a flood gets one answer).
     limited: bool = False
     first_limited: bool = False
+    # The full quota cells as read (their JSON, '' if unset); None: not asked for.
+    quota_raw: str | None = None
+    # Not read from Redis: what this process committed for the session last. Only a
+    # commit may follow (it compares `guards`, (key, value) pairs, and counts the limits);
+    # a hop that would answer without committing loads again first.
+    warm: bool = False
+    guards: tuple[tuple[str, str], ...] = ()
 
     @property
     def state(self) -> SessionState | None:
@@ -288,6 +328,17 @@ class _Closed(Exception):
     """The server closed the connection, or reset it, before any byte of the reply."""
 
 
+@dataclass(frozen=True)
+class _Recalled:
+    """What this process last committed for a session (see SessionStore.load)."""
+
+    provider_key: str
+    state: str
+    provider: ProviderSession
+    provider_raw: str
+    quota_raw: str | None
+
+
 class SessionStore:
     def __init__(self, client: redis.Redis, prefix: str = "cd:",
                  limits: HopLimits | None = None) -> None:
@@ -297,6 +348,8 @@ class SessionStore:
         self.stream = f"{prefix}{STREAM}"
         self._commit = client.register_script(_COMMIT)
         self._own = _Link()
+        # state key -> its last commit by this process (insertion order: oldest first)
+        self._recalled: dict[str, _Recalled] = {}
 
     def _execute(self, *args: Any) -> Any:
         """One command of the hop (MGET, EVALSHA) in one round trip; its reply."""
@@ -398,12 +451,31 @@ class SessionStore:
         return f"{self.prefix}optout:{respondent}"
 
     def load(self, campaign: int, respondent: str, channel: int, session_id: str,
-             quotas: bool = False, extra: tuple[str, ...] = ()) -> Loaded:
+             quotas: bool = False, extra: tuple[str, ...] = (), warm: bool = False) -> Loaded:
         """State, provider session (or message) record, opt-out flag, for a campaign with
         quotas its full cells, and any `extra` keys (e.g. a pending erasure): one round
-        trip."""
-        keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
-                self.optout_key(respondent), *extra]
+        trip.
+
+        `warm`: if this process's last commit of the state was with `remember` and for this
+        provider session, no round trip: the Loaded holds what that commit wrote, and the
+        commit that follows compares the provider session record, the opt-out flag and the
+        quota cells with it as well as the state, so a change made anywhere else (a retry
+        answered by another worker, an erasure, an expiry, a quota filled) fails it and
+        the caller reads afresh. The next hop of a session is most often on the connection,
+        so the worker, that answered the last."""
+        state_key = self.state_key(campaign, respondent)
+        provider_key = self.provider_key(channel, session_id)
+        if warm and not extra:
+            hit = self._recalled.get(state_key)
+            if (hit is not None and hit.provider_key == provider_key
+                    and (hit.quota_raw is not None) == quotas):
+                guards = [(provider_key, hit.provider_raw), (self.optout_key(respondent), "")]
+                if hit.quota_raw is not None:
+                    guards.append((quota_key(self.prefix, campaign), hit.quota_raw))
+                return Loaded(state_raw=hit.state, provider=hit.provider,
+                              full_cells=_cells(hit.quota_raw), quota_raw=hit.quota_raw,
+                              warm=True, guards=tuple(guards))
+        keys = [state_key, provider_key, self.optout_key(respondent), *extra]
         if quotas:
             keys.append(quota_key(self.prefix, campaign))
         commands: list[tuple[Any, ...]] = [("MGET", *keys)]
@@ -419,48 +491,81 @@ class SessionStore:
                 if count > limit:
                     limited = True
                     first = first or count == limit + 1
+        quota_raw = _text(full[0]) if full else None
         return Loaded(
             state_raw=_text(state_raw),
             provider=ProviderSession.decode(_text(provider_raw)) if provider_raw else None,
             opted_out=optout is not None,
-            full_cells=frozenset(json.loads(full[0])) if full and full[0] else frozenset(),
+            full_cells=_cells(quota_raw),
             extra=tuple(_text(v) for v in more),
-            limited=limited, first_limited=first,
+            limited=limited, first_limited=first, quota_raw=quota_raw,
         )
 
     def _limit_commands(self, channel: int, respondent: str) -> list[tuple[Any, ...]]:
         """Count this hop in the current window (fixed windows: the key names the window,
         so counting needs no read-modify-write and old windows expire by themselves)."""
-        window = self.limits.window
-        slot = int(time.time()) // window
         commands: list[tuple[Any, ...]] = []
-        if self.limits.per_respondent:
-            key = f"{self.prefix}lim:{channel}:{respondent}:{slot}"
-            commands += [("INCR", key), ("EXPIRE", key, 2 * window)]
-        if self.limits.per_channel:
-            key = f"{self.prefix}lim:{channel}:{slot}"
-            commands += [("INCR", key), ("EXPIRE", key, 2 * window)]
+        for key, _ in self._limit_keys(channel, respondent):
+            commands += [("INCR", key), ("EXPIRE", key, 2 * self.limits.window)]
         return commands
+
+    def _limit_keys(self, channel: int, respondent: str) -> list[tuple[str, int]]:
+        """(counter key, limit) of each limit that is on, in the current window."""
+        slot = int(time.time()) // self.limits.window
+        keys = []
+        if self.limits.per_respondent:
+            keys.append((f"{self.prefix}lim:{channel}:{respondent}:{slot}",
+                         self.limits.per_respondent))
+        if self.limits.per_channel:
+            keys.append((f"{self.prefix}lim:{channel}:{slot}", self.limits.per_channel))
+        return keys
 
     def commit(self, *, campaign: int, respondent: str, channel: int, session_id: str,
                expected: str, state: str, state_ttl: int, provider: ProviderSession | None,
                provider_ttl: int, events: list[dict[str, Any]], optout: str = "",
-               forget_session: str = "") -> bool:
+               forget_session: str = "", loaded: Loaded | None = None,
+               remember: bool = False) -> bool:
         """Atomically replace the state (if still `expected`), remember the provider
         session/message and its reply, set or clear the opt-out flag ('set'/'del'), drop
-        an earlier provider session's record (`forget_session`), and append events."""
+        an earlier provider session's record (`forget_session`), and append events.
+
+        `loaded`: the load the hop started from; a warm one's values are compared too and
+        the hop is counted against the limits (OverLimit if over one). `remember`: the next
+        load of this state for this provider session may be warm (see load)."""
         forget = (self.provider_key(channel, forget_session)
                   if forget_session and forget_session != session_id else "")
-        args: list[Any] = [expected, state, max(1, state_ttl),
-                           provider.encode() if provider else "", max(1, provider_ttl), optout,
-                           forget]
+        state_key = self.state_key(campaign, respondent)
+        provider_key = self.provider_key(channel, session_id)
+        provider_raw = provider.encode() if provider else ""
+        warm = loaded is not None and loaded.warm
+        guards = loaded.guards if warm else ()  # type: ignore[union-attr]
+        limits = self._limit_keys(channel, respondent) if warm and self.limits.on else []
+        keys = [state_key, provider_key, self.stream, self.optout_key(respondent),
+                *(k for k, _ in guards), *(k for k, _ in limits)]
+        args: list[Any] = [expected, state, max(1, state_ttl), provider_raw,
+                           max(1, provider_ttl), optout, forget, len(guards), len(limits),
+                           2 * self.limits.window, *(v for _, v in guards),
+                           *(n for _, n in limits)]
         args.extend(_dumps(e) for e in events)
-        keys = [self.state_key(campaign, respondent), self.provider_key(channel, session_id),
-                self.stream, self.optout_key(respondent)]
+        recalled = self._recalled
+        recalled.pop(state_key, None)
         try:
-            return bool(self._execute("EVALSHA", self._commit.sha, len(keys), *keys, *args))
+            done = int(self._execute("EVALSHA", self._commit.sha, len(keys), *keys, *args))
         except NoScriptError:  # a restarted or flushed server: load it, as Script does
-            return bool(self._commit(keys=keys, args=args))
+            done = int(self._commit(keys=keys, args=args))
+        if done < 0:
+            raise OverLimit(first=done == -2)
+        # Not for an opted-out number: its warm loads would fail their opt-out guard.
+        if done and remember and provider is not None and state and not (
+                loaded is not None and loaded.opted_out):
+            recalled[state_key] = _Recalled(provider_key, state, provider, provider_raw,
+                                            loaded.quota_raw if loaded else None)
+            while len(recalled) > RECALLED_SESSIONS:
+                try:
+                    del recalled[next(iter(recalled))]  # the oldest
+                except (RuntimeError, KeyError, StopIteration):
+                    break  # another thread changed it meanwhile: trimmed next time
+        return bool(done)
 
     def results(self, campaign: int, lang_code: str, region: str | None) -> str | None:
         """What RESULTS answers: the published summary for a region (else the nation), in
@@ -526,6 +631,10 @@ def _send_and_read(link: _Link, packed: bytes, count: int) -> list[Any]:
         started = True
         reader.feed(buffer, 0, size)
     return replies
+
+
+def _cells(quota_raw: str | None) -> frozenset[str]:
+    return frozenset(json.loads(quota_raw)) if quota_raw else frozenset()
 
 
 def _text(raw: bytes | str | None) -> str:
