@@ -7,8 +7,10 @@ Everything else is here, once: the per-session budget with "Part k of n", the re
 offer, paging and keywords (the engine's), the replay cache, the 4xx for a request that
 does not follow the session, and the end-of-session hand-over and reminders.
 
-The hop stays two Redis round trips (SessionStore.load, SessionStore.commit). A replay
-returns the body the provider module rendered the first time, byte for byte.
+The hop is two Redis round trips (SessionStore.load, SessionStore.commit), or one when this
+process committed the session's last hop (a warm load: no read, and a commit that compares
+everything the hop relied on). A replay returns the body the provider module rendered the
+first time, byte for byte.
 """
 
 from __future__ import annotations

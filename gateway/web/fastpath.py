@@ -1,7 +1,7 @@
 """The USSD hops as a plain WSGI callable in front of Flask.
 
-The hop is the route that carries the load, and its own work is two Redis round trips and
-the engine; Flask's request context, Werkzeug's Request and Response objects, URL matching
+The hop is the route that carries the load, and its own work is one or two Redis round
+trips and the engine; Flask's request context, Werkzeug's Request and Response objects, URL matching
 and the error-handler lookup cost about as much CPU again (tests/bench/README.md). Here a
 POST to /webhooks/<provider>/<key>/ussd (Africa's Talking's form; Hubtel's and Arkesel's
 JSON) with a body of a stated length goes straight to the provider module's hop function

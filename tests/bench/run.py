@@ -172,6 +172,13 @@ def used_memory(client: redis.Redis) -> int:
     return used - int(cast(dict[str, Any], client.memory_stats()).get("clients.normal", 0))
 
 
+def redis_calls(client: redis.Redis) -> Counter[str]:
+    """How often the server has run the hop's read (MGET) and its commit (EVALSHA, EVAL)."""
+    stats = client.info("commandstats")
+    return Counter({name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+                    for name in ("mget", "evalsha", "eval")})
+
+
 def key_stats(client: redis.Redis, keys: list[bytes], sample: int = 1000) -> tuple[float, float]:
     """(average STRLEN, average MEMORY USAGE) over the keys (usage over a sample)."""
     if not keys:
@@ -460,12 +467,16 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
             say(f"{round_key(key, n)} up at {base} ({server}); {args.warmup:g} s warm-up + "
                 f"{window_seconds:g} s load")
             spies = profile(args, name, pid)
+            calls = redis_calls(run.client)
             attempt(round_key(key, n), lambda: loadgen(name, hop_config(
                 args, base + run.path, mode, watch={"server": [pid], "redis": [redis_server]},
                 duration=window_seconds, raw_out=str(raw), **extra), run.tmp,
                 run.load_limit, args.pin_client))
             for spy in spies:
                 stop(spy, 30)
+            if target in WALKS:
+                tally = results.setdefault(f"{key}_calls", Counter())
+                tally.update(redis_calls(run.client) - calls)
             if target == "real" and server == servers[0] and n == 0:
                 attempt("load_drain", lambda: drain_the_load(run))
                 say(f"parking {args.sessions:,} citizens mid-interview")
@@ -783,6 +794,13 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
             lines.append(f"{key}: HTTP statuses (whole run incl. warm-up) {statuses(r)}; "
                          f"server log: {log}")
             lines.append(f"{key}: {flow(r)}")
+            calls = results.get(f"{key}_calls")
+            commits = calls["evalsha"] + calls["eval"] if calls else 0
+            if commits:
+                warm = max(0, commits - calls["mget"])
+                lines.append(f"{key}: {commits:,} commits, {calls['mget']:,} reads (MGET): about "
+                             f"{warm / commits:.0%} of the committed hops started from the "
+                             "worker's own last commit (whole windows incl. warm-up)")
             for sample in r["error_samples"][:5]:
                 lines.append(f"{key}:   error sample {sample}")
     drained = results.get("load_drain")
