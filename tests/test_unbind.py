@@ -132,3 +132,32 @@ def test_an_unbound_ussd_code_answers_410_and_frees_the_code(
     assert resp.status_code == 410 and b"channel unbound" in resp.data
     code, out = run(env, "campaign", "open", "volta-2027")
     assert code == 0, out
+
+
+def test_new_channel_keys_never_begin_with_a_dash() -> None:
+    """A leading '-' reads as an option on a command line (one key in 64 did)."""
+    from gateway.coordination.channels import new_channel_key
+
+    keys = [new_channel_key() for _ in range(3000)]
+    assert not [k for k in keys if k.startswith("-")]
+    assert all(len(k) == 24 for k in keys) and len(set(keys)) == len(keys)
+
+
+def test_a_key_that_begins_with_a_dash_still_works_on_the_command_line(
+        env: dict[str, str], engine: Engine, app: Flask, client: FlaskClient,
+        channel: Channel) -> None:
+    """Keys made before new_channel_key may begin with '-': set and remove take them."""
+    key = "-" + channel.key[1:]
+    with Session(engine) as db, db.begin():
+        db.get(Channel, channel.id).key = key  # type: ignore[union-attr]
+    code, out = run(env, "channels", "set", key, "--config", '{"note": "x"}', "--json")
+    assert code == 0, out
+    assert json.loads(out)["config_keys"] == ["note"]
+    code, out = run(env, "channels", "remove", key, "--json")
+    assert code == 0, out
+    app.extensions["civicdial"].registry.refresh()
+    resp = client.post(f"/webhooks/africastalking/{key}/ussd", content_type=FORM,
+                       data=urlencode({"sessionId": "S1", "serviceCode": channel.address,
+                                       "phoneNumber": "+233241234567",
+                                       "networkCode": "62001", "text": ""}))
+    assert resp.status_code == 410

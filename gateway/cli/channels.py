@@ -65,6 +65,11 @@ def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
             click.echo(f"    {name:<9} {url}")
 
 
+# A channel key may begin with '-' (keys made before new_channel_key could): read as the
+# KEY argument, not refused as an unknown option.
+KEY_ARGUMENT = {"ignore_unknown_options": True}
+
+
 @channels.command("add")
 @click.option("--provider", type=click.Choice(sorted(PROVIDERS)), required=True)
 @click.option("--kind", type=click.Choice(sorted({k for _, k in PROVIDER_KINDS})), required=True)
@@ -235,7 +240,7 @@ def _warnings(phone: dict[str, Any]) -> list[str]:
     return out
 
 
-@channels.command("check")
+@channels.command("check", context_settings=KEY_ARGUMENT)
 @click.argument("key")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--base-url", default=None,
@@ -297,7 +302,7 @@ def channels_check(ctx: click.Context, key: str, as_json: bool,
 
 # -- channels set: edit a channel's config after `channels add` ---------------------------
 
-@channels.command("set")
+@channels.command("set", context_settings=KEY_ARGUMENT)
 @click.argument("channel_ref", metavar="KEY")
 @click.option("--config", "config_json", required=True,
               help='JSON object merged into the channel\'s config, key by key: '
@@ -333,7 +338,7 @@ def channels_set(ctx: click.Context, channel_ref: str, config_json: str,
 
 # -- channels remove: unbind (the row stays, marked unbound) ------------------------------
 
-@channels.command("remove")
+@channels.command("remove", context_settings=KEY_ARGUMENT)
 @click.argument("channel_ref", metavar="KEY")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context

@@ -3,13 +3,13 @@ campaign and its Africa's Talking USSD channel (idempotent)."""
 
 from __future__ import annotations
 
-import secrets
 from importlib import resources
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from gateway.coordination.campaigns import load_version
+from gateway.coordination.channels import new_channel_key
 from gateway.interview.questionnaire import Questionnaire, load_questionnaire
 from gateway.store.db import migrate
 from gateway.store.models import Campaign, Channel
@@ -44,7 +44,7 @@ def bootstrap(engine: Engine) -> Channel:
             Channel.campaign_id == campaign.id, Channel.provider == "africastalking",
             Channel.kind == "ussd").order_by(Channel.unbound_at.is_not(None), Channel.id))
         if channel is None:
-            channel = Channel(key=secrets.token_urlsafe(18), provider="africastalking",
+            channel = Channel(key=new_channel_key(), provider="africastalking",
                               kind="ussd", address=DEFAULT_SERVICE_CODE,
                               campaign_id=campaign.id, screen_limit=160)
             db.add(channel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import string
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +50,14 @@ class Bound:
     note: str = ""
 
 
+def new_channel_key() -> str:
+    """A channel's secret URL key: 24 URL-safe characters, never with a leading '-', which
+    a command line takes for an option (`civicdial channels remove -Xy...` failed for one
+    key in 64)."""
+    key = secrets.token_urlsafe(18)
+    return key if key[0] != "-" else secrets.choice(string.ascii_letters) + key[1:]
+
+
 def bind_channel(db: Session, actor: str, *, provider: str, kind: str, address: str,
                  slug: str, config: dict[str, Any], screen_limit: int = 160) -> Bound:
     """Bind a provider channel to a campaign (CLI, API and console share this rule).
@@ -75,7 +84,7 @@ def bind_channel(db: Session, actor: str, *, provider: str, kind: str, address: 
     if holder:
         note = (f"{kind} {address} is bound to open campaign {holder}: campaign {slug} can "
                 f"open once {holder} is closed or paused")
-    channel = Channel(key=secrets.token_urlsafe(18), provider=provider, kind=kind,
+    channel = Channel(key=new_channel_key(), provider=provider, kind=kind,
                       address=address, campaign_id=campaign.id, screen_limit=screen_limit,
                       config=json.dumps(config))
     db.add(channel)
