@@ -154,3 +154,43 @@ def test_a_process_remembers_a_bounded_number_of_sessions(
     for n in range(6):
         assert "Language" in _hop(client, ussd_url, "", f"ATUid_b{n}", f"+23324123100{n}")
     assert len(app.extensions["civicdial"].store._recalled) == 3
+
+
+def _alternate(workers: tuple[FlaskClient, FlaskClient], url: str, citizens: int,
+               first: int) -> int:
+    """Citizens whose hops go to the two workers in turn (a proxy spreading them at
+    random at its worst); the hops sent."""
+    hops = 0
+    for n in range(first, first + citizens):
+        phone, session, inputs = f"+2332412350{n:02d}", f"ATUid_m{n}", []
+        assert "Language" in _hop(workers[hops % 2], url, "", session, phone)
+        hops += 1
+        for answer in ("1", "1", "1", "2", "1", "1"):  # English ... region, urban
+            inputs.append(answer)
+            assert _hop(workers[hops % 2], url, "*".join(inputs), session, phone).startswith(
+                "CON ")
+            hops += 1
+    return hops
+
+
+def test_a_session_moving_between_workers_is_read_after_one_failed_warm_hop(
+        client: FlaskClient, other: FlaskClient, ussd_url: str, redis_client: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sessions, "WARM_FAILURES", 1.0)  # the process-wide gate off
+    commits = _calls(redis_client, "evalsha")
+    hops = _alternate((client, other), ussd_url, 4, 0)
+    wasted = _calls(redis_client, "evalsha") - commits - hops  # every hop commits once
+    # One failed warm hop per worker and session at most, not one on every hop (20).
+    assert 0 < wasted <= 2 * 4
+    answers = [(e["r"], e["q"]) for e in _events(redis_client) if e["k"] == "answer"]
+    assert len(answers) == len(set(answers)) == 4 * 5  # consent, sex, age, region, urban
+
+
+def test_a_process_whose_warm_hops_mostly_fail_stops_trying(
+        client: FlaskClient, other: FlaskClient, ussd_url: str,
+        redis_client: redis.Redis) -> None:
+    commits = _calls(redis_client, "evalsha")
+    hops = _alternate((client, other), ussd_url, 12, 10)
+    wasted = _calls(redis_client, "evalsha") - commits - hops
+    # Each worker's first failure closes its gate; with it open this would be about 24.
+    assert wasted <= 4

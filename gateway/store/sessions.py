@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import hiredis
@@ -93,6 +93,13 @@ return 1
 # How many sessions a process remembers its last commit of (SessionStore.load's `warm`):
 # more than a worker has under way at once, and at most a few MB.
 RECALLED_SESSIONS = 4096
+# A failed warm hop costs about a hop (its step and commit are lost), a good one saves a
+# round trip: worth it only while nearly all succeed. Above this share of failures (over
+# roughly the last 50 tries) a process stops trying, as when a proxy spreads a session's
+# hops over the workers at random, and tries one hop in WARM_PROBE to see if that changed.
+WARM_FAILURES = 0.2
+WARM_PROBE = 32
+_DECAY = 0.98
 
 
 # A field of the results hash that `publish` always writes (the snapshot's version), so
@@ -337,6 +344,11 @@ class _Recalled:
     provider: ProviderSession
     provider_raw: str
     quota_raw: str | None
+    # Whether the session's next hop here may start from this. A warm hop whose commit
+    # failed (another worker had answered since) stops it, so a session whose hops go to
+    # every worker in turn wastes at most one attempt a worker; a read that finds this
+    # state unchanged (the last hop was ours after all) brings it back.
+    trusted: bool = True
 
 
 class SessionStore:
@@ -350,6 +362,10 @@ class SessionStore:
         self._own = _Link()
         # state key -> its last commit by this process (insertion order: oldest first)
         self._recalled: dict[str, _Recalled] = {}
+        # Warm hops tried and failed, decayed (see WARM_FAILURES); races between threads
+        # only blur them.
+        self._warm_tries = self._warm_fails = 0.0
+        self._warm_skipped = 0
 
     def _execute(self, *args: Any) -> Any:
         """One command of the hop (MGET, EVALSHA) in one round trip; its reply."""
@@ -465,10 +481,9 @@ class SessionStore:
         often reaches the worker that answered the last (82-90% of hops in the bench)."""
         state_key = self.state_key(campaign, respondent)
         provider_key = self.provider_key(channel, session_id)
-        if warm and not extra:
-            hit = self._recalled.get(state_key)
-            if (hit is not None and hit.provider_key == provider_key
-                    and (hit.quota_raw is not None) == quotas):
+        hit = self._recalled.get(state_key) if warm and not extra else None
+        if hit is not None and hit.trusted and self._warm_worth_it():
+            if hit.provider_key == provider_key and (hit.quota_raw is not None) == quotas:
                 guards = [(provider_key, hit.provider_raw), (self.optout_key(respondent), "")]
                 if hit.quota_raw is not None:
                     guards.append((quota_key(self.prefix, campaign), hit.quota_raw))
@@ -492,14 +507,27 @@ class SessionStore:
                     limited = True
                     first = first or count == limit + 1
         quota_raw = _text(full[0]) if full else None
+        state_text = _text(state_raw)
+        if hit is not None and not hit.trusted and hit.state == state_text:
+            self._recalled[state_key] = replace(hit, trusted=True)
         return Loaded(
-            state_raw=_text(state_raw),
+            state_raw=state_text,
             provider=ProviderSession.decode(_text(provider_raw)) if provider_raw else None,
             opted_out=optout is not None,
             full_cells=_cells(quota_raw),
             extra=tuple(_text(v) for v in more),
             limited=limited, first_limited=first, quota_raw=quota_raw,
         )
+
+    def _warm_worth_it(self) -> bool:
+        if self._warm_fails <= WARM_FAILURES * self._warm_tries:
+            return True
+        self._warm_skipped += 1
+        return self._warm_skipped % WARM_PROBE == 0
+
+    def _count_warm(self, failed: bool) -> None:
+        self._warm_tries = self._warm_tries * _DECAY + 1
+        self._warm_fails = self._warm_fails * _DECAY + failed
 
     def _limit_commands(self, channel: int, respondent: str) -> list[tuple[Any, ...]]:
         """Count this hop in the current window (fixed windows: the key names the window,
@@ -548,23 +576,30 @@ class SessionStore:
                            *(n for _, n in limits)]
         args.extend(_dumps(e) for e in events)
         recalled = self._recalled
-        recalled.pop(state_key, None)
+        prior = recalled.pop(state_key, None)
         try:
             done = int(self._execute("EVALSHA", self._commit.sha, len(keys), *keys, *args))
         except NoScriptError:  # a restarted or flushed server: load it, as Script does
             done = int(self._commit(keys=keys, args=args))
+        if warm:
+            self._count_warm(failed=not done)
         if done < 0:
             raise OverLimit(first=done == -2)
         # Not for an opted-out number: its warm loads would fail their opt-out guard.
         if done and remember and provider is not None and state and not (
                 loaded is not None and loaded.opted_out):
             recalled[state_key] = _Recalled(provider_key, state, provider, provider_raw,
-                                            loaded.quota_raw if loaded else None)
-            while len(recalled) > RECALLED_SESSIONS:
-                try:
-                    del recalled[next(iter(recalled))]  # the oldest
-                except (RuntimeError, KeyError, StopIteration):
-                    break  # another thread changed it meanwhile: trimmed next time
+                                            loaded.quota_raw if loaded else None,
+                                            trusted=prior is None or prior.trusted)
+        elif warm and not done and prior is not None:
+            recalled[state_key] = replace(prior, trusted=False)
+        elif prior is not None and not prior.trusted:
+            recalled[state_key] = prior  # keep the mistrust until a read clears it
+        while len(recalled) > RECALLED_SESSIONS:
+            try:
+                del recalled[next(iter(recalled))]  # the oldest
+            except (RuntimeError, KeyError, StopIteration):
+                break  # another thread changed it meanwhile: trimmed next time
         return bool(done)
 
     def results(self, campaign: int, lang_code: str, region: str | None) -> str | None:

