@@ -192,5 +192,5 @@ def test_a_process_whose_warm_hops_mostly_fail_stops_trying(
     commits = _calls(redis_client, "evalsha")
     hops = _alternate((client, other), ussd_url, 12, 10)
     wasted = _calls(redis_client, "evalsha") - commits - hops
-    # Each worker's first failure closes its gate; with it open this would be about 24.
-    assert wasted <= 4
+    # Each worker's third failure or so closes its gate; with it open this would be 24.
+    assert wasted <= 8

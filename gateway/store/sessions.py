@@ -363,8 +363,9 @@ class SessionStore:
         # state key -> its last commit by this process (insertion order: oldest first)
         self._recalled: dict[str, _Recalled] = {}
         # Warm hops tried and failed, decayed (see WARM_FAILURES); races between threads
-        # only blur them.
-        self._warm_tries = self._warm_fails = 0.0
+        # only blur them. Ten good tries to start with, so that one early failure (a
+        # racing retry) does not close the gate.
+        self._warm_tries, self._warm_fails = 10.0, 0.0
         self._warm_skipped = 0
 
     def _execute(self, *args: Any) -> Any:
