@@ -14,6 +14,7 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine
+from test_limits import LIMITED
 from test_quotas import FULL, Dialler, run
 
 from gateway.config import Settings
@@ -24,7 +25,6 @@ from gateway.web.app import create_app
 from workers.persist import drain
 
 FORM = "application/x-www-form-urlencoded"
-LIMITED = "END Too many requests from your number. Please try again in a few minutes."
 PHONE = "+233241230001"
 
 

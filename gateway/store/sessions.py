@@ -483,14 +483,15 @@ class SessionStore:
         state_key = self.state_key(campaign, respondent)
         provider_key = self.provider_key(channel, session_id)
         hit = self._recalled.get(state_key) if warm and not extra else None
-        if hit is not None and hit.trusted and self._warm_worth_it():
-            if hit.provider_key == provider_key and (hit.quota_raw is not None) == quotas:
-                guards = [(provider_key, hit.provider_raw), (self.optout_key(respondent), "")]
-                if hit.quota_raw is not None:
-                    guards.append((quota_key(self.prefix, campaign), hit.quota_raw))
-                return Loaded(state_raw=hit.state, provider=hit.provider,
-                              full_cells=_cells(hit.quota_raw), quota_raw=hit.quota_raw,
-                              warm=True, guards=tuple(guards))
+        # The gate last: a hop that could not start warm anyway is not one of its probes.
+        if (hit is not None and hit.trusted and hit.provider_key == provider_key
+                and (hit.quota_raw is not None) == quotas and self._warm_worth_it()):
+            guards = [(provider_key, hit.provider_raw), (self.optout_key(respondent), "")]
+            if hit.quota_raw is not None:
+                guards.append((quota_key(self.prefix, campaign), hit.quota_raw))
+            return Loaded(state_raw=hit.state, provider=hit.provider,
+                          full_cells=_cells(hit.quota_raw), quota_raw=hit.quota_raw,
+                          warm=True, guards=tuple(guards))
         keys = [state_key, provider_key, self.optout_key(respondent), *extra]
         if quotas:
             keys.append(quota_key(self.prefix, campaign))
