@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -466,14 +467,18 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
                       else BENCH_DIR, server=server, **cpus) as (base, pid):
             say(f"{round_key(key, n)} up at {base} ({server}); {args.warmup:g} s warm-up + "
                 f"{window_seconds:g} s load")
-            spies = profile(args, name, pid)
+            spies = profile(args, name, pid, window_seconds)
             calls = redis_calls(run.client)
             attempt(round_key(key, n), lambda: loadgen(name, hop_config(
                 args, base + run.path, mode, watch={"server": [pid], "redis": [redis_server]},
                 duration=window_seconds, raw_out=str(raw), **extra), run.tmp,
                 run.load_limit, args.pin_client))
             for spy in spies:
-                stop(spy, 30)
+                spy.send_signal(signal.SIGINT)
+            for spy in spies:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    spy.wait(30)
+                stop(spy, 5)
             if target in WALKS:
                 tally = results.setdefault(f"{key}_calls", Counter())
                 tally.update(redis_calls(run.client) - calls)
@@ -529,22 +534,30 @@ def bench(run: Run, backends: Backends) -> tuple[dict[str, Any], list[str]]:
     return results, notes
 
 
-def profile(args: argparse.Namespace, key: str, master: int) -> list[subprocess.Popen[bytes]]:
+def profile(args: argparse.Namespace, key: str, master: int,
+            window: float) -> list[subprocess.Popen[bytes]]:
     """--py-spy DIR: sample every server worker (py-spy record, raw folded stacks, with
     idle threads left out) through the warm-up and the measured window."""
     if not args.py_spy:
         return []
     out = Path(args.py_spy)
     out.mkdir(parents=True, exist_ok=True)
-    seconds = str(int(args.warmup + args.duration))
+    # A little past the window: it is stopped with SIGINT when the load ends, and writes
+    # its samples then; SIGTERM would lose them.
+    seconds = str(int(args.warmup + window) + 5)
     # The bench extra installs it beside this Python, which need not be on PATH.
     beside = Path(sys.executable).with_name("py-spy")
     spy = str(beside) if beside.exists() else "py-spy"
-    return [subprocess.Popen([spy, "record", "--pid", str(worker), "--rate", "250", "--gil",
-                              "--format", "raw", "--duration", seconds, "--output",
-                              str(out / f"{key.replace('@', '-')}-{worker}.txt")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for worker in children(master) or [master]]
+    spies = []
+    for worker in children(master) or [master]:
+        name = out / f"{key.replace('@', '-')}-{worker}"
+        # Its complaints (a worker it cannot attach to) beside its samples, not lost.
+        with name.with_suffix(".log").open("wb") as errors:
+            spies.append(subprocess.Popen(
+                [spy, "record", "--pid", str(worker), "--rate", "250", "--gil", "--format",
+                 "raw", "--duration", seconds, "--output", str(name.with_suffix(".txt"))],
+                stdout=subprocess.DEVNULL, stderr=errors))
+    return spies
 
 
 def drain_the_load(run: Run) -> dict[str, Any]:
