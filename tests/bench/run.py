@@ -888,9 +888,10 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
         rows.append([f"`civicdial up --profile edge` tree PSS <= {GOAL_TREE_MB:g} MB",
                      f"{pss:.0f} MB", verdict(pss <= GOAL_TREE_MB)])
     size = mem["per_session"] if mem else None
-    if size is not None and size <= 0:
-        # used_memory fell: the allocator gave back more than the sessions took, so this
-        # run says nothing about them (the keys' own MEMORY USAGE is printed above).
+    if size is not None and size < (mem["keys_per_session"] or 0):
+        # Less than the sessions' keys alone take (their MEMORY USAGE, printed above): the
+        # allocator gave back memory of something else meanwhile (the windows' expiring
+        # limit counters, a freed stream), so this run says nothing about the sessions.
         shown, size = f"n/a ({fmt(mem['per_session'])} B)", None
     else:
         shown = fmt(size) + " B"
