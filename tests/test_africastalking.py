@@ -11,7 +11,7 @@ import redis
 from flask.testing import FlaskClient
 
 from gateway.store.models import Channel
-from gateway.store.sessions import SessionStore
+from gateway.store.sessions import ENDED_SESSION_TTL, ProviderSession, SessionStore
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -222,14 +222,18 @@ def test_declined_consent_stores_nothing(client: FlaskClient, ussd_url: str,
 def test_dropped_session_offers_continue(client: FlaskClient, ussd_url: str,
                                          redis_client: redis.Redis) -> None:
     """Dialling again after a drop offers 1 Continue 2 Start again, and 1 resumes; the
-    dropped session's replay record is dropped with it (memory per session)."""
+    dropped session's replay record is closed (a late retry of it is still a retry:
+    tests/test_ended_sessions.py), and expires when it would have."""
     post(client, ussd_url, "", session="A")
     post(client, ussd_url, "1", session="A")
     post(client, ussd_url, "1*1", session="A")  # consented; now at sex
     assert [k.decode().rsplit(":", 1)[1] for k in redis_client.keys("cd:ps:*")] == ["A"]
     status, body = post(client, ussd_url, "", session="B")
     assert body.startswith("CON Welcome back.\n1 Continue\n2 Start again")
-    assert [k.decode().rsplit(":", 1)[1] for k in redis_client.keys("cd:ps:*")] == ["B"]
+    records = {k.decode().rsplit(":", 1)[1]: k for k in redis_client.keys("cd:ps:*")}
+    assert sorted(records) == ["A", "B"]
+    assert ProviderSession.decode(redis_client.get(records["A"]).decode()).ended
+    assert 0 < redis_client.ttl(records["A"]) <= ENDED_SESSION_TTL < redis_client.ttl(records["B"])
     assert post(client, ussd_url, "1", session="B")[1].startswith("CON What is your sex?")
 
 

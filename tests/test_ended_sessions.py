@@ -149,3 +149,73 @@ def test_hubtel_hop_after_release(client: FlaskClient, engine: Engine,
     after = client.post(url, json=request_json(type_="Response", message="1", sequence=4))
     assert after.status_code == 409
     assert _redis_snapshot(redis_client) == before
+
+
+def test_late_retry_of_a_superseded_session(client: FlaskClient, ussd_url: str,
+                                            redis_client: redis.Redis) -> None:
+    """A citizen redials (session B) and the provider then retries the old session A's
+    last hop: A's retry gets A's own last screen and changes nothing, a new input on A gets
+    409, and B goes on where it was (once a retry like A's took over B's interview: it
+    answered 'Welcome back' and B's next answer was read as a choice on that menu)."""
+    for text in ("", "1", "1*1"):
+        status, last_a = _post(client, ussd_url, text, "A")
+        assert status == 200 and last_a.startswith("CON "), last_a
+    assert _post(client, ussd_url, "", "B")[1].startswith("CON Welcome back")
+    status, question = _post(client, ussd_url, "1", "B")
+    assert status == 200 and question.startswith("CON ") and "Welcome back" not in question
+    before = _redis_snapshot(redis_client)
+    assert _post(client, ussd_url, "1*1", "A") == (200, last_a)
+    status, body = _post(client, ussd_url, "1*1*2", "A")
+    assert status == 409 and "ended" in body
+    assert _redis_snapshot(redis_client) == before
+    status, following = _post(client, ussd_url, "1*1", "B")
+    assert status == 200 and following.startswith("CON "), following
+    assert following != question and "Welcome back" not in following
+
+
+def test_hops_after_the_provider_says_the_session_ended(
+        client: FlaskClient, ussd_url: str, redis_client: redis.Redis) -> None:
+    """Africa's Talking's end-of-session notification closes the session: a retry of its
+    last hop is still answered alike, a further input gets 409 and changes nothing."""
+    for text in ("", "1"):
+        status, last = _post(client, ussd_url, text, "S")
+    events = client.post(ussd_url + "/events", data=urlencode({
+        "sessionId": "S", "phoneNumber": "+233241234567", "serviceCode": "*920*16#",
+        "networkCode": "62001", "status": "Failed", "durationInMillis": "60000",
+        "hopsCount": "2", "errorMessage": "session timed out", "input": "1",
+        "date": "2026-12-02 05:40:00", "cost": "KES 0.0000"}), content_type=FORM)
+    assert events.status_code == 200
+    before = _redis_snapshot(redis_client)
+    assert _post(client, ussd_url, "1", "S") == (200, last)
+    status, body = _post(client, ussd_url, "1*1", "S")
+    assert status == 409 and "ended" in body
+    after = _redis_snapshot(redis_client)
+    assert after == before
+
+
+def test_hubtel_hop_after_the_user_released(client: FlaskClient, engine: Engine,
+                                            redis_client: redis.Redis, app: Flask) -> None:
+    """Hubtel's own Release (the user ended the session) and Timeout close the session:
+    the next Sequence gets 409 and stores nothing; a retry of the last hop is answered
+    alike."""
+    from test_hubtel import add_hubtel_channel, request_json
+
+    ch = add_hubtel_channel(engine)
+    app.extensions["civicdial"].registry.refresh()
+    url = f"/webhooks/hubtel/{ch.key}/ussd"
+    for kind, session in (("Release", "H1"), ("Timeout", "H2")):
+        client.post(url, json=request_json(session=session))
+        last = client.post(url, json=request_json(type_="Response", message="1", sequence=2,
+                                                  session=session))
+        assert last.status_code == 200 and last.get_json()["Type"].lower() == "response"
+        ended = client.post(url, json=request_json(type_=kind, message="", sequence=3,
+                                                   session=session))
+        assert ended.status_code == 200
+        before = _redis_snapshot(redis_client)
+        again = client.post(url, json=request_json(type_="Response", message="1",
+                                                   sequence=2, session=session))
+        assert again.get_data() == last.get_data()
+        after = client.post(url, json=request_json(type_="Response", message="1",
+                                                   sequence=3, session=session))
+        assert after.status_code == 409, (kind, after.get_data())
+        assert _redis_snapshot(redis_client) == before

@@ -38,6 +38,7 @@ from gateway.interview.messages import message
 from gateway.interview.questionnaire import Questionnaire
 from gateway.store.registry import ChannelInfo
 from gateway.store.sessions import (
+    ENDED_SESSION_TTL,
     Loaded,
     OverLimit,
     ProviderSession,
@@ -51,7 +52,6 @@ from gateway.store.sessions import (
 )
 
 COMMIT_ATTEMPTS = 5
-ENDED_SESSION_TTL = 300
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,8 @@ def _attempt(svc: Any, ch: ChannelInfo, inp: UssdInput, draw: Render, respondent
             # After END the operator closes the session: only quick retries can follow.
             provider_ttl=ENDED_SESSION_TTL if end else settings.ussd_session_ttl,
             events=events,
-            # A new dial supersedes the last one: its replay record is no longer needed.
+            # A new dial supersedes the last one: its record is closed, not dropped, so a
+            # late provider retry of its last hop is still answered as a retry.
             forget_session=state_provider_session(loaded.state_raw) if record is None else "",
             loaded=loaded,
             # The next hop of this session may start from this commit (load's `warm`).
@@ -320,6 +321,7 @@ def session_ended(ch: ChannelInfo, end: SessionEnd) -> None:
     and the session was dropped) or remember it for a reminder to dial again."""
     svc = services()
     respondent = pseudonym(svc.settings.pseudonym_key, end.phone) if end.phone else None
+    svc.store.close(ch.id, end.session_id)
     svc.store.append([{
         "id": f"ussd_end:{ch.id}:{end.session_id}", "k": "ussd_end", "ch": ch.id,
         "s": end.session_id, "r": respondent, "st": end.status, "n": end.network,

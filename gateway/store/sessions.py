@@ -53,7 +53,26 @@ def _dumps(value: Any) -> str:
 # after ARGV[10] s): over a limit, nothing is written and it returns -1, or -2 for the
 # first hop over it. Counted only once the values hold, so a hop that goes on to read
 # afresh and count there is counted once.
-_COMMIT = """
+# How long a provider session's record outlives its end (END, the provider's own end, a
+# new dial): the operator has closed the session, so only quick retries can follow.
+ENDED_SESSION_TTL = 300
+
+# A provider session's record marked ended (ProviderSession's fifth field) in place: a
+# retry of its last hop still gets its reply, anything else SessionEnded.
+_CLOSE = f"""
+local function close(key)
+  local old = redis.call('GET', key)
+  if old then
+    local f = cjson.decode(old)
+    f[5], f[6] = 1, f[6] or ''
+    local ttl = redis.call('TTL', key)
+    if ttl < 1 or ttl > {ENDED_SESSION_TTL} then ttl = {ENDED_SESSION_TTL} end
+    redis.call('SET', key, cjson.encode(f), 'EX', ttl)
+  end
+end
+"""
+
+_COMMIT = _CLOSE + """
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return 0 end
 local g, l = tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -82,7 +101,7 @@ elseif ARGV[6] == 'del' then
   redis.call('DEL', KEYS[4])
 end
 if ARGV[7] ~= '' then
-  redis.call('DEL', ARGV[7])
+  close(ARGV[7])
 end
 for i = 11 + g + l, #ARGV do
   redis.call('XADD', KEYS[3], '*', 'e', ARGV[i])
@@ -359,6 +378,7 @@ class SessionStore:
         self.limits = limits or HopLimits()
         self.stream = f"{prefix}{STREAM}"
         self._commit = client.register_script(_COMMIT)
+        self._close = client.register_script(_CLOSE + "close(KEYS[1])")
         self._own = _Link()
         # state key -> its last commit by this process (insertion order: oldest first)
         self._recalled: dict[str, _Recalled] = {}
@@ -556,8 +576,10 @@ class SessionStore:
                forget_session: str = "", loaded: Loaded | None = None,
                remember: bool = False) -> bool:
         """Atomically replace the state (if still `expected`), remember the provider
-        session/message and its reply, set or clear the opt-out flag ('set'/'del'), drop
-        an earlier provider session's record (`forget_session`), and append events.
+        session/message and its reply, set or clear the opt-out flag ('set'/'del'), close
+        an earlier provider session's record (`forget_session`: marked ended, so a late
+        retry of its last hop still gets its reply and anything else a 409, never a new
+        dial's screen), and append events.
 
         `loaded`: the load the hop started from; a warm one's values are compared too and
         the hop is counted against the limits (OverLimit if over one). `remember`: the next
@@ -628,6 +650,12 @@ class SessionStore:
 
     def opted_out(self, respondent: str) -> bool:
         return bool(self.r.exists(self.optout_key(respondent)))
+
+    def close(self, channel: int, session_id: str) -> None:
+        """The provider says this session is over (Hubtel's Release or Timeout, Africa's
+        Talking's end-of-session notification): from now on only a retry of its last hop
+        is answered, and any other hop on it gets 409."""
+        self._close(keys=[self.provider_key(channel, session_id)])
 
     def append(self, events: list[dict[str, Any]]) -> None:
         """Append events that belong to no interview state (e.g. provider notifications)."""
