@@ -162,7 +162,7 @@ CASES = [
     Case("timestamp 301 s ahead", body(received()), 401, "from our clock", ts_offset=301),
     Case("signed with another key", body(received()), 401, "bad X-Signature", key="other"),
     Case("not JSON", b"sender=+233241234567&message=1", 400, "not valid JSON"),
-    Case("not UTF-8", b"\xff\xfe{}", 400, "not valid JSON"),
+    Case("not UTF-8", b"\xff\xfe{}", 400, "not valid UTF-8"),
     Case("JSON array", b"[]", 400, "JSON object"),
     Case("no envelope id", body({**received(), "id": None}), 400, "id"),
     Case("no event", body({**received(), "event": None}), 400, "event"),

@@ -251,6 +251,28 @@ def test_ussd_end_notifications_are_recorded_once(engine: Engine, channel: Chann
         assert db.scalar(select(func.count()).select_from(Interview)) == 0
 
 
+def test_the_first_end_notification_of_a_session_is_kept(engine: Engine, channel: Channel,
+                                                         redis_client: redis.Redis) -> None:
+    """A sparser resend of a session's notification replaces nothing, whether it comes in
+    the same batch as the first or in a later one."""
+    def note(session: str, **values: Any) -> dict[str, Any]:
+        return {"id": f"ussd_end:{channel.id}:{session}", "k": "ussd_end", "ch": channel.id,
+                "s": session, "r": None, "st": "Failed", "t": time.time(), **values}
+
+    full = {"n": "62001", "cost": "GHS 0.05", "d": 40000, "h": 7}
+    push(redis_client, [note("S1", **full), note("S1")])  # one batch
+    drain(redis_client, engine, STREAM)
+    push(redis_client, [note("S2", **full)])
+    drain(redis_client, engine, STREAM)
+    push(redis_client, [note("S2")])  # a later batch
+    drain(redis_client, engine, STREAM)
+    with Session(engine) as db:
+        rows = db.execute(text("SELECT session_id, network_code, cost, duration_ms, hops "
+                               "FROM ussd_session_ends ORDER BY session_id")).all()
+    assert [tuple(r) for r in rows] == [("S1", "62001", "GHS 0.05", 40000, 7),
+                                        ("S2", "62001", "GHS 0.05", 40000, 7)]
+
+
 def test_stream_entry_format_is_json(redis_client: redis.Redis, engine: Engine,
                                      channel: Channel) -> None:
     """Stream entries carry one JSON field 'e' (what `civicdial status` reads)."""

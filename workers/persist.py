@@ -164,6 +164,10 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]],
             erased.add(e["r"])
             continue
         if kind == "ussd_end":
+            # The first notification of a session counts, as across batches (DO NOTHING):
+            # a provider's later resend of it never replaces what was recorded.
+            if e["id"] in ends:
+                continue
             ends[e["id"]] = {
                 "event_id": e["id"], "channel_id": e["ch"], "session_id": e["s"],
                 "respondent": e.get("r"), "status": e.get("st", ""),

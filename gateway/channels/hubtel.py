@@ -35,7 +35,7 @@ from gateway.channels.ussd import (
     services,
     session_ended,
 )
-from gateway.channels.webhook import WebhookError, log, phone_number
+from gateway.channels.webhook import WebhookError, log, phone_number, read_body
 
 bp = Blueprint("hubtel", __name__, url_prefix="/webhooks/hubtel")
 
@@ -115,8 +115,7 @@ def fulfilment(channel_key: str) -> Response:
     a payment, and a survey never asks for one, so a call is worth a log line."""
     ch = provider_channel(PROVIDER, channel_key)
     if request.method == "POST":
-        request.max_content_length = services().settings.max_body_bytes
-        size = len(request.get_data(cache=False))
+        size = len(read_body(request, services().settings.max_body_bytes))
         log.warning("hubtel channel %s: fulfilment callback (%d bytes) ignored: a survey "
                     "takes no payment", ch.id, size)
     return Response("OK", status=200, mimetype="text/plain")

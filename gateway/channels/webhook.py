@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from flask import Request, Response, current_app
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from gateway.store.registry import ChannelInfo, Registry
 
@@ -81,8 +82,19 @@ def parse_json_body(request: Request, *, max_bytes: int | None = None,
         raise WebhookError(415, f"expected application/json, got {request.mimetype or 'none'}")
     if max_bytes is None:
         max_bytes = current_app.extensions["civicdial"].settings.max_body_bytes
-    request.max_content_length = max_bytes
-    return json_from_body(request.get_data(cache=False), max_depth)
+    return json_from_body(read_body(request, max_bytes), max_depth)
+
+
+def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, at most `max_bytes` (else 413), however it is framed. Werkzeug
+    refuses a Content-Length over its limit but stops reading a chunked body at the limit
+    without a word (the rest would be cut off and the start processed), so one byte more
+    is asked for: a body that has it is too large."""
+    request.max_content_length = max_bytes + 1
+    body = request.get_data(cache=False)
+    if len(body) > max_bytes:
+        raise RequestEntityTooLarge()
+    return body
 
 
 def json_from_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -134,8 +146,8 @@ def parse_pairs(request: Request) -> list[tuple[str, str]]:
     if mimetype != "application/x-www-form-urlencoded":
         raise WebhookError(415, f"expected application/x-www-form-urlencoded, got {mimetype}")
     # Webhook bodies are small; refuse big ones before reading them (413).
-    request.max_content_length = current_app.extensions["civicdial"].settings.max_body_bytes
-    return pairs_from_body(request.get_data(cache=False))
+    return pairs_from_body(read_body(
+        request, current_app.extensions["civicdial"].settings.max_body_bytes))
 
 
 def pairs_from_body(raw: bytes) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
 from gateway.channels.webhook import WebhookError
+from gateway.web.framing import BrokenBody
 
 log = logging.getLogger("civicdial.webhooks")
 
@@ -44,8 +45,10 @@ def refused(method: str, path: str, exc: WebhookError) -> Answer:
 
 
 def http_error(method: str, path: str, exc: HTTPException) -> Answer:
-    log.warning("%s %s -> %d %s", method, mask_path(path), exc.code, exc.name)
-    return Answer(exc.code or 400, f"{exc.name}\n")
+    # A body broken in transit says how (Werkzeug's own descriptions are boilerplate).
+    name = f"{exc.name}: {exc.description}" if isinstance(exc, BrokenBody) else exc.name
+    log.warning("%s %s -> %d %s", method, mask_path(path), exc.code, name)
+    return Answer(exc.code or 400, f"{name}\n")
 
 
 def unavailable(method: str, path: str, exc: Exception) -> Answer:

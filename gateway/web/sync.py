@@ -11,7 +11,9 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from gateway.channels.webhook import read_body
 from workers.sync_central import (
     BATCHES_PATH,
     CHANGES_PATH,
@@ -39,9 +41,10 @@ def _refused(exc: SyncRefused) -> Response:
 def batches() -> Response:
     """Apply one signed, gzipped batch of an edge's events; per-event results."""
     services = current_app.extensions["civicdial"]
-    if (request.content_length or 0) > MAX_BODY_BYTES:
+    try:
+        body = read_body(request, MAX_BODY_BYTES)
+    except RequestEntityTooLarge:
         return _refused(SyncRefused(413, f"batch over {MAX_BODY_BYTES} bytes"))
-    body = request.get_data(cache=False)
     try:
         result = receive_batch(services.engine, services.redis, services.settings,
                                request.headers, body)
