@@ -682,6 +682,45 @@ def test_delete_by_sms_at_the_edge_erases_on_central(kit: Kit) -> None:
     assert cid is not None and run_tally(kit.central_engine, cid).n_completed == 1
 
 
+@pytest.mark.parametrize("link", ["up", "down"])
+def test_an_interview_after_an_erasure_is_kept_on_both_nodes(kit: Kit, link: str) -> None:
+    """A citizen erases their answers at the edge (DELETE, YES), then takes part anew.
+    Whether the erasure reached central before the new interview (link up) or both travel
+    in one sync later (link down), the erasure takes only what came before it: on both
+    nodes the first interview is an erased count and the second is theirs, complete. (It
+    once took the second too: central dated the erasure when it applied it, and the edge
+    applied its own erasure again when it came back from central.)"""
+    phone, who = citizen(3), pseudonym(kit.edge.pseudonym_key, citizen(3))
+    kit.complete(3)
+    kit.persist_edge()
+    with kit.central_up():
+        assert kit.sync()["ok"]
+    assert kit.text(phone, "DELETE", "SMd1").startswith("Erase all your answers")
+    assert kit.text(phone, "YES", "SMd2").startswith("Your answers, number")
+    kit.persist_edge()
+    if link == "up":
+        with kit.central_up():
+            assert kit.sync()["ok"]
+    time.sleep(0.01)  # the new interview begins after the request
+    kit.text(phone, "SURVEY", "SMn0")
+    for k, answer in enumerate(answers_of(3), start=1):
+        reply = kit.text(phone, answer, f"SMn{k}")
+    assert reply.startswith("Thank you! Your answers are recorded"), reply
+    kit.persist_edge()
+    with kit.central_up():
+        assert kit.sync()["ok"]
+        assert kit.sync()["ok"]  # the erasure back from central's feed, applied here
+    for engine in (kit.edge_engine, kit.central_engine):
+        with Session(engine) as db:
+            statuses = dict(db.execute(select(Interview.status, func.count())
+                                       .group_by(Interview.status)).all())
+        assert statuses == {"erased": 1, "completed": 1}, (engine.url, statuses)
+        assert _held_of(engine, who)["answers"] == len(ANSWERS) - 1, engine.url
+    with Session(kit.central_engine) as db:
+        cid = db.scalar(select(Campaign.id).where(Campaign.slug == "sdg1662"))
+    assert cid is not None and run_tally(kit.central_engine, cid).n_completed == 1
+
+
 def test_erasure_on_central_reaches_the_edge_and_refuses_what_it_still_holds(
         kit: Kit) -> None:
     """A coordinator on central erases a citizen who asked by letter, while the edge holds
@@ -703,12 +742,20 @@ def test_erasure_on_central_reaches_the_edge_and_refuses_what_it_still_holds(
         assert db.scalar(select(func.count()).select_from(SyncChange).where(
             SyncChange.kind == "contact", SyncChange.payload.contains(contact))) == 0
     time.sleep(0.01)  # the citizen's next answers come after the erasure
+    with Session(kit.edge_engine) as db:
+        (interview,) = db.scalars(select(Interview.id).where(Interview.respondent == who))
     with kit.central_up():
         report = kit.sync()
-    assert report["ok"] and report["pushed"] == {"rejected": pending}
+    # What they said is refused; that the interview happened is kept, unlinked, as the
+    # edge keeps it once it has applied the erasure: both count one erased interview.
+    assert report["ok"] and report["pushed"] == {"accepted": 2, "rejected": pending - 2}
     assert _held_of(kit.edge_engine, who) == NOTHING
     assert _held_of(kit.edge_engine, contact) == NOTHING
     assert central_rows(kit.central_engine) == set()
+    for engine in (kit.edge_engine, kit.central_engine):
+        with Session(engine) as db:
+            row = db.get(Interview, interview)
+            assert row is not None and (row.status, row.respondent) == ("erased", None)
     # Nothing but the flood counter of the current window, gone in 2 windows by itself.
     assert not [k for k in kit.edge_redis.scan_iter()
                 if who.encode() in k and not k.startswith(b"cd:lim:")]

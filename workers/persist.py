@@ -15,14 +15,14 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Connection, Engine, case, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, case, delete, func, insert, or_, select, text, update
 from sqlalchemy import exc as sa_exc
 
 from gateway.channels.sms import FEEDBACK_QUESTION
@@ -138,7 +138,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]],
     completions: list[dict[str, Any]] = []  # completed interviews owed an airtime thank-you
     completed_campaigns: set[int] = set()
     airtime_reports: list[dict[str, Any]] = []
-    erased: set[str] = set()  # respondents who asked for their answers to be erased
+    erased: dict[str, datetime] = {}  # respondents who asked to be erased, and when
     for e in events:
         kind = e.get("k")
         if kind == "send":
@@ -161,7 +161,7 @@ def write_events(engine: Engine, events: Iterable[dict[str, Any]],
             airtime_reports.append(e)
             continue
         if kind == "erased":
-            erased.add(e["r"])
+            erased[e["r"]] = max(erased.get(e["r"], _ts(e["t"])), _ts(e["t"]))
             continue
         if kind == "ussd_end":
             # The first notification of a session counts, as across batches (DO NOTHING):
@@ -338,24 +338,73 @@ def erase_on_request(engine: Engine, client: redis.Redis | None, prefix: str,
                                     .where(Contact.respondent == respondent)) or 0,
         }
         record_outbox(conn, engine, [event])
-        erase_respondents(conn, {respondent}, actor=actor)
+        erase_respondents(conn, {respondent: _ts(event["t"])}, actor=actor)
     if client is not None:
         forget(engine, client, prefix, [respondent])
     return held
 
 
-def erase_respondents(conn: Connection, respondents: set[str], actor: str = "citizen") -> None:
-    """Erase everything SQL holds of these respondents, in every campaign: answers, the
-    link from their interviews (kept as anonymous counts with status 'erased', which
-    tallies and exports leave out), results subscription, contact rows, and the numbers
-    and bodies of messages to them. The audit log records that it happened, with counts
-    and no identity. Published snapshots are not rewritten."""
-    who = sorted(respondents)
-    answers = conn.execute(delete(Answer).where(Answer.respondent.in_(who))).rowcount
-    interviews = conn.execute(update(Interview).where(Interview.respondent.in_(who))
-                              .values(respondent=None, status="erased")).rowcount
-    conn.execute(delete(FeedbackSubscriber).where(FeedbackSubscriber.respondent.in_(who)))
-    contact_ids = select(Contact.id).where(Contact.respondent.in_(who))
+def erase_respondents(conn: Connection, asked: Mapping[str, datetime],
+                      actor: str = "citizen") -> None:
+    """Erase what SQL holds of these respondents from before they asked (`asked`: when),
+    in every campaign: answers, the link from their interviews (kept as anonymous counts
+    with status 'erased', which tallies and exports leave out), results subscription,
+    contact rows, and the numbers and bodies of messages to them. An interview begun
+    after the request is theirs to keep: an erasure that reaches a node later (by sync,
+    after a lost link) or again (its own, coming back from central) takes only what came
+    before it. The audit log records that it happened, with counts and no identity.
+    Published snapshots are not rewritten."""
+    now = datetime.now(UTC)
+    answers = interviews = contacts = 0
+    for respondent, at in sorted(asked.items()):
+        before = select(Interview.id).where(
+            Interview.respondent == respondent,
+            or_(Interview.started_at.is_(None), Interview.started_at <= at))
+        ids = list(conn.scalars(before))
+        answers += conn.execute(delete(Answer).where(
+            Answer.respondent == respondent,
+            or_(Answer.answered_at <= at, Answer.interview_id.in_(ids)))).rowcount
+        interviews += conn.execute(update(Interview).where(Interview.id.in_(ids))
+                                   .values(respondent=None, status="erased")).rowcount
+        conn.execute(delete(FeedbackSubscriber).where(
+            FeedbackSubscriber.respondent == respondent, FeedbackSubscriber.created_at <= at))
+        contacts += _erase_contacts(conn, respondent)
+        conn.execute(update(OutboundMessage).where(
+            OutboundMessage.respondent == respondent, OutboundMessage.created_at <= at,
+            OutboundMessage.status.in_(("queued", "held")))
+            .values(status="stopped", error="erased on request", updated_at=now))
+        conn.execute(update(OutboundMessage).where(
+            OutboundMessage.respondent == respondent, OutboundMessage.created_at <= at,
+            OutboundMessage.status.not_in(_IN_FLIGHT))
+            .values(recipient="", body="", updated_at=now))
+        conn.execute(update(AirtimePayment).where(
+            AirtimePayment.respondent == respondent,
+            AirtimePayment.status.in_(("success", "failed", "skipped")))
+            .values(recipient=""))
+        conn.execute(update(UssdSessionEnd).where(UssdSessionEnd.respondent == respondent,
+                                                  UssdSessionEnd.received_at <= at)
+                     .values(respondent=None))
+    who = sorted(asked)
+    # The tombstone, at the latest request: every node learns of the erasure from it
+    # (central's change feed), and answers from before it that arrive later are refused
+    # (workers/sync_central.py).
+    stmt = upsert_insert(conn.engine, Erasure.__table__)
+    table = Erasure.__table__.c
+    conn.execute(stmt.on_conflict_do_update(
+        index_elements=["respondent"],
+        set_={"at": case((stmt.excluded.at > table.at, stmt.excluded.at), else_=table.at)}),
+        [{"respondent": r, "at": asked[r]} for r in who])
+    scrub_outbox(conn, who)
+    conn.execute(insert(AuditEntry).values(
+        at=now, actor=actor, action="respondent.erase", target="respondent",
+        before="", after=json.dumps({"respondents": len(who), "interviews": interviews,
+                                     "answers": answers, "contacts": contacts})))
+    log.info("erased %d respondent(s) on request: %d interviews, %d answers",
+             len(who), interviews, answers)
+
+
+def _erase_contacts(conn: Connection, respondent: str) -> int:
+    contact_ids = select(Contact.id).where(Contact.respondent == respondent)
     # Central's change feed keeps no copy of an erased contact for edges still to pull it.
     logged = [f"{campaign}:{contact}" for campaign, contact in conn.execute(
         select(CampaignContact.campaign_id, CampaignContact.contact_id)
@@ -364,33 +413,7 @@ def erase_respondents(conn: Connection, respondents: set[str], actor: str = "cit
         conn.execute(delete(SyncChange).where(SyncChange.kind == "contact",
                                               SyncChange.key.in_(logged[start:start + 500])))
     conn.execute(delete(CampaignContact).where(CampaignContact.contact_id.in_(contact_ids)))
-    contacts = conn.execute(delete(Contact).where(Contact.respondent.in_(who))).rowcount
-    now = datetime.now(UTC)
-    conn.execute(update(OutboundMessage).where(
-        OutboundMessage.respondent.in_(who), OutboundMessage.status.in_(("queued", "held")))
-        .values(status="stopped", error="erased on request", updated_at=now))
-    conn.execute(update(OutboundMessage).where(
-        OutboundMessage.respondent.in_(who), OutboundMessage.status.not_in(_IN_FLIGHT))
-        .values(recipient="", body="", updated_at=now))
-    conn.execute(update(AirtimePayment).where(
-        AirtimePayment.respondent.in_(who),
-        AirtimePayment.status.in_(("success", "failed", "skipped")))
-        .values(recipient=""))
-    conn.execute(update(UssdSessionEnd).where(UssdSessionEnd.respondent.in_(who))
-                 .values(respondent=None))
-    # The tombstone: every node learns of the erasure from it (central's change feed),
-    # and answers from before it that arrive later are refused (workers/sync_central.py).
-    stmt = upsert_insert(conn.engine, Erasure.__table__)
-    conn.execute(stmt.on_conflict_do_update(index_elements=["respondent"],
-                                            set_={"at": stmt.excluded.at}),
-                 [{"respondent": r, "at": now} for r in who])
-    scrub_outbox(conn, who)
-    conn.execute(insert(AuditEntry).values(
-        at=now, actor=actor, action="respondent.erase", target="respondent",
-        before="", after=json.dumps({"respondents": len(who), "interviews": interviews,
-                                     "answers": answers, "contacts": contacts})))
-    log.info("erased %d respondent(s) on request: %d interviews, %d answers",
-             len(who), interviews, answers)
+    return int(conn.execute(delete(Contact).where(Contact.respondent == respondent)).rowcount)
 
 
 def forget(engine: Engine, client: redis.Redis, prefix: str, respondents: Iterable[str]) -> None:

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select, text, update
 from sqlalchemy.orm import Session
 
 from gateway.config import Settings
@@ -252,6 +252,7 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
         select(Erasure.respondent, Erasure.at)
         .where(in_values(engine, Erasure.respondent, respondents)))}
     out = _Applied(counts={"accepted": 0, "duplicate": 0, "conflict": 0, "rejected": 0})
+    anonymous: set[str] = set()
     skew = edge.skew_seconds or 0.0
     shift = skew if abs(skew) > CLOCK_TOLERANCE else 0.0
     received: list[dict[str, Any]] = []
@@ -272,10 +273,16 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
             result = "rejected"  # a kind central does not take from edges
         elif kind in INTERVIEW_KINDS and body.get("i") in erased and kind != "withdrawn":
             result = "rejected"  # the interview was erased: nothing of it comes back
-        elif kind in INTERVIEW_KINDS and _before_erasure(body, tombstones, shift):
+        elif kind == "answer" and _before_erasure(body, tombstones, shift):
             result = "rejected"  # its respondent asked to be erased after saying it
         else:
             result = "accepted"
+            if kind in INTERVIEW_KINDS and _before_erasure(body, tombstones, shift):
+                # Its respondent asked to be erased after it began: what it said is not
+                # taken, but that it happened is, unlinked, as on the node that erased it
+                # (an 'erased' interview, counted where the erased are).
+                body = {**body, "r": None}
+                anonymous.add(str(body.get("i")))
             if kind == "sms_counts":
                 if seq > edge.sms_counts_seq:
                     edge.sms_counts = json.dumps(dict(body["counts"]))
@@ -304,6 +311,9 @@ def _apply(conn: Connection, engine: Engine, edge: EdgeNode, slug: str,
         out.results.append({"seq": seq, "id": gid, "result": result})
     if events:
         write_events(engine, events, conn=conn)
+    if anonymous:
+        conn.execute(update(Interview).where(Interview.id.in_(sorted(anonymous)))
+                     .values(respondent=None, status="erased"))
     if received and engine.dialect.name == "postgresql":
         conn.execute(_PG_RECEIVED, {"rows": json.dumps(received, default=datetime.isoformat)})
     elif received:

@@ -297,9 +297,17 @@ def apply_changes(settings: Settings, engine: Engine, client: redis.Redis | None
                 # Erased elsewhere: nothing of theirs stays here either (what the outbox
                 # still holds for central is refused there as erased, then emptied here).
                 # In feed order, so a contact imported again after the erasure stays.
+                # Only what came before the request: an interview begun since stays.
+                # Its own erasure coming back (or one applied already) changes nothing.
                 db.flush()
-                erase_respondents(db.connection(), {str(p["respondent"])})
-                erased.add(str(p["respondent"]))
+                respondent = str(p["respondent"])
+                at = (stored_utc(datetime.fromisoformat(p["at"])) if p.get("at")
+                      else datetime.now(UTC))
+                here = db.get(Erasure, respondent)
+                if here is not None and stored_utc(here.at) >= at:
+                    continue
+                erase_respondents(db.connection(), {respondent: at})
+                erased.add(respondent)
         db.execute(update(EdgeEnrolment).where(EdgeEnrolment.id == 1).values(cursor=cursor))
         campaign_id = db.scalar(select(Campaign.id).where(Campaign.slug == creds.campaign))
     if client is not None:
