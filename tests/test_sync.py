@@ -53,6 +53,7 @@ from gateway.store.models import (
     Campaign,
     Channel,
     Contact,
+    EdgeEnrolment,
     EdgeNode,
     Interview,
     OptOut,
@@ -807,6 +808,12 @@ def test_bundle_needs_its_passphrase_and_carries_one_pseudonym(kit: Kit, tmp_pat
                     "-o", str(tmp_path / "again.cdedge"), "--central-url", "http://x",
                     ok=False)
     assert "exists already" in taken.output
+    # On central itself a join is refused: it would sync with itself.
+    itself = kit.cli("central", "edge", "join", str(bundle), "--passphrase-file",
+                     str(_write(tmp_path / "pw2", PASSPHRASE)), ok=False)
+    assert itself.exit_code == 1 and "it is central" in itself.output
+    with Session(kit.central_engine) as db:
+        assert db.get(EdgeEnrolment, 1) is None
 
 
 def _write(path: Path, text: str) -> Path:
@@ -842,6 +849,14 @@ def test_sync_status_reports_backoff_up_to_ten_minutes(kit: Kit) -> None:
     assert [backoff(n) for n in (1, 2, 3, 8, 30)] == [5, 10, 20, 600, 600]
     text = kit.cli("edge", "sync", "status").output
     assert "events waiting:" in text and "unreachable" in text
+    # Once a sync succeeds, the old error is history, not a present fault.
+    time.sleep(1.1)  # the times are to the second
+    with kit.central_up():
+        now = kit.cli("edge", "sync", "now").output
+    assert now.startswith("synced: ") and "accepted" in now and "{" not in now, now
+    text = kit.cli("edge", "sync", "status").output
+    assert "none since the last success (before it:" in text and "unreachable" in text
+    assert "failures in a row:  0" in text
 
 
 # -- bad input on central's endpoint ---------------------------------------------------------

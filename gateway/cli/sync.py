@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -37,8 +38,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         f"central holds:      every event up to #{report['central_acked_seq']}",
         f"acknowledged:       {acknowledged or 'nothing yet'}",
         f"last success:       {report['last_success_at'] or 'never'}",
-        f"last error:         {report['last_error'] or '-'}"
-        + (f" ({report['last_error_at']})" if report["last_error_at"] else ""),
+        _last_error(report),
         f"failures in a row:  {report['failures']}"
         + (f", next attempt {report['next_attempt_at']}" if report["next_attempt_at"] else ""),
         f"clock skew:         {report['skew_seconds']} s (central minus this node)"
@@ -54,7 +54,7 @@ def now_cmd(ctx: click.Context, as_json: bool) -> None:
     """On the edge: pull central's changes and push what waits, once, now."""
     settings = settings_of(ctx)
     result = sync_once(settings, open_engine(settings), connect(settings))
-    emit(as_json, result, f"synced: {result}" if result["ok"] else "")
+    emit(as_json, result, _synced(result) if result["ok"] else "")
     if not result["ok"]:
         raise click.ClickException(f"sync failed: {result['error']}")
 
@@ -108,3 +108,18 @@ def import_cmd(ctx: click.Context, path: Path, as_json: bool) -> None:
                f"{totals['duplicate']} duplicates, {totals['conflict']} conflicts, "
                f"{totals['rejected']} rejected; {totals['already_imported']} batches were "
                "already imported")
+
+
+def _last_error(report: dict[str, Any]) -> str:
+    error, at, ok_at = report["last_error"], report["last_error_at"], report["last_success_at"]
+    if not error:
+        return "last error:         -"
+    if ok_at and at and ok_at >= at:  # ISO 8601 UTC to the second: they sort as text
+        return f"last error:         none since the last success (before it: {error}, {at})"
+    return f"last error:         {error}" + (f" ({at})" if at else "")
+
+
+def _synced(result: dict[str, Any]) -> str:
+    pushed = ", ".join(f"{n} {kind}" for kind, n in sorted(result["pushed"].items()))
+    return (f"synced: {result['pulled']} changes from central applied; "
+            f"events sent: {pushed or 'none waiting'}")

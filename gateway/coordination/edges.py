@@ -188,6 +188,10 @@ def store_enrolment(engine: Engine, settings: Settings, bundle: Bundle) -> None:
     key_file = settings.data_dir / "pseudonym.key"
     with Session(engine) as db, db.begin():
         existing = db.get(EdgeEnrolment, 1)
+        if db.scalar(select(func.count()).select_from(EdgeNode)):
+            # Central syncing with itself would count its own interviews as an edge's.
+            raise EdgeError("this node enrols edges (it is central): join on the edge "
+                            "machine, from its own data dir")
         if existing is not None and existing.edge_id != bundle.edge_id:
             raise EdgeError(f"this node is already the edge {existing.name!r}")
         if settings.pseudonym_key != bundle.pseudonym_key.encode():
