@@ -109,6 +109,12 @@ class Settings:
     def redis_db_file(self) -> Path:
         return self.data_dir / "redis.db"
 
+    @property
+    def served_url_file(self) -> Path:
+        """Where `civicdial up` notes the base URL it serves, for commands that print
+        webhook URLs (`channels`) on the same data dir."""
+        return self.data_dir / "served.url"
+
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)
 

@@ -152,6 +152,10 @@ def test_up_stops_on_sigterm_and_says_so(tmp_path: Path) -> None:
     node._reader.join(timeout=10)  # type: ignore[union-attr]
     assert node.proc.returncode == 0, node.text()
     assert "stopping: SIGTERM" in node.text()
+    # Commands on the same data dir print the URLs `up` served, not the default port.
+    listed = json.loads(node.cli("channels", "--json").stdout)
+    urls = [url for ch in listed for url in ch["urls"].values()]
+    assert urls and all(url.startswith(node.base_url) for url in urls), urls
     assert not _alive(redis_pid)
     assert not (tmp_path / "data" / "redis.db.settings").exists()
 

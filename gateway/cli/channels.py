@@ -29,8 +29,8 @@ from gateway.store.models import Campaign, Channel
 @click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--base-url", default=None,
-              help="Public base URL [env CIVICDIAL_PUBLIC_BASE_URL; default "
-                   "http://127.0.0.1:8000].")
+              help="Public base URL [env CIVICDIAL_PUBLIC_BASE_URL; default the one "
+                   "`up` last served on this data dir, else http://127.0.0.1:8000].")
 @click.pass_context
 def channels(ctx: click.Context, as_json: bool, base_url: str | None) -> None:
     """List channels with the webhook URLs to give each provider (or: channels add)."""
@@ -89,7 +89,8 @@ KEY_ARGUMENT = {"ignore_unknown_options": True}
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--base-url", default=None,
               help="Public base URL the provider calls [env CIVICDIAL_PUBLIC_BASE_URL; "
-                   "default http://127.0.0.1:8000]; for Android, what the phone reaches.")
+                   "default the one `up` last served on this data dir, else "
+                   "http://127.0.0.1:8000]; for Android, what the phone reaches.")
 @click.pass_context
 def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slug: str,
                  config_json: str, screen_limit: int, as_json: bool,
@@ -147,9 +148,13 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _base_url(ctx: click.Context, settings: Settings, given: str | None) -> str:
-    """The public base URL: this command's --base-url, the group's, the setting, local."""
+    """The public base URL: this command's --base-url, the group's, the setting, what
+    `up` last served on this data dir, local."""
+    served = settings.served_url_file
     return (given or (ctx.parent.params.get("base_url") if ctx.parent else None)
-            or settings.public_base_url or "http://127.0.0.1:8000")
+            or settings.public_base_url
+            or (served.read_text().strip() if served.is_file() else "")
+            or "http://127.0.0.1:8000")
 
 
 def _channel(db: Session, ref: str) -> Channel:

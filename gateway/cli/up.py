@@ -102,6 +102,7 @@ def _plan(ctx: click.Context, settings: Settings, host: str, port: int, web_work
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = (settings.public_base_url or f"http://{shown}:{port}").rstrip("/")
     urls = channel_urls(channel, settings.public_base_url or f"http://{shown}:{port}")
+    settings.served_url_file.write_text(base + "\n")
     banner = [
         "",
         f"USSD {channel.address} -> Africa's Talking callback URL:",
