@@ -96,6 +96,14 @@ TRUTH = [
     Case("if() as truth", "if(${a} = 'x', true(), false())", {"a": "x"}, truth=True),
     Case("zero is false", "0", truth=False),
     Case("non-zero is true", "${n} * 1", {"n": "2"}, truth=True),
+    # Answers no number can hold: a constraint on them fails (the answer is re-asked),
+    # never raises (it once did, and the hop answered 500).
+    Case("int() of 400 nines", "int(.) < 10", dot="9" * 400, truth=False),
+    Case("int() of a huge negative", "int(.) < 10", dot="-" + "9" * 400, truth=True),
+    Case("mod of 400 nines", ". mod 2 = 0", dot="9" * 400, truth=False),
+    Case("int() of inf", "int(.) < 10", dot="inf", truth=False),
+    Case("mod of -inf", ". mod 2 = 1", dot="-inf", truth=False),
+    Case("int() of a small number still works", "int(.) = 3", dot="3.9", truth=True),
 ]
 
 TEXT = [
@@ -213,6 +221,9 @@ MALFORMED = [
     Bad("semicolon", "${a} = 'x'; 1"),
     Bad("operator word alone", "and"),
     Bad("trailing comma in call", "selected(${a}, )"),
+    # Deeper than the parser follows: refused, not a RecursionError (once a 500 on upload).
+    Bad("parentheses 150 deep", "(" * 150 + "1" + ")" * 150, 0, "nested too deeply"),
+    Bad("2,000 minus signs", "-" * 2000 + "1", 0, "nested too deeply"),
 ]
 
 # Python that must never run: if the parser ever fell back to eval, these would succeed.

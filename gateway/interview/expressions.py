@@ -176,7 +176,8 @@ def _call(name: str, args: list[Fn]) -> Fn:
 
         def to_int(env: Env, dot: str) -> Value:
             n = _num(a(env, dot))
-            return n if math.isnan(n) else float(math.trunc(n))
+            # An answer of 400 nines reads as infinity, which has no integer part.
+            return float(math.trunc(n)) if math.isfinite(n) else n
 
         return to_int
     if name == "number":
@@ -220,7 +221,7 @@ def _arith(op: str, a: Fn, b: Fn) -> Fn:
             return x - y
         if op == "*":
             return x * y
-        if y == 0:
+        if y == 0 or (op == "mod" and math.isinf(x)):  # fmod(inf, y) raises
             return math.nan
         return x / y if op == "div" else math.fmod(x, y)
 
@@ -372,5 +373,8 @@ class Expression:
 
 def compile_expression(source: str) -> Expression:
     parser = _Parser(_tokenize(source))
-    fn = parser.parse()
+    try:
+        fn = parser.parse()
+    except RecursionError:  # ((((…)))) or - - - … deeper than the parser can follow
+        raise ExpressionError("nested too deeply", 0) from None
     return Expression(source, frozenset(parser.refs), parser.uses_dot, fn)
