@@ -946,3 +946,30 @@ def test_simulator_by_hubtel_and_arkesel_ussd(page: Page, engine: Engine,
     with Session(engine) as db:
         sim = db.scalar(select(Interview).where(Interview.respondent.startswith("sim-")))
         assert sim is not None and sim.channel_id == channel_id
+
+
+@pytest.mark.parametrize("where", ["district: Kumasi", "nodistrict", "=Kumasi",
+                                   "district=Kumasi\nnodistrict"])
+def test_an_invitation_filter_that_is_not_field_value_is_refused(
+        client: FlaskClient, engine: Engine, redis_client: redis.Redis, settings: Any,
+        tokens: dict[str, str], where: str) -> None:  # noqa: F811
+    """A filter line the form cannot read is refused, in the preview and at Send: left out,
+    it would have widened the audience to everyone."""
+    from gateway.coordination.contacts import import_contacts
+    from gateway.store.crypto import NumberBox
+
+    with Session(engine) as db:
+        campaign_id = db.scalar(select(Campaign.id))
+    import_contacts(engine, campaign_id, CONTACTS.encode(), pseudonym_key=settings.pseudonym_key,
+                    box=NumberBox(settings.encryption_key))
+    coordinator = signed_in_client(client, tokens["coordinator"])
+    page = "/dashboard/campaigns/sdg1662/contacts"
+    preview = coordinator.get(page, query_string={"preview": "1", "where": where})
+    assert preview.status_code == 422 and "field=value" in preview.get_data(as_text=True)
+    html = coordinator.get(page).get_data(as_text=True)
+    sent = coordinator.post("/dashboard/campaigns/sdg1662/invitations",
+                            data={"csrf": csrf_of(html), "where": where})
+    assert sent.status_code == 422 and "field=value" in sent.get_data(as_text=True)
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(OutboundMessage)) == 0
+

@@ -490,10 +490,15 @@ def _to_job(slug: str, job_id: str) -> BaseResponse:
 
 def _audience(source: Any) -> Audience:
     where = {}
-    for line in (source.get("where") or "").splitlines():
+    for number, line in enumerate((source.get("where") or "").splitlines(), start=1):
         field, sep, value = line.partition("=")
-        if sep and field.strip():
-            where[field.strip()] = value.strip()
+        if not line.strip():
+            continue
+        if not (sep and field.strip()):
+            # Dropping it would widen the audience: everyone would be invited.
+            abort(422, f"other fields, line {number} ({line.strip()[:60]!r}): write "
+                       "field=value, e.g. district=Kumasi")
+        where[field.strip()] = value.strip()
     limit = source.get("limit") or ""
     if limit and (not limit.isdigit() or int(limit) < 1 or len(limit) > 9):
         abort(422, "limit: a whole number of at least 1")
