@@ -26,7 +26,7 @@ from test_sms import (  # noqa: F401 - fixtures
 )
 
 from gateway.cli import main
-from gateway.store.models import AuditEntry, Channel, OutboundMessage
+from gateway.store.models import AuditEntry, Campaign, Channel, OutboundMessage
 from gateway.store.outbox import sweep
 
 
@@ -157,3 +157,22 @@ def test_outbound_by_status_in_campaign_status_and_status_json(
     result = runner.invoke(main, ["status", "--json"], env=env)
     assert json.loads(result.output)["campaigns"][0]["outbound_by_status"] == {
         "failed": 1, "queued": 2}
+
+
+@pytest.mark.parametrize(("keyword", "why"), [
+    ("STOP", "'stop'"), ("gyae", "'stop'"), ("HELP", "'help'"), ("RESULTS", "'results'"),
+    ("DELETE", "'delete'"), ("YES", "confirms"), ("two words", "one word"), ("", "one word"),
+])
+def test_the_survey_keyword_cannot_be_a_command_word(env: dict[str, str], engine: Engine,
+                                                    channel: Channel, keyword: str,
+                                                    why: str) -> None:
+    """STOP as the keyword would start the survey where a citizen asked to opt out."""
+    result = CliRunner().invoke(main, ["campaign", "set", "sdg1662", "--sms-keyword", keyword],
+                                env=env)
+    assert result.exit_code == 2 and why in result.output, result.output
+    assert "Traceback" not in result.output
+    with Session(engine) as db:
+        assert db.scalar(select(Campaign.sms_keyword)) == "SURVEY"
+    assert CliRunner().invoke(main, ["campaign", "set", "sdg1662", "--sms-keyword", "kasa2"],
+                              env=env).exit_code == 0
+

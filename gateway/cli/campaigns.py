@@ -36,6 +36,7 @@ from gateway.coordination.campaigns import (
 from gateway.coordination.quotas import refresh, report
 from gateway.coordination.signin import revoke_tokens
 from gateway.coordination.status import campaign_status
+from gateway.interview.messages import CONFIRM_WORDS, KEYWORDS
 from gateway.interview.questionnaire import FormError, load_questionnaire
 from gateway.interview.quota import read_csv
 from gateway.store.db import make_engine
@@ -92,9 +93,7 @@ def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
             row = get_campaign(db, slug)
             before = campaign_view(row)
             if sms_keyword is not None:
-                if not sms_keyword.strip() or " " in sms_keyword.strip():
-                    raise click.BadParameter("one word", param_hint="--sms-keyword")
-                row.sms_keyword = sms_keyword.strip().upper()
+                row.sms_keyword = _keyword(sms_keyword)
             if sms_handover is not None:
                 row.sms_handover = sms_handover
             if sms_keyword is not None or sms_handover is not None:
@@ -438,3 +437,20 @@ def audit_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:
 
 for _name, _to in (("open", "open"), ("pause", "paused"), ("close", "closed")):
     campaign.add_command(_transition_command(_name, _to))
+
+
+def _keyword(given: str) -> str:
+    """The SMS keyword that starts the survey: one word, not one of the words that do
+    something else at any point (STOP would start the survey instead of opting out)."""
+    word = given.strip().upper()
+    if not word or " " in word or len(word) > 40:
+        raise click.BadParameter("one word of at most 40 letters", param_hint="--sms-keyword")
+    for command, words in KEYWORDS.items():
+        if command != "start" and word in words:
+            raise click.BadParameter(f"{word} is the word for {command!r} (citizens text it "
+                                     "at any point); choose another", param_hint="--sms-keyword")
+    if word in CONFIRM_WORDS:
+        raise click.BadParameter(f"{word} confirms an erasure; choose another",
+                                 param_hint="--sms-keyword")
+    return word
+
