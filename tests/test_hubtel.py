@@ -145,6 +145,7 @@ INCOMING = [
     Case("Type not text", request_json(Type=1), 400, "Type must be text"),
     Case("Sequence a word", request_json(sequence="one"), 400, "Sequence"),
     Case("Sequence negative", request_json(sequence=-1), 400, "Sequence"),
+    Case("Sequence zero (Hubtel counts from 1)", request_json(sequence=0), 400, "Sequence"),
     Case("Sequence a fraction", request_json(sequence=1.5), 400, "Sequence"),
     Case("Sequence true", request_json(sequence=True), 400, "Sequence"),
     Case("Sequence huge", request_json(sequence=10**12), 400, "Sequence"),
@@ -261,7 +262,10 @@ def test_sequence_that_does_not_follow_is_refused(client: FlaskClient, hubtel_ur
         assert hop(client, hubtel_url, "response", 2, "2") == (200, language_done)
     else:
         status, body = hop(client, hubtel_url, "response", sequence, "1")
-        assert status == 409 and "does not follow" in str(body)
+        if sequence == 0:  # no Sequence Hubtel sends at all
+            assert status == 400 and "1 or more" in str(body)
+        else:
+            assert status == 409 and "does not follow" in str(body)
     assert snapshot(redis_client) == before
     status, body = hop(client, hubtel_url, "response", 3, "1")
     assert status == 200 and isinstance(body, dict)

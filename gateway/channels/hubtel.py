@@ -89,6 +89,8 @@ def ussd_reply(channel_key: str, read_json: Callable[[], dict[str, Any]]) -> str
     session_id = text(data, "SessionId", max_len=128)
     phone = phone_number({"Mobile": text(data, "Mobile", max_len=32)}, "Mobile")
     sequence = whole_number(data, "Sequence")
+    if sequence < 1:  # Hubtel counts a session's requests from 1 (the initiation)
+        raise WebhookError(400, "field Sequence must be 1 or more")
     dialled = text(data, "ServiceCode", max_len=40, required=kind not in ENDS)
     message = text(data, "Message", max_len=1000, required=kind == "response",
                    allow_empty=True)

@@ -246,7 +246,8 @@ def new_campaign() -> BaseResponse | tuple[str, int]:
 def move(slug: str, verb: str) -> BaseResponse | tuple[str, int]:
     to = {"open": "open", "pause": "paused", "close": "closed"}[verb]
     back = url_for("dashboard.campaign", slug=slug)
-    return _act(lambda db: transition(db, actor(), slug, to), refused=f"Not {verb}ed",
+    done = {"open": "opened", "pause": "paused", "close": "closed"}[verb]
+    return _act(lambda db: transition(db, actor(), slug, to), refused=f"Not {done}",
                 back=back, done=back, status=409)
 
 
