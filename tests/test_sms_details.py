@@ -12,7 +12,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 from test_sms import (  # noqa: F401 - fixtures
     FORM,
@@ -175,4 +175,45 @@ def test_the_survey_keyword_cannot_be_a_command_word(env: dict[str, str], engine
         assert db.scalar(select(Campaign.sms_keyword)) == "SURVEY"
     assert CliRunner().invoke(main, ["campaign", "set", "sdg1662", "--sms-keyword", "kasa2"],
                               env=env).exit_code == 0
+
+
+BAD_CONFIGS = [
+    ("twilio", '{"account_sid": "AC1"}', "needs auth_token"),
+    ("twilio", '{"account_sid": "AC1", "auth_token": " "}', "needs auth_token"),
+    ("africastalking", '{"username": "sandbox"}', "needs api_key"),
+    ("africastalking", '{"username": "s", "api_key": "k", "rate_per_second": "fast"}',
+     "rate_per_second must be a number"),
+    ("africastalking", '{"username": "s", "api_key": "k", "rate_per_second": -1}',
+     "rate_per_second must be a number of at least 0"),
+    ("africastalking", '{"username": "s", "api_key": "k", "batch_size": 2.5}',
+     "batch_size must be a whole number"),
+    ("africastalking", '{"username": "s", "api_key": "k", "timeout": 0}', "timeout"),
+    ("twilio", '{"account_sid": "AC1", "auth_token": "t", "reply": "later"}', "reply is"),
+]
+
+
+@pytest.mark.parametrize(("provider", "config", "why"), BAD_CONFIGS)
+def test_a_channel_config_its_sends_cannot_use_is_refused(
+        env: dict[str, str], engine: Engine, sms: SmsChannels, provider: str,  # noqa: F811
+        config: str, why: str) -> None:
+    """At `channels add` and `channels set`: a Twilio channel with no auth_token refused
+    every inbound message (403), a rate_per_second of "fast" failed every send."""
+    with Session(engine) as db:
+        before = db.scalar(select(func.count()).select_from(Channel))
+    add = CliRunner().invoke(main, ["channels", "add", "--provider", provider, "--kind",
+                                    "sms", "--address", "+233200000999", "--campaign",
+                                    "sdg1662", "--config", config], env=env)
+    assert add.exit_code == 1 and why in add.output and "Traceback" not in add.output
+    target = sms.tw if provider == "twilio" else sms.at
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(Channel)) == before
+        kept = db.get(Channel, target.id).config  # type: ignore[union-attr]
+    changes = json.loads(config)
+    if why.startswith("needs ") and why.split()[-1] not in changes:
+        changes[why.split()[-1]] = None  # set removes it
+    set_ = CliRunner().invoke(main, ["channels", "set", target.key, "--config",
+                                     json.dumps(changes)], env=env)
+    assert set_.exit_code == 1 and why in set_.output, set_.output
+    with Session(engine) as db:
+        assert db.get(Channel, target.id).config == kept  # type: ignore[union-attr]
 

@@ -19,6 +19,7 @@ from gateway.coordination.channels import (
     PROVIDERS,
     bind_channel,
     channel_urls,
+    check_config,
     find_channel,
     unbind_channel,
 )
@@ -324,6 +325,10 @@ def channels_set(ctx: click.Context, channel_ref: str, config_json: str,
         channel = _channel(db, channel_ref)
         before = json.loads(channel.config or "{}")
         after = {k: v for k, v in {**before, **changes}.items() if v is not None}
+        try:
+            check_config(channel.provider, channel.kind, after)
+        except CampaignError as exc:
+            raise click.ClickException(f"not changed: {exc}") from None
         channel.config = json.dumps(after)
         # The config holds provider secrets: the audit names keys, never values.
         audit(db, cli_actor(), "channel.set",

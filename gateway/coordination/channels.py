@@ -4,6 +4,7 @@ and its health."""
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import string
 from dataclasses import dataclass
@@ -50,6 +51,42 @@ class Bound:
     note: str = ""
 
 
+# What a provider's sends need (the USSD and inbound routes need nothing more than the
+# channel's key): a channel missing one fails every send, or every inbound Twilio message
+# (no auth_token, no signature check), long after the coordinator bound it.
+REQUIRED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("africastalking", "sms"): ("username", "api_key"),
+    ("twilio", "sms"): ("account_sid", "auth_token"),
+    ("android", "sms"): ("url", "username", "password", "signing_key"),
+}
+# Settings read as numbers by the workers: (least value, whole numbers only).
+NUMBERS: dict[str, tuple[float, bool]] = {
+    "rate_per_second": (0, False), "rate_per_hour": (0, False), "timeout": (0.1, False),
+    "burst": (1, False), "batch_size": (1, True), "sim_number": (1, True),
+}
+
+
+def check_config(provider: str, kind: str, config: dict[str, Any]) -> None:
+    """A channel's config as its provider's code reads it, or CampaignError saying what is
+    missing or wrong (bind_channel and `channels set` both check)."""
+    missing = [k for k in REQUIRED.get((provider, kind), ())
+               if not isinstance(config.get(k), str) or not config[k].strip()]
+    if missing:
+        raise CampaignError(f"config: {PROVIDERS[provider].label} {kind} needs "
+                            f"{', '.join(missing)}")
+    for name, (least, whole) in NUMBERS.items():
+        value = config.get(name)
+        if value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or value < least
+                or (whole and value != int(value)) or value > 10**9):
+            raise CampaignError(f"config: {name} must be a {'whole ' if whole else ''}number "
+                                f"of at least {least:g}, not {json.dumps(value)[:40]}")
+    if config.get("reply", "inline") not in ("inline", "queue"):
+        raise CampaignError('config: reply is "inline" or "queue"')
+
+
 def new_channel_key() -> str:
     """A channel's secret URL key: 24 URL-safe characters, never with a leading '-', which
     a command line takes for an option (`civicdial channels remove -Xy...` failed for one
@@ -73,6 +110,7 @@ def bind_channel(db: Session, actor: str, *, provider: str, kind: str, address: 
         raise CampaignError("address: the USSD code or SMS number, at most 100 characters")
     if not 64 <= screen_limit <= 182:
         raise CampaignError("screen limit: between 64 and 182 characters")
+    check_config(provider, kind, config)
     campaign = db.scalar(select(Campaign).where(Campaign.slug == slug))
     if campaign is None:
         raise CampaignError(f"no campaign {slug!r}")
