@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import html
+import io
 import json
+import re
 from pathlib import Path
 
+import openpyxl
 import pytest
 import redis
 from click.testing import CliRunner
+from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
+from test_console import csrf_of
+from test_dashboard import signed_in_client, tokens  # noqa: F401 - the role tokens fixture
 
 from gateway.cli import main
 from gateway.store.crypto import NumberBox
@@ -126,6 +133,106 @@ def test_windows_1252_file(env: dict[str, str], engine: Engine, tmp_path: Path) 
     with Session(engine) as db:
         assert json.loads(db.scalar(select(Contact.attributes))) == {
             "community": "Ahafo Ano Séfwi"}
+
+
+def xlsx_workbook() -> bytes:
+    """A real Excel workbook holding a valid contact list: picked instead of its CSV."""
+    book = openpyxl.Workbook()
+    book.active.append(["phone", "region"])
+    book.active.append(["0241234567", "Ashanti"])
+    out = io.BytesIO()
+    book.save(out)
+    return out.getvalue()
+
+
+# A full chunk of good rows, then a quote never closed: refused as a whole, not half-stored.
+OPEN_QUOTE = ("phone,district\n" + "".join(f"02410{n:05d},a\n" for n in range(2500))
+              + '0241234567,"Kumasi\n' + "x" * 140_000 + "\n").encode()
+SAVE_AS = "save it as CSV UTF-8"
+UNREADABLE = pytest.mark.parametrize("content,error", [
+    (xlsx_workbook(), "not a UTF-8 CSV file (it looks like an .xlsx workbook"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(512), "(it looks like an .xls workbook)"),
+    (bytes(range(256)) * 4, "not a UTF-8 CSV file (it holds binary data"),
+    ("phone\n0241234567\n".encode("utf-16-le"), "UTF-16 without a byte-order mark"),
+    (b"\xff\xfep\x00h\x00\x00\xd8", "starts as UTF-16 text but is not valid UTF-16"),
+    (OPEN_QUOTE, 'line 2502: field larger than field limit (131072); is a quote (")'),
+], ids=["xlsx", "xls", "binary", "utf-16 without BOM", "broken utf-16", "unclosed quote"])
+
+
+def stored_contacts(engine: Engine) -> int:
+    with Session(engine) as db:
+        return db.scalar(select(func.count()).select_from(Contact)) or 0
+
+
+@UNREADABLE
+def test_cli_refuses_a_file_that_is_not_csv_text(env: dict[str, str], engine: Engine,
+                                                 tmp_path: Path, content: bytes,
+                                                 error: str) -> None:
+    """One line naming the file, what is wrong and the fix; exit 1, no traceback (the
+    runner lets any other exception through), nothing imported."""
+    path = tmp_path / "contacts.csv"
+    path.write_bytes(content)
+    result = CliRunner().invoke(main, ["contacts", "import", str(path), "--campaign",
+                                       "sdg1662"], env=env, catch_exceptions=False)
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1, result.output
+    assert last.startswith(f"Error: {path}: ") and error in last and SAVE_AS in last, last
+    assert stored_contacts(engine) == 0
+
+
+@UNREADABLE
+def test_api_refuses_a_file_that_is_not_csv_text(client: FlaskClient, engine: Engine,
+                                                 tokens: dict[str, str],  # noqa: F811
+                                                 content: bytes, error: str) -> None:
+    """422 with the same message as the CLI's, as for a file with no phone column."""
+    resp = client.post("/api/v1/campaigns/sdg1662/contacts",
+                       headers={"Authorization": f"Bearer {tokens['coordinator']}"},
+                       data={"file": (io.BytesIO(content), "contacts.csv")})
+    assert resp.status_code == 422, resp.get_data(as_text=True)[:500]
+    assert error in resp.get_json()["error"] and SAVE_AS in resp.get_json()["error"]
+    assert stored_contacts(engine) == 0
+
+
+@UNREADABLE
+def test_console_import_job_shows_why_a_file_is_refused(
+        client: FlaskClient, engine: Engine, redis_client: redis.Redis, env: dict[str, str],
+        tokens: dict[str, str], monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        content: bytes, error: str) -> None:
+    """The console's import job ends with the message on its page, not a failed job."""
+    from rq import SimpleWorker
+
+    from workers.console_jobs import QUEUE
+
+    for name, value in env.items():  # the job reads its settings as a worker does
+        monkeypatch.setenv(name, value)
+    signed_in_client(client, tokens["coordinator"])
+    csrf = csrf_of(client.get("/dashboard/campaigns/sdg1662/contacts").get_data(as_text=True))
+    resp = client.post("/dashboard/campaigns/sdg1662/contacts", data={
+        "csrf": csrf, "file": (io.BytesIO(content), "contacts.csv")})
+    assert resp.status_code == 303
+    SimpleWorker([QUEUE], connection=redis_client).work(burst=True, logging_level="WARNING")
+    page = client.get(resp.headers["Location"]).get_data(as_text=True)
+    shown = re.search(r'<p class="error" role="alert" id="job-error">([^<]*)</p>', page)
+    assert shown is not None, page
+    assert error in html.unescape(shown.group(1)) and "The job failed" not in page
+    assert stored_contacts(engine) == 0
+
+
+@pytest.mark.parametrize("content", [
+    b"phone,region\r0241234567,Ashanti\r0201112222,Volta\r",
+    "phone\tregion\r\n0241234567\tAshanti\r\n0201112222\tVolta\r\n".encode("utf-16"),
+    "phone,region\n0241234567,Ashanti\n0201112222,Volta\n".encode("utf-32"),
+], ids=["old-mac line endings", "utf-16 unicode text", "utf-32 with BOM"])
+def test_other_spreadsheet_csvs_are_read(env: dict[str, str], engine: Engine,
+                                         tmp_path: Path, content: bytes) -> None:
+    """`\\r`-only line endings and Excel's UTF-16 "Unicode Text" import like any CSV."""
+    path = tmp_path / "contacts.csv"
+    path.write_bytes(content)
+    code, out = run(env, "contacts", "import", str(path), "--campaign", "sdg1662", "--json")
+    assert code == 0, out
+    assert (json.loads(out)["imported"], json.loads(out)["rejected"]) == (2, [])
+    with Session(engine) as db:
+        assert sorted(db.scalars(select(Contact.region))) == ["Ashanti", "Volta"]
 
 
 def test_invite_skips_opted_out_and_never_doubles(env: dict[str, str], engine: Engine,

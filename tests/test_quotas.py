@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import html
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
 
+import openpyxl
 import pytest
 import redis
 from click.testing import CliRunner
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
+from test_console import csrf_of
+from test_dashboard import signed_in_client, tokens  # noqa: F401 - the role tokens fixture
 from test_engine import SMALL, TO_USED, UNLIMITED, USED_NO, Script, Turn, play
 from test_sms import fake, sms  # noqa: F401 - fixtures
 
 from gateway.coordination.campaigns import create_token
 from gateway.interview.engine import Input, Stage, step
 from gateway.interview.quota import QuotaError, define, read_csv
-from gateway.store.models import AuditEntry, Channel, Interview
+from gateway.store.models import AuditEntry, Campaign, Channel, Interview
 from gateway.store.sessions import quota_key
 from workers.persist import drain
 
@@ -103,6 +108,84 @@ def run(env: dict[str, str], *args: str) -> tuple[int, str]:
 
     result = CliRunner().invoke(main, list(args), env=env)
     return result.exit_code, result.output
+
+
+def xlsx_workbook() -> bytes:
+    """A real Excel workbook of quotas: picked instead of the CSV saved from it."""
+    book = openpyxl.Workbook()
+    for row in (["sex", "target"], ["female", 3]):
+        book.active.append(row)
+    out = io.BytesIO()
+    book.save(out)
+    return out.getvalue()
+
+
+SAVE_AS = "save it as CSV UTF-8"
+UNREADABLE = pytest.mark.parametrize("content,error", [
+    (xlsx_workbook(), "not a UTF-8 CSV file (it looks like an .xlsx workbook"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(512), "(it looks like an .xls workbook)"),
+    (bytes(range(256)) * 4, "not a UTF-8 CSV file (it holds binary data"),
+    ("sex,target\nfemale,3\n".encode("utf-16-le"), "UTF-16 without a byte-order mark"),
+    (b'sex,target\nmale,4\nfemale,"3\n' + b"x" * 140_000, 'line 3: field larger than field '
+     'limit (131072); is a quote (")'),
+], ids=["xlsx", "xls", "binary", "utf-16 without BOM", "unclosed quote"])
+
+
+def nothing_stored(engine: Engine) -> bool:
+    with Session(engine) as db:
+        return (db.scalar(select(Campaign.quotas).where(Campaign.slug == "sdg1662")) == ""
+                and "campaign.quotas" not in db.scalars(select(AuditEntry.action)).all())
+
+
+@UNREADABLE
+def test_cli_refuses_a_quota_file_that_is_not_csv_text(env: dict[str, str], engine: Engine,
+                                                       channel: Channel, tmp_path: Path,
+                                                       content: bytes, error: str) -> None:
+    """One line with what is wrong and the fix; exit 1, no traceback (the runner lets any
+    other exception through), no quotas set."""
+    from gateway.cli import main
+
+    path = tmp_path / "quotas.csv"
+    path.write_bytes(content)
+    result = CliRunner().invoke(main, ["campaign", "quota", "set", "sdg1662", str(path)],
+                                env=env, catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: quotas: ") and result.output.count("\n") == 1
+    assert error in result.output and SAVE_AS in result.output
+    assert nothing_stored(engine)
+
+
+@UNREADABLE
+def test_console_refuses_a_quota_file_that_is_not_csv_text(
+        client: FlaskClient, engine: Engine, tokens: dict[str, str],  # noqa: F811
+        content: bytes, error: str) -> None:
+    """Settings > quota upload: 422 with the same message, as for a quota that does not fit
+    the questionnaire."""
+    signed_in_client(client, tokens["coordinator"])
+    csrf = csrf_of(client.get("/dashboard/campaigns/sdg1662/settings").get_data(as_text=True))
+    resp = client.post("/dashboard/campaigns/sdg1662/quotas", data={
+        "csrf": csrf, "file": (io.BytesIO(content), "quotas.csv")})
+    page = html.unescape(resp.get_data(as_text=True))
+    assert resp.status_code == 422, page[:2000]
+    assert "Quotas not set: quotas: " in page and error in page and SAVE_AS in page
+    assert nothing_stored(engine)
+
+
+@pytest.mark.parametrize("content", [
+    b"region,sex,target\rashanti,female,3\rashanti,male,4\r",
+    "region\tsex\ttarget\r\nashanti\tfemale\t3\r\nashanti\tmale\t4\r\n".encode("utf-16"),
+    b"\xfe\xff" + "region;sex;target\nashanti;female;3\nashanti;male;4\n".encode("utf-16-be"),
+], ids=["old-mac line endings", "utf-16 unicode text", "utf-16-be with BOM, semicolons"])
+def test_other_spreadsheet_quota_csvs_are_read(env: dict[str, str], engine: Engine,
+                                               channel: Channel, tmp_path: Path,
+                                               content: bytes) -> None:
+    """`\\r`-only line endings and Excel's UTF-16 "Unicode Text" set quotas like any CSV."""
+    path = tmp_path / "quotas.csv"
+    path.write_bytes(content)
+    code, out = run(env, "campaign", "quota", "set", "sdg1662", str(path), "--json")
+    assert code == 0, out
+    assert json.loads(out)["quotas"] == {"on": ["region", "sex"], "targets": {
+        "ashanti|female": 3, "ashanti|male": 4}}
 
 
 class Dialler:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from gateway.config import load_settings
 from gateway.coordination.campaigns import audit
-from gateway.coordination.contacts import ContactFileError, import_contacts
+from gateway.coordination.contacts import ContactFileError, count_lines, import_contacts
 from gateway.coordination.invitations import Audience, InvitationError, invite
 from gateway.indicator.tally import run_tally
 from gateway.store.crypto import NumberBox
@@ -49,7 +49,7 @@ def import_job(campaign_id: int, slug: str, data: bytes, actor: str) -> dict[str
     """Import a contact CSV into a campaign; returns the counts and every rejected row."""
     settings = load_settings()
     engine = shared_engine(settings)
-    progress = Progress(max(1, data.count(b"\n")))
+    progress = Progress(count_lines(data))
     try:
         result = import_contacts(engine, campaign_id, data,
                                  pseudonym_key=settings.pseudonym_key,

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from gateway.cli.context import open_engine, settings_of
 from gateway.coordination.campaigns import audit, cli_actor
-from gateway.coordination.contacts import ContactFileError, import_contacts, read_file
+from gateway.coordination.contacts import ContactFileError, count_lines, import_contacts, read_file
 from gateway.coordination.invitations import Audience, InvitationError, invite
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.crypto import NumberBox
@@ -43,7 +43,7 @@ def contacts_import(ctx: click.Context, path: Path, slug: str, as_json: bool) ->
         raise click.ClickException(f"no campaign {slug!r}")
     try:
         data = read_file(path)
-        with click.progressbar(length=max(1, data.count(b"\n")), label="importing",
+        with click.progressbar(length=count_lines(data), label="importing",
                                file=sys.stderr) as bar:
             result = import_contacts(engine, campaign_id, data,
                                      pseudonym_key=settings.pseudonym_key,

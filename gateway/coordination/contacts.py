@@ -1,7 +1,8 @@
 """Contact lists: read a coordinator's CSV, normalise numbers, store them encrypted.
 
 Spreadsheets arrive in every shape: UTF-8 with or without a BOM, Windows-1252 from Excel,
-semicolons from French locales, quoted fields, blank lines. The number column may be
+UTF-16, old-Mac line endings, semicolons from French locales, quoted fields, blank lines;
+a workbook or binary data is refused (gateway.csvfiles). The number column may be
 called phone, number, msisdn or mobile. Good rows are imported, bad rows are reported with
 their line number and reason, and importing the same file again changes nothing (contacts
 are keyed by their pseudonym).
@@ -9,8 +10,6 @@ are keyed by their pseudonym).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
+from gateway import csvfiles
 from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.crypto import NumberBox
 from gateway.store.db import upsert_insert
@@ -61,27 +61,21 @@ class ContactRow:
     attributes: dict[str, str]
 
 
-def decode(data: bytes) -> str:
-    """UTF-8 (BOM or not), else Windows-1252, the two encodings spreadsheets produce."""
-    for encoding in ("utf-8-sig", "cp1252"):
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-    return data.decode("latin-1")  # cannot fail: every byte is a character
-
-
 def read_rows(data: bytes, default_region: str = "GH") -> Iterator[ContactRow | Rejected]:
-    text = decode(data)
+    """Each data row, a contact or why it is rejected; ContactFileError if the file as a
+    whole cannot be read (not CSV text, no header, no phone column)."""
+    try:
+        yield from _rows(csvfiles.decode(data), default_region)
+    except csvfiles.UnreadableCsv as exc:
+        raise ContactFileError(str(exc)) from None
+
+
+def _rows(text: str, default_region: str) -> Iterator[ContactRow | Rejected]:
     if not text.strip():
         raise ContactFileError("the file is empty")
-    # The header decides the delimiter (Excel writes ';' in many locales): it has no
-    # quoted values to confuse the count, unlike the rows csv.Sniffer would look at.
-    first_line = text.lstrip("\r\n").splitlines()[0]
-    delimiter = max((",", ";", "\t"), key=first_line.count)
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    records = csvfiles.records(text, csvfiles.delimiter_of(text))
     try:
-        header = next(reader)
+        _, header = next(records)
     except StopIteration:
         raise ContactFileError("the file has no header row") from None
     names = [h.strip().lower().replace(" ", "_") for h in header]
@@ -92,8 +86,7 @@ def read_rows(data: bytes, default_region: str = "GH") -> Iterator[ContactRow | 
             f"{', '.join(PHONE_COLUMNS)}")
     lang_col = next((names.index(c) for c in ("language", "lang") if c in names), None)
     region_col = names.index("region") if "region" in names else None
-    for cells in reader:
-        line = reader.line_num
+    for line, cells in records:
         if not any(c.strip() for c in cells):
             continue
         if len(cells) > len(names):
@@ -113,13 +106,21 @@ def read_rows(data: bytes, default_region: str = "GH") -> Iterator[ContactRow | 
                          attributes)
 
 
+def count_lines(data: bytes) -> int:
+    """About how many lines the file has, for a progress bar: old-Mac files end theirs
+    with `\\r` alone, so counting `\\n` would find none."""
+    return max(1, data.count(b"\n"), data.count(b"\r"))
+
+
 def import_contacts(engine: Engine, campaign_id: int, data: bytes, *, pseudonym_key: bytes,
                     box: NumberBox, default_region: str = "GH",
                     progress: Callable[[int], None] | None = None) -> ImportResult:
     """Import a CSV into a campaign: new contacts created, all good rows enrolled."""
     result = ImportResult()
     batch: dict[str, ContactRow] = {}
-    for row in read_rows(data, default_region):
+    # The whole file is read before the first chunk is stored, so a file refused at its
+    # last line (ContactFileError) leaves nothing half-imported.
+    for row in list(read_rows(data, default_region)):
         result.rows += 1
         if isinstance(row, Rejected):
             result.rejected.append(row)

@@ -3,13 +3,12 @@ cell, checked against the questionnaire. Pure: the fill lives in coordination.qu
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import csvfiles
 from gateway.interview.engine import cell_key
 from gateway.interview.questionnaire import Questionnaire
 
@@ -89,32 +88,35 @@ def _named(n: int, cell: dict[str, str]) -> str:
 
 
 def read_csv(data: bytes, form: Questionnaire) -> Quota:
-    """A quota file: one column per quota question, then `target`; one row per cell.
+    """A quota file: one column per quota question, then `target`; one row per cell
+    (separated by commas, semicolons or tabs, as gateway.csvfiles reads them).
 
         region,sex,target
         ashanti,female,120
     """
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("cp1252")
-    reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip() for h in reader.fieldnames or []]
+        header, rows = _cells(csvfiles.decode(data))
+    except csvfiles.UnreadableCsv as exc:  # an .xlsx, binary data, an unclosed quote
+        raise QuotaError(str(exc)) from None
     if "target" not in header:
         raise QuotaError("the first row must name the quota questions and then 'target', "
                          "e.g. region,sex,target")
-    reader.fieldnames = header
     on = [h for h in header if h != "target"]
-    rows = []
-    for line, row in enumerate(reader, start=2):
-        if not any((v or "").strip() for v in row.values()):
-            continue
-        try:
-            rows.append(({name: (row[name] or "").strip() for name in on},
-                         (row["target"] or "").strip()))
-        except KeyError:
-            raise QuotaError(f"line {line}: missing columns") from None
+    cells = [({name: row.get(name, "") for name in on}, row.get("target", "")) for row in rows]
     try:
-        return define(form, on, rows)
+        return define(form, on, cells)
     except QuotaError as exc:  # cell n is data line n+1 (blank lines aside)
         raise QuotaError(f"{exc} (cells are counted from the first data line)") from None
+
+
+def _cells(text: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and each non-blank row by column name, values stripped (as csv.DictReader
+    would give them: a short row's missing values are empty, a long row's extras dropped).
+    The whole file is read first, so a broken last line refuses all of it."""
+    records = csvfiles.records(text, csvfiles.delimiter_of(text))
+    header = [h.strip() for h in next(records, (0, []))[1]]
+    rows = []
+    for _, values in records:
+        if any(v.strip() for v in values):
+            rows.append({name: value.strip() for name, value in zip(header, values, strict=False)})
+    return header, rows
