@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from importlib import resources
 
 import numpy as np
@@ -12,6 +13,7 @@ from gateway.indicator.estimates import (
     AREAS,
     Cell,
     Margins,
+    MarginsError,
     Params,
     Patterns,
     attribute_index,
@@ -20,6 +22,7 @@ from gateway.indicator.estimates import (
     disability_status,
     estimate,
     kish,
+    margins_text,
     rake,
     rake_many,
     read_margins,
@@ -341,3 +344,56 @@ def test_a_cell_with_only_dont_knows_does_not_force_secondary_suppression() -> N
     suppress(cells, Params())
     assert {x.group: x.status for x in cells} == {
         "_T": "published", "female": "published", "male": "published", "unknown": "suppressed"}
+
+
+HEADER = "variable,category,population,status,source\n"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("variable,category\nregion,Ashanti\n", "line 1: no column 'population'"),
+    (" variable , category , population \nregion,Ashanti,5\n", None),  # headers stripped
+    (HEADER + "region,Ashanti,5\nregion,Volta,0\n", "line 3, column 'population': '0' must"),
+    (HEADER + "region,Ashanti,nan\n", "line 2, column 'population': 'nan' is not a finite"),
+    (HEADER + "region,Ashanti,-inf\n", "line 2, column 'population': '-inf' is not a finite"),
+    (HEADER + "region,Ashanti,1e999\n", "'1e999' is not a finite number"),
+    (HEADER + "region,Ashanti,5 people\n", "'5 people' is not a number"),
+    (HEADER + ",Ashanti,5\n", "line 2, column 'variable': no value"),
+    (HEADER + "region,,5\n", "line 2, column 'category': no value"),
+    (HEADER + "region,Greater Accra,5\nregion,greater accra,6\n",
+     "line 3, column 'category': region=greater accra is given on line 2 already"),
+    (HEADER + "region,Ashanti,1e308\nregion,Volta,1e308\n", "region margins add up to more"),
+    # An unclosed quote runs on to the end: the line it opens on is named.
+    (HEADER + 'region,Ashanti,5\nregion,"Volta,6\nregion,Oti,7\n',
+     "line 3, column 'population': no value"),
+    ("\n" + HEADER + "\nregion,Ashanti,5\n\nregion,Volta,x\n",
+     "line 6, column 'population': 'x' is not a number"),
+    (HEADER + "\n,,,,\n", "has a header and no rows"),
+    ("", "the file is empty"),
+])
+def test_read_margins_refuses_what_raking_cannot_use(text: str, expected: str | None) -> None:
+    """Each refusal says the line and column; a NaN or infinite target would rake every
+    weight to NaN and still report converged."""
+    if expected is None:
+        assert read_margins(text).rows[0].population == 5
+        return
+    with pytest.raises(MarginsError, match=re.escape(expected)):
+        read_margins(text)
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (b"variable,category,population\nregion,Ashanti,5\nregion,Sav\xe1nnah,6\n",
+     "line 3, column 'category': byte 0xe1 is not UTF-8 text"),
+    (b"variable,category,population,status,source\nregion,A,5,final,\"r\xe9f, 2021\"\n",
+     "line 2, column 'source': byte 0xe9"),
+    (b"vari\xe1ble,category,population\n", "line 1: byte 0xe1"),
+])
+def test_margins_text_names_the_line_and_column_of_a_byte_not_utf8(data: bytes,
+                                                                   expected: str) -> None:
+    with pytest.raises(MarginsError, match=re.escape(expected)):
+        margins_text(data)
+
+
+def test_margins_text_drops_a_spreadsheet_bom() -> None:
+    shipped = resources.files("gateway.indicator").joinpath("data/ghana_margins.csv")
+    data = shipped.read_bytes()
+    assert read_margins(margins_text(b"\xef\xbb\xbf" + data)).rows == shipped_margins().rows

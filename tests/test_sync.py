@@ -1094,3 +1094,76 @@ def test_the_edge_worker_runs_the_sync_job(kit: Kit, monkeypatch: pytest.MonkeyP
     assert status(kit.edge_engine)["events_waiting"] == 0
     assert central_rows(kit.central_engine) == central_rows(kit.edge_engine) != set()
     assert not pump_sync(kit.edge_redis, kit.edge, kit.edge_engine, queue)  # nothing due
+
+
+# -- output paths that cannot be written ---------------------------------------------------
+
+
+def _disk_full(*_: object, **__: object) -> None:
+    raise OSError(28, os.strerror(28))  # ENOSPC
+
+
+def _edge_create(env: dict[str, str], name: str, output: Path) -> Result:
+    return CliRunner().invoke(main, ["edge", "create", name, "--campaign", "sdg1662", "-o",
+                                     str(output), "--central-url", "http://127.0.0.1:9"],
+                              env={**env, "CIVICDIAL_BUNDLE_PASSPHRASE": PASSPHRASE})
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("missing-folder", "no such directory"),
+    ("file-as-folder", "not a directory"),
+    ("disk-full", "no space left on device"),
+])
+def test_edge_create_whose_bundle_cannot_be_written_enrols_nothing(
+        env: dict[str, str], engine: Engine, channel: Channel, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, case: str, expected: str) -> None:
+    """No bundle, no edge: one line naming the path, no edge stored or audited, no file
+    left, and a retry to a good path enrols the same name."""
+    output = {"missing-folder": tmp_path / "nonexistent" / "e8.cdedge",
+              "file-as-folder": _write(tmp_path / "plain", "") / "e8.cdedge",
+              "disk-full": tmp_path / "e8.cdedge"}[case]
+    with monkeypatch.context() as patch:
+        if case == "disk-full":
+            patch.setattr(os, "fsync", _disk_full)
+        result = _edge_create(env, "e8", output)
+    # Not an exception (a traceback for the user): click's exit, one line.
+    assert isinstance(result.exception, SystemExit), (result.exception, result.output)
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: cannot write {output}: {expected}"
+    assert not output.exists()
+    with Session(engine) as db:
+        assert db.scalar(select(func.count()).select_from(EdgeNode)) == 0
+        assert db.scalar(select(func.count()).select_from(AuditEntry)
+                         .where(AuditEntry.action == "edge.create")) == 0
+    good = tmp_path / "good" / "e8.cdedge"
+    good.parent.mkdir()
+    retry = _edge_create(env, "e8", good)
+    assert retry.exit_code == 0, retry.output
+    assert open_bundle(good.read_bytes(), PASSPHRASE).name == "e8"
+    with Session(engine) as db:
+        assert db.scalars(select(EdgeNode.name)).all() == ["e8"]
+
+
+def test_sync_export_to_a_missing_or_full_stick_says_so(kit: Kit, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync export to a stick not mounted, or full: one line naming the path, no file (not
+    even the part file), the events still pending; then a good path exports them."""
+    kit.complete(0)
+    kit.persist_edge()
+    waiting = outbox_count(kit.edge_engine)
+    missing = tmp_path / "nonexistent" / "x.cd"
+    result = kit.cli("edge", "sync", "export", str(missing), ok=False)
+    assert isinstance(result.exception, SystemExit), (result.exception, result.output)
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: cannot write {missing}: no such directory"
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "replace", _disk_full)
+        full = kit.cli("edge", "sync", "export", str(stick / "x.cd"), ok=False)
+    assert full.exit_code == 1
+    assert full.output.strip() == f"Error: cannot write {stick / 'x.cd'}: no space left on device"
+    assert list(stick.iterdir()) == []
+    assert outbox_count(kit.edge_engine) == waiting
+    out = kit.cli("edge", "sync", "export", str(stick / "x.cd")).output
+    assert f"{waiting} events in 1 signed batches" in out

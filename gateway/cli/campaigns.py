@@ -38,8 +38,8 @@ from gateway.coordination.signin import revoke_tokens
 from gateway.coordination.status import campaign_status
 from gateway.interview.messages import CONFIRM_WORDS, KEYWORDS
 from gateway.interview.questionnaire import FormError, load_questionnaire
-from gateway.interview.quota import read_csv
-from gateway.store.db import make_engine
+from gateway.interview.quota import Quota, QuotaError, read_csv
+from gateway.store.db import MAX_INT, make_engine
 from gateway.store.models import ApiToken, AuditEntry, Campaign, QuestionnaireVersion
 from gateway.store.redis_conn import connect
 
@@ -131,12 +131,27 @@ def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
     click.echo(json.dumps(view, indent=2) if as_json else text)
 
 
+def _name(ctx: click.Context, param: click.Parameter, given: str) -> str:
+    """A campaign name as the API takes it: 1-300 characters (the column's size, and what
+    the console and dashboard headings show), no control characters."""
+    if not given.strip():
+        raise click.BadParameter("give the campaign a name")
+    if len(given) > 300:
+        raise click.BadParameter(f"at most 300 characters (not {len(given)})")
+    if any(ord(c) < 32 for c in given):
+        raise click.BadParameter("no control characters (tabs, line breaks, escapes)")
+    return given
+
+
 @campaign.command("create")
 @click.argument("slug")
-@click.option("--name", required=True)
+@click.option("--name", required=True, callback=_name, help="At most 300 characters.")
 @click.option("--questionnaire", "version", required=True,
               help="A version loaded with `civicdial questionnaire load`.")
-@click.option("--target-size", type=int, default=None)
+# The column is an SQL INTEGER, as the API bounds it: beyond it the driver raised
+# OverflowError, a traceback, instead of a refusal.
+@click.option("--target-size", type=click.IntRange(1, MAX_INT), default=None,
+              help="Completed interviews wanted.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def campaign_create(ctx: click.Context, slug: str, name: str, version: str,
@@ -264,10 +279,21 @@ def quota_set(ctx: click.Context, slug: str, path: Path, as_json: bool) -> None:
         ashanti,male,110
     """
     data = path.read_bytes()
-    view = _replace_quotas(ctx, slug, lambda form: read_csv(data, form))
+    view = _replace_quotas(ctx, slug, lambda form: _storable(read_csv(data, form)))
     quotas = view["quotas"]
     emit(as_json, view, f"{slug}: {len(quotas['targets'])} quota cells on "
                          f"{' x '.join(quotas['on'])}; `civicdial campaign quota show {slug}`")
+
+
+def _storable(quota: Quota) -> Quota:
+    """Targets within an SQL INTEGER, the bound the API puts on every count: one above it
+    is a typo, and its cell could never fill (the fill is counted in SQL)."""
+    for n, (key, target) in enumerate(quota.targets.items(), start=1):
+        if target > MAX_INT:
+            cell = ", ".join(f"{name}={value}" for name, value in quota.cell(key).items())
+            raise QuotaError(f"cell {n} ({cell}): target must be at most {MAX_INT} (cells "
+                             "are counted from the first data line)")
+    return quota
 
 
 @quota.command("clear")
@@ -420,7 +446,7 @@ def token_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @click.command("audit")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, MAX_INT), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def audit_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:

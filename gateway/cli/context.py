@@ -1,10 +1,15 @@
 """What every command needs: the settings (with --data-dir), a migrated database, one
-transaction with domain errors turned into clean exits, and --json or text output."""
+transaction with domain errors turned into clean exits, --json or text output, and output
+files that are checked before the work and never left half-written."""
 
 from __future__ import annotations
 
+import errno
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -57,3 +62,37 @@ def in_transaction(ctx: click.Context, work: Callable[[Session], Any]) -> Any:
 
 def emit(as_json: bool, data: Any, text: str) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+def cannot_write(path: Path, exc: OSError) -> click.ClickException:
+    """'cannot write /x/y.csv: no such directory': the operator's words, not a traceback."""
+    why = ("no such directory" if exc.errno == errno.ENOENT
+           else (exc.strerror or str(exc)).lower())
+    return click.ClickException(f"cannot write {path}: {why}")
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output path whose folder is missing or read-only before any work is done
+    or anything stored: found only at the end, the command would be left half-done (an
+    edge enrolled with no bundle, a tally computed for nothing)."""
+    folder = path.absolute().parent
+    code = (errno.ENOENT if not folder.exists() else errno.ENOTDIR if not folder.is_dir()
+            else None if os.access(folder, os.W_OK | os.X_OK) else errno.EACCES)
+    if code is not None:
+        raise cannot_write(path, OSError(code, os.strerror(code)))
+
+
+@contextmanager
+def output_file(path: Path) -> Iterator[Path]:
+    """A path next to `path` for the block to write; moved onto `path` only when the block
+    ends without an error, so a failed write (disk full) leaves no half-written file where
+    a script would take it for the export. OSError -> one line, exit 1."""
+    check_writable(path)
+    part = path.with_name(f".{path.name}.part")
+    try:
+        yield part
+        os.replace(part, path)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    finally:
+        part.unlink(missing_ok=True)

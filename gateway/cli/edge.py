@@ -10,13 +10,15 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.cli.context import emit, open_engine, settings_of
+from gateway.cli.context import cannot_write, check_writable, emit, open_engine, settings_of
 from gateway.config import Settings
 from gateway.coordination.campaigns import audit, cli_actor
 from gateway.coordination.edges import (
+    MIN_PASSPHRASE,
     EdgeError,
-    create_edge,
+    enrol_edge,
     list_edges,
+    new_edge,
     open_bundle,
     revoke_edge,
     seal_bundle,
@@ -68,31 +70,51 @@ def create_cmd(ctx: click.Context, name: str, slug: str, region: str, output: Pa
         raise click.ClickException("give --central-url (or set CIVICDIAL_PUBLIC_BASE_URL)")
     if output.exists():
         raise click.ClickException(f"{output} exists; not overwriting a bundle")
+    check_writable(output)  # before the passphrase is asked (twice) for nothing
     passphrase = _passphrase(settings, passphrase_file, confirm=True)
+    if len(passphrase) < MIN_PASSPHRASE:
+        raise click.ClickException(f"the passphrase must have at least {MIN_PASSPHRASE} "
+                                   "characters")
     engine = open_engine(settings)
     try:
-        if len(passphrase) < 12:
-            raise EdgeError("the passphrase must have at least 12 characters")
-        with Session(engine, expire_on_commit=False) as db, db.begin():
-            bundle = create_edge(db, settings, name, slug, region, url)
-            audit(db, cli_actor(), "edge.create", name,
-                  after={"campaign": slug, "region": region, "central_url": url})
-        with Session(engine, expire_on_commit=False) as db:
-            node = db.get(EdgeNode, bundle.edge_id)
-            assert node is not None
-            db.expunge(node)
-        changes, cursor, more = [], 0, True
-        while more:
-            page = changes_since(engine, settings, node, cursor)
-            changes += page["changes"]
-            cursor, more = int(page["cursor"]), bool(page["more"])
-        sealed = seal_bundle(dataclasses.replace(bundle, changes=changes, cursor=cursor),
-                             passphrase)
+        with Session(engine) as db:
+            node, bundle = new_edge(db, settings, name, slug, region, url)
     except EdgeError as exc:
         raise click.ClickException(str(exc)) from None
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(sealed)
+    # The bundle is written before the edge is stored, and removed if storing it fails:
+    # an edge stored with no bundle could never join, and would hold its name against a
+    # retry. The file is made first (O_EXCL: never someone else's) so a path that cannot
+    # be written is refused before the feed is read.
+    try:
+        fh = os.fdopen(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+    except OSError as exc:
+        raise cannot_write(output, exc) from None
+    stored = False
+    try:
+        with fh:
+            changes, cursor, more = [], 0, True
+            while more:  # the edge's feed, read with the node not stored yet
+                page = changes_since(engine, settings, node, cursor)
+                changes += page["changes"]
+                cursor, more = int(page["cursor"]), bool(page["more"])
+            sealed = seal_bundle(dataclasses.replace(bundle, changes=changes, cursor=cursor),
+                                 passphrase)
+            try:
+                fh.write(sealed)
+                fh.flush()
+                os.fsync(fh.fileno())  # on the disk before the edge is enrolled
+            except OSError as exc:
+                raise cannot_write(output, exc) from None
+        with Session(engine) as db, db.begin():
+            enrol_edge(db, node)
+            audit(db, cli_actor(), "edge.create", name,
+                  after={"campaign": slug, "region": region, "central_url": url})
+        stored = True
+    except EdgeError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if not stored:
+            output.unlink(missing_ok=True)
     contacts = sum(1 for c in changes if c["kind"] == "contact")
     click.echo(f"edge {name} enrolled for campaign {slug}"
                f"{f' (region {region})' if region else ''}; bundle written to {output} "

@@ -12,9 +12,9 @@ from pathlib import Path
 import click
 from rq import Queue
 
-from gateway.cli.context import open_engine, settings_of
+from gateway.cli.context import check_writable, open_engine, output_file, settings_of
 from gateway.config import Settings
-from gateway.indicator.estimates import Params, read_margins
+from gateway.indicator.estimates import Margins, MarginsError, Params, margins_text, read_margins
 from gateway.indicator.exports import (
     DEFAULT_DATAFLOW,
     DEFAULT_SERIES_PREFIX,
@@ -30,6 +30,7 @@ from gateway.indicator.tally import (
     publish,
     run_tally,
 )
+from gateway.store.db import MAX_INT
 from gateway.store.models import Campaign
 from gateway.store.redis_conn import connect
 from workers.jobs import QUEUE
@@ -42,6 +43,22 @@ def _campaign(settings: Settings, slug: str):  # type: ignore[no-untyped-def]
     if campaign is None:
         raise click.ClickException(f"no campaign {slug!r}")
     return engine, campaign
+
+
+def _margins(path: Path) -> Margins:
+    """The --margins file, or one line naming the file, the line and the column of what is
+    wrong: a bad file must stop the tally before it stores a snapshot raked to it."""
+    try:
+        return read_margins(margins_text(path.read_bytes()))
+    except MarginsError as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
+
+
+# A snapshot version is an SQL INTEGER: a larger number is no version (and the driver
+# would raise OverflowError on it rather than find nothing).
+_VERSION = click.IntRange(1, MAX_INT)
 
 
 @click.command("tally")
@@ -70,8 +87,7 @@ def tally_cmd(ctx: click.Context, campaign: str, margins_file: str | None, min_n
     """Tally SDG 16.6.2 for a campaign into a new snapshot."""
     settings = settings_of(ctx)
     engine, camp = _campaign(settings, campaign)
-    margins = (read_margins(Path(margins_file).read_text(encoding="utf-8"))
-               if margins_file else default_margins())
+    margins = _margins(Path(margins_file)) if margins_file else default_margins()
     params = Params(min_n=min_n, min_neff=min_neff, flag_neff=flag_neff, cap_ratio=cap_ratio,
                     replicates=replicates, seed=seed)
     if background:
@@ -115,7 +131,7 @@ def tally_cmd(ctx: click.Context, campaign: str, margins_file: str | None, min_n
 @click.option("--format", "fmt", type=click.Choice(["csv", "xlsx", "sdmx", "microdata"]),
               required=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
-@click.option("--snapshot", "version", type=int, default=None,
+@click.option("--snapshot", "version", type=_VERSION, default=None,
               help="Snapshot version [default: the latest].")
 @click.option("--series-prefix", default=DEFAULT_SERIES_PREFIX, show_default=True,
               help="National SDMX series id prefix (no SDG global code exists).")
@@ -126,28 +142,31 @@ def export_cmd(ctx: click.Context, campaign: str, fmt: str, output: str, version
                series_prefix: str, dataflow: str) -> None:
     """Export a tally snapshot (csv, xlsx, sdmx) or the pseudonymous answers (microdata)."""
     settings = settings_of(ctx)
-    engine, camp = _campaign(settings, campaign)
     path = Path(output)
+    check_writable(path)  # before reading a whole campaign's answers for nothing
+    engine, camp = _campaign(settings, campaign)
     if fmt == "microdata":
-        n = write_microdata(engine, camp.id, path)
+        with output_file(path) as part:
+            n = write_microdata(engine, camp.id, part)
         click.echo(f"{path}: {n} answers (pseudonymous ids, no phone numbers, no open text)")
         return
     snap = latest_snapshot(engine, camp.id, version)
     if snap is None:
         raise click.ClickException(f"no tally snapshot for {camp.slug}: run "
                                    f"`civicdial tally {camp.slug}` first")
-    if fmt == "csv":
-        n = write_csv(snap, path)
-    elif fmt == "xlsx":
-        n = write_xlsx(snap, camp, path)
-    else:
-        n = write_sdmx(snap, camp, path, series_prefix=series_prefix, dataflow=dataflow)
+    with output_file(path) as part:
+        if fmt == "csv":
+            n = write_csv(snap, part)
+        elif fmt == "xlsx":
+            n = write_xlsx(snap, camp, part)
+        else:
+            n = write_sdmx(snap, camp, part, series_prefix=series_prefix, dataflow=dataflow)
     click.echo(f"{path}: {n} rows from snapshot v{snap.version}")
 
 
 @click.command("publish")
 @click.argument("campaign")
-@click.option("--snapshot", "version", type=int, default=None,
+@click.option("--snapshot", "version", type=_VERSION, default=None,
               help="Snapshot version [default: the latest].")
 @click.pass_context
 def publish_cmd(ctx: click.Context, campaign: str, version: int | None) -> None:

@@ -3,13 +3,14 @@ on central, `sync import` of a USB file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from gateway.cli.context import emit, open_engine, settings_of
+from gateway.cli.context import cannot_write, check_writable, emit, open_engine, settings_of
 from gateway.store.redis_conn import connect
 from workers.sync_central import SyncRefused, receive_batch
 from workers.sync_edge import SyncError, export_pending, read_export, status, sync_once
@@ -65,10 +66,16 @@ def now_cmd(ctx: click.Context, as_json: bool) -> None:
 def export_cmd(ctx: click.Context, path: Path) -> None:
     """On the edge: write every pending batch, signed, for `sync import` on central."""
     settings = settings_of(ctx)
+    check_writable(path)  # a USB stick not mounted: said before the batches are signed
     try:
         done = export_pending(settings, open_engine(settings), path)
     except SyncError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # the stick full or pulled out
+        # export_pending writes PATH.part and renames it: a failed write leaves that.
+        with contextlib.suppress(OSError):
+            path.with_name(path.name + ".part").unlink(missing_ok=True)
+        raise cannot_write(path, exc) from None
     click.echo(f"{done['events']} events in {done['batches']} signed batches written to "
                f"{path}; they stay pending here until central acknowledges them over a "
                "link (sending them again then changes nothing)")

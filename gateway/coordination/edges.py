@@ -125,9 +125,12 @@ def signed_headers(edge: str, secret: str, method: str, path: str, body: bytes,
             H_SIGNATURE: signature(secret, method, path, edge, timestamp, nonce, body)}
 
 
-def create_edge(db: Session, settings: Settings, name: str, campaign_slug: str, region: str,
-                central_url: str) -> Bundle:
-    """Enrol a new edge node for a campaign; returns the bundle to seal and hand over."""
+def new_edge(db: Session, settings: Settings, name: str, campaign_slug: str, region: str,
+             central_url: str) -> tuple[EdgeNode, Bundle]:
+    """A new edge node for a campaign and the bundle to seal and hand over, checked but
+    not stored: `edge create` writes the bundle first and stores the edge after it
+    (enrol_edge), so a bundle that cannot be written leaves no edge nobody can join,
+    whose name a retry would find taken."""
     campaign = db.scalar(select(Campaign).where(Campaign.slug == campaign_slug))
     if campaign is None:
         raise EdgeError(f"no campaign {campaign_slug!r}")
@@ -138,12 +141,27 @@ def create_edge(db: Session, settings: Settings, name: str, campaign_slug: str, 
     secret = secrets.token_urlsafe(32)
     edge = EdgeNode(id=secrets.token_hex(16), name=name, campaign_id=campaign.id,
                     region=region, secret=NumberBox(settings.encryption_key).seal(secret))
+    return edge, Bundle(edge_id=edge.id, name=name, campaign=campaign_slug, region=region,
+                        secret=secret, pseudonym_key=settings.pseudonym_key.decode(),
+                        central_url=central_url.rstrip("/"),
+                        created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def enrol_edge(db: Session, edge: EdgeNode) -> None:
+    """Store an edge made by new_edge; its name is checked again, as another `edge create`
+    may have taken it since."""
+    if db.scalar(select(EdgeNode.id).where(EdgeNode.name == edge.name)) is not None:
+        raise EdgeError(f"an edge named {edge.name!r} exists already")
     db.add(edge)
     db.flush()
-    return Bundle(edge_id=edge.id, name=name, campaign=campaign_slug, region=region,
-                  secret=secret, pseudonym_key=settings.pseudonym_key.decode(),
-                  central_url=central_url.rstrip("/"),
-                  created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def create_edge(db: Session, settings: Settings, name: str, campaign_slug: str, region: str,
+                central_url: str) -> Bundle:
+    """Enrol a new edge node for a campaign; returns the bundle to seal and hand over."""
+    edge, bundle = new_edge(db, settings, name, campaign_slug, region, central_url)
+    enrol_edge(db, edge)
+    return bundle
 
 
 def revoke_edge(db: Session, name: str) -> EdgeNode:

@@ -144,19 +144,95 @@ class Margins:
         return out
 
 
+class MarginsError(ValueError):
+    """A margins file the raking cannot use, with where it is wrong (line and column)."""
+
+
+MARGINS_COLUMNS = ("variable", "category", "population", "status", "source")
+
+
+def margins_text(data: bytes) -> str:
+    """A margins file's bytes as text: UTF-8 (a spreadsheet's BOM dropped), or a
+    MarginsError naming the line and column of the first byte that is not."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        where = f"line {line}"
+        if line > 1:  # which column: the cells before the bad byte, as csv reads them
+            header = next(csv.reader([data[:data.find(b"\n")].decode("utf-8", "replace")]),
+                          [])
+            before = next(csv.reader([data[start:exc.start].decode("utf-8", "replace")]),
+                          [""])
+            if len(before) <= len(header):
+                where += f", column {header[len(before) - 1].strip()!r}"
+        raise MarginsError(f"{where}: byte 0x{data[exc.start]:02x} is not UTF-8 text; "
+                           "save the file as CSV UTF-8") from None
+
+
 def read_margins(text: str) -> Margins:
-    """Parse a margins CSV (variable,category,population,status,source)."""
-    reader = csv.DictReader(io.StringIO(text))
-    need = {"variable", "category", "population"}
-    if reader.fieldnames is None or not need <= set(reader.fieldnames):
-        raise ValueError(f"margins file needs the columns {sorted(need)}")
-    rows = tuple(MarginRow(r["variable"].strip(), r["category"].strip(),
-                           float(r["population"]), (r.get("status") or "final").strip(),
-                           (r.get("source") or "").strip()) for r in reader)
-    for row in rows:
-        if row.population <= 0:
-            raise ValueError(f"margin {row.variable}={row.category} must be positive")
-    return Margins(rows, hashlib.sha256(text.encode()).hexdigest(), text)
+    """Parse a margins CSV (variable,category,population,status,source). Anything the
+    raking cannot use is refused with its line and column, as a MarginsError: a silently
+    wrong weight (a NaN target rakes to NaN and still reports converged) is worse than
+    none."""
+    reader = csv.reader(io.StringIO(text))
+    need = MARGINS_COLUMNS[:3]
+    header: list[str] | None = None
+    rows: list[MarginRow] = []
+    first_line: dict[tuple[str, str], int] = {}
+    line = ended = 0
+    try:
+        for record in reader:
+            # The line a record starts on: an unclosed quote runs on over the next ones.
+            line, ended = ended + 1, reader.line_num
+            if not record:
+                continue  # a blank line
+            if header is None:
+                header = [name.strip() for name in record]
+                missing = [name for name in need if name not in header]
+                if missing:
+                    raise MarginsError(f"line {line}: no column {missing[0]!r}; a margins "
+                                       f"file starts with {','.join(MARGINS_COLUMNS)}")
+                continue
+            values = dict(zip(header, (v.strip() for v in record), strict=False))
+            if not any(values.values()):
+                continue  # a spreadsheet's empty row (",,,,")
+            for name in need:
+                if not values.get(name):
+                    raise MarginsError(f"line {line}, column {name!r}: no value")
+            raw = values["population"]
+            try:
+                population = float(raw)
+            except ValueError:
+                raise MarginsError(f"line {line}, column 'population': {raw!r} is not a "
+                                   "number") from None
+            if not math.isfinite(population):
+                raise MarginsError(f"line {line}, column 'population': {raw!r} is not a "
+                                   "finite number")
+            if population <= 0:
+                raise MarginsError(f"line {line}, column 'population': {raw!r} must be "
+                                   "above 0")
+            variable, category = values["variable"], values["category"]
+            # Raking matches categories by choice name: two that map to one would both
+            # add to the same target.
+            key = (variable, choice_name(category))
+            if key in first_line:
+                raise MarginsError(f"line {line}, column 'category': {variable}={category} "
+                                   f"is given on line {first_line[key]} already")
+            first_line[key] = line
+            rows.append(MarginRow(variable, category, population,
+                                  values.get("status") or "final", values.get("source", "")))
+    except csv.Error as exc:  # a NUL byte, an overlong field
+        raise MarginsError(f"line {ended + 1}: {exc}") from None
+    if header is None:
+        raise MarginsError("the file is empty")
+    if not rows:
+        raise MarginsError("no margins: the file has a header and no rows")
+    for variable in dict.fromkeys(r.variable for r in rows):
+        if not math.isfinite(sum(r.population for r in rows if r.variable == variable)):
+            raise MarginsError(f"the {variable} margins add up to more than a number holds")
+    return Margins(tuple(rows), hashlib.sha256(text.encode()).hexdigest(), text)
 
 
 # -- collapsing ------------------------------------------------------------------------

@@ -117,6 +117,9 @@ def in_values(engine: Engine, column: Any, values: Iterable[Any]) -> ColumnEleme
     return column.in_(select(rows.c.value))
 
 
+MAX_INT = 2**31 - 1  # what an SQL INTEGER holds
+
+
 def stored_utc(moment: datetime) -> datetime:
     """A time read back from SQL, made aware: SQLite hands back naive datetimes, and every
     stored time is UTC."""

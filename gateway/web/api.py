@@ -46,6 +46,7 @@ from gateway.indicator import exports
 from gateway.indicator.tally import Published, publish, run_tally
 from gateway.interview.questionnaire import FormError, load_questionnaire
 from gateway.interview.quota import define as define_quota
+from gateway.store.db import MAX_INT
 from gateway.store.models import (
     ApiToken,
     AuditEntry,
@@ -60,7 +61,6 @@ from gateway.web.openapi import OPENAPI
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 RANK = {"viewer": 0, "coordinator": 1, "admin": 2}
 MAX_UPLOAD = 50 * 1024 * 1024  # a 100k-row contact CSV is ~5 MB
-MAX_INT = 2**31 - 1  # SQL INTEGER
 MAX_JSON = 1024 * 1024  # a JSON request body (the largest, a quota table, is a few KB)
 
 
