@@ -45,14 +45,6 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-# Compare-and-set: a concurrent hop for the same interview (a provider retry racing
-# the original) makes this return 0 and the caller reloads, so no event is doubled.
-# A hop that did not read (a warm load) also has every other value it relied on compared
-# (KEYS[5..4+g] against ARGV[11..10+g]: nil compares as ''), and is counted against the
-# per-number limits here (KEYS[5+g..4+g+l], at most ARGV[11+g..]; each counter expires
-# after ARGV[10] s): over a limit, nothing is written and it returns -1, or -2 for the
-# first hop over it. Counted only once the values hold, so a hop that goes on to read
-# afresh and count there is counted once.
 # How long a provider session's record outlives its end (END, the provider's own end, a
 # new dial): the operator has closed the session, so only quick retries can follow.
 ENDED_SESSION_TTL = 300
@@ -72,6 +64,14 @@ local function close(key)
 end
 """
 
+# Compare-and-set: a concurrent hop for the same interview (a provider retry racing
+# the original) makes this return 0 and the caller reloads, so no event is doubled.
+# A hop that did not read (a warm load) also has every other value it relied on compared
+# (KEYS[5..4+g] against ARGV[11..10+g]: nil compares as ''), and is counted against the
+# per-number limits here (KEYS[5+g..4+g+l], at most ARGV[11+g..]; each counter expires
+# after ARGV[10] s): over a limit, nothing is written and it returns -1, or -2 for the
+# first hop over it. Counted only once the values hold, so a hop that goes on to read
+# afresh and count there is counted once.
 _COMMIT = _CLOSE + """
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return 0 end
