@@ -88,6 +88,10 @@ def test_campaign_flow_over_the_api(client: FlaskClient, tokens: dict[str, str],
     assert resp.status_code == 201 and resp.get_json()["state"] == "draft"
     assert client.post("/api/v1/campaigns", headers=coord, json={
         "slug": "ashanti", "name": "again", "questionnaire_version": version}).status_code == 409
+    for name in ("", "   ", "x" * 301, "tab\there"):  # as the CLI refuses them
+        resp = client.post("/api/v1/campaigns", headers=coord, json={
+            "slug": "named", "name": name, "questionnaire_version": version})
+        assert resp.status_code == 422 and "name" in resp.get_json()["error"], name
     assert client.post("/api/v1/campaigns/ashanti/open", headers=coord).status_code == 200
     resp = client.post("/api/v1/campaigns/ashanti/open", headers=coord)
     assert resp.status_code == 409 and "open: it can go to paused, closed" in resp.get_json()[

@@ -82,7 +82,7 @@ def test_going_back_into_a_full_cell_is_screened() -> None:
     (b"colour,target\nred,3\n", "'colour' is not a single-choice question"),
     (b"color,target\npurple,3\n", "'purple' is not a choice of color"),
     (b"color,target\nred,three\n", "target 'three' is not a whole number"),
-    (b"color,target\nred,-1\n", "target must be 0 or more"),
+    (b"color,target\nred,-1\n", "target must be from 0 to"),
     (b"color,target\nred,1\nred,2\n", "red is given twice"),
     (b"color,used\nred,yes\n", "then 'target'"),
     (b"visits,target\n3,1\n", "'visits' is not a single-choice question"),

@@ -38,7 +38,7 @@ from gateway.coordination.signin import revoke_tokens
 from gateway.coordination.status import campaign_status
 from gateway.interview.messages import CONFIRM_WORDS, KEYWORDS
 from gateway.interview.questionnaire import FormError, load_questionnaire
-from gateway.interview.quota import Quota, QuotaError, read_csv
+from gateway.interview.quota import read_csv
 from gateway.store.db import MAX_INT, make_engine
 from gateway.store.models import ApiToken, AuditEntry, Campaign, QuestionnaireVersion
 from gateway.store.redis_conn import connect
@@ -279,21 +279,10 @@ def quota_set(ctx: click.Context, slug: str, path: Path, as_json: bool) -> None:
         ashanti,male,110
     """
     data = path.read_bytes()
-    view = _replace_quotas(ctx, slug, lambda form: _storable(read_csv(data, form)))
+    view = _replace_quotas(ctx, slug, lambda form: read_csv(data, form))
     quotas = view["quotas"]
     emit(as_json, view, f"{slug}: {len(quotas['targets'])} quota cells on "
                          f"{' x '.join(quotas['on'])}; `civicdial campaign quota show {slug}`")
-
-
-def _storable(quota: Quota) -> Quota:
-    """Targets within an SQL INTEGER, the bound the API puts on every count: one above it
-    is a typo, and its cell could never fill (the fill is counted in SQL)."""
-    for n, (key, target) in enumerate(quota.targets.items(), start=1):
-        if target > MAX_INT:
-            cell = ", ".join(f"{name}={value}" for name, value in quota.cell(key).items())
-            raise QuotaError(f"cell {n} ({cell}): target must be at most {MAX_INT} (cells "
-                             "are counted from the first data line)")
-    return quota
 
 
 @quota.command("clear")

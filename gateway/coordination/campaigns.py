@@ -257,6 +257,8 @@ def create_campaign(db: Session, actor: str, slug: str, name: str, version: str,
                             "(civicdial questionnaire load FILE)")
     if target_size is not None and target_size < 1:
         raise CampaignError("target size must be a positive number")
+    if not name.strip() or len(name) > 300 or any(ord(c) < 32 for c in name):
+        raise CampaignError("name: 1 to 300 characters, no control characters")
     campaign = Campaign(slug=slug, name=name, questionnaire_version=version, state="draft",
                         target_size=target_size)
     db.add(campaign)

@@ -70,8 +70,8 @@ def define(form: Questionnaire, on: Iterable[str],
         except ValueError:
             raise QuotaError(f"{_named(n, cell)}: target {target!r} is not a whole "
                              "number") from None
-        if value < 0:
-            raise QuotaError(f"{_named(n, cell)}: target must be 0 or more")
+        if not 0 <= value <= 2**31 - 1:  # what the SQL column holds
+            raise QuotaError(f"{_named(n, cell)}: target must be from 0 to {2**31 - 1}")
         key = cell_key([cell[name] for name in names])
         if key in targets:
             raise QuotaError(f"{_named(n, cell)}: {key} is given twice")
