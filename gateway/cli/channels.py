@@ -105,7 +105,6 @@ def channels_add(ctx: click.Context, provider: str, kind: str, address: str, slu
     base = _base_url(ctx, settings, base_url)
     if provider == "android":
         address = _android_address(address, settings.default_region)
-        _android_config(config)
     engine = open_engine(settings, with_defaults=True)
     phone = None
     with Session(engine) as db, db.begin():
@@ -173,21 +172,6 @@ def _android_address(address: str, region: str) -> str:
     except BadPhoneNumber as exc:
         raise click.BadParameter(f"the phone's SIM number: {exc}",
                                  param_hint="--address") from None
-
-
-def _android_config(config: dict[str, Any]) -> None:
-    missing = [k for k in ("url", "username", "password", "signing_key")
-               if not isinstance(config.get(k), str) or not config[k]]
-    if missing:
-        raise click.BadParameter(f"SMS Gateway for Android needs {', '.join(missing)}",
-                                 param_hint="--config")
-    for name in ("rate_per_hour", "sim_number"):
-        value = config.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                  or value < (1 if name == "sim_number" else 0)):
-            raise click.BadParameter(f"{name} must be a number"
-                                     + (" from 1" if name == "sim_number" else ""),
-                                     param_hint="--config")
 
 
 def _set_up_phone(config: dict[str, Any], key: str, events_url: str) -> dict[str, Any]:
