@@ -20,6 +20,7 @@ from gateway.coordination.campaigns import (
     CampaignError,
     audit,
     campaign_view,
+    check_name,
     cli_actor,
     create_campaign,
     create_token,
@@ -132,14 +133,11 @@ def campaign_set(ctx: click.Context, slug: str, sms_keyword: str | None,
 
 
 def _name(ctx: click.Context, param: click.Parameter, given: str) -> str:
-    """A campaign name as the API takes it: 1-300 characters (the column's size, and what
-    the console and dashboard headings show), no control characters."""
-    if not given.strip():
-        raise click.BadParameter("give the campaign a name")
-    if len(given) > 300:
-        raise click.BadParameter(f"at most 300 characters (not {len(given)})")
-    if any(ord(c) < 32 for c in given):
-        raise click.BadParameter("no control characters (tabs, line breaks, escapes)")
+    """--name as create_campaign takes it, refused as a usage error before any work."""
+    try:
+        check_name(given)
+    except CampaignError as exc:
+        raise click.BadParameter(str(exc)) from None
     return given
 
 

@@ -246,6 +246,17 @@ def set_schedule(db: Session, actor: str, slug: str, opens_at: datetime | None,
     return campaign
 
 
+def check_name(name: str) -> None:
+    """A campaign name: 1-300 characters (the column's size, and what the console and
+    dashboard headings show), no control characters; CampaignError says which is wrong."""
+    if not name.strip():
+        raise CampaignError("give the campaign a name")
+    if len(name) > 300:
+        raise CampaignError(f"at most 300 characters (not {len(name)})")
+    if any(ord(c) < 32 for c in name):
+        raise CampaignError("no control characters (tabs, line breaks, escapes)")
+
+
 def create_campaign(db: Session, actor: str, slug: str, name: str, version: str,
                     target_size: int | None = None) -> Campaign:
     if not _SLUG.match(slug):
@@ -257,8 +268,7 @@ def create_campaign(db: Session, actor: str, slug: str, name: str, version: str,
                             "(civicdial questionnaire load FILE)")
     if target_size is not None and target_size < 1:
         raise CampaignError("target size must be a positive number")
-    if not name.strip() or len(name) > 300 or any(ord(c) < 32 for c in name):
-        raise CampaignError("name: 1 to 300 characters, no control characters")
+    check_name(name)
     campaign = Campaign(slug=slug, name=name, questionnaire_version=version, state="draft",
                         target_size=target_size)
     db.add(campaign)
