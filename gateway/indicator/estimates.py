@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
-import io
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +24,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from gateway import csvfiles
 
 Z95 = 1.959963984540054
 
@@ -176,16 +177,15 @@ def read_margins(text: str) -> Margins:
     raking cannot use is refused with its line and column, as a MarginsError: a silently
     wrong weight (a NaN target rakes to NaN and still reports converged) is worse than
     none."""
-    reader = csv.reader(io.StringIO(text))
     need = MARGINS_COLUMNS[:3]
     header: list[str] | None = None
     rows: list[MarginRow] = []
     first_line: dict[tuple[str, str], int] = {}
-    line = ended = 0
+    ended = 0
     try:
-        for record in reader:
+        for end, record in csvfiles.records(text):
             # The line a record starts on: an unclosed quote runs on over the next ones.
-            line, ended = ended + 1, reader.line_num
+            line, ended = ended + 1, end
             if not record:
                 continue  # a blank line
             if header is None:
@@ -223,8 +223,8 @@ def read_margins(text: str) -> Margins:
             first_line[key] = line
             rows.append(MarginRow(variable, category, population,
                                   values.get("status") or "final", values.get("source", "")))
-    except csv.Error as exc:  # a NUL byte, an overlong field
-        raise MarginsError(f"line {ended + 1}: {exc}") from None
+    except csvfiles.UnreadableCsv as exc:  # a NUL byte, an overlong field
+        raise MarginsError(str(exc)) from None
     if header is None:
         raise MarginsError("the file is empty")
     if not rows:
