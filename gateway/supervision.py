@@ -48,6 +48,8 @@ MAX_BACKOFF = 30.0
 STABLE_SECONDS = 30.0
 CRASH_LOOP = 5
 POLL_SECONDS = 0.2
+RUN_DIR_PREFIX = "civicdial-up-"
+OWNER_FILE = "up.pid"
 log = logging.getLogger("civicdial.up")
 
 
@@ -136,7 +138,9 @@ def run(plan: Plan) -> int:
     configure_logging(settings)
     # Per run: the embedded Redis's socket (a short path: unix sockets allow ~100 bytes)
     # and prometheus_client's multiprocess files, which must start empty.
-    run_dir = Path(tempfile.mkdtemp(prefix="civicdial-up-"))
+    sweep_run_dirs()
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+    (run_dir / OWNER_FILE).write_text(str(os.getpid()))
     metrics_dir = run_dir / "metrics"
     metrics_dir.mkdir()
     env = dict(os.environ, CIVICDIAL_DATA_DIR=str(settings.data_dir),
@@ -195,6 +199,44 @@ def run(plan: Plan) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         click.echo("stopped.")
     return code
+
+
+def sweep_run_dirs() -> list[Path]:
+    """Remove the run dirs of `up`s that were killed (SIGKILL, power cut) before their own
+    clean-up: each holds the pid of the `up` that made it, and one whose `up` is gone is
+    left from such a death. A dir without that file (still being made, or not ours) stays,
+    and so does one whose embedded redis-server is still saving on its way out: its socket
+    is how the next `up` finds and waits for it."""
+    removed = []
+    for run_dir in Path(tempfile.gettempdir()).glob(RUN_DIR_PREFIX + "*"):
+        try:
+            owner = int((run_dir / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if _running(owner) or _running(_pid_in(run_dir / "redis.pid")):
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)
+        removed.append(run_dir)
+    return removed
+
+
+def _pid_in(path: Path) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _running(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _supervise(children: list[Child], settings: Settings) -> None:

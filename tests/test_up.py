@@ -249,3 +249,34 @@ def test_up_supervises_without_the_app_in_its_memory(tmp_path: Path) -> None:
         [sys.executable, "-c", "import gateway.cli; print(open('/proc/self/maps').read())"],
         capture_output=True, text=True, timeout=60, check=True).stdout
     assert "numpy" in cli_maps and "sqlalchemy" in cli_maps
+
+
+def test_a_killed_up_leaves_nothing_the_next_one_does_not_clear(tmp_path: Path) -> None:
+    """SIGKILL `up` itself (no clean-up runs): its processes die with it, and the next
+    `up` on the same machine removes the run dir (socket, metrics files) it left behind,
+    while the run dir of an `up` still running is kept."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**embedded_env(), "TMPDIR": str(tmp)}
+    with Node(tmp_path / "other", env=env) as running:
+        killed = Node(tmp_path / "data", env=env).start()
+        assert killed.proc is not None
+        children = [killed.child(name) for name in ("worker", "web server", "redis")]
+        both = set(tmp.glob("civicdial-up-*"))
+        assert len(both) == 2, both
+        killed.proc.send_signal(signal.SIGKILL)
+        killed.proc.wait(timeout=30)
+        wait_until(lambda: not any(_alive(c.pid) for c in children), 60,
+                   "up's processes to die with it")
+        assert set(tmp.glob("civicdial-up-*")) == both  # nobody cleaned up
+        with Node(tmp_path / "data", env=env) as again:
+            reply = again.hop({"sessionId": "K1", "serviceCode": "*920*16#",
+                               "phoneNumber": "+233241110001", "networkCode": "62001",
+                               "text": ""})
+            assert reply.startswith("CON "), reply
+            left = set(tmp.glob("civicdial-up-*"))
+            assert len(left) == 2 and len(left & both) == 1, (left, both)
+            assert running.hop({"sessionId": "K2", "serviceCode": "*920*16#",
+                                "phoneNumber": "+233241110002", "networkCode": "62001",
+                                "text": ""}).startswith("CON ")
+    assert not list(tmp.glob("civicdial-up-*"))
