@@ -634,6 +634,47 @@ def test_bind_and_unbind_a_channel(client: FlaskClient, engine: Engine,
                                                                          (False, True)]
 
 
+def test_binding_an_android_phone_sets_it_up_or_leaves_nothing(
+        client: FlaskClient, engine: Engine, settings: Any,
+        tokens: dict[str, str]) -> None:  # noqa: F811
+    """The console binds an SMS Gateway for Android phone as `channels add` does: the
+    phone is checked and its four webhooks point at the new channel; a phone that cannot
+    be reached, or a SIM number that is no number, is refused with why and no channel."""
+    from fake_android import fake_phone
+
+    signed_in_client(client, tokens["coordinator"])
+    page = "/dashboard/campaigns/sdg1662/channels"
+    csrf = csrf_of(client.get(page).get_data(as_text=True))
+    with fake_phone(signing_key="k" * 32) as ph:
+        form = {"csrf": csrf, "provider": "android", "kind": "sms", "address": "024 111 2233",
+                "config": json.dumps(ph.channel_config())}
+        for bad, why in ((dict(address="not a number"), "the phone&#39;s SIM number"),
+                         (dict(config=json.dumps({**ph.channel_config(),
+                                                  "url": "http://127.0.0.1:9"})),
+                          "cannot reach the phone")):
+            resp = client.post(page, data={**form, **bad})
+            assert resp.status_code == 422 and why in resp.get_data(as_text=True), bad
+        assert ph.webhooks == {}
+        with Session(engine) as db:
+            assert db.scalar(select(func.count()).select_from(Channel).where(
+                Channel.provider == "android")) == 0
+        # Without `up` having served this data dir, the browser's host is all there is,
+        # and the standard app refuses an http URL other than 127.0.0.1's: it says so.
+        resp = client.post(page, data=form)
+        assert resp.status_code == 422, resp.get_data(as_text=True)
+        assert "refused the webhook URL http://localhost/" in resp.get_data(as_text=True)
+        assert ph.webhooks == {}
+        settings.served_url_file.write_text("http://127.0.0.1:8000\n")  # as `up` writes it
+        assert client.post(page, data=form).status_code == 303
+        with Session(engine) as db:
+            ch = db.scalar(select(Channel).where(Channel.provider == "android"))
+            assert ch is not None and ch.address == "+233241112233"
+        assert sorted(h["event"] for h in ph.webhooks.values()) == [
+            "sms:delivered", "sms:failed", "sms:received", "sms:sent"]
+        assert {h["url"] for h in ph.webhooks.values()} == {
+            f"http://127.0.0.1:8000/webhooks/android/{ch.key}/events"}
+
+
 def test_opt_out_from_the_contact_list(client: FlaskClient, engine: Engine,
                                        redis_client: redis.Redis, settings: Any,
                                        tokens: dict[str, str]) -> None:  # noqa: F811

@@ -468,3 +468,21 @@ def unregister_webhooks(config: dict[str, Any], channel_key: str) -> None:
                 c.delete_webhook(webhook_id(channel_key, event))
     except (PhoneError, asg_errors.APIError, requests.RequestException):
         pass
+
+
+def set_up_phone(config: dict[str, Any], channel_key: str, events_url: str) -> dict[str, Any]:
+    """Check the phone, then point its four webhooks at the channel's events URL (`channels
+    add` and the console's channel form): what the phone reported, for the operator. On
+    PhoneError, what was registered is removed again."""
+    try:
+        check = check_phone(config)
+        hooks = register_webhooks(config, channel_key, events_url)
+    except PhoneError:
+        unregister_webhooks(config, channel_key)
+        raise
+    ours = {h["id"] for h in hooks}
+    others = [w for w in check.webhooks if w["event"] in EVENTS and w["id"] not in ours]
+    skew = None if check.clock_skew is None else round(check.clock_skew, 1)
+    return {"status": check.status, "version": check.version,
+            "version_ok": check.version_ok, "clock_skew_seconds": skew,
+            "pending": check.pending, "webhooks": hooks, "other_webhooks": others}

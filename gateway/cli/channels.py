@@ -175,19 +175,10 @@ def _android_address(address: str, region: str) -> str:
 
 
 def _set_up_phone(config: dict[str, Any], key: str, events_url: str) -> dict[str, Any]:
-    """Check the phone, then point its four webhooks at the channel."""
     try:
-        check = android.check_phone(config)
-        hooks = android.register_webhooks(config, key, events_url)
+        return android.set_up_phone(config, key, events_url)
     except android.PhoneError as exc:
-        android.unregister_webhooks(config, key)
         raise click.ClickException(str(exc)) from None
-    ours = {h["id"] for h in hooks}
-    others = [w for w in check.webhooks
-              if w["event"] in android.EVENTS and w["id"] not in ours]
-    return {"status": check.status, "version": check.version,
-            "version_ok": check.version_ok, "clock_skew_seconds": _round(check.clock_skew),
-            "pending": check.pending, "webhooks": hooks, "other_webhooks": others}
 
 
 def _round(value: float | None) -> float | None:

@@ -39,6 +39,7 @@ from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
+from gateway.channels import android
 from gateway.coordination.campaigns import (
     CampaignError,
     audit,
@@ -74,6 +75,7 @@ from gateway.interview.quota import Quota
 from gateway.interview.quota import define as define_quota
 from gateway.interview.quota import read_csv as read_quota_csv
 from gateway.interview.segments import count_segments, interview_cost
+from gateway.phones import BadPhoneNumber, to_e164
 from gateway.store.models import (
     Answer,
     AuditEntry,
@@ -399,10 +401,33 @@ def bind(slug: str) -> BaseResponse | tuple[str, int]:
                         url_for("console.channels", slug=slug), 422)
     address, screen_limit = _text("address", True), _int("screen_limit") or 160
     page = url_for("console.channels", slug=slug)
-    return _act(lambda db: bind_channel(db, actor(), slug=slug, provider=provider, kind=kind,
-                                        address=address, config=config,
-                                        screen_limit=screen_limit),
-                refused="Channel not added", back=page, done=page)
+
+    def work(db: Session) -> None:
+        number = address
+        if provider == "android":
+            try:
+                number = to_e164(address, _services().settings.default_region)
+            except BadPhoneNumber as exc:
+                raise CampaignError(f"the phone's SIM number: {exc}") from None
+        bound = bind_channel(db, actor(), slug=slug, provider=provider, kind=kind,
+                             address=number, config=config, screen_limit=screen_limit)
+        if provider == "android":
+            # As `channels add` does, before the commit: a phone that cannot be reached or
+            # refuses its webhooks leaves no channel behind, and one bound here reports to
+            # this node from its first message.
+            # The phone reaches this node where `up` serves it (through `adb reverse`, at
+            # 127.0.0.1), not always at the host name this browser used.
+            served = _services().settings.served_url_file
+            base = (_services().settings.public_base_url
+                    or (served.read_text().strip() if served.is_file() else "")
+                    or _base_url())
+            try:
+                android.set_up_phone(config, bound.channel.key,
+                                     channel_urls(bound.channel, base)["events"])
+            except android.PhoneError as exc:
+                raise CampaignError(str(exc)) from None
+
+    return _act(work, refused="Channel not added", back=page, done=page)
 
 
 @bp.post("/campaigns/<slug>/channels/<int:channel_id>/unbind")
