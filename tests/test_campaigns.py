@@ -98,6 +98,14 @@ def test_tokens_are_stored_hashed(env: dict[str, str], engine: Engine, role: str
     assert row is not None and row.role == role and row.token_hash == hash_token(token)
     assert token not in json.dumps(json.loads(run(env, "token", "list", "--json")[1]))
     assert run(env, "token", "create", "--role", "root", "--name", "x")[0] == 2
+    code, out = run(env, "token", "create", "--role", role, "--name", "a script", "--json")
+    made = json.loads(out)
+    assert code == 0 and made["name"] == "a script" and made["role"] == role
+    listed = {t["id"]: t["name"] for t in json.loads(run(env, "token", "list", "--json")[1])}
+    assert listed[made["id"]] == "a script"
+    assert made["token"].startswith("cd_") and made["token"] != token
+    with Session(engine) as db:
+        assert db.get(ApiToken, made["id"]).token_hash == hash_token(made["token"])
 
 
 def test_token_revoke_ends_its_console_sessions(env: dict[str, str], app, engine: Engine,  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -203,6 +204,25 @@ def test_publish_cli(tallied: dict[str, str]) -> None:
     assert result.exit_code == 0, result.output
     assert "v1 published" in result.output
     assert "1 result SMS queued" in result.output
+
+
+def test_publish_json_and_a_missing_version(tallied: dict[str, str], tmp_path: Path) -> None:
+    """`publish --json` prints what it did as one object; a snapshot version that does not
+    exist is refused by export and publish with the latest there is, not 'run tally'."""
+    result = CliRunner().invoke(main, ["publish", "sdg1662", "--json"], env=tallied,
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.output)
+    assert done == {"campaign": "sdg1662", "snapshot_id": done["snapshot_id"], "version": 1,
+                    "results_texts": done["results_texts"], "messages_queued": 1}
+    assert isinstance(done["snapshot_id"], int) and done["results_texts"] > 0
+    for args in (["publish", "sdg1662", "--snapshot", "7"],
+                 ["export", "sdg1662", "--format", "csv", "-o", str(tmp_path / "x.csv"),
+                  "--snapshot", "7"]):
+        result = CliRunner().invoke(main, args, env=tallied)
+        assert result.exit_code == 1, result.output
+        assert result.output == "Error: sdg1662: no snapshot v7: the latest is v1\n"
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_xlsx_table_is_the_csv_table_exactly(tallied: dict[str, str], tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from gateway.coordination.campaigns import (
     create_campaign,
     create_token,
     get_campaign,
+    hash_token,
     load_version,
     set_airtime,
     set_languages,
@@ -392,11 +393,20 @@ def token() -> None:
 @token.command("create")
 @click.option("--role", type=click.Choice(ROLES), required=True)
 @click.option("--name", required=True, help="Who or what the token is for.")
+@click.option("--json", "as_json", is_flag=True,
+              help='{"id", "name", "role", "token"} instead of the token alone.')
 @click.pass_context
-def token_create(ctx: click.Context, role: str, name: str) -> None:
+def token_create(ctx: click.Context, role: str, name: str, as_json: bool) -> None:
     """Create a token; it is shown once."""
-    value = in_transaction(ctx, lambda db: create_token(db, cli_actor(), name, role))
-    click.echo(value)
+
+    def create(db: Session) -> dict[str, Any]:
+        value = create_token(db, cli_actor(), name, role)
+        db.flush()
+        made = db.scalar(select(ApiToken.id).where(ApiToken.token_hash == hash_token(value)))
+        return {"id": made, "name": name, "role": role, "token": value}
+
+    made = in_transaction(ctx, create)
+    emit(as_json, made, made["token"])
 
 
 @token.command("revoke")

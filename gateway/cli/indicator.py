@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from rq import Queue
 
-from gateway.cli.context import check_writable, open_engine, output_file, settings_of
+from gateway.cli.context import check_writable, emit, open_engine, output_file, settings_of
 from gateway.config import Settings
 from gateway.indicator.estimates import Margins, MarginsError, Params, margins_text, read_margins
 from gateway.indicator.exports import (
@@ -24,11 +24,12 @@ from gateway.indicator.exports import (
     write_xlsx,
 )
 from gateway.indicator.tally import (
+    NoSnapshot,
     campaign_by_slug,
     default_margins,
-    latest_snapshot,
     publish,
     run_tally,
+    snapshot_of,
 )
 from gateway.store.db import MAX_INT
 from gateway.store.models import Campaign
@@ -150,10 +151,10 @@ def export_cmd(ctx: click.Context, campaign: str, fmt: str, output: str, version
             n = write_microdata(engine, camp.id, part)
         click.echo(f"{path}: {n} answers (pseudonymous ids, no phone numbers, no open text)")
         return
-    snap = latest_snapshot(engine, camp.id, version)
-    if snap is None:
-        raise click.ClickException(f"no tally snapshot for {camp.slug}: run "
-                                   f"`civicdial tally {camp.slug}` first")
+    try:
+        snap = snapshot_of(engine, camp.id, version, then=f"run `civicdial tally {camp.slug}`")
+    except NoSnapshot as exc:
+        raise click.ClickException(f"{camp.slug}: {exc}") from None
     with output_file(path) as part:
         if fmt == "csv":
             n = write_csv(snap, part)
@@ -168,17 +169,22 @@ def export_cmd(ctx: click.Context, campaign: str, fmt: str, output: str, version
 @click.argument("campaign")
 @click.option("--snapshot", "version", type=_VERSION, default=None,
               help="Snapshot version [default: the latest].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def publish_cmd(ctx: click.Context, campaign: str, version: int | None) -> None:
+def publish_cmd(ctx: click.Context, campaign: str, version: int | None,
+                as_json: bool) -> None:
     """Publish a snapshot: RESULTS answers from it, subscribers get the summary by SMS."""
     settings = settings_of(ctx)
     engine, camp = _campaign(settings, campaign)
     try:
         done = publish(settings, engine, connect(settings), camp.id, version)
-    except LookupError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"{camp.slug}: snapshot v{done.version} published; {done.fields} summaries "
-               f"for RESULTS; {done.queued} result SMS queued")
+    except NoSnapshot as exc:
+        raise click.ClickException(f"{camp.slug}: {exc}") from None
+    emit(as_json, {"campaign": camp.slug, "snapshot_id": done.snapshot_id,
+                   "version": done.version, "results_texts": done.fields,
+                   "messages_queued": done.queued},
+         f"{camp.slug}: snapshot v{done.version} published; {done.fields} summaries "
+         f"for RESULTS; {done.queued} result SMS queued")
 
 
 COMMANDS = (tally_cmd, export_cmd, publish_cmd)

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from gateway.indicator.estimates import AREAS, UNKNOWN, read_margins
-from gateway.indicator.tally import cells_of, latest_snapshot, region_names
+from gateway.indicator.tally import cells_of, region_names, snapshot_of
 from gateway.store.models import Answer, Campaign, Interview, TallySnapshot
 from gateway.store.sessions import real_respondent
 
@@ -279,9 +279,7 @@ def export_bytes(engine: Engine, campaign: Campaign, fmt: str,
         if fmt == "microdata":
             write_microdata(engine, campaign.id, path)
             return path.read_bytes()
-        snap = latest_snapshot(engine, campaign.id, version)
-        if snap is None:
-            raise LookupError("no tally snapshot")
+        snap = snapshot_of(engine, campaign.id, version, then="POST .../tally first")
         if fmt == "csv":
             write_csv(snap, path)
         elif fmt == "xlsx":

@@ -199,6 +199,22 @@ def latest_snapshot(engine: Engine, campaign_id: int,
         return snap
 
 
+class NoSnapshot(LookupError):
+    """The snapshot asked for does not exist; the message says what does."""
+
+
+def snapshot_of(engine: Engine, campaign_id: int, version: int | None = None,
+                then: str = "run `civicdial tally` first") -> TallySnapshot:
+    """The latest snapshot, or version `version`; NoSnapshot naming the latest there is."""
+    snap = latest_snapshot(engine, campaign_id, version)
+    if snap is not None:
+        return snap
+    latest = latest_snapshot(engine, campaign_id) if version is not None else None
+    if latest is None:
+        raise NoSnapshot(f"no tally snapshot yet: {then}")
+    raise NoSnapshot(f"no snapshot v{version}: the latest is v{latest.version}")
+
+
 def cells_of(snap: TallySnapshot) -> list[dict[str, Any]]:
     return list(json.loads(snap.result)["cells"])
 
@@ -297,9 +313,7 @@ def publish(settings: Settings, engine: Engine, client: redis.Redis, campaign_id
             version: int | None = None) -> Published:
     """Mark a snapshot published, write the summaries for RESULTS into Redis, and queue
     the summary SMS to everyone who asked for it (STOP is checked at send time)."""
-    snap = latest_snapshot(engine, campaign_id, version)
-    if snap is None:
-        raise LookupError("no tally snapshot to publish: run `civicdial tally` first")
+    snap = snapshot_of(engine, campaign_id, version)
     texts = summary_texts(cells_of(snap), region_names(read_margins(snap.margins)))
     with Session(engine) as db, db.begin():
         row = db.get(TallySnapshot, snap.id)

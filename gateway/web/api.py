@@ -43,7 +43,7 @@ from gateway.coordination.quotas import refresh as refresh_quotas
 from gateway.coordination.quotas import report as quota_report
 from gateway.coordination.status import campaign_status
 from gateway.indicator import exports
-from gateway.indicator.tally import Published, publish, run_tally
+from gateway.indicator.tally import NoSnapshot, Published, publish, run_tally
 from gateway.interview.questionnaire import FormError, load_questionnaire
 from gateway.interview.quota import define as define_quota
 from gateway.store.db import MAX_INT
@@ -455,8 +455,8 @@ def export(slug: str) -> Response:
         db.expunge(campaign)
     try:
         data = exports.export_bytes(engine, campaign, fmt, int(version) if version else None)
-    except LookupError:
-        raise ApiError(404, "no tally snapshot: POST .../tally first") from None
+    except NoSnapshot as exc:
+        raise ApiError(404, str(exc)) from None
     return Response(data, mimetype=EXPORTS[fmt][0], headers={
         "Content-Disposition": f'attachment; filename="{slug}-{fmt}.{EXPORTS[fmt][1]}"'})
 

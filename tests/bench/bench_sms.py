@@ -71,6 +71,7 @@ from loadkit import CpuMark, children, cores_used
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from gateway.config import load_settings
 from gateway.coordination.bootstrap import bootstrap
 from gateway.coordination.channels import channel_urls
 from gateway.store.crypto import NumberBox
@@ -460,7 +461,11 @@ def outbound(run: Run, results: dict[str, Any], attempt: Callable[..., None]) ->
     if args.provider_delay > 0:
         # A provider across the Internet: each send waits for its answer.
         name = f"at-1w-{args.provider_delay * 1000:g}ms"
-        count = max(20, round(args.delay_seconds / args.provider_delay))
+        # About delay_seconds' worth of round trips, each carrying a full batch: sized by
+        # one message a call, the run was a single batch and its rate (its first to its
+        # last acceptance, all in one request) meaningless.
+        batch = load_settings().send_batch
+        count = max(20, round(args.delay_seconds / args.provider_delay) * batch)
         say(f"outbound {name}: {count:,} messages, 1 worker, provider answers after "
             f"{args.provider_delay * 1000:g} ms")
         attempt(name, lambda: outbound_run(run, name, "at_out", 1, count,
