@@ -35,12 +35,15 @@ from harness import (
     BaseRun,
     SetupError,
     Where,
+    add_edge_options,
     add_run_options,
+    apply_edge_profile,
     attempter,
     bench_env,
     bench_parser,
     choose_backends,
     connect,
+    edge_goal_rows,
     flow,
     fmt,
     goal_rows,
@@ -85,8 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = bench_parser(__doc__, "both targets", WHERE)
     p.add_argument("--retry-rate", type=float, default=0.01,
                    help="share of messages the phone delivers twice at once (same id)")
+    add_edge_options(p)
     add_run_options(p)
     args = p.parse_args(argv)
+    apply_edge_profile(args, argv)
     timing_defaults(args)
     return args
 
@@ -159,23 +164,25 @@ def hops(run: Run, results: dict[str, Any], attempt: Any) -> None:
     traces.write_text(json.dumps([TRACE]))
     path = channel_urls(run.channel, "")["events"]
     server = redis_pid(run.client)
-    with gunicorn("gateway.web.app:create_app()", args, run.env, run.tmp / "real.log") as (
-            base, pid):
+    with gunicorn("gateway.web.app:create_app()", args, run.env, run.tmp / "real.log",
+                  cpus=args.pin_server) as (base, pid):
         warm(base + path)
         say(f"real app up at {base}: {args.warmup:g} s warm-up + {args.duration:g} s load")
         attempt("real", lambda: run_loadgen("sms_loadgen.py", "real", load_config(
             run, base + path, traces, REAL_PHONES,
-            {"gunicorn": [pid], "redis": [server]}), run.tmp, run.load_limit))
+            {"gunicorn": [pid], "redis": [server]}), run.tmp, run.load_limit,
+            args.pin_client))
     results["real_log"] = server_log_summary(run.tmp / "real.log")
     counts: Counter[str] = Counter(str(e.get("k")) for e in stream_events(run.client,
                                                                             run.stream))
     results["stream"] = dict(counts)
     with gunicorn("bare_app:create_app()", args, run.env, run.tmp / "bare.log",
-                  pythonpath=BENCH_DIR) as (base, pid):
+                  pythonpath=BENCH_DIR, cpus=args.pin_server) as (base, pid):
         say(f"bare app up at {base}")
         attempt("bare", lambda: run_loadgen("sms_loadgen.py", "bare", load_config(
             run, base + path, traces, BARE_PHONES,
-            {"gunicorn": [pid], "redis": [server]}), run.tmp, run.load_limit))
+            {"gunicorn": [pid], "redis": [server]}), run.tmp, run.load_limit,
+            args.pin_client))
     results["bare_log"] = server_log_summary(run.tmp / "bare.log")
 
 
@@ -185,6 +192,9 @@ def report(run: Run, backends: Backends, results: dict[str, Any]) -> str:
                    args, backends)
     lines.append(f"before    other processes used {results['idle_cores']:.2f} cores in the 2 s "
                  "before the first run")
+    if args.pin_server:
+        lines.append(f"pinned    servers to cores {args.pin_server}, the load generator to "
+                     f"{args.pin_client or 'any'} (taskset -c)")
     real, bare = results.get("real"), results.get("bare")
     lines += ["", table([hop_header("target"), hop_row("android hop", real),
                          hop_row("bare flask", bare)]), CPU_LEGEND]
@@ -203,6 +213,8 @@ def report(run: Run, backends: Backends, results: dict[str, Any]) -> str:
     lines.append("")
     rows = [["goal", "measured", "result"]]
     rows += goal_rows("android hop", ratio, real["p99_ms"] if real else None)
+    if args.pin_server:
+        rows += edge_goal_rows("edge android hop", args.pin_server, real)
     errors = real["errors"] if real else None
     rows.append(["android hop: no errors", fmt(errors, ",d"),
                  verdict(None if errors is None else errors == 0)])

@@ -40,6 +40,10 @@ _PG = make_url(DEFAULT_PG)
 PG_AT = f"{_PG.host}:{_PG.port}"
 GOAL_RATIO = 0.60
 GOAL_P99_MS = 50.0
+GOAL_EDGE_HOPS = 300.0
+GOAL_EDGE_P99_MS = 100.0
+EDGE_WEB_WORKERS = 1  # `civicdial up --profile edge`'s (gateway/cli/up.py)
+EDGE_THREADS = 4
 BUSY_CORES = 0.25  # CPU used by processes outside the benchmark that spoils a window
 
 
@@ -107,6 +111,40 @@ def add_citizen_options(p: argparse.ArgumentParser) -> None:
                    help="share of hops after which the network drops the session")
     p.add_argument("--typo-rate", type=float, default=0.02,
                    help="share of answers typed wrong")
+
+
+def add_edge_options(p: argparse.ArgumentParser, also: str = "") -> None:
+    """--profile edge and the pinning it implies (taskset)."""
+    p.add_argument("--profile", choices=("default", "edge"), default="default",
+                   help="edge: the offline field kit on one small core: 1 web worker, the "
+                        "servers pinned to core 1 and the load generator to core 0" + also)
+    p.add_argument("--pin-server", default="",
+                   help="taskset -c CPUS for the servers (and what they fork)")
+    p.add_argument("--pin-client", default="", help="taskset -c CPUS for the load generator")
+
+
+def apply_edge_profile(args: argparse.Namespace, argv: list[str] | None) -> bool:
+    """With --profile edge: the edge's web workers and threads (unless given) and the pins.
+    True if it applied."""
+    if args.profile != "edge":
+        return False
+    explicit = set(argv if argv is not None else sys.argv[1:])
+    if "--web-workers" not in explicit:
+        args.web_workers = EDGE_WEB_WORKERS
+    if "--threads" not in explicit:
+        args.threads = EDGE_THREADS
+    args.pin_server = args.pin_server or "1"
+    args.pin_client = args.pin_client or "0"
+    return True
+
+
+def edge_goal_rows(label: str, cpus: str, result: dict[str, Any] | None) -> list[list[str]]:
+    """The edge's goals for a hop served on `cpus`: hops/s and p99."""
+    hops, p99 = (result["rps"], result["p99_ms"]) if result else (None, None)
+    return [[f"{label}, cores {cpus}: hops/s >= {GOAL_EDGE_HOPS:g}", fmt(hops) + "/s",
+             verdict(None if hops is None else hops >= GOAL_EDGE_HOPS)],
+            [f"{label}: p99 < {GOAL_EDGE_P99_MS:g} ms", fmt(p99, ".1f") + " ms",
+             verdict(None if p99 is None else p99 < GOAL_EDGE_P99_MS)]]
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

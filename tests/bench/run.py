@@ -40,13 +40,16 @@ from harness import (
     SetupError,
     Where,
     add_citizen_options,
+    add_edge_options,
     add_run_options,
+    apply_edge_profile,
     attempter,
     bench_env,
     bench_parser,
     choose_backends,
     clear_redis,
     connect,
+    edge_goal_rows,
     flow,
     fmt,
     free_port,
@@ -84,11 +87,7 @@ WHERE = Where(DEFAULT_REDIS, BENCH_DATABASE, from_env=True)
 GOAL_SESSION_BYTES = 1024
 GOAL_ANSWERS_PER_S = 20_000
 GOAL_MAX_MS = 200.0
-GOAL_EDGE_HOPS = 300.0
-GOAL_EDGE_P99_MS = 100.0
 GOAL_TREE_MB = 300.0
-EDGE_WEB_WORKERS = 1  # `civicdial up --profile edge`'s (gateway/cli/up.py)
-EDGE_THREADS = 4
 PARK_PHONES = 5_000_000  # park-mode citizens get phone numbers from here on
 REPLAY_PHONES = 8_000_000
 ROUND_PHONES = 400_000  # each round's citizens get numbers this far on from the last's
@@ -105,13 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--servers", default="gunicorn,granian",
                    help="the WSGI servers to serve every target under, in one run "
                         f"(comma-separated, of {', '.join(SERVERS)}); ratios are per server")
-    p.add_argument("--profile", choices=("default", "edge"), default="default",
-                   help="edge: the offline field kit on one small core: 1 web worker, the "
-                        "servers pinned to core 1 and the load generator to core 0, and the "
-                        "memory of the whole `civicdial up --profile edge` tree")
-    p.add_argument("--pin-server", default="",
-                   help="taskset -c CPUS for the servers (and what they fork)")
-    p.add_argument("--pin-client", default="", help="taskset -c CPUS for the load generator")
+    add_edge_options(p, ", and the memory of the whole `civicdial up --profile edge` tree")
     p.add_argument("--tree-memory", action="store_true",
                    help="also measure the PSS of the whole `civicdial up` tree (default "
                         "and --profile edge)")
@@ -129,14 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_options(p)
     args = p.parse_args(argv)
     quick = args.quick
-    if args.profile == "edge":
-        explicit = set(argv if argv is not None else sys.argv[1:])
-        if "--web-workers" not in explicit:
-            args.web_workers = EDGE_WEB_WORKERS
-        if "--threads" not in explicit:
-            args.threads = EDGE_THREADS
-        args.pin_server = args.pin_server or "1"
-        args.pin_client = args.pin_client or "0"
+    if apply_edge_profile(args, argv):
         args.tree_memory = True
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     if not args.servers or set(args.servers) - set(SERVERS):
@@ -875,14 +861,8 @@ def report(args: argparse.Namespace, backends: Backends, engine: Engine,
                  verdict(None if worst is None else worst < GOAL_MAX_MS)])
     if args.pin_server:
         for server in servers:
-            r = results.get(result_key("real", server, servers))
-            hops, p99 = (r["rps"], r["p99_ms"]) if r else (None, None)
-            rows.append([f"edge ({server}, cores {args.pin_server}): hops/s >= "
-                         f"{GOAL_EDGE_HOPS:g}", fmt(hops) + "/s",
-                         verdict(None if hops is None else hops >= GOAL_EDGE_HOPS)])
-            rows.append([f"edge ({server}): p99 < {GOAL_EDGE_P99_MS:g} ms",
-                         fmt(p99, ".1f") + " ms",
-                         verdict(None if p99 is None else p99 < GOAL_EDGE_P99_MS)])
+            rows += edge_goal_rows(f"edge ({server})", args.pin_server,
+                                   results.get(result_key("real", server, servers)))
     if tree and "edge" in tree:
         pss = tree["edge"]["pss_mb"]
         rows.append([f"`civicdial up --profile edge` tree PSS <= {GOAL_TREE_MB:g} MB",
