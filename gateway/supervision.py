@@ -207,7 +207,7 @@ def sweep_run_dirs() -> list[Path]:
     left from such a death. A dir without that file (still being made, or not ours) stays,
     and so does one whose embedded redis-server is still saving on its way out: its socket
     is how the next `up` finds and waits for it."""
-    removed = []
+    removed: list[Path] = []
     for run_dir in Path(tempfile.gettempdir()).glob(RUN_DIR_PREFIX + "*"):
         try:
             owner = int((run_dir / OWNER_FILE).read_text())

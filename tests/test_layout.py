@@ -4,6 +4,7 @@ before the layout changed still opens with everything in it."""
 from __future__ import annotations
 
 import ast
+import json
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,56 @@ def test_no_function_local_import_of_our_own_modules() -> None:
     assert offenders == []
 
 
+# When the data dir below was written (its last hop, UNIX time): its Redis keys expire and
+# its half-done interview's resume window ends 24 h after that.
+WRITTEN_AT = 1796116666.2
+
+
+def _resp_commands(data: bytes) -> list[list[bytes]]:
+    """The commands of an append-only file (RESP arrays of bulk strings)."""
+    commands, at = [], 0
+    while at < len(data):
+        assert data[at:at + 1] == b"*", data[at:at + 40]
+        end = data.index(b"\r\n", at)
+        count, at = int(data[at + 1:end]), end + 2
+        args = []
+        for _ in range(count):
+            end = data.index(b"\r\n", at)
+            size = int(data[at + 1:end])
+            args.append(data[end + 2:end + 2 + size])
+            at = end + 2 + size + 2
+        commands.append(args)
+    return commands
+
+
+def _shift_epoch(value: object, seconds: float) -> object:
+    if isinstance(value, list):
+        return [_shift_epoch(v, seconds) for v in value]
+    if isinstance(value, float) and 1.7e9 < value < 2.1e9:
+        return value + seconds
+    return value
+
+
+def age_aof(path: Path, seconds: float) -> None:
+    """Move every absolute time in the file `seconds` later, as if it had been written
+    that much later: the keys' expiry (PXAT, PEXPIREAT) and the session states' own
+    clocks (their JSON arrays' epoch floats), so that the fixture does not go stale as the
+    calendar moves on."""
+    out = bytearray()
+    for args in _resp_commands(path.read_bytes()):
+        name = args[0].upper()
+        for n, arg in enumerate(args):
+            if n and args[n - 1].upper() == b"PXAT" or (name == b"PEXPIREAT" and n == 2):
+                args[n] = str(int(arg) + round(seconds * 1000)).encode()
+        if name == b"SET" and args[1].startswith(b"cd:st:"):
+            args[2] = json.dumps(_shift_epoch(json.loads(args[2]), seconds),
+                                 separators=(",", ":")).encode()
+        out += b"*%d\r\n" % len(args)
+        for arg in args:
+            out += b"$%d\r\n%s\r\n" % (len(arg), arg)
+    path.write_bytes(bytes(out))
+
+
 def test_a_data_dir_from_before_the_layout_opens_with_its_answers(tmp_path: Path) -> None:
     """A data dir written by main before the move (62f074f: 6 completed interviews, 155
     answers, one interview half done in Redis) opens under `civicdial up`: the counts are
@@ -80,6 +131,8 @@ def test_a_data_dir_from_before_the_layout_opens_with_its_answers(tmp_path: Path
         tar.extractall(tmp_path, filter="data")
     data_dir = tmp_path / "olddd"
     (data_dir / "redis.db.settings").unlink()  # runtime state of the old server (its pid)
+    # As if its last hop were a minute ago (the resume window is 24 h).
+    age_aof(data_dir / "appendonly.aof", time.time() - 60 - WRITTEN_AT)
     with Node(data_dir) as node:
         assert "/webhooks/africastalking/h1IQX9ALDNI6pUW3_J42ukHj/ussd" in node.ussd_url
         hop = {"sessionId": "after-move", "serviceCode": "*920*16#",
