@@ -132,6 +132,48 @@ def from_patterns(engine: Engine, campaign: int) -> Counter[tuple[Any, ...]]:
     return counts
 
 
+def _at(events: list[dict[str, Any]], completed_at: float) -> list[dict[str, Any]]:
+    return [{**e, "t": completed_at} if e["k"] == "completed" else e for e in events]
+
+
+def test_one_person_counts_once_across_nodes(engine: Engine, channel: Channel) -> None:
+    """Someone who completes twice (once on an edge, once on central: the same pseudonym)
+    counts once, by their first completion, whichever arrives first; their other
+    interviews, finished or not, do not count; the quota fill counts them once too."""
+    from gateway.coordination.quotas import counts
+    from gateway.interview.quota import Quota
+
+    rng = random.Random(7)
+    version = shipped_questionnaire().version
+    specs = load(engine, channel, 300, seed=3)
+    done = [s for s in specs if s["status"] == "completed"
+            and dict(s["answers"]).get("age") != "u18"][:30]
+    assert len(done) == 30
+    counted = list(specs)
+    events: list[dict[str, Any]] = []
+    for n, spec in enumerate(done):
+        again = {"status": "completed", "answers": synth_interview(rng)["answers"]}
+        while dict(again["answers"]).get("age") == "u18":
+            again["answers"] = synth_interview(rng)["answers"]
+        partial = {"status": "abandoned", "answers": spec["answers"][:4]}
+        # Later than the first (2,000) for the first 20; earlier for the last 10: that one,
+        # synced after, is the first completion and replaces the one stored before it.
+        at = 3000.0 if n < 20 else 1500.0
+        events += _at(events_for(f"again-{n}", spec["respondent"], channel.campaign_id,
+                                 channel.id, version, again), at)
+        events += events_for(f"partial-{n}", spec["respondent"], channel.campaign_id,
+                             channel.id, version, partial)
+        if n >= 20:
+            counted[counted.index(spec)] = again
+    write_events(engine, events)
+    assert from_patterns(engine, channel.campaign_id) == reference(counted)
+    quota = Quota(("sex",), {"female": 1000, "male": 1000, "refuse": 1000})
+    fill = counts(engine, channel.campaign_id, quota)
+    want = Counter(dict(s["answers"])["sex"] for s in counted
+                   if s["status"] == "completed" and s["answers"])
+    assert {cell: n for (cell, status), n in fill.items() if status == "completed"} == want
+
+
 def test_sql_aggregation_matches_a_python_reference(engine: Engine, channel: Channel) -> None:
     """GROUP BY in SQL gives exactly the counts computed from the interviews in Python
     (partial interviews in, declined/withdrawn/under-18 out) — on either back-end."""

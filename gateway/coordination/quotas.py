@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from gateway.interview.engine import cell_key
 from gateway.interview.quota import Quota
+from gateway.store.counting import superseded
 from gateway.store.models import Answer, Campaign, Interview
 from gateway.store.sessions import quota_key, real_respondent
 
@@ -36,7 +37,7 @@ def counts(engine: Engine, campaign_id: int, quota: Quota) -> dict[tuple[str, st
     query = (select(*values, i.c.status, func.count()).select_from(joined)
              .where(i.c.campaign_id == campaign_id,
                     i.c.status.in_(("completed", "screened_out")),
-                    real_respondent(i.c.respondent),
+                    real_respondent(i.c.respondent), ~superseded(i),
                     *[v.is_not(None) for v in values])
              .group_by(*values, i.c.status))
     with engine.connect() as conn:

@@ -35,6 +35,7 @@ from gateway.indicator.estimates import (
     read_margins,
 )
 from gateway.interview.segments import count_segments
+from gateway.store.counting import counted_interviews
 from gateway.store.db import upsert_insert
 from gateway.store.models import (
     Answer,
@@ -93,6 +94,9 @@ def pattern_query(campaign_id: int) -> Any:
         .select_from(Answer.__table__.join(Interview.__table__, i.id == a.interview_id))
         .where(a.campaign_id == campaign_id, a.value.is_not(None),
                i.status.not_in(NOT_INTERVIEWED), real_respondent(a.respondent),
+               # One interview per person: a second completion (on another node) is not
+               # a second respondent.
+               a.interview_id.in_(counted_interviews(campaign_id)),
                # Screening, open text and opt-in answers play no part: skip their rows.
                a.question.in_((*PROFILE, *WG_QUESTIONS, *OUTCOMES)))
         .group_by(a.interview_id)
