@@ -30,6 +30,7 @@ from gateway.store.sessions import (
     encode_state,
     mask_phone,
     pseudonym,
+    state_conductor,
     stream_event,
 )
 
@@ -238,6 +239,10 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
         events: list[dict[str, Any]] = []
         optout = ""
         new_state_raw = loaded.state_raw  # unchanged unless the engine runs
+        conductor = state_conductor(loaded.state_raw)
+        moved_on = (state is not None and state.stage is not Stage.DONE
+                    and conductor is not None and conductor.is_other(ch.id, ""))
+        forget = None
         ttl = ch.rules.resume_window + 60
         reply: str | None
         if word == "stop":
@@ -274,6 +279,12 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
                 inp = Input.open(now, secrets.token_hex(8))
             elif word == "lang":
                 inp = Input.switch_language(now, secrets.token_hex(8))
+            elif moved_on:
+                # The interview went on elsewhere since this conversation's last question
+                # (a dial on USSD, another SMS channel): this text answers a screen the
+                # citizen no longer has, so it opens again, as a new dial would ("Welcome
+                # back ... 1 Continue") instead of answering the question shown elsewhere.
+                inp = Input.open(now, secrets.token_hex(8))
             else:
                 inp = Input.answer(msg.text, now, secrets.token_hex(8))
             version = state.version if state else ch.questionnaire_version
@@ -284,7 +295,9 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
                           for e in result.events)
             attach_subscription(events, msg.phone, services.box, ch.id)
             attach_airtime(events, ch, msg.phone, services.box)
-            new_state_raw = encode_state(result.state) if result.state else ""
+            new_state_raw = encode_state(result.state, channel=ch.id) if result.state else ""
+            # Where it went on before is over: that session's next input gets a 409.
+            forget = conductor if moved_on else None
         if new_state_raw and decode_state(new_state_raw).stage is Stage.DONE:
             ttl = settings.completed_ttl
         if reply and reply_by_queue:
@@ -295,7 +308,7 @@ def converse(services: Any, ch: ChannelInfo, msg: Inbound, *,
             campaign=ch.campaign_id, respondent=respondent, channel=ch.id,
             session_id=f"m:{msg.message_id}", expected=loaded.state_raw, state=new_state_raw,
             state_ttl=ttl, provider=ProviderSession("", reply or "", ch.campaign_id, respondent),
-            provider_ttl=MESSAGE_TTL, events=events, optout=optout)
+            provider_ttl=MESSAGE_TTL, events=events, optout=optout, forget=forget)
         if committed:
             # What follows the commit, in one round trip: the pending erasure, the
             # reminder tracking, the delivery marked handled.

@@ -47,7 +47,7 @@ from gateway.store.sessions import (
     encode_state,
     mask_phone,
     pseudonym,
-    state_provider_session,
+    state_conductor,
     stream_event,
 )
 
@@ -214,6 +214,13 @@ def _attempt(svc: Any, ch: ChannelInfo, inp: UssdInput, draw: Render, respondent
         if replayed is not None:
             return replayed, _ANSWERED
         assert follows is not None
+        if loaded.state is not None and loaded.state.stage is not Stage.DONE:
+            conductor = state_conductor(loaded.state_raw)
+            if conductor is not None and conductor.is_other(ch.id, session_id):
+                # The interview went on elsewhere (a new dial, on any channel, or by SMS)
+                # and this session's screen is out of date: its input answers nothing.
+                raise WebhookError(409, "this session has ended: the interview went on "
+                                        "in another session")
         new, position = follows
         engine_input = Input.answer(new, now, secrets.token_hex(8))
     state = loaded.state
@@ -256,7 +263,7 @@ def _attempt(svc: Any, ch: ChannelInfo, inp: UssdInput, draw: Render, respondent
     elif result.state.stage is Stage.DONE:
         new_state, ttl = encode_state(result.state), settings.completed_ttl
     else:
-        new_state = encode_state(result.state, session_id)
+        new_state = encode_state(result.state, session_id, ch.id)
         ttl = ch.rules.resume_window + 60
     events = [stream_event(e, ch.campaign_id, ch.id, respondent, form_version)
               for e in result.events]
@@ -274,7 +281,7 @@ def _attempt(svc: Any, ch: ChannelInfo, inp: UssdInput, draw: Render, respondent
             events=events,
             # A new dial supersedes the last one: its record is closed, not dropped, so a
             # late provider retry of its last hop is still answered as a retry.
-            forget_session=state_provider_session(loaded.state_raw) if record is None else "",
+            forget=state_conductor(loaded.state_raw) if record is None else None,
             loaded=loaded,
             # The next hop of this session may start from this commit (load's `warm`).
             remember=not end and result.state is not None
@@ -373,7 +380,8 @@ def _hand_over_to_sms(ch: ChannelInfo, phone: str, respondent: str, session_id: 
         text = message(form.language(state.lang).code, "handover") + "\n" + question
         if svc.store.commit(
                 campaign=ch.campaign_id, respondent=respondent, channel=sms.id,
-                session_id=key, expected=loaded.state_raw, state=encode_state(moved),
+                session_id=key, expected=loaded.state_raw,
+                state=encode_state(moved, channel=sms.id),
                 state_ttl=sms.rules.resume_window + 60,
                 provider=ProviderSession("", text, ch.campaign_id, respondent),
                 provider_ttl=svc.settings.ussd_session_ttl,

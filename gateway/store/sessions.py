@@ -195,22 +195,41 @@ def stream_event(e: Event, campaign: int, channel: int, respondent: str,
     return record
 
 
-def encode_state(state: SessionState, provider_session: str = "") -> str:
-    """The state as stored, with the provider session it is being conducted in (so the
-    next session can drop the last one's replay record instead of keeping it an hour)."""
+def encode_state(state: SessionState, provider_session: str = "", channel: int = 0) -> str:
+    """The state as stored, with where it is being conducted: the channel and, for USSD,
+    the provider session. So the next session, on any channel, can close the last one's
+    replay record, and input from a session the interview has since left is not taken as
+    an answer to the question it now shows."""
     fields = [state.version, state.interview, state.stage.value, state.lang, state.pos,
               state.page, dict(state.answers), int(state.consented), state.seq, state.invalid,
               state.part, int(state.part_break), round(state.session_started, 3),
               state.session_screens, round(state.updated, 3)]
-    if provider_session:
-        fields.append(provider_session)
+    if provider_session or channel:
+        fields += [provider_session, channel]
     return _dumps(fields)
 
 
-def state_provider_session(raw: str) -> str:
-    """The provider session recorded by encode_state, or ''."""
+@dataclass(frozen=True)
+class Conductor:
+    """Where a state was last conducted: its channel (0: not recorded, a state stored
+    before the channel was) and its provider session ('' for SMS)."""
+
+    channel: int
+    session: str
+
+    def is_other(self, channel: int, session: str) -> bool:
+        """Another channel or session than (channel, session), as far as is recorded."""
+        if self.channel == 0:
+            return bool(self.session) and self.session != session
+        return (self.channel, self.session) != (channel, session)
+
+
+def state_conductor(raw: str) -> Conductor | None:
+    """Where encode_state says the state was last conducted, or None."""
     fields = orjson.loads(raw) if raw else []
-    return fields[15] if len(fields) > 15 else ""
+    if len(fields) <= 15:
+        return None
+    return Conductor(int(fields[16]) if len(fields) > 16 else 0, str(fields[15]))
 
 
 def decode_state(raw: str) -> SessionState:
@@ -573,19 +592,20 @@ class SessionStore:
     def commit(self, *, campaign: int, respondent: str, channel: int, session_id: str,
                expected: str, state: str, state_ttl: int, provider: ProviderSession | None,
                provider_ttl: int, events: list[dict[str, Any]], optout: str = "",
-               forget_session: str = "", loaded: Loaded | None = None,
+               forget: Conductor | None = None, loaded: Loaded | None = None,
                remember: bool = False) -> bool:
         """Atomically replace the state (if still `expected`), remember the provider
         session/message and its reply, set or clear the opt-out flag ('set'/'del'), close
-        an earlier provider session's record (`forget_session`: marked ended, so a late
-        retry of its last hop still gets its reply and anything else a 409, never a new
-        dial's screen), and append events.
+        an earlier provider session's record (`forget`, the state's last conductor, on
+        this channel or another: marked ended, so a late retry of its last hop still gets
+        its reply and anything else a 409, never a new dial's screen), and append events.
 
         `loaded`: the load the hop started from; a warm one's values are compared too and
         the hop is counted against the limits (OverLimit if over one). `remember`: the next
         load of this state for this provider session may be warm (see load)."""
-        forget = (self.provider_key(channel, forget_session)
-                  if forget_session and forget_session != session_id else "")
+        forget_key = (self.provider_key(forget.channel or channel, forget.session)
+                      if forget is not None and forget.session
+                      and forget.is_other(channel, session_id) else "")
         state_key = self.state_key(campaign, respondent)
         provider_key = self.provider_key(channel, session_id)
         provider_raw = provider.encode() if provider else ""
@@ -595,7 +615,7 @@ class SessionStore:
         keys = [state_key, provider_key, self.stream, self.optout_key(respondent),
                 *(k for k, _ in guards), *(k for k, _ in limits)]
         args: list[Any] = [expected, state, max(1, state_ttl), provider_raw,
-                           max(1, provider_ttl), optout, forget, len(guards), len(limits),
+                           max(1, provider_ttl), optout, forget_key, len(guards), len(limits),
                            2 * self.limits.window, *(v for _, v in guards),
                            *(n for _, n in limits)]
         args.extend(_dumps(e) for e in events)
