@@ -286,6 +286,25 @@ def test_huge_numbers_are_refused_in_one_line(env: dict[str, str], channel: Chan
     assert "between" in error or "range" in error, error
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (("--min-neff", "nan"), "'nan' is not a number from 0"),
+    (("--flag-neff", "inf"), "'inf' is not a number from 0"),
+    (("--min-neff", "-1"), "'-1' is not a number from 0"),
+    (("--min-n", "-5"), "-5 is not in the range"),
+    (("--trim", "-1"), "'-1' is not a number from 0"),
+    (("--trim", "0.5"), "0 (no trimming) or a multiple of the mean weight of at least 1"),
+    (("--replicates", "100000000"), "100000000 is not in the range 0<=x<=2000"),
+    (("--seed", "-1"), "-1 is not in the range"),
+])
+def test_tally_thresholds_out_of_range_are_refused(env: dict[str, str], channel: Channel,
+                                                   args: tuple[str, ...], says: str) -> None:
+    """Disclosure control cannot be switched off by a value no comparison holds for (NaN),
+    nor the tally run out of memory by a replicate count: one line, no snapshot."""
+    error = refused(env, "tally", "sdg1662", *args)
+    assert says in error, error
+    assert "Traceback" not in error
+
+
 @pytest.mark.parametrize(("target", "expected"), [
     ("100000000000000000000000", "target must be from 0 to 2147483647"),
     ("2147483648", "target must be from 0 to 2147483647"),

@@ -110,10 +110,32 @@ def test_import_requires_valid_numbers_and_names_the_line(env: dict[str, str],
     assert code == 0 and "line 2: not a valid phone number" in out and "'0000000'" in out
 
 
+def test_a_number_in_another_column_is_not_stored(env: dict[str, str], engine: Engine,
+                                                  tmp_path: Path) -> None:
+    """Columns other than the phone's are stored as they are (the console shows them to
+    viewers): a row with a phone number in one is refused, naming the line and column."""
+    path = tmp_path / "contacts.csv"
+    path.write_text("phone,district,notes\n0241234600,Kumasi,call 024 123 4699 after 5pm\n"
+                    "0241234601,Kumasi,prefers Twi\n0241234602,Tamale,+233 (20) 123-4602\n")
+    code, out = run(env, "contacts", "import", str(path), "--campaign", "sdg1662", "--json")
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["imported"] == 1
+    assert [(r["line"], r["reason"]) for r in result["rejected"]] == [
+        (line, "column 'notes' holds what looks like a phone number; other columns are "
+               "stored unencrypted: remove it") for line in (2, 4)]
+    with Session(engine) as db:
+        stored = db.scalars(select(Contact.attributes)).all()
+    assert stored == ['{"district": "Kumasi", "notes": "prefers Twi"}'], stored
+
+
 @pytest.mark.parametrize("content,error", [
     (b"", "empty"),
     (b"name,district\nKofi,Kumasi\n", "no phone number column"),
-], ids=["empty file", "no phone column"])
+    (b"phone,Mobile,notes\n0241234600,0201234600,x\n",
+     "2 phone number columns (phone, Mobile): keep one"),
+    (b"phone,district,phone\n0241234600,Kumasi,0201234600\n", "2 phone number columns"),
+], ids=["empty file", "no phone column", "two phone columns", "the same name twice"])
 def test_import_refuses_unusable_files(env: dict[str, str], engine: Engine, tmp_path: Path,
                                        content: bytes, error: str) -> None:
     """A file that cannot be used at all says why and imports nothing."""

@@ -265,6 +265,9 @@ def test_contacts_erase_refuses_a_non_number_and_asks_first(
     assert bad.exit_code == 1 and "not a phone number" in bad.output
     kept = runner.invoke(main, ["contacts", "erase", PHONE], input="n\n", env=env)
     assert kept.exit_code == 1 and "Aborted" in kept.output
+    # --json asks nothing, so it does nothing without --yes.
+    unasked = runner.invoke(main, ["contacts", "erase", PHONE, "--json"], env=env)
+    assert unasked.exit_code == 2 and "add --yes to erase" in unasked.output
 
     def held() -> int:
         with Session(engine) as db:

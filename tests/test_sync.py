@@ -735,7 +735,8 @@ def test_erasure_on_central_reaches_the_edge_and_refuses_what_it_still_holds(
     assert _held_of(kit.edge_engine, contact)["contacts"] == 1
     pending = _held_of(kit.edge_engine, who)["outbox"]
     assert pending > len(ANSWERS)
-    erased = json.loads(kit.cli("central", "contacts", "erase", citizen(5), "--json").output)
+    erased = json.loads(kit.cli("central", "contacts", "erase", citizen(5), "--yes",
+                                "--json").output)
     assert erased == {"erased": True, "interviews": 0, "answers": 0, "contacts": 0}
     kit.cli("central", "contacts", "erase", "+233 24 000 0001", "--yes")
     assert _held_of(kit.central_engine, contact) == NOTHING

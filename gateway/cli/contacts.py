@@ -127,7 +127,11 @@ def contacts_erase(ctx: click.Context, phone: str, yes: bool, as_json: bool) -> 
     except BadPhoneNumber as exc:
         raise click.ClickException(f"{exc} (give the number the citizen wrote from)"
                                    ) from None
-    if not yes and not as_json:
+    if not yes and as_json:
+        # A script cannot answer the question, and silence must not mean yes: erasure
+        # cannot be undone.
+        raise click.UsageError("--json does not ask: add --yes to erase (it cannot be undone)")
+    if not yes:
         click.confirm(f"Erase everything held about {number}?", abort=True)
     engine = open_engine(settings)
     client = connect(settings)

@@ -7,7 +7,9 @@ does not import gateway.cli.main (which imports it), so either can be imported f
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import click
 from rq import Queue
@@ -62,22 +64,53 @@ def _margins(path: Path) -> Margins:
 _VERSION = click.IntRange(1, MAX_INT)
 
 
+class _Threshold(click.ParamType):
+    """A finite number >= 0: NaN would compare false with every n and so suppress nothing."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or not 0 <= number <= MAX_INT:
+            self.fail(f"{value!r} is not a number from 0 to {MAX_INT}", param, ctx)
+        return number
+
+
+def _trim(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if value != 0 and value < 1:
+        raise click.BadParameter("0 (no trimming) or a multiple of the mean weight of at "
+                                 f"least 1, not {value:g}")
+    return value
+
+
+# More replicates than this add nothing to a 95% interval but memory (replicates x
+# interviews floats) and time.
+MAX_REPLICATES = 2000
+
+
 @click.command("tally")
 @click.argument("campaign")
 @click.option("--margins", "margins_file", type=click.Path(exists=True, dir_okay=False),
               default=None, help="Census margins CSV for this campaign "
                                  "[default: the shipped Ghana 2021 PHC margins].")
 @click.option("--min-n", default=Params.min_n, show_default=True,
-              help="Suppress cells with fewer valid answers.")
-@click.option("--min-neff", default=Params.min_neff, show_default=True,
+              type=click.IntRange(0, MAX_INT), help="Suppress cells with fewer valid answers.")
+@click.option("--min-neff", default=Params.min_neff, show_default=True, type=_Threshold(),
               help="Suppress cells with a smaller effective n.")
-@click.option("--flag-neff", default=Params.flag_neff, show_default=True,
+@click.option("--flag-neff", default=Params.flag_neff, show_default=True, type=_Threshold(),
               help="Flag cells with a smaller effective n.")
 @click.option("--trim", "cap_ratio", default=Params.cap_ratio, show_default=True,
+              type=_Threshold(), callback=_trim,
               help="Trim weights at this multiple of the mean (0: no trimming).")
 @click.option("--replicates", default=Params.replicates, show_default=True,
+              type=click.IntRange(0, MAX_REPLICATES),
               help="Bootstrap replicates for the attribute index CI.")
-@click.option("--seed", default=Params.seed, show_default=True, help="Bootstrap seed.")
+@click.option("--seed", default=Params.seed, show_default=True,
+              type=click.IntRange(0, 2**32 - 1), help="Bootstrap seed.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--background", is_flag=True,
               help="Enqueue the tally for `civicdial worker` instead of running it here.")

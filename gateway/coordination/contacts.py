@@ -11,6 +11,7 @@ are keyed by their pseudonym).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,9 @@ from gateway.store.models import CampaignContact, Contact
 from gateway.store.sessions import pseudonym
 
 PHONE_COLUMNS = ("phone", "number", "msisdn", "mobile", "phone_number", "telephone", "tel")
+# Nine digits or more in a row (spaces, dots, dashes and brackets between them allowed): a
+# phone number, national or international, where an attribute should be a category.
+_PHONE_LIKE = re.compile(r"\+?\d(?:[\s.()-]*\d){8,}")
 KNOWN_COLUMNS = {"language", "lang", "region"}
 CHUNK = 2000
 
@@ -84,6 +88,11 @@ def _rows(text: str, default_region: str) -> Iterator[ContactRow | Rejected]:
         raise ContactFileError(
             f"no phone number column in the header {header!r}: name one of "
             f"{', '.join(PHONE_COLUMNS)}")
+    phones = [header[i].strip() for i, n in enumerate(names) if n in PHONE_COLUMNS]
+    if len(phones) > 1:
+        # Only one is sealed; the other would be kept as an attribute, in the clear.
+        raise ContactFileError(f"{len(phones)} phone number columns ({', '.join(phones)}): "
+                               "keep one, a contact has one number")
     lang_col = next((names.index(c) for c in ("language", "lang") if c in names), None)
     region_col = names.index("region") if "region" in names else None
     for line, cells in records:
@@ -100,6 +109,12 @@ def _rows(text: str, default_region: str) -> Iterator[ContactRow | Rejected]:
             continue
         attributes = {names[i]: v.strip() for i, v in enumerate(cells)
                       if i not in (phone_col, lang_col, region_col) and v.strip()}
+        numbered = next((name for name, v in attributes.items() if _PHONE_LIKE.search(v)),
+                        None)
+        if numbered is not None:
+            yield Rejected(line, f"column {numbered!r} holds what looks like a phone number; "
+                                 "other columns are stored unencrypted: remove it")
+            continue
         yield ContactRow(line, phone,
                          cells[lang_col].strip() if lang_col is not None else "",
                          cells[region_col].strip() if region_col is not None else "",
