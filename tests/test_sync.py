@@ -813,6 +813,15 @@ def test_bundle_needs_its_passphrase_and_carries_one_pseudonym(kit: Kit, tmp_pat
     itself = kit.cli("central", "edge", "join", str(bundle), "--passphrase-file",
                      str(_write(tmp_path / "pw2", PASSPHRASE)), ok=False)
     assert itself.exit_code == 1 and "it is central" in itself.output
+    # On the edge, creating edges is refused: they would sync to it, and it to central.
+    chained = kit.cli("edge", "edge", "create", "x1", "--campaign", "sdg1662", "-o",
+                      str(tmp_path / "x1.cdedge"), "--central-url", "http://x", ok=False)
+    assert chained.exit_code == 1 and "this node is the edge 'ashanti-1'" in chained.output
+    assert not (tmp_path / "x1.cdedge").exists()
+    for bad in ("", " lead", "bad name/../x", "a" * 65, "tab\there"):
+        named = kit.cli("central", "edge", "create", bad, "--campaign", "sdg1662", "-o",
+                        str(tmp_path / "n.cdedge"), "--central-url", "http://x", ok=False)
+        assert named.exit_code == 1 and "edge name" in named.output, (bad, named.output)
     with Session(kit.central_engine) as db:
         assert db.get(EdgeEnrolment, 1) is None
 
@@ -835,6 +844,12 @@ def test_revoked_edge_is_refused_and_listed(kit: Kit) -> None:
     assert listed[0]["state"] == "revoked"
     text = kit.cli("central", "edge", "list").output
     assert "ashanti-1" in text and "revoked" in text
+    # Joining with a revoked edge's bundle says so at once, not after a day of fieldwork.
+    with kit.central_up():
+        again = kit.cli("edge", "edge", "join", str(kit.edge_dir.parent / "ashanti.cdedge"),
+                        ok=False)
+    assert again.exit_code == 1, again.output
+    assert "warning: central says edge ashanti-1 is revoked" in again.output
 
 
 def test_sync_status_reports_backoff_up_to_ten_minutes(kit: Kit) -> None:

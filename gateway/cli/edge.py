@@ -155,6 +155,13 @@ def join_cmd(ctx: click.Context, bundle: Path, passphrase_file: Path | None) -> 
         pulled = pull(settings, engine, client)
         click.echo(f"central reached: {pulled} newer changes applied")
     except SyncError as exc:
+        if "is revoked" in str(exc):
+            # Central will refuse everything this node collects: say so now, not after
+            # a day of fieldwork.
+            click.echo(f"warning: central says edge {opened.name} is revoked: nothing "
+                       "collected here will be accepted. Ask central for a new bundle (`edge "
+                       "create`) and join it from a fresh data dir.", err=True)
+            ctx.exit(1)
         click.echo(f"central not reached now ({exc}); the worker syncs when it can")
     click.echo(f"now destroy the bundle: shred -u {bundle}")
 

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -125,12 +126,23 @@ def signed_headers(edge: str, secret: str, method: str, path: str, body: bytes,
             H_SIGNATURE: signature(secret, method, path, edge, timestamp, nonce, body)}
 
 
+# What `edge list`, `edge revoke NAME` and the bundle's file name can all carry as it is.
+_EDGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+
+
 def new_edge(db: Session, settings: Settings, name: str, campaign_slug: str, region: str,
              central_url: str) -> tuple[EdgeNode, Bundle]:
     """A new edge node for a campaign and the bundle to seal and hand over, checked but
     not stored: `edge create` writes the bundle first and stores the edge after it
     (enrol_edge), so a bundle that cannot be written leaves no edge nobody can join,
     whose name a retry would find taken."""
+    joined = db.get(EdgeEnrolment, 1)
+    if joined is not None:
+        # Its edges would sync to it, and it to central: a chain nothing here follows.
+        raise EdgeError(f"this node is the edge {joined.name!r}: create edges on central")
+    if not _EDGE_NAME.fullmatch(name):
+        raise EdgeError(f"edge name {name!r}: 1-64 letters, digits, spaces, '.', '-' or '_', "
+                        "starting with a letter or digit")
     campaign = db.scalar(select(Campaign).where(Campaign.slug == campaign_slug))
     if campaign is None:
         raise EdgeError(f"no campaign {campaign_slug!r}")
