@@ -247,6 +247,11 @@ def test_binding_a_code_held_by_an_open_campaign_is_refused(env: dict[str, str],
         assert [c.address for c in db.scalars(select(Channel))] == ["*920*16#"]
     log = json.loads(run(env, "audit", "--json", "--limit", "100")[1])
     assert not [e for e in log if e["action"] == "channel.add"]
+    # Text that is no USSD code would bind a channel no hop can ever reach.
+    for code in ("hello world", "*920*16#; drop", "#", "*"):
+        status, out = run(env, "channels", "add", "--provider", "africastalking", "--kind",
+                          "ussd", "--address", code, "--campaign", "volta-2027")
+        assert status == 1 and "a USSD code such as *920*16#" in out, (code, out)
     # Another code is free; a draft campaign may take the held one, told it must wait.
     assert run(env, "channels", "add", "--provider", "africastalking", "--kind", "ussd",
                "--address", "*920*17#", "--campaign", "volta-2027")[0] == 0

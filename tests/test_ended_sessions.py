@@ -193,6 +193,26 @@ def test_hops_after_the_provider_says_the_session_ended(
     assert after == before
 
 
+def test_an_end_notification_for_another_number_or_code_is_refused(
+        client: FlaskClient, ussd_url: str, redis_client: redis.Redis) -> None:
+    """The end notification is checked as a hop is: another service code gets 400, another
+    phone number 409, and neither closes the citizen's session."""
+    for text in ("", "1"):
+        status, last = _post(client, ussd_url, text, "S")
+    note = {"sessionId": "S", "phoneNumber": "+233241234567", "serviceCode": "*920*16#",
+            "networkCode": "62001", "status": "Failed", "durationInMillis": "1",
+            "hopsCount": "2"}
+    before = _redis_snapshot(redis_client)
+    for changes, status in (({"serviceCode": "*111#"}, 400),
+                            ({"phoneNumber": "+233241009999"}, 409)):
+        resp = client.post(ussd_url + "/events", data=urlencode({**note, **changes}),
+                           content_type=FORM)
+        assert resp.status_code == status, (changes, resp.get_data())
+    assert _redis_snapshot(redis_client) == before
+    status, screen = _post(client, ussd_url, "1*1", "S")
+    assert status == 200 and screen.startswith("CON "), screen
+
+
 def test_hubtel_hop_after_the_user_released(client: FlaskClient, engine: Engine,
                                             redis_client: redis.Redis, app: Flask) -> None:
     """Hubtel's own Release (the user ended the session) and Timeout close the session:

@@ -33,6 +33,7 @@ from gateway.channels.ussd import (
     UssdInput,
     hop,
     provider_channel,
+    same_service,
     services,
     session_ended,
 )
@@ -103,6 +104,9 @@ def ussd_events(channel_key: str) -> Response:
     if status not in END_STATUSES:
         raise WebhookError(400, f"status must be one of {', '.join(sorted(END_STATUSES))}")
     phone = phone_number(form, "phoneNumber") if form.get("phoneNumber") else ""
+    code = field(form, "serviceCode", max_len=40, required=False)
+    if code and not same_service(code, ch.address):
+        raise WebhookError(400, f"serviceCode {code} is not this channel's {ch.address}")
     session_ended(ch, SessionEnd(
         session_id, phone, status, dropped=status != "Success",
         network=field(form, "networkCode", max_len=10, required=False),

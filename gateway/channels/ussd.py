@@ -328,6 +328,11 @@ def session_ended(ch: ChannelInfo, end: SessionEnd) -> None:
     and the session was dropped) or remember it for a reminder to dial again."""
     svc = services()
     respondent = pseudonym(svc.settings.pseudonym_key, end.phone) if end.phone else None
+    if respondent is not None:
+        raw = svc.store.r.get(svc.store.provider_key(ch.id, end.session_id))
+        if raw and ProviderSession.decode(raw).respondent != respondent:
+            # As for a hop: a session is one person's; another number cannot end it.
+            raise WebhookError(409, "sessionId belongs to another phone number")
     svc.store.close(ch.id, end.session_id)
     svc.store.append([{
         "id": f"ussd_end:{ch.id}:{end.session_id}", "k": "ussd_end", "ch": ch.id,

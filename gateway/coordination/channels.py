@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import string
 from dataclasses import dataclass
@@ -87,6 +88,9 @@ def check_config(provider: str, kind: str, config: dict[str, Any]) -> None:
         raise CampaignError('config: reply is "inline" or "queue"')
 
 
+_USSD_CODE = re.compile(r"\*?\d{1,8}(\*\d{1,8}){0,6}#?")
+
+
 def new_channel_key() -> str:
     """A channel's secret URL key: 24 URL-safe characters, never with a leading '-', which
     a command line takes for an option (`civicdial channels remove -Xy...` failed for one
@@ -108,6 +112,9 @@ def bind_channel(db: Session, actor: str, *, provider: str, kind: str, address: 
     address = address.strip()
     if not address or len(address) > 100 or any(ord(c) < 32 for c in address):
         raise CampaignError("address: the USSD code or SMS number, at most 100 characters")
+    if kind == "ussd" and not _USSD_CODE.fullmatch(address):
+        # No hop could ever match another text (its serviceCode is compared with this).
+        raise CampaignError(f"address: a USSD code such as *920*16#, not {address[:40]!r}")
     if not 64 <= screen_limit <= 182:
         raise CampaignError("screen limit: between 64 and 182 characters")
     check_config(provider, kind, config)
