@@ -63,6 +63,12 @@ def whole_number(data: dict[str, Any], name: str) -> int:
     # bool is an int in Python, not in JSON.
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**MAX_DIGITS:
         return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # Say which way a number is wrong (never the number: it may be a phone number).
+        why = ("a negative number" if value < 0 else "a larger number"
+               if value >= 10**MAX_DIGITS else "a fraction")
+        raise WebhookError(400, f"field {name} must be a whole number from 0 to "
+                                f"{10**MAX_DIGITS - 1}, not {why}")
     raise WebhookError(400, f"field {name} must be a whole number, not {_kind(value)}")
 
 
