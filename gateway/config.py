@@ -115,6 +115,11 @@ class Settings:
         webhook URLs (`channels`) on the same data dir."""
         return self.data_dir / "served.url"
 
+    def served_url(self) -> str:
+        """The base URL `civicdial up` last served on this data dir, or ''."""
+        served = self.served_url_file
+        return served.read_text().strip() if served.is_file() else ""
+
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)
 

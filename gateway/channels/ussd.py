@@ -197,6 +197,7 @@ def _attempt(svc: Any, ch: ChannelInfo, inp: UssdInput, draw: Render, respondent
     if loaded.limited:
         return _over_limit(ch, phone, loaded.first_limited, draw), _ANSWERED
     record = loaded.provider
+    state = loaded.state
     now = time.time()
     if record is None:
         if inp.opens is False:
@@ -214,7 +215,7 @@ def _attempt(svc: Any, ch: ChannelInfo, inp: UssdInput, draw: Render, respondent
         if replayed is not None:
             return replayed, _ANSWERED
         assert follows is not None
-        if loaded.state is not None and loaded.state.stage is not Stage.DONE:
+        if state is not None and state.stage is not Stage.DONE:
             conductor = state_conductor(loaded.state_raw)
             if conductor is not None and conductor.is_other(ch.id, session_id):
                 # The interview went on elsewhere (a new dial, on any channel, or by SMS)
@@ -223,7 +224,6 @@ def _attempt(svc: Any, ch: ChannelInfo, inp: UssdInput, draw: Render, respondent
                                         "in another session")
         new, position = follows
         engine_input = Input.answer(new, now, secrets.token_hex(8))
-    state = loaded.state
     menu_of = None
     if state is not None and state.stage is Stage.DONE:
         # A dial after completing: a menu with the results and erasing their answers.

@@ -150,10 +150,8 @@ def _json_object(text: str) -> dict[str, Any]:
 def _base_url(ctx: click.Context, settings: Settings, given: str | None) -> str:
     """The public base URL: this command's --base-url, the group's, the setting, what
     `up` last served on this data dir, local."""
-    served = settings.served_url_file
     return (given or (ctx.parent.params.get("base_url") if ctx.parent else None)
-            or settings.public_base_url
-            or (served.read_text().strip() if served.is_file() else "")
+            or settings.public_base_url or settings.served_url()
             or "http://127.0.0.1:8000")
 
 

@@ -417,10 +417,8 @@ def bind(slug: str) -> BaseResponse | tuple[str, int]:
             # this node from its first message.
             # The phone reaches this node where `up` serves it (through `adb reverse`, at
             # 127.0.0.1), not always at the host name this browser used.
-            served = _services().settings.served_url_file
-            base = (_services().settings.public_base_url
-                    or (served.read_text().strip() if served.is_file() else "")
-                    or _base_url())
+            settings = _services().settings
+            base = settings.public_base_url or settings.served_url() or _base_url()
             try:
                 android.set_up_phone(config, bound.channel.key,
                                      channel_urls(bound.channel, base)["events"])
